@@ -1,0 +1,1 @@
+"""Providers: implementations of the IR ops, each registered by importing its module."""

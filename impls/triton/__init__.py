@@ -1,0 +1,1 @@
+"""Triton provider: one module per op."""

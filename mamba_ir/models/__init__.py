@@ -1,0 +1,1 @@
+"""Hybrid models whose SSM layers call only the IR ops."""

@@ -1,0 +1,218 @@
+"""Op declaration, implementation registry and dispatch.
+
+An op *is* its native function: :func:`register_op` turns it into a ``torch.library``
+custom op in the ``mamba_ir`` namespace whose kernel dispatches, per call, to the first
+registered provider whose predicate accepts the call's arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .priority import NATIVE, priority_for
+
+logger = logging.getLogger("mamba_ir")
+
+NAMESPACE = "mamba_ir"
+
+Predicate = Callable[..., "bool | str"]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One provider's implementation of an op."""
+
+    provider: str
+    fn: Callable[..., Any]
+    supports: Predicate | None = None
+    platforms: tuple[str, ...] = ("cuda",)
+
+    def refusal(self, call: dict[str, Any]) -> str | None:
+        """``None`` when this implementation accepts ``call``, else the reason it refuses."""
+        if self.supports is None:
+            return None
+        try:
+            verdict = self.supports(**call)
+        except Exception as exc:  # a predicate that cannot decide refuses, with its reason
+            return f"predicate raised {type(exc).__name__}: {exc}"
+        if verdict is True:
+            return None
+        return verdict if isinstance(verdict, str) and verdict else "not supported"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which provider serves a call, and why each better-ranked one was skipped."""
+
+    op: str
+    provider: str
+    skipped: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def __str__(self) -> str:
+        skipped = "; ".join(f"{p}: {why}" for p, why in self.skipped)
+        return f"{self.op} -> {self.provider}" + (f" (skipped {skipped})" if skipped else "")
+
+
+class IrOp:
+    """A declared op: its native semantics, its custom op, and its providers."""
+
+    def __init__(
+        self,
+        native: Callable[..., Any],
+        mutates_args: Iterable[str],
+        allocate: dict[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
+    ) -> None:
+        self.name = native.__name__
+        self.native = native
+        self.__doc__ = native.__doc__
+        self.signature = inspect.signature(native)
+        self.mutates_args = tuple(mutates_args)
+        self.allocate = dict(allocate or {})
+        self.impls: dict[str, Impl] = {NATIVE: Impl(NATIVE, native, None, ("cpu", "cuda"))}
+        self._check: Callable[[dict[str, Any]], None] | None = None
+        self.custom_op = torch.library.custom_op(
+            f"{NAMESPACE}::{self.name}",
+            self._kernel,
+            mutates_args=self.mutates_args,
+            schema=torch.library.infer_schema(native, mutates_args=self.mutates_args),
+        )
+        self.custom_op.register_fake(self._fake)
+        self._fake_fn: Callable[..., Any] | None = None
+
+    # -- registration -----------------------------------------------------------------
+
+    def register_impl(
+        self,
+        provider: str,
+        fn: Callable[..., Any] | None = None,
+        *,
+        supports: Predicate | None = None,
+        platforms: Iterable[str] = ("cuda",),
+    ) -> Any:
+        """Add ``provider``'s implementation; usable as a decorator.
+
+        ``fn`` takes the op's arguments by name. ``supports(**call)`` returns ``True``, or a
+        string saying why it refuses; it sees fake tensors at compile time, so it may read
+        shapes, strides, dtypes and devices but never values.
+        """
+        if provider == NATIVE:
+            raise ValueError(f"provider name {NATIVE!r} is reserved for the reference")
+
+        def add(impl_fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.impls[provider] = Impl(provider, impl_fn, supports, tuple(platforms))
+            return impl_fn
+
+        return add if fn is None else add(fn)
+
+    def register_check(self, fn: Callable[[dict[str, Any]], None]) -> Callable:
+        """Set the argument validation run before every eager or traced call."""
+        self._check = fn
+        return fn
+
+    def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Set the meta function for ops that return new tensors."""
+        self._fake_fn = fn
+        return fn
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """All arguments of a call by name, defaults filled in."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def priority(self, device_type: str) -> tuple[str, ...]:
+        """Providers tried for a call on ``device_type``, best first."""
+        default = [p for p, impl in self.impls.items() if device_type in impl.platforms]
+        return priority_for(self.name, default)
+
+    def decide(self, call: dict[str, Any]) -> Decision:
+        """Choose the first provider, in priority order, that accepts ``call``."""
+        skipped: list[tuple[str, str]] = []
+        for provider in self.priority(_device_type(call)):
+            impl = self.impls.get(provider)
+            if impl is None:
+                skipped.append((provider, "not registered"))
+                continue
+            reason = impl.refusal(call)
+            if reason is None:
+                return Decision(self.name, provider, tuple(skipped))
+            skipped.append((provider, reason))
+        raise AssertionError("native accepts every call")  # pragma: no cover
+
+    def _kernel(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.bind(*args, **kwargs)
+        decision = self.decide(call)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("eager %s", decision)
+        return self.impls[decision.provider].fn(**call)
+
+    def _fake(self, *args: Any, **kwargs: Any) -> Any:
+        if self._fake_fn is None:
+            return None
+        return self._fake_fn(**self.bind(*args, **kwargs))
+
+    def check(self, call: dict[str, Any]) -> None:
+        """Validate a bound call; raises ``ValueError`` naming the bad argument."""
+        if self._check is not None:
+            self._check(call)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.bind(*args, **kwargs)
+        for name, make in self.allocate.items():
+            if call[name] is None:
+                call[name] = make(call)
+        self.check(call)
+        result = self.custom_op(**call)
+        if self.allocate:
+            outs = tuple(call[name] for name in self.allocate)
+            return outs[0] if len(outs) == 1 else outs
+        return result
+
+    def __repr__(self) -> str:
+        return f"<mamba_ir op {self.name}: {', '.join(self.impls)}>"
+
+
+def _device_type(call: dict[str, Any]) -> str:
+    for value in call.values():
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
+
+
+REGISTRY: dict[str, IrOp] = {}
+
+
+def register_op(
+    *,
+    mutates_args: Iterable[str] = (),
+    allocate: dict[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
+) -> Callable[[Callable[..., Any]], IrOp]:
+    """Declare an op from its native function.
+
+    ``mutates_args`` names the tensors it writes in place; ``allocate`` maps an optional
+    output argument to a function that creates it when the caller passes ``None`` (the
+    call then returns it).
+    """
+
+    def declare(native: Callable[..., Any]) -> IrOp:
+        op = IrOp(native, mutates_args, allocate)
+        REGISTRY[op.name] = op
+        return op
+
+    return declare
+
+
+def get_op(name: str) -> IrOp:
+    """The declared op called ``name``."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no mamba_ir op {name!r}; declared: {sorted(REGISTRY)}") from None

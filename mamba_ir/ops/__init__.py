@@ -1,0 +1,13 @@
+"""The IR ops. Each is a ``torch.library`` custom op in the ``mamba_ir`` namespace."""
+
+from .causal_conv1d_fn import causal_conv1d_fn
+from .causal_conv1d_update import causal_conv1d_update
+from .copy_state_blocks import copy_state_blocks
+from .selective_state_update import selective_state_update
+
+__all__ = [
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "copy_state_blocks",
+    "selective_state_update",
+]

@@ -1,0 +1,93 @@
+"""``causal_conv1d_fn``: varlen prefill of the depthwise causal conv, continuing cached windows."""
+
+import torch
+import torch.nn.functional as F
+
+from .. import checks
+from ..op import register_op
+
+
+@register_op(mutates_args=("conv_states",))
+def causal_conv1d_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_states: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    cache_indices: torch.Tensor | None = None,
+    has_initial_state: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    pad_slot_id: int = -1,
+    src_cache_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Convolve each sequence of ``x`` (dim, tokens) after its window; save the new window."""
+    width = weight.shape[1]
+    out = torch.empty_like(x)
+    bounds = query_start_loc.tolist()
+    dst = range(len(bounds) - 1) if cache_indices is None else cache_indices.tolist()
+    src = dst if src_cache_indices is None else src_cache_indices.tolist()
+    initial = [False] * len(dst) if has_initial_state is None else has_initial_state.tolist()
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        window = torch.zeros(x.shape[0], width - 1, device=x.device)
+        if initial[b] and src[b] != pad_slot_id:
+            window = conv_states[src[b], :, : width - 1].float()
+        seq = torch.cat([window, x[:, start:end].float()], dim=1)
+        y = F.conv1d(seq[None], weight.float()[:, None], _float(bias), groups=x.shape[0])[0]
+        out[:, start:end] = F.silu(y) if activation in ("silu", "swish") else y
+        if end > start and dst[b] != pad_slot_id:
+            conv_states[dst[b], :, : width - 1] = seq[:, -(width - 1) :].to(conv_states.dtype)
+    return out
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+@causal_conv1d_fn.register_fake
+def _fake(x: torch.Tensor, **_: object) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@causal_conv1d_fn.register_check
+def _check(call: dict) -> None:
+    x = checks.tensor(call, "x", ndim=2)
+    checks.same_device(call, "x")
+    dim = x.shape[0]
+    weight = checks.tensor(call, "weight", ndim=2)
+    if weight.shape[0] != dim or weight.shape[1] < 2:
+        checks.fail("weight", f"shape ({dim}, width >= 2)", tuple(weight.shape))
+    width = weight.shape[1]
+    checks.tensor(call, "bias", shape=(dim,), optional=True)
+    states = checks.tensor(call, "conv_states", ndim=3)
+    checks.writable(call, "conv_states")
+    if states.shape[1] != dim or states.shape[2] < width - 1:
+        checks.fail("conv_states", f"shape (slots, {dim}, >= {width - 1})", tuple(states.shape))
+    qsl = checks.index(call, "query_start_loc", optional=False)
+    nseq = qsl.shape[0] - 1
+    if nseq < 0:
+        checks.fail("query_start_loc", "at least one entry", tuple(qsl.shape))
+    for name in ("cache_indices", "src_cache_indices"):
+        checks.index(call, name, rows=nseq)
+    flags = checks.tensor(call, "has_initial_state", ndim=1, dtypes=(torch.bool,), optional=True)
+    if flags is not None and flags.shape[0] != nseq:
+        checks.fail("has_initial_state", f"{nseq} entries (one per sequence)", tuple(flags.shape))
+    if call["cache_indices"] is None and nseq > states.shape[0]:
+        checks.fail("conv_states", f"at least {nseq} rows (no cache_indices given)", tuple(states.shape))
+    checks.activation(call)
+    _check_values(call, states.shape[0], x.shape[1])
+
+
+def _check_values(call: dict, nslots: int, ntokens: int) -> None:
+    qsl, dst, src = call["query_start_loc"], call["cache_indices"], call["src_cache_indices"]
+    if not checks.values_readable(qsl, dst, src, call["has_initial_state"]):
+        return
+    checks.cumulative("query_start_loc", qsl, ntokens)
+    nseq = qsl.shape[0] - 1
+    for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
+        if idx is not None:
+            checks.rows_in_range(name, idx, nslots, call["pad_slot_id"])
+    lengths = (qsl[1:] - qsl[:-1]).tolist()
+    dst_rows = list(range(nseq)) if dst is None else dst.tolist()
+    src_rows = dst_rows if src is None else src.tolist()
+    written = [[r] if n > 0 else [] for r, n in zip(dst_rows, lengths, strict=True)]
+    checks.disjoint_rows("src_cache_indices", src_rows, "cache_indices", written, call["pad_slot_id"])

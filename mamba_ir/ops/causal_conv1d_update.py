@@ -1,0 +1,126 @@
+"""``causal_conv1d_update``: decode step of the depthwise causal conv, 1..T tokens per sequence."""
+
+import torch
+import torch.nn.functional as F
+
+from .. import checks
+from ..op import register_op
+from ._tokens import token_layout
+
+
+@register_op(mutates_args=("conv_state",))
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    conv_state_indices: torch.Tensor | None = None,
+    num_accepted_tokens: torch.Tensor | None = None,
+    query_start_loc: torch.Tensor | None = None,
+    pad_slot_id: int = -1,
+    src_conv_state_indices: torch.Tensor | None = None,
+    src_token_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Convolve each sequence's new tokens after its window; roll the window (docs/ops.md)."""
+    width = weight.shape[1]
+    tokens = x.transpose(1, 2) if x.dim() == 3 else x  # (*tokens, dim)
+    out = torch.empty_like(x)
+    out_tokens = out.transpose(1, 2) if x.dim() == 3 else out
+    seq = token_layout(tokens.shape[:-1], query_start_loc, x.device)
+    src_idx = conv_state_indices if src_conv_state_indices is None else src_conv_state_indices
+    src, dst = seq.rows(src_idx, conv_state_indices, None)
+    offset = torch.zeros_like(src)
+    if src_token_offset is not None:
+        offset = src_token_offset.long()
+    elif num_accepted_tokens is not None:
+        offset = (num_accepted_tokens.long() - 1).clamp(min=0)
+
+    # history[b] = the width-1 cached columns from `offset`, then this call's tokens
+    history = torch.zeros(seq.count, x.shape[-2 if x.dim() == 3 else -1], width - 1 + seq.max_len,
+                          device=x.device)
+    has_src = src != pad_slot_id
+    cols = offset[has_src, None, None] + torch.arange(width - 1, device=x.device)
+    rows = conv_state[src[has_src]]
+    history[has_src, :, : width - 1] = rows.gather(2, cols.expand(-1, rows.shape[1], -1)).float()
+    for t in range(seq.max_len):
+        live, tok = seq.step(t)
+        history[live, :, width - 1 + t] = seq.gather(tokens, tok)[live].float()
+    y = (history.unfold(2, width, 1) * weight.float()[:, None]).sum(-1)  # (count, dim, max_len)
+    if bias is not None:
+        y = y + bias.float()[:, None]
+    if activation in ("silu", "swish"):
+        y = F.silu(y)
+    for t in range(seq.max_len):
+        live, tok = seq.step(t)
+        seq.scatter(out_tokens, tok[live], y[live, :, t])
+
+    # speculative rows keep every new token after the first history column; others keep
+    # the last width-1 columns
+    spec = num_accepted_tokens is not None
+    shift = torch.ones_like(seq.lengths) if spec else seq.lengths
+    keep = seq.lengths + (width - 2) if spec else torch.full_like(seq.lengths, width - 1)
+    keep = torch.where((seq.lengths > 0) & (dst[:, 0] != pad_slot_id), keep, 0)
+    for c in range(int(keep.max()) if seq.count else 0):
+        m = c < keep
+        conv_state[dst[m, 0], :, c] = history[m, :, shift[m] + c].to(conv_state.dtype)
+    return out
+
+
+@causal_conv1d_update.register_fake
+def _fake(x: torch.Tensor, **_: object) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@causal_conv1d_update.register_check
+def _check(call: dict) -> None:
+    state = checks.tensor(call, "conv_state", ndim=3)
+    checks.writable(call, "conv_state")
+    checks.same_device(call, "conv_state")
+    dim, state_len = state.shape[1:]
+    varlen = call["query_start_loc"] is not None
+    x = checks.tensor(call, "x", ndim=(2,) if varlen else (2, 3))
+    if x.shape[1] != dim:
+        checks.fail("x", f"channels {dim} in dim 1 ((batch, dim[, T]) or (tokens, dim))", tuple(x.shape))
+    weight = checks.tensor(call, "weight", ndim=2)
+    if weight.shape[0] != dim or weight.shape[1] < 2 or weight.shape[1] - 1 > state_len:
+        checks.fail("weight", f"shape ({dim}, width) with 2 <= width <= {state_len + 1}", tuple(weight.shape))
+    width = weight.shape[1]
+    checks.tensor(call, "bias", shape=(dim,), optional=True)
+    checks.activation(call)
+    qsl = checks.index(call, "query_start_loc")
+    if qsl is not None and qsl.shape[0] < 1:
+        checks.fail("query_start_loc", "at least one entry", tuple(qsl.shape))
+    nseq = qsl.shape[0] - 1 if varlen else x.shape[0]
+    for name in ("conv_state_indices", "src_conv_state_indices", "num_accepted_tokens", "src_token_offset"):
+        checks.index(call, name, rows=nseq)
+    if call["conv_state_indices"] is None and nseq > state.shape[0]:
+        checks.fail("conv_state", f"at least {nseq} rows (no conv_state_indices given)", tuple(state.shape))
+    per_seq = x.shape[2] if x.dim() == 3 else 1
+    if call["num_accepted_tokens"] is not None and not varlen and width - 2 + per_seq > state_len:
+        checks.fail("conv_state", f"at least {width - 2 + per_seq} columns (width-2 + tokens)", tuple(state.shape))
+    _check_values(call, state.shape[0], state_len, width, x.shape[0])
+
+
+def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: int) -> None:
+    qsl, dst, src = call["query_start_loc"], call["conv_state_indices"], call["src_conv_state_indices"]
+    nacc, offset, pad = call["num_accepted_tokens"], call["src_token_offset"], call["pad_slot_id"]
+    if not checks.values_readable(qsl, dst, src, nacc, offset):
+        return
+    if qsl is not None:
+        checks.cumulative("query_start_loc", qsl, ntokens)
+    x = call["x"]
+    seq = token_layout((x.shape[0], x.shape[2]) if x.dim() == 3 else (x.shape[0],), qsl, x.device)
+    for name, idx in (("conv_state_indices", dst), ("src_conv_state_indices", src)):
+        if idx is not None:
+            checks.rows_in_range(name, idx, nslots, pad)
+    for name, start in (("src_token_offset", offset), ("num_accepted_tokens", nacc)):
+        if start is not None:
+            first = start if name == "src_token_offset" else (start - 1).clamp(min=0)
+            if bool(((first < 0) | (first + width - 1 > state_len)).any()):
+                checks.fail(name, f"a window start in [0, {state_len - width + 1}]", start.tolist())
+    if nacc is not None and bool((seq.lengths + width - 2 > state_len).any()):
+        checks.fail("conv_state", "room for width-2 + tokens columns per sequence", seq.lengths.tolist())
+    src_rows, dst_rows = seq.rows(src if src is not None else dst, dst, None)
+    written = [r if n > 0 else [] for r, n in zip(dst_rows.tolist(), seq.lengths.tolist(), strict=True)]
+    checks.disjoint_rows("src_conv_state_indices", src_rows.tolist(), "conv_state_indices", written, pad)

@@ -1,0 +1,1 @@
+"""Property-based checking of provider implementations against the native ops."""

@@ -1,0 +1,1 @@
+"""Inductor graph passes: lowering and align-copy fusion."""
