@@ -1,0 +1,1 @@
+"""FlashInfer selective_state_update (not yet implemented)."""

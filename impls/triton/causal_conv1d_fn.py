@@ -1,0 +1,1 @@
+"""Triton causal_conv1d_fn (not yet implemented)."""

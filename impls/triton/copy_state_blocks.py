@@ -1,0 +1,1 @@
+"""Triton copy_state_blocks (not yet implemented)."""

@@ -1,0 +1,1 @@
+"""Triton selective_state_update (not yet implemented)."""
