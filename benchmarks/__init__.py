@@ -1,0 +1,1 @@
+"""GPU benchmarks; each writes JSON (and a plot) into docs/."""

@@ -1,0 +1,129 @@
+"""Shared benchmark plumbing: timing, the copy-rate roof, progress, JSON and plots.
+
+Every benchmark measures a plain device-to-device copy of the same number of bytes in the
+same run, so achieved bandwidth is always reported against a roof measured on that GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+T = TypeVar("T")
+
+
+def time_us(fn: Callable[[], Any], *, graph: bool = True, reps: int = 100) -> float:
+    """Median time of one ``fn()`` in microseconds.
+
+    With ``graph`` the call is captured in a CUDA graph and replayed, which removes launch
+    gaps (how a serving engine runs decode); ``fn`` must then be graph-safe.
+    """
+    from triton.testing import do_bench
+
+    fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    else:
+        run = fn
+    ms = do_bench(run, warmup=25, rep=reps, return_mode="median")
+    return ms * 1e3
+
+
+def copy_rate(nbytes: int, *, device: str = "cuda") -> float:
+    """Bytes/s (read + written) of a device-to-device copy of ``nbytes``; the roof."""
+    nbytes = max(nbytes, 1 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src))
+    return 2 * nbytes / (us * 1e-6)
+
+
+def environment() -> dict[str, Any]:
+    """Where and when a result was measured."""
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """Yield ``items`` while drawing a one-line progress bar on stderr."""
+    items = list(items) if total is None else items
+    total = len(items) if total is None else total
+    for i, item in enumerate(items):
+        done = int(30 * i / max(total, 1))
+        sys.stderr.write(f"\r{desc} [{'#' * done}{'.' * (30 - done)}] {i}/{total}")
+        sys.stderr.flush()
+        yield item
+    sys.stderr.write(f"\r{desc} [{'#' * 30}] {total}/{total}\n")
+
+
+def write_json(name: str, payload: dict[str, Any], directory: Path = DOCS) -> Path:
+    """Write ``payload`` plus the environment to ``directory/name``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    return path
+
+
+def plot_series(
+    path: Path,
+    x: Sequence[float],
+    series: dict[str, Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    roof: Sequence[float] | None = None,
+    roof_label: str = "device-to-device copy",
+    logx: bool = True,
+) -> Path:
+    """Line plot of several series against ``x``, with the measured roof dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, ys in series.items():
+        ax.plot(x, ys, marker="o", label=label)
+    if roof is not None:
+        ax.plot(x, roof, linestyle="--", color="black", label=roof_label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
