@@ -83,7 +83,7 @@ def same_device(call: dict[str, Any], anchor: str) -> None:
 def writable(call: dict[str, Any], name: str) -> None:
     """A tensor written in place must not have overlapping (e.g. stride-0) elements."""
     t = call[name]
-    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape, strict=True)):
+    if t.numel() and any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape, strict=True)):
         fail(name, "no stride-0 dimension (it is written in place)", f"strides {t.stride()}")
 
 

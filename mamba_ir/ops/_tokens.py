@@ -34,7 +34,8 @@ class TokenLayout:
         return tensor.flatten(0, 1) if self.per_seq else tensor
 
     def gather(self, tensor: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        return self.flat(tensor)[tok]
+        flat = self.flat(tensor)
+        return flat[tok.clamp(max=flat.shape[0] - 1)]  # a dead sequence may start past the end
 
     def scatter(self, out: torch.Tensor, tok: torch.Tensor, values: torch.Tensor) -> None:
         values = values.to(out.dtype)

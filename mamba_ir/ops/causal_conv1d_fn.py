@@ -28,13 +28,15 @@ def causal_conv1d_fn(
     src = dst if src_cache_indices is None else src_cache_indices.tolist()
     initial = [False] * len(dst) if has_initial_state is None else has_initial_state.tolist()
     for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if end == start:
+            continue
         window = torch.zeros(x.shape[0], width - 1, device=x.device)
         if initial[b] and src[b] != pad_slot_id:
             window = conv_states[src[b], :, : width - 1].float()
         seq = torch.cat([window, x[:, start:end].float()], dim=1)
         y = F.conv1d(seq[None], weight.float()[:, None], _float(bias), groups=x.shape[0])[0]
         out[:, start:end] = F.silu(y) if activation in ("silu", "swish") else y
-        if end > start and dst[b] != pad_slot_id:
+        if dst[b] != pad_slot_id:
             conv_states[dst[b], :, : width - 1] = seq[:, -(width - 1) :].to(conv_states.dtype)
     return out
 
@@ -72,7 +74,9 @@ def _check(call: dict) -> None:
     if flags is not None and flags.shape[0] != nseq:
         checks.fail("has_initial_state", f"{nseq} entries (one per sequence)", tuple(flags.shape))
     if call["cache_indices"] is None and nseq > states.shape[0]:
-        checks.fail("conv_states", f"at least {nseq} rows (no cache_indices given)", tuple(states.shape))
+        checks.fail(
+            "conv_states", f"at least {nseq} rows (no cache_indices given)", tuple(states.shape)
+        )
     checks.activation(call)
     _check_values(call, states.shape[0], x.shape[1])
 
@@ -90,4 +94,6 @@ def _check_values(call: dict, nslots: int, ntokens: int) -> None:
     dst_rows = list(range(nseq)) if dst is None else dst.tolist()
     src_rows = dst_rows if src is None else src.tolist()
     written = [[r] if n > 0 else [] for r, n in zip(dst_rows, lengths, strict=True)]
-    checks.disjoint_rows("src_cache_indices", src_rows, "cache_indices", written, call["pad_slot_id"])
+    checks.disjoint_rows(
+        "src_cache_indices", src_rows, "cache_indices", written, call["pad_slot_id"]
+    )

@@ -37,8 +37,8 @@ def causal_conv1d_update(
         offset = (num_accepted_tokens.long() - 1).clamp(min=0)
 
     # history[b] = the width-1 cached columns from `offset`, then this call's tokens
-    history = torch.zeros(seq.count, x.shape[-2 if x.dim() == 3 else -1], width - 1 + seq.max_len,
-                          device=x.device)
+    dim = weight.shape[0]
+    history = torch.zeros(seq.count, dim, width - 1 + max(seq.max_len, 1), device=x.device)
     has_src = src != pad_slot_id
     cols = offset[has_src, None, None] + torch.arange(width - 1, device=x.device)
     rows = conv_state[src[has_src]]
@@ -81,10 +81,16 @@ def _check(call: dict) -> None:
     varlen = call["query_start_loc"] is not None
     x = checks.tensor(call, "x", ndim=(2,) if varlen else (2, 3))
     if x.shape[1] != dim:
-        checks.fail("x", f"channels {dim} in dim 1 ((batch, dim[, T]) or (tokens, dim))", tuple(x.shape))
+        checks.fail(
+            "x", f"channels {dim} in dim 1 ((batch, dim[, T]) or (tokens, dim))", tuple(x.shape)
+        )
     weight = checks.tensor(call, "weight", ndim=2)
     if weight.shape[0] != dim or weight.shape[1] < 2 or weight.shape[1] - 1 > state_len:
-        checks.fail("weight", f"shape ({dim}, width) with 2 <= width <= {state_len + 1}", tuple(weight.shape))
+        checks.fail(
+            "weight",
+            f"shape ({dim}, width) with 2 <= width <= {state_len + 1}",
+            tuple(weight.shape),
+        )
     width = weight.shape[1]
     checks.tensor(call, "bias", shape=(dim,), optional=True)
     checks.activation(call)
@@ -92,18 +98,33 @@ def _check(call: dict) -> None:
     if qsl is not None and qsl.shape[0] < 1:
         checks.fail("query_start_loc", "at least one entry", tuple(qsl.shape))
     nseq = qsl.shape[0] - 1 if varlen else x.shape[0]
-    for name in ("conv_state_indices", "src_conv_state_indices", "num_accepted_tokens", "src_token_offset"):
+    for name in (
+        "conv_state_indices",
+        "src_conv_state_indices",
+        "num_accepted_tokens",
+        "src_token_offset",
+    ):
         checks.index(call, name, rows=nseq)
     if call["conv_state_indices"] is None and nseq > state.shape[0]:
-        checks.fail("conv_state", f"at least {nseq} rows (no conv_state_indices given)", tuple(state.shape))
+        checks.fail(
+            "conv_state", f"at least {nseq} rows (no conv_state_indices given)", tuple(state.shape)
+        )
     per_seq = x.shape[2] if x.dim() == 3 else 1
     if call["num_accepted_tokens"] is not None and not varlen and width - 2 + per_seq > state_len:
-        checks.fail("conv_state", f"at least {width - 2 + per_seq} columns (width-2 + tokens)", tuple(state.shape))
+        checks.fail(
+            "conv_state",
+            f"at least {width - 2 + per_seq} columns (width-2 + tokens)",
+            tuple(state.shape),
+        )
     _check_values(call, state.shape[0], state_len, width, x.shape[0])
 
 
 def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: int) -> None:
-    qsl, dst, src = call["query_start_loc"], call["conv_state_indices"], call["src_conv_state_indices"]
+    qsl, dst, src = (
+        call["query_start_loc"],
+        call["conv_state_indices"],
+        call["src_conv_state_indices"],
+    )
     nacc, offset, pad = call["num_accepted_tokens"], call["src_token_offset"], call["pad_slot_id"]
     if not checks.values_readable(qsl, dst, src, nacc, offset):
         return
@@ -120,7 +141,13 @@ def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: 
             if bool(((first < 0) | (first + width - 1 > state_len)).any()):
                 checks.fail(name, f"a window start in [0, {state_len - width + 1}]", start.tolist())
     if nacc is not None and bool((seq.lengths + width - 2 > state_len).any()):
-        checks.fail("conv_state", "room for width-2 + tokens columns per sequence", seq.lengths.tolist())
+        checks.fail(
+            "conv_state", "room for width-2 + tokens columns per sequence", seq.lengths.tolist()
+        )
     src_rows, dst_rows = seq.rows(src if src is not None else dst, dst, None)
-    written = [r if n > 0 else [] for r, n in zip(dst_rows.tolist(), seq.lengths.tolist(), strict=True)]
-    checks.disjoint_rows("src_conv_state_indices", src_rows.tolist(), "conv_state_indices", written, pad)
+    written = [
+        r if n > 0 else [] for r, n in zip(dst_rows.tolist(), seq.lengths.tolist(), strict=True)
+    ]
+    checks.disjoint_rows(
+        "src_conv_state_indices", src_rows.tolist(), "conv_state_indices", written, pad
+    )

@@ -27,5 +27,8 @@ def _check(call: dict) -> None:
     pad = call["pad_slot_id"]
     for name in ("src", "dst"):
         checks.rows_in_range(name, call[name], state.shape[0], pad)
-    pairs = [(s, d) if s != pad else (pad, pad) for s, d in zip(call["src"].tolist(), call["dst"].tolist(), strict=True)]
+    pairs = [
+        (s, d) if s != pad else (pad, pad)
+        for s, d in zip(call["src"].tolist(), call["dst"].tolist(), strict=True)
+    ]
     checks.disjoint_rows("src", [s for s, _ in pairs], "dst", [[d] for _, d in pairs], pad)

@@ -95,7 +95,9 @@ def _check(call: dict) -> None:
     b = checks.tensor(call, "B", ndim=len(lead) + 1 + len(heads))
     groups = tuple(b.shape[len(lead) : -1])
     if tuple(b.shape) != (*lead, *groups, dstate) or (heads and heads[0] % groups[0]):
-        want = f"({', '.join(map(str, lead))}, {'ngroups dividing nheads, ' if heads else ''}{dstate})"
+        want = (
+            f"({', '.join(map(str, lead))}, {'ngroups dividing nheads, ' if heads else ''}{dstate})"
+        )
         checks.fail("B", f"shape {want}", tuple(b.shape))
     checks.tensor(call, "C", shape=b.shape)
 
@@ -104,7 +106,11 @@ def _check(call: dict) -> None:
         checks.fail("cu_seqlens", "at least one entry", tuple(cu.shape))
     nseq = cu.shape[0] - 1 if varlen else lead[0]
     if call["state_batch_indices"] is None and nseq > state.shape[0]:
-        checks.fail("state", f"at least {nseq} rows (one per sequence, no indices given)", tuple(state.shape))
+        checks.fail(
+            "state",
+            f"at least {nseq} rows (one per sequence, no indices given)",
+            tuple(state.shape),
+        )
     spec = call["num_accepted_tokens"] is not None
     checks.index(call, "num_accepted_tokens", rows=nseq)
     for name in ("state_batch_indices", "dst_state_batch_indices"):
@@ -129,7 +135,9 @@ def _check_values(call: dict, nslots: int, lead: tuple[int, ...]) -> None:
             continue
         checks.rows_in_range(name, idx, nslots, pad)
         if nacc is not None and idx.shape[1] < seq.max_len:
-            checks.fail(name, f"at least {seq.max_len} columns (longest sequence)", tuple(idx.shape))
+            checks.fail(
+                name, f"at least {seq.max_len} columns (longest sequence)", tuple(idx.shape)
+            )
     if nacc is not None and bool(((nacc < 0) | (nacc > seq.lengths.clamp(min=1))).any()):
         checks.fail("num_accepted_tokens", "values in [0, tokens of the sequence]", nacc.tolist())
     src, dst = seq.rows(sbi, dsbi, nacc)

@@ -1,1 +1,21 @@
-"""Property-based checking of provider implementations against the native ops."""
+"""Property-based checking of provider implementations against the native ops.
+
+>>> from mamba_ir.testing import check_impl
+>>> check_impl("copy_state_blocks", "native", max_examples=5)  # doctest: +SKIP
+"""
+
+from .check import STATE_ROWS, assert_matches_native, check_impl
+from .strategies import SMALL, Sizes, assign_rows, calls
+from .tolerances import TOLERANCES, tolerance
+
+__all__ = [
+    "SMALL",
+    "STATE_ROWS",
+    "TOLERANCES",
+    "Sizes",
+    "assert_matches_native",
+    "assign_rows",
+    "calls",
+    "check_impl",
+    "tolerance",
+]

@@ -1,0 +1,137 @@
+"""The hybrid decoder: embeddings, Mamba2 / attention layers, final norm, LM head.
+
+Two step functions, both over flat tokens and the :class:`~mamba_ir.models.cache.StateCache`:
+:meth:`HybridModel.prefill` (varlen chunks, each sequence starting from a state slot) and
+:meth:`HybridModel.decode` (one token per sequence, pad rows allowed). Both return float32
+logits of each sequence's last token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .cache import StateCache
+from .config import ATTENTION, HybridConfig
+from .mixer import Mamba2Mixer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        c = config
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """``norm -> mixer|attn -> +residual [-> ffn_norm -> mlp -> +residual]``."""
+
+    def __init__(self, config: HybridConfig, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        if kind == ATTENTION:
+            self.attn = Attention(config)
+        else:
+            self.mixer = Mamba2Mixer(config)
+        if config.intermediate_size:
+            self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+            self.mlp = MLP(config)
+
+    def _residual(self, residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.residual_in_fp32:
+            residual = residual.float()
+        hidden = residual + out
+        if hasattr(self, "mlp"):
+            hidden = hidden + self.mlp(self.ffn_norm(hidden))
+        return hidden
+
+    def _in(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden.to(self.norm.weight.dtype))
+
+
+class HybridModel(nn.Module):
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, kind) for kind in config.layer_types)
+        self.final_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.final_norm(hidden)
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+
+    def prefill(
+        self,
+        cache: StateCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        kv_rows: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        slots: torch.Tensor,
+        src_slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run varlen chunks (``cu_seqlens`` over flat ``tokens``); logits ``(seqs, vocab)``.
+
+        Sequence i's Mamba layers start from the state in ``src_slots[i]`` (a cached
+        checkpoint, the zero slot for a fresh request, or ``slots[i]`` itself to continue)
+        and leave their state in ``slots[i]``.
+        """
+        hidden = self.embed(tokens)
+        pad = cache.pad_slot_id
+        for i, layer in enumerate(self.layers):
+            x = layer._in(hidden)
+            if layer.kind == ATTENTION:
+                out = layer.attn(x, positions, kv_rows, *cache.kv(i))
+            else:
+                out = layer.mixer.prefill(x, *cache.states(i), cu_seqlens, slots, src_slots, pad)
+            hidden = layer._residual(hidden, out)
+        return self._logits(hidden[cu_seqlens[1:] - 1])
+
+    def decode(
+        self,
+        cache: StateCache,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        kv_rows: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per sequence; logits ``(batch, vocab)``. Pad rows carry ``pad_slot_id``."""
+        hidden = self.embed(tokens)
+        pad = cache.pad_slot_id
+        for i, layer in enumerate(self.layers):
+            x = layer._in(hidden)
+            if layer.kind == ATTENTION:
+                out = layer.attn(x, positions, kv_rows, *cache.kv(i))
+            else:
+                out = layer.mixer.decode(x, *cache.states(i), slots, pad)
+            hidden = layer._residual(hidden, out)
+        return self._logits(hidden)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,120 @@
+"""The Mamba2 mixer: in_proj -> (z, xBC, dt), causal conv, SSM recurrence, gated norm, out_proj.
+
+Every state access goes through the IR ops. Prefill and decode differ only in which ops they
+call; both read and write each sequence's *running* slot. Prefill first issues
+``copy_state_blocks(src -> running)`` so a sequence can start from a cached checkpoint (or
+from the all-zero slot): the compiler folds that copy into the conv/SSU call when the chosen
+provider can read from a source slot, and keeps it otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .config import HybridConfig
+
+
+class GatedRMSNorm(nn.Module):
+    """``weight * rmsnorm_per_group(x * silu(gate))`` in float32 (the norm after the gate)."""
+
+    def __init__(self, size: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.groups = groups
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float() * F.silu(gate.float())
+        h = h.unflatten(-1, (self.groups, -1))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.flatten(-2).to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """One Mamba2 layer over flat tokens ``(tokens, hidden)``; states live in the cache."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        c = config
+        self.heads, self.head_dim = c.mamba_n_heads, c.mamba_d_head
+        self.groups, self.d_state = c.mamba_n_groups, c.mamba_d_state
+        self.inner = c.intermediate_mamba
+        self.conv_dim = c.conv_dim
+        self.in_proj = nn.Linear(c.hidden_size, self.inner + self.conv_dim + self.heads,
+                                 bias=c.mamba_proj_bias)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, c.mamba_d_conv))
+        self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim)) if c.mamba_conv_bias else None
+        self.dt_bias = nn.Parameter(torch.ones(self.heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.norm = GatedRMSNorm(self.inner, self.groups, c.norm_eps)
+        self.out_proj = nn.Linear(self.inner, c.hidden_size, bias=c.mamba_proj_bias)
+        nn.init.kaiming_uniform_(self.conv_weight, a=5**0.5)
+
+    def _ssm_args(self, xbc: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SSU arguments in the per-head layout, parameters tied across head_dim (stride 0)."""
+        n, h, p, s = xbc.shape[0], self.heads, self.head_dim, self.d_state
+        x, b, c = xbc.split([self.inner, self.groups * s, self.groups * s], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        return {
+            "x": x.unflatten(-1, (h, p)),
+            "dt": dt[..., None].expand(n, h, p),
+            "A": A[:, None, None].expand(h, p, s),
+            "B": b.unflatten(-1, (self.groups, s)),
+            "C": c.unflatten(-1, (self.groups, s)),
+            "D": self.D[:, None].expand(h, p),
+            "dt_bias": self.dt_bias[:, None].expand(h, p),
+        }
+
+    def _finish(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.norm(y.flatten(-2), z).to(z.dtype))
+
+    def prefill(
+        self,
+        hidden: torch.Tensor,
+        conv_state: torch.Tensor,
+        ssm_state: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        slots: torch.Tensor,
+        src_slots: torch.Tensor,
+        pad_slot_id: int,
+    ) -> torch.Tensor:
+        """Varlen prefill of flat tokens; sequence i starts from ``src_slots[i]``'s state and
+        leaves its final state in ``slots[i]``."""
+        z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        ops.copy_state_blocks(conv_state, src_slots, slots, pad_slot_id)
+        xbc = ops.causal_conv1d_fn(
+            xbc.transpose(0, 1), self.conv_weight, self.conv_bias, conv_state, cu_seqlens,
+            cache_indices=slots, has_initial_state=src_slots != pad_slot_id,
+            activation="silu", pad_slot_id=pad_slot_id,
+        ).transpose(0, 1)
+        ops.copy_state_blocks(ssm_state, src_slots, slots, pad_slot_id)
+        y = ops.selective_state_update(
+            ssm_state, **self._ssm_args(xbc, dt), dt_softplus=True,
+            state_batch_indices=slots, pad_slot_id=pad_slot_id, cu_seqlens=cu_seqlens,
+        )
+        return self._finish(y, z)
+
+    def decode(
+        self,
+        hidden: torch.Tensor,
+        conv_state: torch.Tensor,
+        ssm_state: torch.Tensor,
+        slots: torch.Tensor,
+        pad_slot_id: int,
+    ) -> torch.Tensor:
+        """One token per sequence; pad rows (``pad_slot_id``) touch no state."""
+        z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        xbc = ops.causal_conv1d_update(
+            xbc, conv_state, self.conv_weight, self.conv_bias, activation="silu",
+            conv_state_indices=slots, pad_slot_id=pad_slot_id,
+        )
+        y = ops.selective_state_update(
+            ssm_state, **self._ssm_args(xbc, dt), dt_softplus=True,
+            state_batch_indices=slots, pad_slot_id=pad_slot_id,
+        )
+        return self._finish(y, z)

@@ -1,0 +1,339 @@
+"""Hypothesis strategies that build valid argument sets for each op.
+
+Each strategy draws the *structure* of a call (layout, dtypes, sizes, which sequences are
+padded, which read from another row) and a seed for the tensor values, so failures shrink
+to small structures. Every argument set obeys the ops' row rules: destination rows are
+distinct, and no sequence reads a row another sequence writes; sources may be shared
+(a common prefix) or equal to the sequence's own destination (in-place).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Upper bounds for drawn shapes: small for the CPU and the Triton interpreter."""
+
+    max_seqs: int = 4
+    max_tokens: int = 4
+    max_heads: int = 4
+    max_dim: int = 16
+    dstates: tuple[int, ...] = (1, 4, 8, 16)
+    max_channels: int = 40
+    max_prefill: int = 12
+
+
+SMALL = Sizes()
+
+
+@dataclass
+class Rows:
+    """Per-sequence row assignment: where each sequence reads and the rows it writes."""
+
+    nslots: int
+    src: list[int]
+    dst: list[list[int]]
+
+
+def assign_rows(
+    rng: random.Random, writes: list[int], *, redirect: bool, pad: int, pad_prob: float = 0.2
+) -> Rows:
+    """Rows for sequences that write ``writes[b]`` rows each.
+
+    In place (``redirect`` False) a sequence reads its first destination row. With
+    redirect it reads its own row, a fresh row (possibly shared with other sequences),
+    or the pad id.
+    """
+    total = sum(writes)
+    nslots = total + rng.randint(1, 4) + (pad == 0)
+    pool = [r for r in range(nslots) if r != pad]
+    rng.shuffle(pool)
+    dst = []
+    for k in writes:
+        rows = [pool.pop() for _ in range(k)]
+        dst.append([pad if rng.random() < pad_prob else r for r in rows])
+    shared = pool[: max(1, len(pool) // 2)]
+    src = []
+    for rows in dst:
+        choice = rng.random()
+        if not redirect or choice < 0.3:
+            src.append(rows[0] if rows else pad)
+        elif choice < 0.85:
+            src.append(rng.choice(shared))
+        else:
+            src.append(pad)
+    return Rows(nslots, src, dst)
+
+
+def _gen(seed: int, device: str) -> Callable[..., torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device)
+
+    return randn
+
+
+def _maybe_strided(t: torch.Tensor, strided: bool) -> torch.Tensor:
+    """The same values in a non-contiguous layout: every other element of a wider buffer."""
+    if not strided:
+        return t
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def _index(values: list[Any], dtype: torch.dtype, device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+@st.composite
+def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL):
+    mamba2 = draw(st.booleans())
+    ngroups = draw(st.sampled_from([g for g in (1, 2, 4) if g <= sizes.max_heads])) if mamba2 else 1
+    nheads = ngroups * draw(st.integers(1, max(1, sizes.max_heads // ngroups))) if mamba2 else 1
+    dim = draw(st.integers(1, sizes.max_dim))
+    dstate = draw(st.sampled_from(sizes.dstates))
+    form = draw(st.sampled_from(["single", "multi", "varlen"]))
+    nseq = draw(st.integers(0 if form == "varlen" else 1, sizes.max_seqs))
+    per_seq = draw(st.integers(1, sizes.max_tokens)) if form == "multi" else 1
+    lengths = [per_seq] * nseq
+    if form == "varlen":
+        lengths = draw(st.lists(st.integers(0, sizes.max_tokens), min_size=nseq, max_size=nseq))
+    spec = form != "single" and draw(st.booleans())
+    redirect = draw(st.booleans())
+    use_indices = spec or redirect or draw(st.booleans())
+    pad = draw(st.sampled_from([-1, 0]))
+    state_dtype, in_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+    idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    tied = mamba2 and draw(st.booleans())
+    strided = draw(st.booleans())
+    has_D, has_z, has_bias, softplus = (draw(st.booleans()) for _ in range(4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng, randn = random.Random(seed), _gen(seed, device)
+
+    ncols = max([*lengths, 1]) if spec else 1
+    if not use_indices:
+        rows = Rows(nseq + rng.randint(0, 2), list(range(nseq)), [[b] for b in range(nseq)])
+    else:
+        rows = assign_rows(rng, [ncols if spec else 1] * nseq, redirect=redirect, pad=pad)
+    heads = (nheads,) if mamba2 else ()
+    groups = (ngroups,) if mamba2 else ()
+    lead = (sum(lengths),) if form == "varlen" else (nseq, per_seq) if form == "multi" else (nseq,)
+
+    call: dict[str, Any] = {"pad_slot_id": pad, "dt_softplus": softplus}
+    call["state"] = randn(rows.nslots, *heads, dim, dstate, dtype=state_dtype)
+    call["x"] = _maybe_strided(randn(*lead, *heads, dim, dtype=in_dtype), strided)
+    if tied:
+        call["dt"] = randn(*lead, nheads, 1, dtype=in_dtype, scale=0.5).expand(*lead, nheads, dim)
+        call["A"] = -randn(nheads, 1, 1).exp().expand(nheads, dim, dstate)
+    else:
+        call["dt"] = randn(*lead, *heads, dim, dtype=in_dtype, scale=0.5)
+        call["A"] = -randn(*heads, dim, dstate).exp()
+    call["B"] = randn(*lead, *groups, dstate, dtype=in_dtype)
+    call["C"] = _maybe_strided(randn(*lead, *groups, dstate, dtype=in_dtype), strided)
+    param = (lambda: randn(nheads, 1).expand(nheads, dim)) if tied else (lambda: randn(*heads, dim))
+    call["D"] = param() if has_D else None
+    call["dt_bias"] = param() if has_bias else None
+    if not softplus:  # the step size is positive, as softplus would make it
+        call["dt"] = call["dt"].abs()
+        call["dt_bias"] = None if call["dt_bias"] is None else call["dt_bias"].abs()
+    call["z"] = randn(*lead, *heads, dim, dtype=in_dtype) if has_z else None
+    call["cu_seqlens"] = None
+    if form == "varlen":
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        call["cu_seqlens"] = _index(offsets, idx_dtype, device)
+    call["state_batch_indices"] = call["dst_state_batch_indices"] = call["num_accepted_tokens"] = (
+        None
+    )
+    if use_indices:
+        if spec:
+            accepted = [rng.randint(1, max(n, 1)) for n in lengths]
+            # the source sits in the column the accepted count names; other columns are
+            # the destinations (in place) or unused (redirect)
+            src_cols = [list(r) for r in rows.dst]
+            for b, n in enumerate(accepted):
+                src_cols[b][n - 1] = rows.src[b]
+            call["num_accepted_tokens"] = _index(accepted, idx_dtype, device)
+            if redirect:
+                call["state_batch_indices"] = _index(src_cols, idx_dtype, device).reshape(
+                    nseq, ncols
+                )
+                call["dst_state_batch_indices"] = _index(rows.dst, idx_dtype, device).reshape(
+                    nseq, ncols
+                )
+            else:
+                call["state_batch_indices"] = _index(rows.dst, idx_dtype, device).reshape(
+                    nseq, ncols
+                )
+        else:
+            two_d = draw(st.booleans())
+            src = _index(rows.src, idx_dtype, device)
+            dst = _index([r[0] for r in rows.dst], idx_dtype, device)
+            if redirect:
+                call["state_batch_indices"], call["dst_state_batch_indices"] = src, dst
+            else:
+                call["state_batch_indices"] = dst
+            if two_d:
+                for name in ("state_batch_indices", "dst_state_batch_indices"):
+                    if call[name] is not None:
+                        call[name] = call[name][:, None]
+    call["out"] = None
+    return call
+
+
+@st.composite
+def causal_conv1d_fn_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL):
+    dim = draw(st.integers(1, sizes.max_channels))
+    width = draw(st.sampled_from([2, 3, 4]))
+    state_len = width - 1 + draw(st.sampled_from([0, 0, 2]))
+    nseq = draw(st.integers(1, sizes.max_seqs))
+    lengths = draw(st.lists(st.integers(0, sizes.max_prefill), min_size=nseq, max_size=nseq))
+    redirect, use_indices = draw(st.booleans()), draw(st.booleans())
+    pad = draw(st.sampled_from([-1, 0]))
+    x_dtype, state_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+    idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    channel_last, has_bias = draw(st.booleans()), draw(st.booleans())
+    activation = draw(st.sampled_from([None, "silu"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng, randn = random.Random(seed), _gen(seed, device)
+
+    use_indices = use_indices or redirect
+    if use_indices:
+        rows = assign_rows(rng, [1] * nseq, redirect=redirect, pad=pad)
+    else:
+        rows = Rows(nseq + rng.randint(0, 2), list(range(nseq)), [[b] for b in range(nseq)])
+    ntok = sum(lengths)
+    x = randn(ntok, dim, dtype=x_dtype).t() if channel_last else randn(dim, ntok, dtype=x_dtype)
+    states = randn(rows.nslots, state_len, dim, dtype=state_dtype).transpose(1, 2)
+    if not channel_last:
+        states = states.contiguous()
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return {
+        "x": x,
+        "weight": randn(dim, width, dtype=x_dtype, scale=0.5),
+        "bias": randn(dim, dtype=x_dtype) if has_bias else None,
+        "conv_states": states,
+        "query_start_loc": _index(offsets, idx_dtype, device),
+        "cache_indices": _index([r[0] for r in rows.dst], idx_dtype, device)
+        if use_indices
+        else None,
+        "has_initial_state": torch.tensor([rng.random() < 0.7 for _ in range(nseq)], device=device),
+        "activation": activation,
+        "pad_slot_id": pad,
+        "src_cache_indices": _index(rows.src, idx_dtype, device) if redirect else None,
+    }
+
+
+@st.composite
+def causal_conv1d_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL):
+    dim = draw(st.integers(1, sizes.max_channels))
+    width = draw(st.sampled_from([2, 3, 4]))
+    form = draw(st.sampled_from(["single", "multi", "varlen"]))
+    nseq = draw(st.integers(1, sizes.max_seqs))
+    per_seq = draw(st.integers(1, sizes.max_tokens)) if form == "multi" else 1
+    lengths = [per_seq] * nseq
+    if form == "varlen":
+        lengths = draw(st.lists(st.integers(0, sizes.max_tokens), min_size=nseq, max_size=nseq))
+    spec = draw(st.booleans())
+    explicit_offset = draw(st.booleans())
+    extra = draw(st.integers(0, 3))
+    state_len = width - 1 + extra + (max(max(lengths) - 1, 0) if spec else 0)
+    redirect, use_indices = draw(st.booleans()), draw(st.booleans())
+    pad = draw(st.sampled_from([-1, 0]))
+    x_dtype, state_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+    idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    channel_last, has_bias = draw(st.booleans()), draw(st.booleans())
+    activation = draw(st.sampled_from([None, "silu", "swish"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng, randn = random.Random(seed), _gen(seed, device)
+
+    use_indices = use_indices or redirect
+    if use_indices:
+        rows = assign_rows(rng, [1] * nseq, redirect=redirect, pad=pad)
+    else:
+        rows = Rows(nseq + rng.randint(0, 2), list(range(nseq)), [[b] for b in range(nseq)])
+    if form == "varlen":
+        x = randn(sum(lengths), dim, dtype=x_dtype)
+    elif form == "multi":
+        x = randn(nseq, per_seq, dim, dtype=x_dtype).transpose(1, 2)
+    else:
+        x = randn(nseq, dim, dtype=x_dtype)
+    states = randn(rows.nslots, state_len, dim, dtype=state_dtype).transpose(1, 2)
+    if not channel_last:
+        states = states.contiguous()
+    call: dict[str, Any] = {
+        "x": x,
+        "conv_state": states,
+        "weight": randn(dim, width, dtype=x_dtype, scale=0.5),
+        "bias": randn(dim, dtype=x_dtype) if has_bias else None,
+        "activation": activation,
+        "conv_state_indices": _index([r[0] for r in rows.dst], idx_dtype, device)
+        if use_indices
+        else None,
+        "num_accepted_tokens": None,
+        "query_start_loc": None,
+        "pad_slot_id": pad,
+        "src_conv_state_indices": _index(rows.src, idx_dtype, device) if redirect else None,
+        "src_token_offset": None,
+    }
+    if form == "varlen":
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        call["query_start_loc"] = _index(offsets, idx_dtype, device)
+    if spec:
+        call["num_accepted_tokens"] = _index(
+            [rng.randint(1, extra + 1) for _ in lengths], idx_dtype, device
+        )
+    if explicit_offset:
+        call["src_token_offset"] = _index(
+            [rng.randint(0, extra) for _ in lengths], idx_dtype, device
+        )
+    return call
+
+
+@st.composite
+def copy_state_blocks_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL):
+    row_shape = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+    ncopies = draw(st.integers(0, sizes.max_seqs * 2))
+    pad = draw(st.sampled_from([-1, 0]))
+    dtype = draw(st.sampled_from(FLOATS))
+    idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng, randn = random.Random(seed), _gen(seed, device)
+    rows = assign_rows(rng, [1] * ncopies, redirect=True, pad=pad)
+    return {
+        "state": randn(rows.nslots, *row_shape, dtype=dtype),
+        "src": _index(rows.src, idx_dtype, device),
+        "dst": _index([r[0] for r in rows.dst], idx_dtype, device),
+        "pad_slot_id": pad,
+    }
+
+
+CALLS: dict[str, Callable[..., st.SearchStrategy[dict[str, Any]]]] = {
+    "selective_state_update": selective_state_update_calls,
+    "causal_conv1d_fn": causal_conv1d_fn_calls,
+    "causal_conv1d_update": causal_conv1d_update_calls,
+    "copy_state_blocks": copy_state_blocks_calls,
+}
+
+
+def calls(op: str, device: str = "cpu", sizes: Sizes = SMALL) -> st.SearchStrategy[dict[str, Any]]:
+    """Valid argument sets for the op named ``op``."""
+    return CALLS[op](device=device, sizes=sizes)

@@ -1,0 +1,20 @@
+"""The one table of tolerances: how close a provider must come to the native op, by dtype."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol). Providers accumulate in fp32 like the native op; the slack covers rounding
+# of the stored state / output to the narrower dtype and a different summation order.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-7),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 1.6e-2),
+}
+
+
+def tolerance(*dtypes: torch.dtype) -> tuple[float, float]:
+    """The loosest (atol, rtol) among ``dtypes``: a result is as precise as its narrowest part."""
+    pairs = [TOLERANCES[d] for d in dtypes if d in TOLERANCES] or [TOLERANCES[torch.float32]]
+    return max(a for a, _ in pairs), max(r for _, r in pairs)

@@ -1,0 +1,193 @@
+"""Independent float64 references: one sequence and one token at a time, straight from the
+definitions in docs/ops.md, sharing no code with the native ops."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _seqs(lengths: list[int], starts: list[int]) -> list[list[int]]:
+    return [list(range(s, s + n)) for s, n in zip(starts, lengths, strict=True)]
+
+
+def _ids(t: torch.Tensor | None) -> list[Any] | None:
+    return None if t is None else t.tolist()
+
+
+def selective_state_update(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (new state, output) in float64."""
+    state0 = call["state"].double()
+    mamba1 = state0.dim() == 3
+    lift = (
+        (lambda t: None if t is None else t.double().unsqueeze(-2))
+        if mamba1
+        else (lambda t: None if t is None else t.double())
+    )
+    x, dt, B, C, z = (lift(call[k]) for k in ("x", "dt", "B", "C", "z"))
+    if mamba1:
+        state0 = state0.unsqueeze(1)
+        A = call["A"].double().unsqueeze(0)
+        D = None if call["D"] is None else call["D"].double().unsqueeze(0)
+        bias = None if call["dt_bias"] is None else call["dt_bias"].double().unsqueeze(0)
+    else:
+        A = call["A"].double()
+        D = None if call["D"] is None else call["D"].double()
+        bias = None if call["dt_bias"] is None else call["dt_bias"].double()
+    nheads, ngroups = state0.shape[1], B.shape[-2]
+    multi = x.dim() == 4
+    if multi:  # (batch, T, ...) -> flat tokens
+        T = x.shape[1]
+        x, dt, B, C = (t.reshape(-1, *t.shape[2:]) for t in (x, dt, B, C))
+        z = None if z is None else z.reshape(-1, *z.shape[2:])
+        seqs = _seqs([T] * (x.shape[0] // T), [b * T for b in range(x.shape[0] // T)])
+    elif call["cu_seqlens"] is not None:
+        cu = call["cu_seqlens"].tolist()
+        seqs = _seqs([b - a for a, b in zip(cu, cu[1:], strict=False)], cu[:-1])
+    else:
+        seqs = [[b] for b in range(x.shape[0])]
+    pad = call["pad_slot_id"]
+    sbi, dsbi, nacc = (
+        _ids(call["state_batch_indices"]),
+        _ids(call["dst_state_batch_indices"]),
+        _ids(call["num_accepted_tokens"]),
+    )
+    state = state0.clone()
+    out = torch.zeros_like(x)
+    for b, toks in enumerate(seqs):
+        src_row = b if sbi is None else sbi[b]
+        dst_row = src_row if dsbi is None else dsbi[b]
+        if nacc is not None:
+            src = src_row[max(nacc[b] - 1, 0)]
+        else:
+            src = src_row[0] if isinstance(src_row, list) else src_row
+        h = torch.zeros_like(state0[0]) if src == pad else state0[src].clone()
+        for t, tok in enumerate(toks):
+            for hd in range(nheads):
+                g = hd // (nheads // ngroups)
+                d = dt[tok, hd] + (0 if bias is None else bias[hd])
+                if call["dt_softplus"]:
+                    d = torch.where(d <= 20, torch.log1p(torch.exp(d)), d)
+                h[hd] = (
+                    h[hd] * torch.exp(A[hd] * d[:, None])
+                    + (d[:, None] * B[tok, g][None]) * x[tok, hd][:, None]
+                )
+                y = (h[hd] * C[tok, g][None]).sum(-1)
+                if D is not None:
+                    y = y + D[hd] * x[tok, hd]
+                if z is not None:
+                    y = y * z[tok, hd] * torch.sigmoid(z[tok, hd])
+                out[tok, hd] = y
+            if nacc is not None and dst_row[t] != pad:
+                state[dst_row[t]] = h
+        if nacc is None and toks:
+            dst = dst_row[0] if isinstance(dst_row, list) else dst_row
+            if dst != pad:
+                state[dst] = h
+    out = out.reshape(call["x"].shape) if not mamba1 else out.squeeze(-2).reshape(call["x"].shape)
+    return (state.squeeze(1) if mamba1 else state), out
+
+
+def _conv(
+    hist: list[torch.Tensor], weight: torch.Tensor, bias: Any, act: Any, t: int
+) -> torch.Tensor:
+    width = weight.shape[1]
+    y = torch.zeros_like(hist[0]) if bias is None else bias.double().clone()
+    for k in range(width):
+        y = y + weight[:, k].double() * hist[t + k]
+    if act in ("silu", "swish"):
+        y = y / (1 + torch.exp(-y))
+    return y
+
+
+def causal_conv1d_fn(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    x, w, states0 = call["x"].double(), call["weight"], call["conv_states"].double()
+    width, pad = w.shape[1], call["pad_slot_id"]
+    qsl = call["query_start_loc"].tolist()
+    n = len(qsl) - 1
+    dst = list(range(n)) if call["cache_indices"] is None else call["cache_indices"].tolist()
+    src = dst if call["src_cache_indices"] is None else call["src_cache_indices"].tolist()
+    init = [False] * n if call["has_initial_state"] is None else call["has_initial_state"].tolist()
+    states, out = states0.clone(), torch.zeros_like(x)
+    for b in range(n):
+        toks = list(range(qsl[b], qsl[b + 1]))
+        if not toks:
+            continue
+        use = init[b] and src[b] != pad
+        hist = [
+            states0[src[b], :, j] if use else torch.zeros(x.shape[0], dtype=torch.float64)
+            for j in range(width - 1)
+        ]
+        hist += [x[:, t] for t in toks]
+        for i, t in enumerate(toks):
+            out[:, t] = _conv(hist, w, call["bias"], call["activation"], i)
+        if dst[b] != pad:
+            for j in range(width - 1):
+                states[dst[b], :, j] = hist[len(hist) - (width - 1) + j]
+    return states, out
+
+
+def causal_conv1d_update(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    x, w, states0 = call["x"].double(), call["weight"], call["conv_state"].double()
+    width, pad = w.shape[1], call["pad_slot_id"]
+    if call["query_start_loc"] is not None:
+        qsl = call["query_start_loc"].tolist()
+        seqs = [[(t,) for t in range(a, b)] for a, b in zip(qsl, qsl[1:], strict=False)]
+        get = lambda tok: x[tok[0]]  # noqa: E731
+    elif x.dim() == 3:
+        seqs = [[(b, t) for t in range(x.shape[2])] for b in range(x.shape[0])]
+        get = lambda tok: x[tok[0], :, tok[1]]  # noqa: E731
+    else:
+        seqs = [[(b,)] for b in range(x.shape[0])]
+        get = lambda tok: x[tok[0]]  # noqa: E731
+    n = len(seqs)
+    dst = (
+        list(range(n))
+        if call["conv_state_indices"] is None
+        else call["conv_state_indices"].tolist()
+    )
+    src = dst if call["src_conv_state_indices"] is None else call["src_conv_state_indices"].tolist()
+    nacc, offs = _ids(call["num_accepted_tokens"]), _ids(call["src_token_offset"])
+    states, out = states0.clone(), torch.zeros_like(x)
+    for b, toks in enumerate(seqs):
+        off = offs[b] if offs is not None else (max(nacc[b] - 1, 0) if nacc is not None else 0)
+        hist = [
+            states0[src[b], :, off + j]
+            if src[b] != pad
+            else torch.zeros(w.shape[0], dtype=torch.float64)
+            for j in range(width - 1)
+        ]
+        hist += [get(tok) for tok in toks]
+        for i, tok in enumerate(toks):
+            y = _conv(hist, w, call["bias"], call["activation"], i)
+            if x.dim() == 3:
+                out[tok[0], :, tok[1]] = y
+            else:
+                out[tok[0]] = y
+        if not toks or dst[b] == pad:
+            continue
+        if nacc is not None:
+            kept = hist[1:]
+        else:
+            kept = hist[len(toks) :]
+        for j, col in enumerate(kept):
+            states[dst[b], :, j] = col
+    return states, out
+
+
+def copy_state_blocks(call: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    state0, pad = call["state"].double(), call["pad_slot_id"]
+    state = state0.clone()
+    for s, d in zip(call["src"].tolist(), call["dst"].tolist(), strict=True):
+        if s != pad and d != pad:
+            state[d] = state0[s]
+    return state, None
+
+
+ORACLES = {
+    "selective_state_update": selective_state_update,
+    "causal_conv1d_fn": causal_conv1d_fn,
+    "causal_conv1d_update": causal_conv1d_update,
+    "copy_state_blocks": copy_state_blocks,
+}
