@@ -77,7 +77,7 @@ def same_device(call: dict[str, Any], anchor: str) -> None:
     device = call[anchor].device
     for name, value in call.items():
         if isinstance(value, torch.Tensor) and value.device != device:
-            fail(name, f"a tensor on {device} like {anchor}", _describe(value))
+            fail(name, f"a tensor on the device of {anchor} ({device})", _describe(value))
 
 
 def writable(call: dict[str, Any], name: str) -> None:

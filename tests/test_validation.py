@@ -1,0 +1,197 @@
+"""Bad input raises a ValueError naming the argument, before any state is written."""
+
+import pytest
+import torch
+
+from mamba_ir import ops
+
+
+def ssu_args():
+    return {
+        "state": torch.randn(6, 2, 4, 8),
+        "x": torch.randn(3, 2, 4),
+        "dt": torch.rand(3, 2, 4),
+        "A": -torch.rand(2, 4, 8),
+        "B": torch.randn(3, 1, 8),
+        "C": torch.randn(3, 1, 8),
+        "D": torch.randn(2, 4),
+        "state_batch_indices": torch.tensor([0, 1, 2]),
+        "dst_state_batch_indices": torch.tensor([3, 4, 5]),
+    }
+
+
+def conv_update_args():
+    return {
+        "x": torch.randn(2, 5),
+        "conv_state": torch.randn(4, 5, 3),
+        "weight": torch.randn(5, 4),
+        "conv_state_indices": torch.tensor([1, 2]),
+    }
+
+
+def conv_fn_args():
+    return {
+        "x": torch.randn(5, 7),
+        "weight": torch.randn(5, 4),
+        "bias": None,
+        "conv_states": torch.randn(4, 5, 3),
+        "query_start_loc": torch.tensor([0, 3, 7]),
+        "cache_indices": torch.tensor([0, 2]),
+        "has_initial_state": torch.tensor([True, False]),
+    }
+
+
+def copy_args():
+    return {"state": torch.randn(4, 3), "src": torch.tensor([0, 1]), "dst": torch.tensor([2, 3])}
+
+
+def _set(**changes):
+    return changes
+
+
+CASES = [
+    # (op, args, changes, argument named, words expected)
+    ("selective_state_update", ssu_args, _set(x=torch.randn(3, 2, 5)), "x", "shape"),
+    ("selective_state_update", ssu_args, _set(dt=torch.rand(3, 2)), "dt", "shape"),
+    ("selective_state_update", ssu_args, _set(A=-torch.rand(2, 4)), "A", "shape"),
+    ("selective_state_update", ssu_args, _set(B=torch.randn(3, 3, 8)), "B", "ngroups"),
+    ("selective_state_update", ssu_args, _set(D=torch.randn(4)), "D", "shape"),
+    ("selective_state_update", ssu_args, _set(x=torch.randn(3, 2, 4).long()), "x", "dtype"),
+    (
+        "selective_state_update",
+        ssu_args,
+        _set(x=torch.randn(3, 2, 4, device="meta")),
+        "x",
+        "device",
+    ),
+    (
+        "selective_state_update",
+        ssu_args,
+        _set(state=torch.randn(1, 2, 4, 1).expand(6, 2, 4, 8)),
+        "state",
+        "stride-0",
+    ),
+    (
+        "selective_state_update",
+        ssu_args,
+        _set(state_batch_indices=torch.tensor([0, 1, 6])),
+        "state_batch_indices",
+        "rows in [0, 6)",
+    ),
+    (
+        "selective_state_update",
+        ssu_args,
+        _set(state_batch_indices=torch.tensor([0.0, 1, 2])),
+        "state_batch_indices",
+        "dtype",
+    ),
+    (
+        "selective_state_update",
+        ssu_args,
+        _set(dst_state_batch_indices=torch.tensor([3, 3, 5])),
+        "dst_state_batch_indices",
+        "distinct",
+    ),
+    (
+        "selective_state_update",
+        ssu_args,
+        _set(state_batch_indices=torch.tensor([4, 1, 2])),
+        "state_batch_indices",
+        "another entry writes",
+    ),
+    (
+        "selective_state_update",
+        ssu_args,
+        _set(num_accepted_tokens=torch.tensor([1, 1, 1])),
+        "state_batch_indices",
+        "2 dimensions",
+    ),
+    (
+        "selective_state_update",
+        ssu_args,
+        _set(cu_seqlens=torch.tensor([0, 1, 1, 2])),
+        "cu_seqlens",
+        "offsets from 0 to 3",
+    ),
+    ("causal_conv1d_update", conv_update_args, _set(x=torch.randn(2, 6)), "x", "channels"),
+    ("causal_conv1d_update", conv_update_args, _set(weight=torch.randn(5, 5)), "weight", "width"),
+    (
+        "causal_conv1d_update",
+        conv_update_args,
+        _set(conv_state_indices=torch.tensor([1, 9])),
+        "conv_state_indices",
+        "rows in [0, 4)",
+    ),
+    (
+        "causal_conv1d_update",
+        conv_update_args,
+        _set(src_token_offset=torch.tensor([0, 1])),
+        "src_token_offset",
+        "window start",
+    ),
+    ("causal_conv1d_update", conv_update_args, _set(activation="relu"), "activation", "silu"),
+    (
+        "causal_conv1d_update",
+        conv_update_args,
+        _set(conv_state_indices=torch.tensor([1])),
+        "conv_state_indices",
+        "2 rows",
+    ),
+    (
+        "causal_conv1d_fn",
+        conv_fn_args,
+        _set(query_start_loc=torch.tensor([0, 3, 6])),
+        "query_start_loc",
+        "to 7",
+    ),
+    (
+        "causal_conv1d_fn",
+        conv_fn_args,
+        _set(has_initial_state=torch.tensor([1, 0])),
+        "has_initial_state",
+        "dtype",
+    ),
+    (
+        "causal_conv1d_fn",
+        conv_fn_args,
+        _set(conv_states=torch.randn(4, 5, 2)),
+        "conv_states",
+        "shape",
+    ),
+    (
+        "causal_conv1d_fn",
+        conv_fn_args,
+        _set(src_cache_indices=torch.tensor([2, 1])),
+        "src_cache_indices",
+        "another entry writes",
+    ),
+    ("copy_state_blocks", copy_args, _set(dst=torch.tensor([2, 2])), "dst", "distinct"),
+    ("copy_state_blocks", copy_args, _set(dst=torch.tensor([1, 3])), "src", "another entry writes"),
+    ("copy_state_blocks", copy_args, _set(src=torch.tensor([0, -2])), "src", "rows in [0, 4)"),
+    ("copy_state_blocks", copy_args, _set(dst=torch.tensor([2])), "dst", "2 rows"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "changes", "argument", "words"),
+    CASES,
+    ids=[f"{c[0]}-{c[3]}-{c[4]}" for c in CASES],
+)
+def test_bad_input_is_named_and_nothing_is_written(name, make, changes, argument, words):
+    args = {**make(), **changes}
+    states = {k: v.clone() for k, v in args.items() if k in ("state", "conv_state", "conv_states")}
+    with pytest.raises(ValueError) as info:
+        getattr(ops, name)(**args)
+    message = str(info.value)
+    assert message.startswith(f"{argument}: expected"), message
+    assert words in message, message
+    for k, before in states.items():
+        if args[k].device.type != "meta":
+            assert torch.equal(args[k], before), f"{k} changed by a rejected call"
+
+
+def test_valid_calls_pass():
+    ops.selective_state_update(**ssu_args())
+    ops.causal_conv1d_update(**conv_update_args())
+    ops.causal_conv1d_fn(**conv_fn_args())
+    ops.copy_state_blocks(**copy_args())
