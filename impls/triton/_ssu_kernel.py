@@ -1,0 +1,204 @@
+"""The Triton kernel behind ``selective_state_update``.
+
+One program owns ``BLOCK_D`` rows of one head's state for one sequence: it loads that tile
+once from the source row, runs every token of the sequence through it in registers (fp32),
+and stores it to the destination row once (or once per token under speculative decoding).
+Decode is memory bound, so everything else here serves that one read and one write: the
+per-token operands are tiny and shared (B/C per group stay in L2 because neighbouring
+programs are neighbouring heads), ties (stride 0) become scalar loads, and offsets that
+can pass 2**31 are computed in int64.
+"""
+
+from __future__ import annotations
+
+from ._common import tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _token(
+        h, t, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
+        x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr,
+        a, d_skip, bias,
+        s_x_seq, s_x_tok, s_x_head, s_x_dim,
+        s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
+        s_z_seq, s_z_tok, s_z_head, s_z_dim,
+        s_out_seq, s_out_tok, s_out_head, s_out_dim,
+        s_B_seq, s_B_tok, s_B_group, s_B_n,
+        s_C_seq, s_C_tok, s_C_group, s_C_n,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SOFTPLUS: tl.constexpr, DT_TIED: tl.constexpr, A_TIED: tl.constexpr,
+    ):
+        """Advance the state tile ``h`` by token ``t`` of the sequence and write its output."""
+        tok = bos + t
+        x = tl.load(x_ptr + seq * s_x_seq + tok * s_x_tok + head * s_x_head + offs_d * s_x_dim,
+                    mask=mask_d, other=0.0).to(tl.float32)
+        dt_base = dt_ptr + seq * s_dt_seq + tok * s_dt_tok + head * s_dt_head
+        if DT_TIED:
+            dt = tl.load(dt_base).to(tl.float32)
+        else:
+            dt = tl.load(dt_base + offs_d * s_dt_dim, mask=mask_d, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dt = dt + bias
+        if SOFTPLUS:
+            # torch's softplus: linear above 20, where exp would lose the log1p term anyway
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        b = tl.load(B_ptr + seq * s_B_seq + tok * s_B_tok + group * s_B_group + offs_n * s_B_n,
+                    mask=mask_n, other=0.0).to(tl.float32)
+        c = tl.load(C_ptr + seq * s_C_seq + tok * s_C_tok + group * s_C_group + offs_n * s_C_n,
+                    mask=mask_n, other=0.0).to(tl.float32)
+        if DT_TIED:
+            decay = tl.exp(a * dt)  # a scalar, or A's tile when A is not tied
+        elif A_TIED:
+            decay = tl.exp(a * dt)[:, None]
+        else:
+            decay = tl.exp(a * dt[:, None])
+        h = h * decay + (dt * x)[:, None] * b[None, :]
+        y = tl.sum(h * c[None, :], axis=1)
+        if HAS_D:
+            y = y + d_skip * x
+        if HAS_Z:
+            z = tl.load(z_ptr + seq * s_z_seq + tok * s_z_tok + head * s_z_head + offs_d * s_z_dim,
+                        mask=mask_d, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        out = out_ptr + seq * s_out_seq + tok * s_out_tok + head * s_out_head + offs_d * s_out_dim
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+        return h
+
+    @triton.jit
+    def ssu_kernel(
+        state_ptr, x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
+        src_ptr, dst_ptr, cu_ptr, nacc_ptr,
+        pad_slot_id, nheads, dim, dstate, heads_per_group, tokens_per_seq,
+        s_state_row, s_state_head, s_state_dim, s_state_n,
+        s_x_seq, s_x_tok, s_x_head, s_x_dim,
+        s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
+        s_z_seq, s_z_tok, s_z_head, s_z_dim,
+        s_out_seq, s_out_tok, s_out_head, s_out_dim,
+        s_B_seq, s_B_tok, s_B_group, s_B_n,
+        s_C_seq, s_C_tok, s_C_group, s_C_n,
+        s_A_head, s_A_dim, s_A_n,
+        s_D_head, s_D_dim,
+        s_bias_head, s_bias_dim,
+        s_src_seq, s_src_col,
+        s_dst_seq, s_dst_col,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SOFTPLUS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
+        VARLEN: tl.constexpr, SPEC: tl.constexpr, ONE_TOKEN: tl.constexpr,
+        DT_TIED: tl.constexpr, A_TIED: tl.constexpr, D_TIED: tl.constexpr,
+        BIAS_TIED: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STREAM: tl.constexpr,
+    ):
+        # programs run head-major within a sequence so the heads of one group (one B/C
+        # vector) are neighbours and the state they stream is contiguous
+        pid = tl.program_id(0)
+        nblk = tl.cdiv(dim, BLOCK_D)
+        blk = pid % nblk
+        head = (pid // nblk) % nheads
+        seq = (pid // nblk // nheads).to(tl.int64)
+        group = head // heads_per_group
+        head = head.to(tl.int64)
+
+        if VARLEN:
+            bos = tl.load(cu_ptr + seq).to(tl.int64)
+            length = tl.load(cu_ptr + seq + 1).to(tl.int64) - bos
+        else:
+            bos = seq * 0
+            length = tokens_per_seq
+
+        if HAS_SRC:
+            if SPEC:
+                col = tl.maximum(tl.load(nacc_ptr + seq).to(tl.int64) - 1, 0)
+            else:
+                col = 0
+            src = tl.load(src_ptr + seq * s_src_seq + col * s_src_col).to(tl.int64)
+        else:
+            src = seq
+
+        offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_d = offs_d < dim
+        mask_n = offs_n < dstate
+        tile = offs_d[:, None] * s_state_dim + offs_n[None, :] * s_state_n
+        tile_mask = mask_d[:, None] & mask_n[None, :]
+        head_off = head * s_state_head
+
+        # a pad source means a zero initial state: the masked load reads nothing (scalar
+        # conditions enter masks through tl.where: `&` with a scalar breaks the interpreter)
+        src_mask = tl.where(src != pad_slot_id, tile_mask, False)
+        src_tile = state_ptr + src * s_state_row + head_off + tile
+        if STREAM:
+            h = tl.load(src_tile, mask=src_mask, other=0.0, eviction_policy="evict_first")
+        else:
+            h = tl.load(src_tile, mask=src_mask, other=0.0)
+        h = h.to(tl.float32)
+
+        if A_TIED:
+            a = tl.load(A_ptr + head * s_A_head).to(tl.float32)
+        else:
+            a = tl.load(A_ptr + head * s_A_head + offs_d[:, None] * s_A_dim
+                        + offs_n[None, :] * s_A_n, mask=tile_mask, other=0.0).to(tl.float32)
+        d_skip = 0.0
+        if HAS_D:
+            if D_TIED:
+                d_skip = tl.load(D_ptr + head * s_D_head).to(tl.float32)
+            else:
+                d_skip = tl.load(D_ptr + head * s_D_head + offs_d * s_D_dim,
+                                 mask=mask_d, other=0.0).to(tl.float32)
+        bias = 0.0
+        if HAS_BIAS:
+            if BIAS_TIED:
+                bias = tl.load(bias_ptr + head * s_bias_head).to(tl.float32)
+            else:
+                bias = tl.load(bias_ptr + head * s_bias_head + offs_d * s_bias_dim,
+                               mask=mask_d, other=0.0).to(tl.float32)
+
+        if ONE_TOKEN:
+            h = _token(
+                h, 0, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
+                x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr, a, d_skip, bias,
+                s_x_seq, s_x_tok, s_x_head, s_x_dim,
+                s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
+                s_z_seq, s_z_tok, s_z_head, s_z_dim,
+                s_out_seq, s_out_tok, s_out_head, s_out_dim,
+                s_B_seq, s_B_tok, s_B_group, s_B_n,
+                s_C_seq, s_C_tok, s_C_group, s_C_n,
+                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_TIED, A_TIED,
+            )
+        else:
+            for t in range(length):
+                h = _token(
+                    h, t, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
+                    x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr, a, d_skip, bias,
+                    s_x_seq, s_x_tok, s_x_head, s_x_dim,
+                    s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
+                    s_z_seq, s_z_tok, s_z_head, s_z_dim,
+                    s_out_seq, s_out_tok, s_out_head, s_out_dim,
+                    s_B_seq, s_B_tok, s_B_group, s_B_n,
+                    s_C_seq, s_C_tok, s_C_group, s_C_n,
+                    HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_TIED, A_TIED,
+                )
+                if SPEC:  # every token's state has its own slot
+                    if HAS_DST:
+                        row = tl.load(dst_ptr + seq * s_dst_seq + t * s_dst_col).to(tl.int64)
+                    else:
+                        row = tl.load(src_ptr + seq * s_src_seq + t * s_src_col).to(tl.int64)
+                    tl.store(state_ptr + row * s_state_row + head_off + tile,
+                             h.to(state_ptr.dtype.element_ty),
+                             mask=tl.where(row != pad_slot_id, tile_mask, False))
+
+        if not SPEC:
+            if HAS_DST:
+                dst = tl.load(dst_ptr + seq * s_dst_seq).to(tl.int64)
+            elif HAS_SRC:
+                dst = tl.load(src_ptr + seq * s_src_seq).to(tl.int64)
+            else:
+                dst = seq
+            # a pad destination, or a sequence without tokens, writes nothing
+            dst_mask = tl.where((dst != pad_slot_id) & (length > 0), tile_mask, False)
+            dst_tile = state_ptr + dst * s_state_row + head_off + tile
+            if STREAM:
+                tl.store(dst_tile, h.to(state_ptr.dtype.element_ty), mask=dst_mask,
+                         eviction_policy="evict_first")
+            else:
+                tl.store(dst_tile, h.to(state_ptr.dtype.element_ty), mask=dst_mask)
