@@ -7,6 +7,7 @@ from .providers import load_providers
 
 __all__ = [
     "ENV_VAR",
+    "compile",
     "NATIVE",
     "REGISTRY",
     "Decision",
@@ -19,3 +20,12 @@ __all__ = [
 ]
 
 load_providers()
+
+
+def __getattr__(name: str):
+    # The passes import Inductor, which is slow: load them on first use.
+    if name == "compile":
+        from .passes import compile
+
+        return compile
+    raise AttributeError(f"module 'mamba_ir' has no attribute {name!r}")
