@@ -2,4 +2,9 @@
 
 from . import causal_conv1d_fn, causal_conv1d_update, copy_state_blocks, selective_state_update
 
-__all__ = ["causal_conv1d_fn", "causal_conv1d_update", "copy_state_blocks", "selective_state_update"]
+__all__ = [
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "copy_state_blocks",
+    "selective_state_update",
+]
