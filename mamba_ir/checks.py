@@ -88,8 +88,11 @@ def writable(call: dict[str, Any], name: str) -> None:
 
 
 def values_readable(*tensors: torch.Tensor | None) -> bool:
-    """True when index values can be read: an eager call on real tensors."""
+    """True when index values can be read: an eager call on real tensors, not being captured
+    into a CUDA graph (reading values would synchronise, which capture forbids)."""
     if torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
     for t in tensors:
         if t is None:
