@@ -37,7 +37,7 @@ def _pairs(nslots, npairs, pad, seed, index_dtype, device):
         if kind < 0.15:
             s, d = pad, rows.pop()
         elif kind < 0.3:
-            s, d = rows[-1], pad  # a source read by no one else, never written
+            s, d = rows.pop(), pad  # a source no entry writes
         elif kind < 0.4:
             s = d = rows.pop()  # a row copied onto itself
         else:
@@ -116,3 +116,16 @@ def test_full_size_gpu(dtype):
     check(state, src, dst, -1)
     conv = _state((96, 8192 + 256, 3), dtype, "cuda", gapped=True)
     check(conv, src, dst, -1)
+
+
+def test_check_impl_interpreter():
+    from mamba_ir.testing import check_impl
+
+    check_impl("copy_state_blocks", "triton", device="cpu", max_examples=30)
+
+
+@pytest.mark.gpu
+def test_check_impl_gpu():
+    from mamba_ir.testing import check_impl
+
+    check_impl("copy_state_blocks", "triton", device="cuda", max_examples=200)

@@ -107,7 +107,7 @@ def build(case: Case, device: str = "cpu") -> dict:
     x = rand(*lead, *heads, dim, dtype=case.in_dtype)
     if case.tied and not case.mamba1:
         dt = rand(*lead, *heads, 1, dtype=case.weight_dtype, scale=0.5).expand(x.shape)
-        A = -torch.rand(*heads, 1, 1, generator=gen).add(0.1).to(device).expand(*heads, dim, dstate)
+        A = (-torch.rand(*heads, 1, 1, generator=gen) - 0.1).to(device).expand(*heads, dim, dstate)
         D = rand(*heads, 1, dtype=case.weight_dtype).expand(*heads, dim)
         bias = rand(*heads, 1, dtype=case.weight_dtype).expand(*heads, dim)
     else:
@@ -228,6 +228,12 @@ CASES = {
 }
 
 
+def test_tied_case_is_tied() -> None:
+    call = build(Case())
+    assert call["A"].stride()[-2:] == (0, 0)
+    assert call["dt"].stride(-1) == call["D"].stride(-1) == call["dt_bias"].stride(-1) == 0
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_native(name: str) -> None:
     check(build(CASES[name]))
@@ -273,3 +279,16 @@ FULL = dict(nheads=128, ngroups=8, dim=64, dstate=128, state_dtype=torch.bfloat1
 )
 def test_full_size_gpu(case: Case) -> None:
     check(build(replace(case, seed=1), device="cuda"))
+
+
+def test_check_impl_interpreter() -> None:
+    from mamba_ir.testing import check_impl
+
+    check_impl("selective_state_update", "triton", device="cpu", max_examples=25)
+
+
+@pytest.mark.gpu
+def test_check_impl_gpu() -> None:
+    from mamba_ir.testing import check_impl
+
+    check_impl("selective_state_update", "triton", device="cuda", max_examples=100)

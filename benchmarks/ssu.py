@@ -1,0 +1,238 @@
+"""selective_state_update decode benchmark: Triton vs FlashInfer vs native, against the copy roof.
+
+Mamba2 decode shapes (nheads=128, headdim=64, dstate=128, ngroups=8, bf16 state; dt, A,
+D and dt_bias tied over headdim as Mamba2 passes them), one token per sequence, timed as
+CUDA-graph replays. Achieved bandwidth counts the state bytes only (one read and one
+write of every addressed row, the part that cannot be avoided), and the roof is a
+device-to-device copy of the same bytes measured in the same run.
+
+Also measured: src redirect (read rows src, write rows dst) against in-place, and the
+two-kernel alternative (copy_state_blocks, then in-place). ``--sweep`` times a grid of
+launch configurations per batch (how the defaults were chosen).
+
+    python -m benchmarks.ssu [--sweep] [--out DIR]      # on the GPU machine
+    python -m benchmarks.ssu --plot docs/ssu_bench.json  # the plot, from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import DOCS, copy_rate, plot_series, progress, time_us, write_json
+
+BATCHES = (1, 8, 32, 64, 128, 256, 512)
+NATIVE_MAX_BATCH = 128  # native eager allocates fp32 copies of every row: slow beyond this
+NHEADS, HEADDIM, DSTATE, NGROUPS = 128, 64, 128, 8
+
+
+def decode_call(batch: int, *, redirect: bool, seed: int = 0) -> dict[str, Any]:
+    """A Mamba2 decode call on a cache of 2 x batch rows (in place: the first half)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf16, dev = torch.bfloat16, "cuda"
+
+    def rand(*shape, dtype=bf16, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
+
+    state = rand(2 * batch, NHEADS, HEADDIM, DSTATE, scale=0.5)
+    rows = torch.randperm(2 * batch, generator=g, device=dev).to(torch.int32)
+    return dict(
+        state=state,
+        x=rand(batch, NHEADS, HEADDIM),
+        dt=rand(batch, NHEADS, 1, scale=0.5).expand(batch, NHEADS, HEADDIM),
+        A=(-torch.rand(NHEADS, 1, 1, generator=g, device=dev) - 0.5).expand(
+            NHEADS, HEADDIM, DSTATE),
+        B=rand(batch, NGROUPS, DSTATE),
+        C=rand(batch, NGROUPS, DSTATE),
+        D=rand(NHEADS, 1).expand(NHEADS, HEADDIM),
+        z=rand(batch, NHEADS, HEADDIM),
+        dt_bias=rand(NHEADS, 1).expand(NHEADS, HEADDIM),
+        dt_softplus=True,
+        state_batch_indices=rows[:batch],
+        dst_state_batch_indices=rows[batch:] if redirect else None,
+        pad_slot_id=-1,
+        out=torch.empty(batch, NHEADS, HEADDIM, dtype=bf16, device=dev),
+    )
+
+
+def _flashinfer() -> Any:
+    try:
+        from flashinfer.mamba import selective_state_update
+    except Exception:  # not installed, or no kernel for this machine
+        return None
+    return selective_state_update
+
+
+def _fi_args(call: dict[str, Any]) -> dict[str, Any]:
+    keys = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus",
+            "state_batch_indices", "dst_state_batch_indices", "pad_slot_id", "out")
+    return {k: call[k] for k in keys}
+
+
+def state_bytes(batch: int) -> int:
+    """Bytes of state one call reads (and again writes)."""
+    return batch * NHEADS * HEADDIM * DSTATE * 2
+
+
+def sweep_configs() -> list[Any]:
+    from mamba_ir.impls.triton.selective_state_update import Config
+
+    return [Config(bd, w, s) for bd in (4, 8, 16, 32, 64) for w in (2, 4, 8) for s in (False, True)
+            if bd * DSTATE // (32 * w) >= 4]  # at least one 16-byte vector per thread
+
+
+def measure(batch: int, fi: Any, sweep: bool) -> dict[str, Any]:
+    from mamba_ir import get_op
+    from mamba_ir.impls.triton.copy_state_blocks import copy_state_blocks as triton_copy
+    from mamba_ir.impls.triton.selective_state_update import selective_state_update as triton_ssu
+
+    nbytes = state_bytes(batch)
+    row = {"batch": batch, "state_bytes": nbytes}
+    row["copy_tbs"] = copy_rate(nbytes) / 1e12
+    inplace = decode_call(batch, redirect=False)
+    redirect = decode_call(batch, redirect=True)
+    src, dst = redirect["state_batch_indices"], redirect["dst_state_batch_indices"]
+    two_kernel = dict(redirect, state_batch_indices=dst, dst_state_batch_indices=None)
+
+    def tbs(us: float) -> float:
+        return 2 * nbytes / (us * 1e-6) / 1e12
+
+    row["triton_us"] = time_us(lambda: triton_ssu(**inplace))
+    row["triton_redirect_us"] = time_us(lambda: triton_ssu(**redirect))
+
+    def copy_then_inplace() -> None:
+        triton_copy(two_kernel["state"], src, dst, -1)
+        triton_ssu(**two_kernel)
+
+    row["copy_state_blocks_us"] = time_us(lambda: triton_copy(redirect["state"], src, dst, -1))
+    row["copy_then_inplace_us"] = time_us(copy_then_inplace)
+    if fi is not None:
+        try:
+            row["flashinfer_us"] = time_us(lambda: fi(**_fi_args(inplace)))
+            row["flashinfer_redirect_us"] = time_us(lambda: fi(**_fi_args(redirect)))
+        except Exception as exc:  # report and go on: the other columns still stand
+            row["flashinfer_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if batch <= NATIVE_MAX_BATCH:
+        native = get_op("selective_state_update").native
+        row["native_us"] = time_us(lambda: native(**inplace), graph=False, reps=20)
+    for key in [k for k in row if k.endswith("_us")]:
+        row[key.removesuffix("_us") + "_tbs"] = tbs(row[key])
+    row["triton_vs_copy"] = row["triton_tbs"] / row["copy_tbs"]
+    if sweep:
+        row["sweep"] = {
+            f"block_d={c.block_d},warps={c.num_warps},stream={int(c.stream)}":
+                time_us(lambda c=c: triton_ssu(**inplace, config=c))
+            for c in sweep_configs()
+        }
+    return row
+
+
+def agreement(fi: Any) -> dict[str, float]:
+    """Max |difference| of Triton against FlashInfer and native on one decode call."""
+    from mamba_ir import get_op
+    from mamba_ir.impls.triton.selective_state_update import selective_state_update as triton_ssu
+
+    result = {}
+    base = decode_call(64, redirect=True, seed=1)
+    runs = {"native": get_op("selective_state_update").native, "triton": triton_ssu}
+    if fi is not None:
+        runs["flashinfer"] = lambda **c: fi(**_fi_args(c))
+    got = {}
+    for name, fn in runs.items():
+        call = {k: v.clone() if isinstance(v, torch.Tensor) and 0 not in v.stride() else v
+                for k, v in base.items()}
+        try:
+            fn(**call)
+        except Exception as exc:
+            result[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        dst = call["dst_state_batch_indices"].long()
+        got[name] = (call["out"].float(), call["state"][dst].float())
+    for name in got:
+        if name != "triton" and "triton" in got:
+            result[f"triton_vs_{name}_out"] = (got["triton"][0] - got[name][0]).abs().max().item()
+            result[f"triton_vs_{name}_state"] = (got["triton"][1] - got[name][1]).abs().max().item()
+    return result
+
+
+COLUMNS = [
+    ("batch", "batch", "{:>5}"),
+    ("copy_tbs", "copy TB/s", "{:>9.2f}"),
+    ("triton_us", "triton us", "{:>9.1f}"),
+    ("triton_tbs", "TB/s", "{:>5.2f}"),
+    ("triton_vs_copy", "%copy", "{:>6.1%}"),
+    ("triton_redirect_us", "redirect us", "{:>11.1f}"),
+    ("copy_then_inplace_us", "copy+inpl us", "{:>12.1f}"),
+    ("copy_state_blocks_tbs", "copy_blocks TB/s", "{:>16.2f}"),
+    ("flashinfer_us", "flashinfer us", "{:>13.1f}"),
+    ("flashinfer_redirect_us", "fi redirect us", "{:>14.1f}"),
+    ("native_us", "native us", "{:>9.1f}"),
+]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in COLUMNS)
+    lines = [head]
+    for row in rows:
+        cells = []
+        for key, _, fmt in COLUMNS:
+            width = len(fmt.format(0))
+            cells.append(fmt.format(row[key]) if key in row else f"{'-':>{width}}")
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(json_path: Path) -> Path:
+    data = json.loads(json_path.read_text())
+    rows = data["rows"]
+    x = [r["batch"] for r in rows]
+    series = {"triton (in place)": [r["triton_tbs"] for r in rows],
+              "triton (src redirect)": [r["triton_redirect_tbs"] for r in rows]}
+    if all("flashinfer_tbs" in r for r in rows):
+        series["flashinfer 0.7.2 (in place)"] = [r["flashinfer_tbs"] for r in rows]
+    series["copy_state_blocks + triton in place"] = [r["copy_then_inplace_tbs"] for r in rows]
+    env = data["environment"]
+    return plot_series(
+        json_path.with_suffix(".png"), x, series,
+        xlabel="batch (sequences, one token each)", ylabel="state TB/s (read + write)",
+        title=f"selective_state_update decode, Mamba2 bf16 state\n"
+              f"{env.get('device', '?')}, {env['date']}",
+        roof=[r["copy_tbs"] for r in rows],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time launch configs")
+    parser.add_argument("--out", type=Path, default=DOCS, help="directory for the JSON")
+    parser.add_argument("--plot", type=Path, help="only draw the PNG from this JSON")
+    args = parser.parse_args()
+    if args.plot:
+        print(plot(args.plot))
+        return
+    fi = _flashinfer()
+    rows = [measure(b, fi, args.sweep) for b in progress(BATCHES, "ssu decode")]
+    print(table(rows))
+    for row in rows:
+        if "flashinfer_error" in row:
+            print(f"flashinfer at batch {row['batch']}: {row['flashinfer_error']}")
+    if args.sweep:
+        for row in rows:
+            best = sorted(row["sweep"].items(), key=lambda kv: kv[1])[:4]
+            print(row["batch"], "  ".join(f"{k}: {v:.1f}us" for k, v in best))
+    check = agreement(fi)
+    print("agreement (max abs diff):", check)
+    shapes = dict(nheads=NHEADS, headdim=HEADDIM, dstate=DSTATE, ngroups=NGROUPS,
+                  state="bfloat16", inputs="bfloat16", A="float32 tied", tokens=1,
+                  dt_softplus=True, z=True, D=True, dt_bias=True, indices="int32")
+    path = write_json("ssu_bench.json", {"shapes": shapes, "flashinfer": fi is not None,
+                                         "agreement": check, "rows": rows}, args.out)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
