@@ -9,6 +9,7 @@ distinct, and no sequence reads a row another sequence writes; sources may be sh
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,27 @@ def assign_rows(
     return Rows(nslots, src, dst)
 
 
+def sequence_rows(
+    rng: random.Random, writes: list[int], *, indexed: bool, redirect: bool, pad: int
+) -> Rows:
+    """Rows for a call: sequence b owns row b when the call passes no indices."""
+    if indexed or redirect:
+        return assign_rows(rng, writes, redirect=redirect, pad=pad)
+    n = len(writes)
+    return Rows(n + rng.randint(0, 2), list(range(n)), [[b] for b in range(n)])
+
+
+def _offsets(lengths: list[int], dtype: torch.dtype, device: str) -> torch.Tensor:
+    return _index([0, *itertools.accumulate(lengths)], dtype, device)
+
+
+def _conv_states(randn, nslots: int, dim: int, state_len: int, dtype, channel_last: bool):
+    """(slots, dim, state_len), contiguous along dim (vLLM's layout) or along state_len."""
+    if channel_last:
+        return randn(nslots, state_len, dim, dtype=dtype).transpose(1, 2)
+    return randn(nslots, dim, state_len, dtype=dtype)
+
+
 def _gen(seed: int, device: str) -> Callable[..., torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
 
@@ -124,10 +146,8 @@ def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Si
     rng, randn = random.Random(seed), _gen(seed, device)
 
     ncols = max([*lengths, 1]) if spec else 1
-    if not use_indices:
-        rows = Rows(nseq + rng.randint(0, 2), list(range(nseq)), [[b] for b in range(nseq)])
-    else:
-        rows = assign_rows(rng, [ncols if spec else 1] * nseq, redirect=redirect, pad=pad)
+    writes = [ncols if spec else 1] * nseq
+    rows = sequence_rows(rng, writes, indexed=use_indices, redirect=redirect, pad=pad)
     heads = (nheads,) if mamba2 else ()
     groups = (ngroups,) if mamba2 else ()
     lead = (sum(lengths),) if form == "varlen" else (nseq, per_seq) if form == "multi" else (nseq,)
@@ -152,10 +172,7 @@ def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Si
     call["z"] = randn(*lead, *heads, dim, dtype=in_dtype) if has_z else None
     call["cu_seqlens"] = None
     if form == "varlen":
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
-        call["cu_seqlens"] = _index(offsets, idx_dtype, device)
+        call["cu_seqlens"] = _offsets(lengths, idx_dtype, device)
     call["state_batch_indices"] = call["dst_state_batch_indices"] = call["num_accepted_tokens"] = (
         None
     )
@@ -212,24 +229,16 @@ def causal_conv1d_fn_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = 
     rng, randn = random.Random(seed), _gen(seed, device)
 
     use_indices = use_indices or redirect
-    if use_indices:
-        rows = assign_rows(rng, [1] * nseq, redirect=redirect, pad=pad)
-    else:
-        rows = Rows(nseq + rng.randint(0, 2), list(range(nseq)), [[b] for b in range(nseq)])
+    rows = sequence_rows(rng, [1] * nseq, indexed=use_indices, redirect=redirect, pad=pad)
     ntok = sum(lengths)
     x = randn(ntok, dim, dtype=x_dtype).t() if channel_last else randn(dim, ntok, dtype=x_dtype)
-    states = randn(rows.nslots, state_len, dim, dtype=state_dtype).transpose(1, 2)
-    if not channel_last:
-        states = states.contiguous()
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
+    states = _conv_states(randn, rows.nslots, dim, state_len, state_dtype, channel_last)
     return {
         "x": x,
         "weight": randn(dim, width, dtype=x_dtype, scale=0.5),
         "bias": randn(dim, dtype=x_dtype) if has_bias else None,
         "conv_states": states,
-        "query_start_loc": _index(offsets, idx_dtype, device),
+        "query_start_loc": _offsets(lengths, idx_dtype, device),
         "cache_indices": _index([r[0] for r in rows.dst], idx_dtype, device)
         if use_indices
         else None,
@@ -264,19 +273,14 @@ def causal_conv1d_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Size
     rng, randn = random.Random(seed), _gen(seed, device)
 
     use_indices = use_indices or redirect
-    if use_indices:
-        rows = assign_rows(rng, [1] * nseq, redirect=redirect, pad=pad)
-    else:
-        rows = Rows(nseq + rng.randint(0, 2), list(range(nseq)), [[b] for b in range(nseq)])
+    rows = sequence_rows(rng, [1] * nseq, indexed=use_indices, redirect=redirect, pad=pad)
     if form == "varlen":
         x = randn(sum(lengths), dim, dtype=x_dtype)
     elif form == "multi":
         x = randn(nseq, per_seq, dim, dtype=x_dtype).transpose(1, 2)
     else:
         x = randn(nseq, dim, dtype=x_dtype)
-    states = randn(rows.nslots, state_len, dim, dtype=state_dtype).transpose(1, 2)
-    if not channel_last:
-        states = states.contiguous()
+    states = _conv_states(randn, rows.nslots, dim, state_len, state_dtype, channel_last)
     call: dict[str, Any] = {
         "x": x,
         "conv_state": states,
@@ -293,10 +297,7 @@ def causal_conv1d_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Size
         "src_token_offset": None,
     }
     if form == "varlen":
-        offsets = [0]
-        for n in lengths:
-            offsets.append(offsets[-1] + n)
-        call["query_start_loc"] = _index(offsets, idx_dtype, device)
+        call["query_start_loc"] = _offsets(lengths, idx_dtype, device)
     if spec:
         call["num_accepted_tokens"] = _index(
             [rng.randint(1, extra + 1) for _ in lengths], idx_dtype, device
