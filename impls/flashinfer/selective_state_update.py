@@ -1,1 +1,481 @@
-"""FlashInfer selective_state_update (not yet implemented)."""
+"""FlashInfer selective_state_update (``flashinfer.mamba.selective_state_update``, 0.7.2).
+
+FlashInfer ships two CUDA kernels behind one function: a one-token kernel (x of shape
+(batch, nheads, dim)) and a multi-token kernel (x of shape (batch, T, nheads, dim), or
+packed tokens with ``cu_seqlens``). Both are compiled on first use for each (dtypes, dim,
+dstate, tokens) and both assume the Mamba2 layout: dt, A, D and dt_bias hold one value
+per head. :func:`plan` says which kernel serves a call, or why none can; it reads only
+shapes, strides, dtypes and devices, so it answers the same for fake tensors. docs/flashinfer.md
+lists every rule with the source line or experiment behind it.
+
+Where FlashInfer's meaning differs from the op's, the call is rewritten before launch:
+
+- a source pad with a real destination starts from zero state and still writes (the op),
+  whereas FlashInfer writes nothing for a pad source. :func:`_zero_pad_sources` (Triton)
+  zeroes that sequence's first destination row and points its source there;
+- FlashInfer's one-token kernel writes a pad destination row, so calls with destination
+  indices take the multi-token kernel (T=1), which skips pad destinations;
+- without speculative decoding only the final state is written: destination indices are
+  passed as one column, so every step rewrites the same row and the last one stays;
+- D may be absent (FlashInfer needs it: zeros), dt/D/dt_bias may differ in dtype
+  (widened to float32 together, exactly), and per-head vectors are made head-contiguous.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mamba_ir.ops.selective_state_update import selective_state_update as _op
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # only the pad-source rewrite needs it; such calls are refused
+    triton = None
+    tl = None
+
+PROVIDER = "flashinfer"
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+HEADDIMS = (64, 128)  # multiples of 64 compile; 64 and 128 are the ones checked on a GPU
+MIN_DSTATE, MAX_DSTATE = 64, 256
+MAX_TOKENS = 128  # the multi-token kernel stages per-token values with one thread each
+HEAD_RATIOS = (1, 2, 4, 8, 16, 32, 64)  # nheads / ngroups instantiated by the multi-token kernel
+INT32 = (-(2**31), 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the predicate needs to know about the GPU a call runs on."""
+
+    capability: tuple[int, int]
+    smem_per_block: int  # bytes of shared memory one block may opt into
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a call reaches FlashInfer."""
+
+    kernel: str  # "one-token" or "multi-token"
+    ntokens: int = 1  # tokens per sequence the multi-token kernel is compiled for
+    fix_pad_sources: bool = False  # rewrite pad sources that have a real destination
+
+
+# -- availability ---------------------------------------------------------------------
+
+
+@functools.cache
+def load_flashinfer() -> Callable[..., Any] | str:
+    """FlashInfer's function, or why it cannot be imported (importing it is slow: once)."""
+    try:
+        from flashinfer.mamba import selective_state_update as fi
+    except Exception as exc:  # missing, or built for another torch / CUDA
+        return (
+            f"flashinfer is not importable ({type(exc).__name__}: {exc}); "
+            "pip install mamba-ir[flashinfer]"
+        )
+    return fi
+
+
+@functools.cache
+def device_info(index: int) -> Device:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+    return Device((props.major, props.minor), int(smem))
+
+
+def runnable(call: dict[str, Any]) -> bool | str:
+    """True when FlashInfer can run at all on the call's tensors, else why not."""
+    fi = load_flashinfer()
+    if isinstance(fi, str):
+        return fi
+    devices = {v.device.type for v in call.values() if isinstance(v, torch.Tensor)}
+    if devices != {"cuda"}:
+        return f"tensors on {sorted(devices - {'cuda'})}: FlashInfer needs CUDA tensors"
+    return True
+
+
+# -- the predicate ----------------------------------------------------------------------
+
+
+def supports(**call: Any) -> bool | str:
+    ok = runnable(call)
+    if ok is not True:
+        return ok
+    found = plan(call, device_info(call["state"].device.index or 0), triton is not None)
+    return found if isinstance(found, str) else True
+
+
+def plan(call: dict[str, Any], device: Device, can_fix_pads: bool) -> Plan | str:
+    """Which FlashInfer kernel serves ``call``, or why neither can."""
+    state, x = call["state"], call["x"]
+    if device.capability[0] not in (8, 9):
+        major, minor = device.capability
+        return (
+            f"compute capability {major}.{minor}: FlashInfer picks other kernels there, "
+            "and this provider's rules were established for sm_80 to sm_90"
+        )
+    if state.dim() != 4:
+        return (
+            "Mamba1 layout (3-D state): FlashInfer holds dt, A and D as one value per head; "
+            "pass the Mamba2 layout (nheads, headdim, dstate)"
+        )
+    if x.numel() == 0:
+        return Plan("none")  # no tokens: nothing to read or write
+    _, nheads, dim, dstate = state.shape
+    ngroups = call["B"].shape[-2]
+    varlen = call["cu_seqlens"] is not None
+    spec = call["num_accepted_tokens"] is not None
+    lead = tuple(x.shape[:-2])
+
+    why = _dtypes(call) or _ties(call) or _sizes(dim, dstate) or _layouts(call)
+    if why:
+        return why
+    nseq = call["cu_seqlens"].shape[0] - 1 if varlen else lead[0]
+    if nseq > state.shape[0]:
+        return (
+            f"{nseq} sequences but {state.shape[0]} state rows: FlashInfer requires at least "
+            "as many state rows as sequences, pads included"
+        )
+    pad = call["pad_slot_id"]
+    if not INT32[0] <= pad <= INT32[1]:
+        return f"pad_slot_id={pad}: FlashInfer holds it as a 32-bit integer"
+
+    dst = call["dst_state_batch_indices"]
+    if not varlen and len(lead) == 1 and not spec and dst is None and _one_token_ok(call):
+        return Plan("one-token")
+    if nheads // ngroups not in HEAD_RATIOS:
+        return (
+            f"nheads/ngroups={nheads // ngroups}: FlashInfer's multi-token kernel (used with "
+            f"destination indices, several tokens or unaligned inputs) needs one of {HEAD_RATIOS}"
+        )
+    if varlen and not spec:
+        return (
+            "cu_seqlens without num_accepted_tokens: FlashInfer compiles for a maximum number "
+            "of tokens per sequence, which only the speculative index width bounds; pass "
+            "(batch, T) tokens instead"
+        )
+    if varlen:
+        widths = [t.shape[1] for t in (call["state_batch_indices"], dst) if t is not None]
+        ntokens = min(widths)
+    else:
+        ntokens = lead[1] if len(lead) == 2 else 1
+    if ntokens > MAX_TOKENS:
+        return (
+            f"{ntokens} tokens per sequence: FlashInfer's multi-token kernel handles "
+            f"at most {MAX_TOKENS}"
+        )
+    smem = multi_token_smem(x.dtype, state.dtype, ntokens, dim, dstate)
+    if smem > device.smem_per_block:
+        return (
+            f"{ntokens} tokens per sequence need {smem} bytes of shared memory in FlashInfer's "
+            f"multi-token kernel; this GPU allows {device.smem_per_block}"
+        )
+    fix = dst is not None or spec
+    if fix and not can_fix_pads:
+        return (
+            "triton is not installed: calls with destination indices or speculative decoding "
+            "need it to give pad sources a zero state (pip install triton)"
+        )
+    return Plan("multi-token", ntokens, fix)
+
+
+def _dtypes(call: dict[str, Any]) -> str | None:
+    x = call["x"]
+    for name in ("B", "C", "z", "out"):
+        t = call[name]
+        if t is not None and t.dtype != x.dtype:
+            return (
+                f"{name} is {_name(t.dtype)} but x is {_name(x.dtype)}: FlashInfer takes "
+                "x, B, C, z and out in one dtype"
+            )
+    return None
+
+
+def _ties(call: dict[str, Any]) -> str | None:
+    """dt, A, D and dt_bias must be one value per head (stride 0 over headdim, dstate)."""
+    checks = (("dt", (-1,)), ("A", (-1, -2)), ("D", (-1,)), ("dt_bias", (-1,)))
+    for name, dims in checks:
+        t = call[name]
+        if t is not None and not all(t.stride(d) == 0 or t.shape[d] == 1 for d in dims):
+            return (
+                f"{name} has strides {tuple(t.stride())}: FlashInfer takes one value per head, "
+                f"broadcast with stride 0 (e.g. {name}[..., :1].expand_as({name}))"
+            )
+    return None
+
+
+def _sizes(dim: int, dstate: int) -> str | None:
+    if dim not in HEADDIMS:
+        return f"headdim={dim}: FlashInfer's kernels build for headdim in {HEADDIMS}"
+    if dstate % 32 or not MIN_DSTATE <= dstate <= MAX_DSTATE:
+        return (
+            f"dstate={dstate}: FlashInfer's kernels build for multiples of 32 "
+            f"from {MIN_DSTATE} to {MAX_DSTATE}"
+        )
+    return None
+
+
+def _layouts(call: dict[str, Any]) -> str | None:
+    state = call["state"]
+    _, _, dim, dstate = state.shape
+    if state.stride()[1:] != (dim * dstate, dstate, 1):
+        return (
+            f"state has strides {tuple(state.stride())}: FlashInfer needs each row's "
+            "(nheads, headdim, dstate) block contiguous"
+        )
+    if not _aligned(state, 16) or (state.stride(0) * state.element_size()) % 16:
+        return "state rows must start on 16-byte boundaries for FlashInfer's vector loads"
+    for name in ("x", "z", "out", "B", "C"):
+        t = call[name]
+        if t is None:
+            continue
+        inner = t.shape[-1]
+        if t.stride(-1) != 1 or t.stride(-2) != inner:
+            return (
+                f"{name} has strides {tuple(t.stride())}: FlashInfer needs its last two "
+                f"dimensions contiguous ({name}.contiguous())"
+            )
+        lead_bytes = [s * t.element_size() for s in t.stride()[:-2]]
+        if not _aligned(t, 16) or any(b % 16 for b in lead_bytes):
+            return (
+                f"{name} must start on and step by 16-byte boundaries for FlashInfer's vector loads"
+            )
+    return None
+
+
+def _one_token_ok(call: dict[str, Any]) -> bool:
+    """FlashInfer's one-token kernel also needs a contiguous out and, as the Hopper
+    variant loads with TMA, 128-byte aligned inputs; it writes at most 128 rows of output
+    per head. Calls that miss any of these take the multi-token kernel instead."""
+    if not call["out"].is_contiguous() or call["state"].shape[2] > 128:
+        return False
+    tensors = [call[n] for n in ("state", "x", "B", "C", "z") if call[n] is not None]
+    return all(_aligned(t, 128) for t in tensors)
+
+
+def multi_token_smem(
+    in_dtype: torch.dtype, state_dtype: torch.dtype, ntokens: int, dim: int, dstate: int
+) -> int:
+    """Bytes of shared memory FlashInfer's multi-token kernel requests (its largest
+    variant, one block per head row), mirroring the layout of its staging buffers."""
+    isz = torch.empty((), dtype=in_dtype).element_size()
+    ssz = torch.empty((), dtype=state_dtype).element_size()
+    padded = -(-dstate * isz // 128) * 128 // isz  # dstate rounded up to 128 bytes
+    rows_per_pass = 16
+    stages = 1 if dim == rows_per_pass else 2
+    size = 0
+    for align, nbytes in (
+        (128, ntokens * padded * isz),  # B
+        (128, ntokens * padded * isz),  # C
+        (128, ntokens * dim * isz),  # x
+        (4, ntokens * 4),  # dt
+        (4, ntokens * dim * 4),  # out
+        (8, ntokens * 8),  # destination slot per step
+        (128, stages * rows_per_pass * padded * ssz),  # state prefetch
+    ):
+        size = -(-size // align) * align + nbytes
+    return -(-size // 128) * 128
+
+
+def _aligned(t: torch.Tensor, nbytes: int) -> bool:
+    """Whether ``t`` starts on an ``nbytes`` boundary; for tensors without an address
+    (fake, meta), assuming like PyTorch's allocators that their storage does."""
+    try:
+        address = t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        address = 0
+    if not address:
+        address = t.storage_offset() * t.element_size()
+    return address % nbytes == 0
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- the implementation -----------------------------------------------------------------
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    state_batch_indices: torch.Tensor | None = None,
+    dst_state_batch_indices: torch.Tensor | None = None,
+    pad_slot_id: int = -1,
+    cu_seqlens: torch.Tensor | None = None,
+    num_accepted_tokens: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> None:
+    """The op on FlashInfer, for calls :func:`plan` accepts."""
+    call = dict(locals())
+    how = plan(call, device_info(state.device.index or 0), triton is not None)
+    if isinstance(how, str):
+        raise ValueError(f"flashinfer cannot run this call: {how}")
+    if how.kernel == "none":
+        return
+    fi = load_flashinfer()
+    assert not isinstance(fi, str), fi
+    dt, D, dt_bias = _weights(dt, D, dt_bias, state.shape[1])
+    A = _per_head(A)
+    sbi, dst = _indices(state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
+    if how.kernel == "multi-token" and cu_seqlens is None and x.dim() == 3:
+        x, dt, B, C, z, out = (t if t is None else t.unsqueeze(1) for t in (x, dt, B, C, z, out))
+    if how.fix_pad_sources:
+        sbi = _zero_pad_sources(state, sbi, dst, num_accepted_tokens, cu_seqlens, x, pad_slot_id)
+    varlen = cu_seqlens is not None
+    nacc = None if num_accepted_tokens is None else num_accepted_tokens.contiguous()
+    fi(
+        state, x, dt, A, B, C, D,
+        z=z,
+        dt_bias=dt_bias,
+        dt_softplus=bool(dt_softplus),
+        state_batch_indices=sbi,
+        dst_state_batch_indices=dst,
+        pad_slot_id=pad_slot_id,
+        out=out,
+        cache_steps=how.ntokens if varlen else 0,
+        cu_seqlens=cu_seqlens.contiguous() if varlen else None,
+        num_accepted_tokens=nacc,
+    )  # fmt: skip
+
+
+def _per_head(t: torch.Tensor) -> torch.Tensor:
+    """A tied parameter as FlashInfer reads it: a contiguous per-head vector, broadcast."""
+    if t.stride(0) == 1:
+        return t
+    vec = t[(slice(None),) + (0,) * (t.dim() - 1)].contiguous()
+    return vec[(slice(None),) + (None,) * (t.dim() - 1)].expand(t.shape)
+
+
+def _weights(
+    dt: torch.Tensor, D: torch.Tensor | None, dt_bias: torch.Tensor | None, nheads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dt, D and dt_bias in one dtype (float32 unless they share one: exact), per head
+    contiguous, and a zero D where there is none."""
+    dtypes = {t.dtype for t in (dt, D, dt_bias) if t is not None}
+    wdtype = dt.dtype if len(dtypes) == 1 else torch.float32
+    if D is None:
+        D = torch.zeros(nheads, 1, dtype=wdtype, device=dt.device).expand(nheads, dt.shape[-1])
+    if dt.dtype != wdtype or dt.stride(-2) != 1:
+        dt = dt[..., :1].to(wdtype, memory_format=torch.contiguous_format).expand(dt.shape)
+    D = _per_head(D.to(wdtype))
+    dt_bias = None if dt_bias is None else _per_head(dt_bias.to(wdtype))
+    return dt, D, dt_bias
+
+
+def _indices(
+    sbi: torch.Tensor | None, dst: torch.Tensor | None, nacc: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Index tensors as FlashInfer reads them.
+
+    Speculative decoding writes every token's state: the destinations are 2-D, and the
+    sources themselves when none are given. Otherwise only the final state is written,
+    so one column suffices (FlashInfer rewrites it at every step; the last one stays).
+    """
+    if nacc is not None:
+        dst = sbi if dst is None else dst
+    else:
+        sbi = sbi if sbi is None or sbi.dim() == 1 else sbi[:, 0]
+        dst = dst if dst is None or dst.dim() == 1 else dst[:, 0]
+    if sbi is not None and dst is not None and dst.dtype != sbi.dtype:
+        dst = dst.to(sbi.dtype)
+    return sbi, dst
+
+
+# -- pad sources with a real destination --------------------------------------------------
+
+
+def _zero_pad_sources(
+    state: torch.Tensor,
+    sbi: torch.Tensor | None,
+    dst: torch.Tensor,
+    nacc: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    x: torch.Tensor,
+    pad: int,
+) -> torch.Tensor:
+    """Source indices under which FlashInfer starts pad-source sequences from zero and
+    still writes them: each such sequence's first destination row that it writes is
+    zeroed and becomes its source. Returns the new source indices (a copy)."""
+    nseq = dst.shape[0]
+    if sbi is None:
+        sbi = torch.arange(nseq, dtype=dst.dtype, device=dst.device)
+    new = sbi.clone()
+    dst2 = dst if dst.dim() == 2 else dst[:, None]
+    row = state[0].numel()
+    block = 1024
+    grid = (nseq, min(triton.cdiv(row, block), 32))
+    dummy = new
+    _zero_pad_sources_kernel[grid](
+        state, row, state.stride(0),
+        sbi, sbi.stride(0), sbi.stride(1) if sbi.dim() == 2 else 0,
+        new, new.stride(0), new.stride(1) if new.dim() == 2 else 0,
+        dst2, dst2.stride(0), dst2.stride(1), dst2.shape[1],
+        dummy if nacc is None else nacc,
+        dummy if cu_seqlens is None else cu_seqlens,
+        _written_columns(x, nacc is not None, dst2.shape[1]) if cu_seqlens is None else 0,
+        pad,
+        SPEC=nacc is not None,
+        VARLEN=cu_seqlens is not None,
+        NCOLS=triton.next_power_of_2(dst2.shape[1]),
+        BLOCK=block,
+    )  # fmt: skip
+    return new
+
+
+def _written_columns(x: torch.Tensor, spec: bool, ncols: int) -> int:
+    """Destination columns each sequence of a (batch, T) call writes."""
+    return min(x.shape[1], ncols) if spec else min(x.shape[1], 1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _zero_pad_sources_kernel(
+        state_ptr, row_numel, row_stride,
+        src_ptr, src_s0, src_s1,
+        new_ptr, new_s0, new_s1,
+        dst_ptr, dst_s0, dst_s1, ncols,
+        nacc_ptr, cu_ptr, fixed_limit, pad,
+        SPEC: tl.constexpr, VARLEN: tl.constexpr, NCOLS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        seq = tl.program_id(0)
+        part = tl.program_id(1)
+        col = 0
+        if SPEC:
+            col = tl.maximum(tl.load(nacc_ptr + seq).to(tl.int64) - 1, 0)
+        src = tl.load(src_ptr + seq * src_s0 + col * src_s1).to(tl.int64)
+        if VARLEN:  # the columns the op writes: one per token when speculative, else one
+            length = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int64)
+            limit = tl.minimum(length, ncols) if SPEC else tl.minimum(length, 1)
+        else:
+            limit = fixed_limit
+        cols = tl.arange(0, NCOLS)
+        rows = tl.load(dst_ptr + seq * dst_s0 + cols * dst_s1, mask=cols < limit, other=pad)
+        real = (cols < limit) & (rows.to(tl.int64) != pad)
+        first = tl.min(tl.where(real, cols, NCOLS), axis=0)
+        target = tl.sum(tl.where(cols == first, rows.to(tl.int64), 0), axis=0)
+        if (src == pad) & (first < NCOLS):
+            zeros = tl.zeros([BLOCK], dtype=state_ptr.dtype.element_ty)
+            base = state_ptr + target * row_stride
+            for start in range(part * BLOCK, row_numel, tl.num_programs(1) * BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                tl.store(base + offs, zeros, mask=offs < row_numel)
+            if part == 0:
+                tl.store(new_ptr + seq * new_s0 + col * new_s1, target.to(new_ptr.dtype.element_ty))
+
+
+_op.register_impl(PROVIDER, selective_state_update, supports=supports)
