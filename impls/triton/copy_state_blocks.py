@@ -88,9 +88,15 @@ def supports(**call: Any) -> bool | str:
 
 
 def copy_state_blocks(
-    state: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, pad_slot_id: int = -1
+    state: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    pad_slot_id: int = -1,
+    *,
+    block: int = BLOCK,
+    num_warps: int | None = None,
 ) -> None:
-    """The op on Triton."""
+    """The op on Triton; ``block`` (words per program) and ``num_warps`` are for tuning."""
     if src.shape[0] == 0 or state.numel() == 0:
         return
     words = _flat_words(state) if _rows_contiguous(state) else None
@@ -102,13 +108,13 @@ def copy_state_blocks(
         strides = (*(0,) * (5 - state.dim()), *view.stride()[1:])[-4:]
         flat = False
     row_len = view[0].numel()
-    block = min(BLOCK, triton.next_power_of_2(row_len))
+    block = min(block, triton.next_power_of_2(row_len))
     nchunks = triton.cdiv(row_len, block)
     _copy_rows_kernel[(src.shape[0] * nchunks,)](
         view, src, dst, pad_slot_id, row_len, nchunks,
         view.stride(0), src.stride(0), dst.stride(0),
         *inner, *strides,
-        BLOCK=block, FLAT=flat, num_warps=8 if block >= 2048 else 4,
+        BLOCK=block, FLAT=flat, num_warps=num_warps or max(1, min(8, block // 512)),
     )
 
 
