@@ -114,6 +114,13 @@ if triton is not None:
             src = tl.load(src_ptr + seq * s_src_seq + col * s_src_col).to(tl.int64)
         else:
             src = seq
+        # the destination row is read up front: loaded after the output store, its latency
+        # would sit between the arithmetic and the state store (the store may alias it)
+        if not SPEC:
+            if HAS_DST:
+                dst = tl.load(dst_ptr + seq * s_dst_seq).to(tl.int64)
+            else:
+                dst = src  # in place: column 0 of the indices, the row just read
 
         offs_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
@@ -188,12 +195,6 @@ if triton is not None:
                              mask=tl.where(row != pad_slot_id, tile_mask, False))
 
         if not SPEC:
-            if HAS_DST:
-                dst = tl.load(dst_ptr + seq * s_dst_seq).to(tl.int64)
-            elif HAS_SRC:
-                dst = tl.load(src_ptr + seq * s_src_seq).to(tl.int64)
-            else:
-                dst = seq
             # a pad destination, or a sequence without tokens, writes nothing
             dst_mask = tl.where((dst != pad_slot_id) & (length > 0), tile_mask, False)
             dst_tile = state_ptr + dst * s_state_row + head_off + tile
