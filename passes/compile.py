@@ -1,0 +1,193 @@
+"""Entry points: :func:`compile`, the :class:`Backend` it uses, and ways to install the
+passes into a torch.compile setup of one's own (:func:`inductor_options`,
+:func:`use_passes`)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from mamba_ir.priority import PrioritySpec
+
+from .callsite import ir_ops
+from .graph_pass import LoweringPass
+from .report import LoweringReport, SiteReport
+
+POST_GRAD_PASS = "post_grad_custom_post_pass"
+
+
+class Backend:
+    """A ``torch.compile`` backend: Inductor with align fusion and lowering installed.
+
+    ``torch.compile(model, backend=Backend(priority=...))``; ``mode`` and ``options`` are
+    Inductor's (also accepted from ``torch.compile``). ``report`` collects the call sites
+    of every graph this backend compiles. A graph served from Inductor's cache did not run
+    the passes: its report is the one saved beside the cache when it was compiled.
+    """
+
+    def __init__(
+        self,
+        priority: PrioritySpec = None,
+        *,
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+        dynamic: bool | None = None,
+    ) -> None:
+        self.priority = priority
+        self.mode = mode
+        self.options = dict(options or {})
+        self.dynamic = dynamic
+        self.report = LoweringReport()
+
+    def __call__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: list[Any],
+        *,
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Any:
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = self._patches(mode, options)
+        ran: list[list[SiteReport]] = []
+        graph_pass = LoweringPass(self.priority, ran.append, then=_installed(patches))
+        patches[POST_GRAD_PASS] = graph_pass
+        saved = _SavedReports(graph_pass, gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        if ran:
+            sites = [site for graph in ran for site in graph]
+            saved.store(sites)
+            self.report.add_graph(sites)
+        elif _calls_ir(gm):
+            self.report.add_graph(saved.load(), cached=True)
+        else:
+            self.report.add_graph([])
+        return compiled
+
+    def _patches(self, mode: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+        from torch._inductor import list_mode_options
+
+        patches: dict[str, Any] = {}
+        mode = mode or self.mode
+        if mode and mode != "default":
+            patches.update(list_mode_options(mode, self.dynamic))
+        patches.update(self.options)
+        patches.update(options or {})
+        return patches
+
+    def reset(self) -> None:
+        """Drop CUDA graph trees when they are in use (what Inductor's own backend does)."""
+        from torch._inductor import config
+
+        if self._patches(None, None).get("triton.cudagraphs", config.triton.cudagraphs):
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+            reset_cudagraph_trees()
+
+
+def compile(
+    model_or_fn: Any, priority: PrioritySpec = None, **torch_compile_kwargs: Any
+) -> Any:
+    """``torch.compile`` with every IR call site lowered to its provider, align copies
+    folded where the chosen provider reads from a source row.
+
+    ``priority`` orders the providers while compiling (as :func:`mamba_ir.set_priority`;
+    otherwise the priority in effect when a graph compiles applies). Other keyword
+    arguments go to ``torch.compile`` (``mode`` and ``options`` to Inductor). The result
+    carries ``lowering_report`` (a :class:`LoweringReport`), filled as graphs compile.
+    """
+    kwargs = dict(torch_compile_kwargs)
+    if "backend" in kwargs:
+        raise TypeError("mamba_ir.compile always uses Inductor; pass Backend() to "
+                        "torch.compile to combine the passes with another setup")
+    backend = Backend(
+        priority,
+        mode=kwargs.pop("mode", None),
+        options=kwargs.pop("options", None),
+        dynamic=kwargs.get("dynamic"),
+    )
+    compiled = torch.compile(model_or_fn, backend=backend, **kwargs)
+    compiled.lowering_report = backend.report
+    return compiled
+
+
+def inductor_options(
+    priority: PrioritySpec = None, report: LoweringReport | None = None
+) -> dict[str, Any]:
+    """Inductor options installing the passes: ``torch.compile(m, options=...)``.
+
+    Any post-grad pass already configured runs first. Site reports go to ``report``
+    (graphs served from Inductor's cache run no pass and add nothing there).
+    """
+    from torch._inductor import config
+
+    on_graph = report.add_graph if report is not None else None
+    return {POST_GRAD_PASS: LoweringPass(priority, on_graph, then=getattr(config, POST_GRAD_PASS))}
+
+
+@contextlib.contextmanager
+def use_passes(priority: PrioritySpec = None) -> Iterator[LoweringReport]:
+    """Within the block, every Inductor compile runs the passes; yields their report."""
+    from torch._inductor import config
+
+    report = LoweringReport()
+    with config.patch(inductor_options(priority, report)):
+        yield report
+
+
+def _installed(patches: dict[str, Any]) -> Any:
+    from torch._inductor import config
+
+    return patches.get(POST_GRAD_PASS, getattr(config, POST_GRAD_PASS))
+
+
+def _calls_ir(gm: fx.GraphModule) -> bool:
+    targets = ir_ops()
+    return any(node.target in targets for node in gm.graph.nodes)
+
+
+class _SavedReports:
+    """A graph's site reports saved beside Inductor's cache, keyed like the graph."""
+
+    def __init__(self, graph_pass: LoweringPass, gm: fx.GraphModule, inputs: list[Any]) -> None:
+        uuid = graph_pass.uuid()
+        self.path = None
+        if uuid is not None:
+            metas = [
+                (tuple(map(str, t.shape)), tuple(map(str, t.stride())), str(t.dtype), str(t.device))
+                if isinstance(t, torch.Tensor) else repr(t)
+                for t in inputs
+            ]
+            key = hashlib.sha256(f"{uuid}\n{gm.code}\n{metas}".encode()).hexdigest()
+            self.path = _report_dir() / f"{key}.json"
+
+    def store(self, sites: list[SiteReport]) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps([s.to_dict() for s in sites]))
+        except OSError:
+            pass  # a report that cannot be saved is rebuilt on the next cache miss
+
+    def load(self) -> list[SiteReport]:
+        try:
+            return [SiteReport.from_dict(d) for d in json.loads(self.path.read_text())]
+        except (OSError, TypeError, AttributeError, ValueError):
+            return []
+
+
+def _report_dir() -> Path:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # torch < 2.7
+        from torch._inductor.runtime.runtime_utils import cache_dir
+    return Path(cache_dir()) / "mamba_ir_reports"

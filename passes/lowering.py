@@ -1,0 +1,71 @@
+"""Lowering: every IR call site becomes a direct call of the provider chosen for it.
+
+The choice is :meth:`IrOp.decide` on the call site's fake arguments: the first provider,
+in the op's priority order for the call's device, whose predicate accepts them. The node
+keeps its form (``auto_functionalized`` stays ``auto_functionalized``), only the op it
+names changes to the provider op, so Inductor re-inplaces it like the IR op.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from mamba_ir.op import Decision
+
+from .callsite import CallSite, ir_ops
+from .fusion import Fusion, fuse_align_copies
+from .provider_ops import provider_op
+from .report import SiteReport
+
+
+def decide(site: CallSite) -> Decision:
+    """The provider for one call site, with the better-ranked ones it skipped and why."""
+    return site.op.decide(site.fake_call())
+
+
+def run(graph: fx.Graph) -> list[SiteReport]:
+    """Fuse align copies, then lower every IR call site of ``graph``; report each site."""
+    sites = CallSite.find(graph, ir_ops())
+    if not sites:
+        return []
+    fusions = fuse_align_copies(graph, sites, lambda site: decide(site).provider)
+    by_copy = {f.copy.node: f for f in fusions}
+    by_op = {f.op.node: f for f in fusions if f.op is not None}
+    reports = []
+    for site in sites:
+        fusion = by_copy.get(site.node) or by_op.get(site.node)
+        if fusion is not None and fusion.fused and not fusion.residual and site is fusion.copy:
+            reports.append(_folded(site, fusion))
+            continue
+        decision = decide(site)
+        site.retarget(provider_op(site.op, decision.provider))
+        reports.append(_lowered(site, decision, fusion))
+    return reports
+
+
+def _folded(site: CallSite, fusion: Fusion) -> SiteReport:
+    return SiteReport(
+        graph=0,
+        node=site.node.name,
+        op=site.op.name,
+        provider=None,
+        fused=True,
+        fused_with=fusion.op.node.name,
+        fusion=fusion.reason,
+    )
+
+
+def _lowered(site: CallSite, decision: Decision, fusion: Fusion | None) -> SiteReport:
+    partner = None
+    if fusion is not None and fusion.op is not None:
+        partner = fusion.op if site is fusion.copy else fusion.copy
+    return SiteReport(
+        graph=0,
+        node=site.node.name,
+        op=site.op.name,
+        provider=decision.provider,
+        skipped=decision.skipped,
+        fused=bool(fusion and fusion.fused),
+        fused_with=partner.node.name if partner is not None else None,
+        fusion=fusion.reason if fusion is not None else None,
+    )
