@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,11 @@ class Backend:
         ran: list[list[SiteReport]] = []
         graph_pass = LoweringPass(self.priority, ran.append, then=_installed(patches))
         patches[POST_GRAD_PASS] = graph_pass
+        start = time.perf_counter()
         saved = _SavedReports(graph_pass, gm, example_inputs)
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        self.report.compile_seconds += time.perf_counter() - start
+        self.report.pass_seconds += graph_pass.seconds
         if ran:
             sites = [site for graph in ran for site in graph]
             saved.store(sites)
@@ -115,7 +119,8 @@ def compile(
         dynamic=kwargs.get("dynamic"),
     )
     compiled = torch.compile(model_or_fn, backend=backend, **kwargs)
-    compiled.lowering_report = backend.report
+    # on the wrapper itself: an OptimizedModule would hand a plain setattr to the model
+    object.__setattr__(compiled, "lowering_report", backend.report)
     return compiled
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,15 @@ class LoweringPass(CustomGraphPass):
         self.priority = priority
         self.on_graph = on_graph
         self.then = tuple(then) if isinstance(then, (list, tuple)) else (then,) if then else ()
+        self.seconds = 0.0  # time spent in this pass (uuid included), for the report
 
     def __call__(self, graph: fx.Graph) -> None:
         for earlier in self.then:
             earlier(graph)
+        start = time.perf_counter()
         with self.priority_scope():
             reports = lowering.run(graph)
+        self.seconds += time.perf_counter() - start
         if self.on_graph is not None:
             self.on_graph(reports)
 
@@ -66,6 +70,7 @@ class LoweringPass(CustomGraphPass):
     def uuid(self) -> str | None:
         # The cache key is taken right before the cache lookup: a hit loads code naming
         # provider ops without running the pass, so define them all here.
+        start = time.perf_counter()
         define_all()
         digest = hashlib.sha256()
         for path in _SOURCES:
@@ -76,6 +81,7 @@ class LoweringPass(CustomGraphPass):
             if not hasattr(earlier, "uuid"):
                 return None  # a plain function cannot be keyed: Inductor skips its cache
             digest.update(repr(earlier.uuid()).encode())
+        self.seconds += time.perf_counter() - start
         return digest.hexdigest()
 
 

@@ -60,6 +60,8 @@ class LoweringReport:
     sites: list[SiteReport] = field(default_factory=list)
     graphs: int = 0
     cached: list[int] = field(default_factory=list)
+    pass_seconds: float = 0.0  # in the passes (and their cache key), all graphs
+    compile_seconds: float = 0.0  # in Inductor (passes included), all graphs
 
     def add_graph(self, sites: list[SiteReport], *, cached: bool = False) -> None:
         if cached:
