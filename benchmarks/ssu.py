@@ -85,6 +85,10 @@ def sweep_configs() -> list[Any]:
     return [Config(bd, w) for bd, w in pairs] + [Config(16, 2, stream=True)]
 
 
+def config_key(c: Any) -> str:
+    return f"block_d={c.block_d},warps={c.num_warps},stream={int(c.stream)}"
+
+
 COPY_SWEEP = ((1024, 2), (2048, 2), (2048, 4), (4096, 4), (4096, 8), (8192, 8))
 
 
@@ -142,8 +146,7 @@ def measure(batch: int, fi: Any, sweep: bool) -> dict[str, Any]:
     row["triton_vs_roof"] = row["triton_tbs"] / row["roof_tbs"]
     if sweep:
         row["sweep"] = {
-            f"block_d={c.block_d},warps={c.num_warps},stream={int(c.stream)}":
-                time_us(lambda c=c: triton_ssu(**inplace, config=c))
+            config_key(c): time_us(lambda c=c: triton_ssu(**inplace, config=c))
             for c in sweep_configs()
         }
         row["copy_sweep"] = {
@@ -211,14 +214,24 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(json_path: Path) -> Path:
+def _short(key: str) -> str:
+    return key.replace(",stream=0", "").replace("block_d=", "tile ").replace(",warps=", "x128, w")
+
+
+def plot(json_path: Path, extra: str | None = None) -> Path:
+    """TB/s against batch; ``extra`` names a swept launch config to draw as its own line."""
     data = json.loads(json_path.read_text())
     rows = data["rows"]
     x = [r["batch"] for r in rows]
-    series = {"triton (in place)": [r["triton_tbs"] for r in rows],
-              "triton (src redirect)": [r["triton_redirect_tbs"] for r in rows]}
+    used = data.get("default_config", "the default launch config")
+    series = {f"triton in place ({_short(used)})": [r["triton_tbs"] for r in rows]}
+    if extra:
+        nbytes = [2 * r["state_bytes"] / 1e12 for r in rows]
+        series[f"triton in place ({_short(extra)}, sweep)"] = [
+            b / (r["sweep"][extra] * 1e-6) for b, r in zip(nbytes, rows, strict=True)]
+    series["triton src redirect"] = [r["triton_redirect_tbs"] for r in rows]
     if all("flashinfer_tbs" in r for r in rows):
-        series["flashinfer 0.7.2 (in place)"] = [r["flashinfer_tbs"] for r in rows]
+        series["flashinfer 0.7.2 in place"] = [r["flashinfer_tbs"] for r in rows]
     series["copy_state_blocks + triton in place"] = [r["copy_then_inplace_tbs"] for r in rows]
     env = data["environment"]
     return plot_series(
@@ -236,9 +249,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time launch configs")
     parser.add_argument("--out", type=Path, default=DOCS, help="directory for the JSON")
     parser.add_argument("--plot", type=Path, help="only draw the PNG from this JSON")
+    parser.add_argument("--plot-config", help="a swept config to draw too, e.g. "
+                        "'block_d=16,warps=1,stream=0'")
     args = parser.parse_args()
     if args.plot:
-        print(plot(args.plot))
+        print(plot(args.plot, args.plot_config))
         return
     fi = _flashinfer()
     rows = [measure(b, fi, args.sweep) for b in progress(BATCHES, "ssu decode")]
@@ -256,8 +271,11 @@ def main() -> None:
     shapes = dict(nheads=NHEADS, headdim=HEADDIM, dstate=DSTATE, ngroups=NGROUPS,
                   state="bfloat16", inputs="bfloat16", A="float32 tied", tokens=1,
                   dt_softplus=True, z=True, D=True, dt_bias=True, indices="int32")
-    path = write_json("ssu_bench.json", {"shapes": shapes, "flashinfer": fi is not None,
-                                         "agreement": check, "rows": rows}, args.out)
+    from mamba_ir.impls.triton.selective_state_update import default_config
+
+    payload = {"shapes": shapes, "flashinfer": fi is not None, "agreement": check,
+               "default_config": config_key(default_config(HEADDIM, DSTATE, 2)), "rows": rows}
+    path = write_json("ssu_bench.json", payload, args.out)
     print(path)
 
 

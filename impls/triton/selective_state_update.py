@@ -22,6 +22,7 @@ if triton is not None:
 
 # The widest state row one program holds (headdim rows are blocked, dstate is not).
 MAX_DSTATE = 1024
+_FEW_PROGRAMS = 1024
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,22 @@ class Config:
     stream: bool = False
 
 
-def default_config(dim: int, block_n: int, state_bytes: int) -> Config:
-    """Hand-tuned on an H100 (docs/bench-ssu.md): a 4 KiB state tile, 64 bytes per thread.
+def default_config(dim: int, block_n: int, state_bytes: int, heads: int = 1 << 20) -> Config:
+    """Hand-tuned on an H100 (docs/bench-ssu.md): a 4 KiB state tile, 128 bytes per thread.
 
-    Measured on Mamba2 decode (bf16 state, dstate 128) from batch 1 to 512: a 16 x 128
-    tile with 2 warps beat every other tile/warp pair at every batch; fewer bytes per
-    thread leave too few loads in flight, more (or bigger tiles) cost occupancy.
+    Measured on Mamba2 decode (bf16 state, dstate 128) from batch 1 to 512 in two runs: a
+    16 x 128 tile on one warp (eight 16-byte loads in flight per thread) was fastest or
+    within noise of the fastest at every batch; fewer bytes per thread leave too few loads
+    in flight, bigger tiles cost programs per SM. When ``heads`` (sequences x heads) give
+    fewer than ~1000 programs, as at batch 1, halving the tile spreads the latency-bound
+    work over more of them.
     """
     rows = max(1, 4096 // (block_n * state_bytes))
     block_d = min(triton.next_power_of_2(dim), triton.next_power_of_2(rows))
-    warps = max(1, min(8, block_d * block_n * state_bytes // (64 * 32)))
-    return Config(block_d=block_d, num_warps=triton.next_power_of_2(warps) if warps > 1 else 1)
+    if block_d > 1 and heads * triton.cdiv(dim, block_d) < _FEW_PROGRAMS:
+        block_d //= 2
+    warps = block_d * block_n * state_bytes // (128 * 32)
+    return Config(block_d=block_d, num_warps=min(8, triton.next_power_of_2(max(1, warps))))
 
 
 def supports(**call: Any) -> bool | str:
@@ -113,7 +119,7 @@ def selective_state_update(
     one_token = not varlen and per_seq == 1 and not spec
 
     block_n = triton.next_power_of_2(dstate)
-    cfg = config or default_config(dim, block_n, state.element_size())
+    cfg = config or default_config(dim, block_n, state.element_size(), nseq * nheads)
     block_d = min(cfg.block_d, triton.next_power_of_2(dim))
     grid = (nseq * nheads * triton.cdiv(dim, block_d),)
     dummy = state  # pointer for absent tensors; never dereferenced (constexpr flags)
