@@ -105,7 +105,7 @@ if triton is not None:
             src = tl.load(src_ptr + b).to(tl.int64)
         else:
             src = dst
-        if (length > 0) & (dst != pad_slot_id):
+        if (dst != pad_slot_id) & (length > 0):
             lanes = tl.zeros_like(chans)  # scalar flags become vectors: the interpreter needs it
             if HAS_INIT:
                 has_window = ((tl.load(init_ptr + b) + lanes) != 0) & ((src + lanes) != pad_slot_id)

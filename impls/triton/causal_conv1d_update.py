@@ -95,7 +95,7 @@ if triton is not None:
                 acc = acc * tl.sigmoid(acc)
             tl.store(out_tok + t * so_t, acc.to(out_ptr.dtype.element_ty), mask=chan_ok)
 
-        if (length > 0) & (dst != pad_slot_id):
+        if (dst != pad_slot_id) & (length > 0):
             # speculative rows keep the history from its second column; others its last W-1
             if SPEC:
                 ncols = W - 2 + length
