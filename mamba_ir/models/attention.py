@@ -64,10 +64,8 @@ class Attention(nn.Module):
         # (tokens, kv_heads, max_len, head_dim): every token sees its request's whole row
         keys = k_cache[kv_rows].transpose(1, 2).to(q.dtype)
         values = v_cache[kv_rows].transpose(1, 2).to(q.dtype)
-        rep = self.heads // self.kv_heads
-        keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
         visible = torch.arange(k_cache.shape[1], device=hidden.device) <= positions[:, None]
         out = F.scaled_dot_product_attention(
-            q[:, :, None], keys, values, attn_mask=visible[:, None, None, :]
+            q[:, :, None], keys, values, attn_mask=visible[:, None, None, :], enable_gqa=True
         )
         return self.o_proj(out.reshape(n, self.heads * self.head_dim))

@@ -72,6 +72,13 @@ def compile_step(fn: Callable[..., Any], priority: Any = None, **kwargs: Any) ->
     return passes.compile(fn, priority=priority, **kwargs)
 
 
+def _dynamic(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Mark the token and batch dims dynamic, so one compiled graph serves every size."""
+    for t in args:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return args
+
+
 @dataclass
 class EngineStats:
     prefill_steps: int = 0
@@ -123,6 +130,18 @@ class Engine:
         self.stats = EngineStats()
 
     # -- public --------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every checkpoint and counter (the compiled steps are kept)."""
+        self.prefix = PrefixCache(self.cache, self.block_size, enabled=self.prefix.enabled)
+        self.stats = EngineStats()
+
+    def lowering_report(self) -> list[Any]:
+        """The call sites of the compiled steps (prefill first), empty when not compiled."""
+        sites: list[Any] = []
+        for step in (self._prefill, self._decode):
+            sites.extend(getattr(step, "lowering_report", ()))
+        return sites
 
     @torch.inference_mode()
     def generate(
@@ -198,11 +217,12 @@ class Engine:
         cu.append(len(tokens))
         slots.append(pad)
         src.append(pad)
-        logits = self._prefill(
+        args = (
             self._tensor(tokens), self._tensor(positions), self._tensor(rows),
             self._tensor(cu, torch.int32), self._tensor(slots, torch.int32),
             self._tensor(src, torch.int32),
         )
+        logits = self._prefill(*_dynamic(args))
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += len(tokens) - 1
         new = 0
@@ -221,12 +241,13 @@ class Engine:
         size = next((b for b in DECODE_BUCKETS if b >= n), n)
         pad = size - n
         seqs = [r.sequence for r in batch]
-        logits = self._decode(
+        args = (
             self._tensor([s[-1] for s in seqs] + [0] * pad),
             self._tensor([len(s) - 1 for s in seqs] + [0] * pad),
             self._tensor([r.row for r in batch] + [self.cache.scratch_row] * pad),
             self._tensor([r.slot for r in batch] + [self.cache.pad_slot_id] * pad, torch.int32),
         )
+        logits = self._decode(*_dynamic(args))
         self.stats.decode_steps += 1
         self.stats.decode_tokens += n
         choice = logits.argmax(-1).tolist()
