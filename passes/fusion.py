@@ -31,6 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .callsite import CallSite, _fake, _fake_mode
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 COPY = "copy_state_blocks"
 
@@ -181,7 +182,7 @@ def _rewrite(graph: fx.Graph, copy: CallSite, op: CallSite, spec: Redirect, resi
             copy.set_arg("src", _call(graph, aten.where.ScalarOther, empty, src, pad))
     with graph.inserting_before(op.node):
         if _fake(src).dtype != _fake(dst).dtype:
-            src = _call(graph, aten._to_copy.default, src, dtype=_fake(dst).dtype)
+            src = _call(graph, prims.convert_element_type.default, src, _fake(dst).dtype)
         valid = _call(
             graph,
             aten.bitwise_and.Tensor,

@@ -247,6 +247,37 @@ def test_intervening_read_forbids_fusion(providers):
     assert copy.provider == "native" and "used by several nodes" in copy.fusion
 
 
+def test_fusion_needs_whole_rows_and_casts_mixed_index_dtypes():
+    """A conv state wider than width-1 keeps its copy (the copy's extra column would be
+    lost); int32 sources with int64 destinations still fuse."""
+
+    def step(conv, S, src, dst, xc, w, x, dt, A, B, C):
+        ops.copy_state_blocks(conv, src, dst)
+        yc = ops.causal_conv1d_update(xc, conv, w, None, conv_state_indices=dst)
+        ops.copy_state_blocks(S, src, dst)
+        return yc, ops.selective_state_update(S, x, dt, A, B, C, state_batch_indices=dst)
+
+    b = 4
+    t = _ssu_inputs(b)
+    src, dst = _rows(b)
+    g = torch.Generator().manual_seed(2)
+    args = [torch.randn(NSLOT, DIM, WIDTH, generator=g), t["S"], src.int(), dst,
+            torch.randn(b, DIM, generator=g), torch.randn(DIM, WIDTH, generator=g),
+            t["x"], t["dt"], t["A"], t["B"], t["C"]]
+    want_args = [a.clone() for a in args]
+    want = step(*want_args)
+    compiled = compile(step)
+    got = compiled(*args)
+    for a, b_ in zip((*got, args[0], args[1]), (*want, want_args[0], want_args[1]), strict=True):
+        torch.testing.assert_close(a, b_, rtol=0, atol=0)
+    report = compiled.lowering_report
+    assert _sites(report) == [
+        ("copy_state_blocks", "native", False), ("causal_conv1d_update", "native", False),
+        ("copy_state_blocks", None, True), ("selective_state_update", "native", True),
+    ]
+    assert "conv state holds 4 columns" in report.sites[0].fusion
+
+
 def test_batch_sizes_1_to_64_compile_once():
     """One dynamic graph serves every batch size (with size-1 dims not specialized, the
     setting vLLM uses for the same purpose); by default batch 1 gets its own graph."""
