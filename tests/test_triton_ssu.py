@@ -292,3 +292,12 @@ def test_check_impl_gpu() -> None:
     from mamba_ir.testing import check_impl
 
     check_impl("selective_state_update", "triton", device="cuda", max_examples=100)
+
+
+@pytest.mark.gpu
+def test_check_impl_gpu_large() -> None:
+    """The harness on shapes drawn up to Mamba2 size (128 heads, headdim 64, dstate 128)."""
+    from mamba_ir.testing import Sizes, check_impl
+
+    sizes = Sizes(max_seqs=8, max_tokens=4, max_heads=128, max_dim=64, dstates=(16, 64, 128))
+    check_impl("selective_state_update", "triton", device="cuda", sizes=sizes, max_examples=20)
