@@ -129,13 +129,11 @@ def inductor_options(
 ) -> dict[str, Any]:
     """Inductor options installing the passes: ``torch.compile(m, options=...)``.
 
-    Any post-grad pass already configured runs first. Site reports go to ``report``
+    Any other post-grad pass already configured runs first. Site reports go to ``report``
     (graphs served from Inductor's cache run no pass and add nothing there).
     """
-    from torch._inductor import config
-
     on_graph = report.add_graph if report is not None else None
-    return {POST_GRAD_PASS: LoweringPass(priority, on_graph, then=getattr(config, POST_GRAD_PASS))}
+    return {POST_GRAD_PASS: LoweringPass(priority, on_graph, then=_installed({}))}
 
 
 @contextlib.contextmanager
@@ -149,9 +147,12 @@ def use_passes(priority: PrioritySpec = None) -> Iterator[LoweringReport]:
 
 
 def _installed(patches: dict[str, Any]) -> Any:
+    """The post-grad pass configured so far, to run before ours (not an earlier copy of
+    ours: lowering twice would leave the second with nothing to do and nothing to report)."""
     from torch._inductor import config
 
-    return patches.get(POST_GRAD_PASS, getattr(config, POST_GRAD_PASS))
+    existing = patches.get(POST_GRAD_PASS, getattr(config, POST_GRAD_PASS))
+    return None if isinstance(existing, LoweringPass) else existing
 
 
 def _calls_ir(gm: fx.GraphModule) -> bool:
