@@ -55,6 +55,25 @@ def copy_rate(nbytes: int, *, device: str = "cuda") -> float:
     return 2 * nbytes / (us * 1e-6)
 
 
+def kernel_copy_rate(nbytes: int, *, device: str = "cuda") -> float:
+    """Bytes/s (read + written) of an elementwise copy kernel over ``nbytes``.
+
+    The second roof: on some sizes a memcpy runs slower than a kernel can stream the same
+    bytes (seen on an H100 from 512 MiB: 2.4 against 3.0 TB/s), and a kernel is what we
+    compare with a kernel.
+    """
+    src = torch.randn(max(nbytes, 1 << 20) // 2, device=device).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    us = time_us(lambda: torch.neg(src, out=dst))
+    return 2 * src.numel() * 2 / (us * 1e-6)
+
+
+def roof_rate(nbytes: int, *, device: str = "cuda") -> dict[str, float]:
+    """Both copy roofs for ``nbytes`` and the better of the two, in bytes/s."""
+    memcpy, kernel = copy_rate(nbytes, device=device), kernel_copy_rate(nbytes, device=device)
+    return {"memcpy": memcpy, "kernel": kernel, "roof": max(memcpy, kernel)}
+
+
 def environment() -> dict[str, Any]:
     """Where and when a result was measured."""
     info: dict[str, Any] = {

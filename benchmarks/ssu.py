@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DOCS, copy_rate, plot_series, progress, time_us, write_json
+from benchmarks.common import (
+    DOCS,
+    copy_rate,
+    kernel_copy_rate,
+    plot_series,
+    progress,
+    time_us,
+    write_json,
+)
 
 BATCHES = (1, 8, 32, 64, 128, 256, 512)
 NATIVE_MAX_BATCH = 128  # native eager allocates fp32 copies of every row: slow beyond this
@@ -45,7 +53,8 @@ def decode_call(batch: int, *, redirect: bool, seed: int = 0) -> dict[str, Any]:
         x=rand(batch, NHEADS, HEADDIM),
         dt=rand(batch, NHEADS, 1, scale=0.5).expand(batch, NHEADS, HEADDIM),
         A=(-torch.rand(NHEADS, 1, 1, generator=g, device=dev) - 0.5).expand(
-            NHEADS, HEADDIM, DSTATE),
+            NHEADS, HEADDIM, DSTATE
+        ),
         B=rand(batch, NGROUPS, DSTATE),
         C=rand(batch, NGROUPS, DSTATE),
         D=rand(NHEADS, 1).expand(NHEADS, HEADDIM),
@@ -68,8 +77,22 @@ def _flashinfer() -> Any:
 
 
 def _fi_args(call: dict[str, Any]) -> dict[str, Any]:
-    keys = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus",
-            "state_batch_indices", "dst_state_batch_indices", "pad_slot_id", "out")
+    keys = (
+        "state",
+        "x",
+        "dt",
+        "A",
+        "B",
+        "C",
+        "D",
+        "z",
+        "dt_bias",
+        "dt_softplus",
+        "state_batch_indices",
+        "dst_state_batch_indices",
+        "pad_slot_id",
+        "out",
+    )
     return {k: call[k] for k in keys}
 
 
@@ -90,18 +113,6 @@ def config_key(c: Any) -> str:
 
 
 COPY_SWEEP = ((1024, 2), (2048, 2), (2048, 4), (4096, 4), (4096, 8), (8192, 8))
-
-
-def kernel_copy_rate(nbytes: int) -> float:
-    """Bytes/s (read + written) of an elementwise copy kernel over ``nbytes``.
-
-    The second roof: ``copy_rate`` times a memcpy, which on some sizes runs slower than a
-    kernel can stream the same bytes.
-    """
-    src = torch.randn(max(nbytes, 1 << 20) // 2, device="cuda").to(torch.bfloat16)
-    dst = torch.empty_like(src)
-    us = time_us(lambda: torch.neg(src, out=dst))
-    return 2 * src.numel() * 2 / (us * 1e-6)
 
 
 def measure(batch: int, fi: Any, sweep: bool) -> dict[str, Any]:
@@ -151,7 +162,8 @@ def measure(batch: int, fi: Any, sweep: bool) -> dict[str, Any]:
         }
         row["copy_sweep"] = {
             f"block={b},warps={w}": time_us(
-                lambda b=b, w=w: triton_copy(redirect["state"], src, dst, -1, block=b, num_warps=w))
+                lambda b=b, w=w: triton_copy(redirect["state"], src, dst, -1, block=b, num_warps=w)
+            )
             for b, w in COPY_SWEEP
         }
     return row
@@ -169,8 +181,10 @@ def agreement(fi: Any) -> dict[str, float]:
         runs["flashinfer"] = lambda **c: fi(**_fi_args(c))
     got = {}
     for name, fn in runs.items():
-        call = {k: v.clone() if isinstance(v, torch.Tensor) and 0 not in v.stride() else v
-                for k, v in base.items()}
+        call = {
+            k: v.clone() if isinstance(v, torch.Tensor) and 0 not in v.stride() else v
+            for k, v in base.items()
+        }
         try:
             fn(**call)
         except Exception as exc:
@@ -228,17 +242,21 @@ def plot(json_path: Path, extra: str | None = None) -> Path:
     if extra:
         nbytes = [2 * r["state_bytes"] / 1e12 for r in rows]
         series[f"triton in place ({_short(extra)}, sweep)"] = [
-            b / (r["sweep"][extra] * 1e-6) for b, r in zip(nbytes, rows, strict=True)]
+            b / (r["sweep"][extra] * 1e-6) for b, r in zip(nbytes, rows, strict=True)
+        ]
     series["triton src redirect"] = [r["triton_redirect_tbs"] for r in rows]
     if all("flashinfer_tbs" in r for r in rows):
         series["flashinfer 0.7.2 in place"] = [r["flashinfer_tbs"] for r in rows]
     series["copy_state_blocks + triton in place"] = [r["copy_then_inplace_tbs"] for r in rows]
     env = data["environment"]
     return plot_series(
-        json_path.with_suffix(".png"), x, series,
-        xlabel="batch (sequences, one token each)", ylabel="state TB/s (read + write)",
+        json_path.with_suffix(".png"),
+        x,
+        series,
+        xlabel="batch (sequences, one token each)",
+        ylabel="state TB/s (read + write)",
         title=f"selective_state_update decode, Mamba2 bf16 state\n"
-              f"{env.get('device', '?')}, {env['date']}",
+        f"{env.get('device', '?')}, {env['date']}",
         roof=[r["roof_tbs"] for r in rows],
         roof_label="device-to-device copy (best of memcpy and a copy kernel)",
     )
@@ -249,8 +267,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time launch configs")
     parser.add_argument("--out", type=Path, default=DOCS, help="directory for the JSON")
     parser.add_argument("--plot", type=Path, help="only draw the PNG from this JSON")
-    parser.add_argument("--plot-config", help="a swept config to draw too, e.g. "
-                        "'block_d=16,warps=1,stream=0'")
+    parser.add_argument(
+        "--plot-config", help="a swept config to draw too, e.g. 'block_d=16,warps=1,stream=0'"
+    )
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot, args.plot_config))
@@ -268,13 +287,30 @@ def main() -> None:
                 print(name, row["batch"], "  ".join(f"{k}: {v:.1f}us" for k, v in best))
     check = agreement(fi)
     print("agreement (max abs diff):", check)
-    shapes = dict(nheads=NHEADS, headdim=HEADDIM, dstate=DSTATE, ngroups=NGROUPS,
-                  state="bfloat16", inputs="bfloat16", A="float32 tied", tokens=1,
-                  dt_softplus=True, z=True, D=True, dt_bias=True, indices="int32")
+    shapes = dict(
+        nheads=NHEADS,
+        headdim=HEADDIM,
+        dstate=DSTATE,
+        ngroups=NGROUPS,
+        state="bfloat16",
+        inputs="bfloat16",
+        A="float32 tied",
+        tokens=1,
+        dt_softplus=True,
+        z=True,
+        D=True,
+        dt_bias=True,
+        indices="int32",
+    )
     from mamba_ir.impls.triton.selective_state_update import default_config
 
-    payload = {"shapes": shapes, "flashinfer": fi is not None, "agreement": check,
-               "default_config": config_key(default_config(HEADDIM, DSTATE, 2)), "rows": rows}
+    payload = {
+        "shapes": shapes,
+        "flashinfer": fi is not None,
+        "agreement": check,
+        "default_config": config_key(default_config(HEADDIM, DSTATE, 2)),
+        "rows": rows,
+    }
     path = write_json("ssu_bench.json", payload, args.out)
     print(path)
 
