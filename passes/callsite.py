@@ -9,12 +9,14 @@ the op directly. :class:`CallSite` hides the difference from the passes.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
 
 from mamba_ir.op import REGISTRY, IrOp
 
@@ -31,7 +33,7 @@ def ir_ops() -> dict[Any, IrOp]:
 
 @dataclass
 class CallSite:
-    """One call of IR op ``op`` (or of a provider op standing in for it) at ``node``."""
+    """One call of IR op ``op`` at ``node``, in any of the three forms."""
 
     node: fx.Node
     op: IrOp
@@ -86,13 +88,13 @@ class CallSite:
     def fake_call(self) -> dict[str, Any]:
         """Every argument by name as the predicates see them: fake tensors and constants."""
         if self.form == DIRECT:
-            return {k: _fake(v) for k, v in self._direct_args().items()}
+            return {k: fake_value(v) for k, v in self._direct_args().items()}
         call = {}
         for name, param in self.op.signature.parameters.items():
             if name in self.op.mutates_args and self.form == V2:
                 call[name] = self._v2_view(name)
             else:
-                call[name] = _fake(self.node.kwargs.get(name, param.default))
+                call[name] = fake_value(self.node.kwargs.get(name, param.default))
         return call
 
     # -- mutated arguments ------------------------------------------------------------
@@ -171,15 +173,15 @@ class CallSite:
         recorded = self.node.meta.get("eager_input_vals")
         if recorded is not None:
             args, kwargs = recorded
-            self.node.meta["eager_input_vals"] = (args, {**kwargs, name: _fake(value)})
+            self.node.meta["eager_input_vals"] = (args, {**kwargs, name: fake_value(value)})
 
     def _v2_view(self, name: str) -> Any:
         base, view = self.state_in(name)
         if base is None:
             return None
-        base_val = _fake(base)
-        kw = {k: _fake(v) for k, v in view}
-        with _fake_mode(base_val):
+        base_val = fake_value(base)
+        kw = {k: fake_value(v) for k, v in view}
+        with fake_mode_of(base_val):
             if "storage_offset" in kw:
                 return torch.as_strided(base_val, kw["size"], kw["stride"], kw["storage_offset"])
             if "slice_dim" in kw:
@@ -196,19 +198,14 @@ def _output_count(op: IrOp) -> int:
     return len(returns) if len(returns) > 1 else 1
 
 
-def _fake(value: Any) -> Any:
+def fake_value(value: Any) -> Any:
     """The meta value of a node (recursively through lists); constants unchanged."""
     return fx.node.map_aggregate(
         value, lambda v: v.meta.get("val") if isinstance(v, fx.Node) else v
     )
 
 
-def _fake_mode(value: Any):
-    from torch._guards import detect_fake_mode
-
+def fake_mode_of(value: Any) -> Any:
+    """The fake mode of the fake tensors in ``value``, to compute new meta values in."""
     mode = detect_fake_mode([value])
-    if mode is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return mode
+    return contextlib.nullcontext() if mode is None else mode

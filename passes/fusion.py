@@ -28,7 +28,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .callsite import CallSite, _fake, _fake_mode
+from .callsite import CallSite, fake_mode_of, fake_value
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -118,7 +118,8 @@ def fuse_align_copies(
             outcomes.append(Fusion(copy, op, False, f"kept: {why}"))
             continue
         provider = decide(op)
-        fused_call = {**call, spec.read: _read_fake(copy), spec.write: _fake(copy.arg("dst"))}
+        fused_call = {**call, spec.read: _read_fake(copy),
+                      spec.write: fake_value(copy.arg("dst"))}
         refusal = op.op.impls[provider].refusal(fused_call)
         if refusal is not None:
             why = f"kept: {provider} refuses redirect: {refusal}"
@@ -163,8 +164,9 @@ def _partner(copy: CallSite, by_node: dict[fx.Node, CallSite]) -> tuple[CallSite
 
 
 def _read_fake(copy: CallSite) -> Any:
-    src, dst, pad = _fake(copy.arg("src")), _fake(copy.arg("dst")), copy.arg("pad_slot_id")
-    with _fake_mode(dst):
+    src, dst = fake_value(copy.arg("src")), fake_value(copy.arg("dst"))
+    pad = copy.arg("pad_slot_id")
+    with fake_mode_of(dst):
         return torch.where((src != pad) & (dst != pad), src.to(dst.dtype), dst)
 
 
@@ -181,8 +183,8 @@ def _rewrite(graph: fx.Graph, copy: CallSite, op: CallSite, spec: Redirect, resi
             empty = _call(graph, aten.eq.Scalar, _call(graph, aten.sub.Tensor, ends, starts), 0)
             copy.set_arg("src", _call(graph, aten.where.ScalarOther, empty, src, pad))
     with graph.inserting_before(op.node):
-        if _fake(src).dtype != _fake(dst).dtype:
-            src = _call(graph, prims.convert_element_type.default, src, _fake(dst).dtype)
+        if fake_value(src).dtype != fake_value(dst).dtype:
+            src = _call(graph, prims.convert_element_type.default, src, fake_value(dst).dtype)
         valid = _call(
             graph,
             aten.bitwise_and.Tensor,
@@ -202,7 +204,7 @@ def _rewrite(graph: fx.Graph, copy: CallSite, op: CallSite, spec: Redirect, resi
 def _call(graph: fx.Graph, target: Any, *args: Any, **kwargs: Any) -> fx.Node:
     """Insert ``target(*args, **kwargs)`` with its meta value computed on fake tensors."""
     node = graph.call_function(target, args, kwargs)
-    fake_args, fake_kwargs = _fake(args), _fake(kwargs)
-    with _fake_mode(fake_args):
+    fake_args, fake_kwargs = fake_value(args), fake_value(kwargs)
+    with fake_mode_of(fake_args):
         node.meta["val"] = target(*fake_args, **fake_kwargs)
     return node
