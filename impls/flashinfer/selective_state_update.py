@@ -41,7 +41,7 @@ except ImportError:  # only the pad-source rewrite needs it; such calls are refu
 
 PROVIDER = "flashinfer"
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-HEADDIMS = (64, 128)  # multiples of 64 compile; 64 and 128 are the ones checked on a GPU
+HEADDIMS = (64, 128)  # multiples of 64 compile; these are checked against native on a GPU
 MIN_DSTATE, MAX_DSTATE = 64, 256
 MAX_TOKENS = 128  # the multi-token kernel stages per-token values with one thread each
 HEAD_RATIOS = (1, 2, 4, 8, 16, 32, 64)  # nheads / ngroups instantiated by the multi-token kernel
@@ -211,7 +211,10 @@ def _ties(call: dict[str, Any]) -> str | None:
 
 def _sizes(dim: int, dstate: int) -> str | None:
     if dim not in HEADDIMS:
-        return f"headdim={dim}: FlashInfer's kernels build for headdim in {HEADDIMS}"
+        return (
+            f"headdim={dim}: FlashInfer's kernels build for multiples of 64, and "
+            f"{HEADDIMS} are the ones checked against native on a GPU"
+        )
     if dstate % 32 or not MIN_DSTATE <= dstate <= MAX_DSTATE:
         return (
             f"dstate={dstate}: FlashInfer's kernels build for multiples of 32 "
