@@ -9,7 +9,7 @@ or from a checkpoint's ``config.json`` dictionary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Family = Literal["bamba", "mamba2"]
@@ -118,8 +118,15 @@ def _check_time_step_limit(d: dict[str, Any]) -> None:
     # The IR's recurrence applies softplus(dt + dt_bias) unclamped, which is exact only for
     # the default limit.
     limit = d.get("time_step_limit") or (0.0, math.inf)
-    if tuple(float(v) for v in limit) != (0.0, math.inf):
+    if tuple(_as_float(v) for v in limit) != (0.0, math.inf):
         raise ValueError(f"time_step_limit {tuple(limit)} is not supported (only (0, inf))")
+
+
+def _as_float(value: Any) -> float:
+    # transformers writes non-finite floats to config.json as {"__float__": "Infinity"}
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
 
 
 def _check_act(d: dict[str, Any]) -> None:
@@ -216,6 +223,3 @@ def bench_config() -> HybridConfig:
         intermediate_size=3072,
     )
 
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(HybridConfig)]

@@ -1,0 +1,74 @@
+"""``python -m mamba_ir``: ops, demo (eager dispatch; the compiled path is tests/test_model.py)
+and bench (plot from JSON on CPU; a small model end to end on a GPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mamba_ir.cli import build_parser, main
+
+OPS = ("selective_state_update", "causal_conv1d_update", "causal_conv1d_fn", "copy_state_blocks")
+
+
+@pytest.mark.parametrize("command", ["demo", "ops", "bench"])
+def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    assert "--priority" in capsys.readouterr().out
+
+
+def test_ops_reports_every_op(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ops", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for name in OPS:
+        assert f"\n{name}\n" in out
+    assert out.count("chosen   :") == len(OPS)
+
+
+def test_ops_forced_priority_gives_reasons(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ops", "--device", "cpu", "--priority", "nosuchprovider"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped  : nosuchprovider: not registered") == len(OPS)
+
+
+def test_demo_eager_dispatch(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--no-compile", "--conversations", "2", "--turns", "2",
+                 "--new-tokens", "3", "--system-tokens", "20", "--block-size", "8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "prefix cache (block 8, align mode): 2/4 requests hit" in out
+    assert "tokens 12/12 identical" in out
+
+
+def test_module_entry_point() -> None:
+    done = subprocess.run([sys.executable, "-m", "mamba_ir", "ops", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "copy_state_blocks" in done.stdout
+
+
+def test_bench_plot_from_json(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [{"batch": b, "compiled_tok_s": 100.0 * b, "eager_tok_s": 10.0 * b,
+             "roof_tok_s": 200.0 * b} for b in (1, 16, 64)]
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps({"environment": {"device": "test", "date": "today"},
+                                "model": {"config": "bamba: test", "parameters": 1e9},
+                                "rows": rows}))
+    assert main(["bench", "--plot-only", "--out", str(path)]) == 0
+    assert path.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_bench_small_model_on_gpu(tmp_path) -> None:
+    path = tmp_path / "e2e.json"
+    assert main(["bench", "--layers", "2", "--batches", "1", "2", "--context", "32",
+                 "--out", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["compiled_us"] > 0 and r["roof_us"] > 0 for r in rows)
