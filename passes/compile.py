@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from .graph_pass import LoweringPass
 from .report import LoweringReport, SiteReport
 
 POST_GRAD_PASS = "post_grad_custom_post_pass"
+logger = logging.getLogger("mamba_ir")
 
 
 class Backend:
@@ -71,7 +74,11 @@ class Backend:
             saved.store(sites)
             self.report.add_graph(sites)
         elif _calls_ir(gm):
-            self.report.add_graph(saved.load(), cached=True)
+            sites = saved.load()
+            if not sites:
+                logger.info("graph %d came from Inductor's cache without a saved report",
+                            self.report.graphs)
+            self.report.add_graph(sites, cached=True)
         else:
             self.report.add_graph([])
         return compiled
@@ -172,7 +179,8 @@ class _SavedReports:
                 if isinstance(t, torch.Tensor) else repr(t)
                 for t in inputs
             ]
-            key = hashlib.sha256(f"{uuid}\n{gm.code}\n{metas}".encode()).hexdigest()
+            text = _canonical_symbols(f"{gm.code}\n{metas}")
+            key = hashlib.sha256(f"{uuid}\n{text}".encode()).hexdigest()
             self.path = _report_dir() / f"{key}.json"
 
     def store(self, sites: list[SiteReport]) -> None:
@@ -189,6 +197,14 @@ class _SavedReports:
             return [SiteReport.from_dict(d) for d in json.loads(self.path.read_text())]
         except (OSError, TypeError, AttributeError, ValueError):
             return []
+
+
+def _canonical_symbols(text: str) -> str:
+    """Size symbols renamed in order of appearance: their numbers depend on how many were
+    created before in the process, which Inductor's cache key does not see either."""
+    names: dict[str, str] = {}
+    return re.sub(r"\b[su]\d+\b", lambda m: names.setdefault(m[0], f"{m[0][0]}#{len(names)}"),
+                  text)
 
 
 def _report_dir() -> Path:
