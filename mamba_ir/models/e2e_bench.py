@@ -65,8 +65,10 @@ def _measure(
     batch = inputs[0].shape[0]
     for t in inputs:
         torch._dynamo.maybe_mark_dynamic(t, 0)
-    roof_us = nbytes / common.copy_rate(nbytes) * 1e6
-    row: dict[str, Any] = {"batch": batch, "bytes_per_step": nbytes, "roof_us": roof_us}
+    rates = common.roof_rate(nbytes)
+    roof_us = nbytes / rates["roof"] * 1e6
+    row: dict[str, Any] = {"batch": batch, "bytes_per_step": nbytes, "roof_us": roof_us,
+                           "copy_rate_GBps": {k: v / 1e9 for k, v in rates.items()}}
     with torch.inference_mode():
         with set_priority([]):
             row["eager_native_us"] = common.time_us(lambda: steps.decode(*inputs), graph=False)
@@ -119,28 +121,29 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"{config.describe()}: {params / 1e9:.2f}B parameters, {dtype}, context "
           f"{args.context}")
 
-    rows = []
+    payload: dict[str, Any] = {
+        "benchmark": "end-to-end decode step, random-init hybrid",
+        "model": {"config": config.describe(), "parameters": params,
+                  "dtype": str(dtype).removeprefix("torch."), "context": args.context},
+        "roof": "bytes(weights + 2 x states + KV read/write) / best measured copy rate",
+        "rows": [],
+    }
     for batch in common.progress(args.batches, "e2e decode"):
         inputs = _inputs(batch, args.context, config.vocab_size, device)
         row = _measure(common, steps, compiled, inputs, step_bytes(model, cache, batch,
                                                                     args.context))
-        rows.append(row)
+        payload["rows"].append(row)
+        payload["lowering"] = [s.to_dict() for s in compiled.lowering_report]
+        path = common.write_json(out.name, payload, out.parent)  # kept after every batch
         print(f"\nbatch {batch:>3}: eager native {row['eager_native_us'] / 1e3:8.2f} ms "
               f"({row['eager_tok_s']:9.1f} tok/s), compiled"
               f"{' +graph' if row['cuda_graph'] else ''} {row['compiled_us'] / 1e3:8.2f} ms "
               f"({row['compiled_tok_s']:9.1f} tok/s), roof {row['roof_us'] / 1e3:6.2f} ms -> "
-              f"{100 * row['compiled_roof_share']:.0f}% of roof")
-    sites = [s.to_dict() for s in compiled.lowering_report]
-    payload = {
-        "benchmark": "end-to-end decode step, random-init hybrid",
-        "model": {"config": config.describe(), "parameters": params,
-                  "dtype": str(dtype).removeprefix("torch."), "context": args.context},
-        "roof": "bytes(weights + 2 x states + KV read/write) / measured device copy rate",
-        "rows": rows,
-        "lowering": sites,
-    }
-    path = common.write_json(out.name, payload, out.parent)
+              f"{100 * row['compiled_roof_share']:.0f}% of roof", flush=True)
     print(f"wrote {path}")
+    print("lowering report:")
+    for site in compiled.lowering_report:
+        print(f"  {site}")
     try:
         plot(path)
     except ImportError:
