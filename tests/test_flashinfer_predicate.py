@@ -358,3 +358,14 @@ def test_module_imports_without_flashinfer() -> None:
     assert mamba_ir.get_op("selective_state_update").impls["flashinfer"].fn is (
         fi.selective_state_update
     )
+
+
+def test_plan_on_fake_tensors() -> None:
+    """At compile time the predicate sees fake tensors: same answers, no data pointers."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        call = make_call(device="cpu")
+        unaligned = make_call(device="cpu", B=offset_view(call["B"], 8))
+        assert fi.plan(call, H100, True) == ONE
+        assert fi.plan(unaligned, H100, True) == MULTI1

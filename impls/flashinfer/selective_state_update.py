@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from mamba_ir.ops.selective_state_update import selective_state_update as _op
 
@@ -288,12 +289,10 @@ def multi_token_smem(
 def _aligned(t: torch.Tensor, nbytes: int) -> bool:
     """Whether ``t`` starts on an ``nbytes`` boundary; for tensors without an address
     (fake, meta), assuming like PyTorch's allocators that their storage does."""
-    try:
-        address = t.data_ptr()
-    except (RuntimeError, NotImplementedError):
-        address = 0
-    if not address:
+    if t.device.type == "meta" or is_fake(t):
         address = t.storage_offset() * t.element_size()
+    else:
+        address = t.data_ptr()
     return address % nbytes == 0
 
 
