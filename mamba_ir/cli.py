@@ -274,7 +274,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{generated / eager_s:.1f} tok/s ({generated} tokens, {args.conversations} "
           f"conversations x {args.turns} turns)")
     print(f"total {time.perf_counter() - t_start:.1f} s")
-    return 0 if same == total else 1
+    # greedy tokens of a random model may flip on rounding in half precision; logits may not
+    tolerance = 1e-3 if dtype == torch.float32 else 0.25
+    if worst > tolerance:
+        print(f"FAILED: max |dlogit| {worst:.2e} exceeds {tolerance} for {dtype}")
+        return 1
+    return 0
 
 
 # -- bench -----------------------------------------------------------------------------------
