@@ -41,7 +41,6 @@ except ImportError:  # only the pad-source rewrite needs it; such calls are refu
     tl = None
 
 PROVIDER = "flashinfer"
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 HEADDIMS = (64, 128)  # multiples of 64 compile; these are checked against native on a GPU
 MIN_DSTATE, MAX_DSTATE = 64, 256
 MAX_TOKENS = 128  # the multi-token kernel stages per-token values with one thread each
@@ -61,7 +60,7 @@ class Device:
 class Plan:
     """How a call reaches FlashInfer."""
 
-    kernel: str  # "one-token" or "multi-token"
+    kernel: str  # "one-token", "multi-token", or "none" (no tokens: nothing to launch)
     ntokens: int = 1  # tokens per sequence the multi-token kernel is compiled for
     fix_pad_sources: bool = False  # rewrite pad sources that have a real destination
 
