@@ -82,8 +82,8 @@ class IrOp:
             mutates_args=self.mutates_args,
             schema=torch.library.infer_schema(native, mutates_args=self.mutates_args),
         )
-        self.custom_op.register_fake(self._fake)
         self._fake_fn: Callable[..., Any] | None = None
+        self.custom_op.register_fake(self.fake)
 
     # -- registration -----------------------------------------------------------------
 
@@ -154,7 +154,8 @@ class IrOp:
             logger.debug("eager %s", decision)
         return self.impls[decision.provider].fn(**call)
 
-    def _fake(self, *args: Any, **kwargs: Any) -> Any:
+    def fake(self, *args: Any, **kwargs: Any) -> Any:
+        """What the op returns on fake tensors: nothing, or the tensors its fake makes."""
         if self._fake_fn is None:
             return None
         return self._fake_fn(**self.bind(*args, **kwargs))

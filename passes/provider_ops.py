@@ -65,4 +65,4 @@ def _define(op: IrOp, provider: str, name: str) -> None:
         mutates_args=op.mutates_args,
         schema=torch.library.infer_schema(op.native, mutates_args=op.mutates_args),
     )
-    custom.register_fake(op._fake)
+    custom.register_fake(op.fake)
