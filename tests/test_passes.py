@@ -317,7 +317,10 @@ def test_auto_functionalized_v1_and_use_passes(providers):
     want_state = t["S"].clone()
     want = copy_then_ssu(want_state, *args)
 
-    with config.patch(enable_auto_functionalized_v2=False), use_passes(
+    from torch._inductor.utils import fresh_inductor_cache
+
+    # use_passes reports only graphs it compiles: a warm FX graph cache would serve this one
+    with fresh_inductor_cache(), config.patch(enable_auto_functionalized_v2=False), use_passes(
         {"selective_state_update": ["narrow"]}
     ) as report:
         state = t["S"].clone()

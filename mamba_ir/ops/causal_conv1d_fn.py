@@ -83,7 +83,7 @@ def _check(call: dict) -> None:
 
 def _check_values(call: dict, nslots: int, ntokens: int) -> None:
     qsl, dst, src = call["query_start_loc"], call["cache_indices"], call["src_cache_indices"]
-    if not checks.values_readable(qsl, dst, src, call["has_initial_state"]):
+    if not checks.values_readable(call["x"], qsl, dst, src, call["has_initial_state"]):
         return
     checks.cumulative("query_start_loc", qsl, ntokens)
     nseq = qsl.shape[0] - 1

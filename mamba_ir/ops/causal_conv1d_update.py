@@ -126,7 +126,7 @@ def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: 
         call["src_conv_state_indices"],
     )
     nacc, offset, pad = call["num_accepted_tokens"], call["src_token_offset"], call["pad_slot_id"]
-    if not checks.values_readable(qsl, dst, src, nacc, offset):
+    if not checks.values_readable(call["x"], qsl, dst, src, nacc, offset):
         return
     if qsl is not None:
         checks.cumulative("query_start_loc", qsl, ntokens)

@@ -125,7 +125,7 @@ def _check(call: dict) -> None:
 def _check_values(call: dict, nslots: int, lead: tuple[int, ...]) -> None:
     cu, nacc, pad = call["cu_seqlens"], call["num_accepted_tokens"], call["pad_slot_id"]
     sbi, dsbi = call["state_batch_indices"], call["dst_state_batch_indices"]
-    if not checks.values_readable(cu, nacc, sbi, dsbi):
+    if not checks.values_readable(call["x"], cu, nacc, sbi, dsbi):
         return
     if cu is not None:
         checks.cumulative("cu_seqlens", cu, lead[0])

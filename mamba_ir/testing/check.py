@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from hypothesis import HealthCheck, assume, given, settings
+from hypothesis.strategies import SearchStrategy
 
 from ..op import IrOp, get_op
 from ..ops._tokens import token_layout
@@ -167,10 +168,13 @@ def check_impl(
     sizes: Sizes = SMALL,
     max_examples: int = 50,
     min_accepted: int = 1,
+    strategy: SearchStrategy[dict[str, Any]] | None = None,
 ) -> int:
     """Check ``provider`` against native on hypothesis argument sets its predicate accepts.
 
-    Returns how many examples the provider accepted; fails if fewer than ``min_accepted``.
+    ``strategy`` replaces the op's default argument sets (``calls(op, device, sizes)``),
+    e.g. to pin the shapes of a provider that compiles a kernel per shape. Returns how
+    many examples the provider accepted; fails if fewer than ``min_accepted``.
     """
     op = get_op(op) if isinstance(op, str) else op
     impl = op.impls[provider]
@@ -181,7 +185,7 @@ def check_impl(
         deadline=None,
         suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
     )
-    @given(calls(op.name, device=device, sizes=sizes))
+    @given(strategy if strategy is not None else calls(op.name, device=device, sizes=sizes))
     def run(call: dict[str, Any]) -> None:
         nonlocal accepted
         full = op.bind(**call)
