@@ -147,9 +147,10 @@ if triton is not None:
 
 
 def _blocks(ntokens: int, dim: int) -> tuple[int, int]:
-    """Short, wide tiles: each tap reloads the tile shifted by one token, so the tile's
-    32 fp32 accumulators per thread stay in registers (measured on H100, docs/bench-conv1d.md)."""
-    block_d = min(256, triton.next_power_of_2(dim))
+    """Short, wide tiles (16 tokens): each tap reloads the tile shifted by one token, and
+    taller tiles either spill their accumulators or lose parallelism (H100 sweep in
+    docs/bench-conv1d.md); 512 channels pay off once there are enough tiles."""
+    block_d = min(512 if ntokens >= 4096 else 256, triton.next_power_of_2(dim))
     block_t = min(16, triton.next_power_of_2(max(ntokens, 1)))
     return block_t, block_d
 

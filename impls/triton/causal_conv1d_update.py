@@ -151,7 +151,7 @@ def launch(call: dict[str, Any], *, block_d: int | None = None, num_warps: int |
         W=weight.shape[1], HAS_BIAS=bias is not None, HAS_DST=dst is not None,
         HAS_SRC=src is not None, HAS_OFFSET=offset is not None, SPEC=nacc is not None,
         VARLEN=varlen, SILU=call["activation"] in ("silu", "swish"), BLOCK_D=block_d,
-        num_warps=num_warps or max(1, min(4, block_d // 64)),
+        num_warps=num_warps or max(1, block_d // 128),
     )
     return out
 
