@@ -352,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens already in each sequence (attention KV length)")
     bench.add_argument("--layers", type=int, help="override the number of layers (smoke tests)")
     bench.add_argument("--out", default="docs/e2e_bench.json", help="JSON output path")
+    bench.add_argument("--profile", action="store_true",
+                       help="also record GPU kernel time per step by category (profiler)")
     bench.add_argument("--plot-only", action="store_true",
                        help="only redraw the plot from an existing --out JSON")
     bench.set_defaults(func=cmd_bench)

@@ -55,10 +55,12 @@ def test_module_entry_point() -> None:
 def test_bench_plot_from_json(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     rows = [{"batch": b, "compiled_tok_s": 100.0 * b, "eager_tok_s": 10.0 * b,
+             "compiled_roof_share": 0.5,
              "roof_tok_s": 200.0 * b} for b in (1, 16, 64)]
     path = tmp_path / "e2e.json"
     path.write_text(json.dumps({"environment": {"device": "test", "date": "today"},
-                                "model": {"config": "bamba: test", "parameters": 1e9},
+                                "model": {"config": "bamba: test", "parameters": 1e9,
+                                          "dtype": "bfloat16", "context": 8},
                                 "rows": rows}))
     assert main(["bench", "--plot-only", "--out", str(path)]) == 0
     assert path.with_suffix(".png").stat().st_size > 0

@@ -48,6 +48,49 @@ def step_bytes(model: torch.nn.Module, cache: StateCache, batch: int, context: i
     return weights + states + kv
 
 
+# kernel name fragments -> what the time is spent on (first match wins)
+_CATEGORIES = (
+    ("selective_state_update", ("selective_state", "ssu")),
+    ("causal_conv1d", ("conv1d", "conv_")),
+    ("copy_state_blocks", ("copy_state",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "sm90", "sm80", "cublas", "splitk", "gemv")),
+    ("inductor fused", ("triton_",)),
+)
+
+
+def kernel_profile(fn: Any, reps: int = 10) -> dict[str, Any]:
+    """GPU time per replay of ``fn`` captured in a CUDA graph, by category and top kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type == DeviceType.CUDA and evt.self_device_time_total > 0:
+            kernels[evt.key] = kernels.get(evt.key, 0.0) + evt.self_device_time_total / reps
+    by_category: dict[str, float] = {}
+    for name, us in kernels.items():
+        low = name.lower()
+        cat = next((c for c, keys in _CATEGORIES if any(k in low for k in keys)), "other")
+        by_category[cat] = by_category.get(cat, 0.0) + us
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernel_us_per_step": by_category, "top_kernels_us": dict(top)}
+
+
 def _inputs(batch: int, context: int, vocab: int, device: torch.device) -> tuple:
     g = torch.Generator(device="cpu").manual_seed(batch)
     return (
@@ -59,7 +102,8 @@ def _inputs(batch: int, context: int, vocab: int, device: torch.device) -> tuple
 
 
 def _measure(
-    common: Any, steps: _Steps, compiled: Any, inputs: tuple, nbytes: int
+    common: Any, steps: _Steps, compiled: Any, inputs: tuple, nbytes: int,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """One batch size: eager native, compiled (+CUDA graph) and the roof, in one row."""
     batch = inputs[0].shape[0]
@@ -83,6 +127,11 @@ def _measure(
             row["note"] = f"CUDA graph capture failed: {type(exc).__name__}: {exc}"
             torch.cuda.synchronize()
             row["compiled_us"] = common.time_us(lambda: compiled(*inputs), graph=False)
+        if profile and row["cuda_graph"]:
+            try:
+                row["profile"] = kernel_profile(lambda: compiled(*inputs))
+            except Exception as exc:  # the timing stands without the breakdown
+                row["profile_error"] = f"{type(exc).__name__}: {exc}"
     for kind, us in (("eager", row["eager_native_us"]), ("compiled", row["compiled_us"]),
                      ("roof", roof_us)):
         row[f"{kind}_tok_s"] = batch / (us * 1e-6)
@@ -130,8 +179,8 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     for batch in common.progress(args.batches, "e2e decode"):
         inputs = _inputs(batch, args.context, config.vocab_size, device)
-        row = _measure(common, steps, compiled, inputs, step_bytes(model, cache, batch,
-                                                                    args.context))
+        row = _measure(common, steps, compiled, inputs,
+                       step_bytes(model, cache, batch, args.context), profile=args.profile)
         payload["rows"].append(row)
         payload["lowering"] = [s.to_dict() for s in compiled.lowering_report]
         path = common.write_json(out.name, payload, out.parent)  # kept after every batch
@@ -140,6 +189,9 @@ def run_bench(args: argparse.Namespace) -> int:
               f"{' +graph' if row['cuda_graph'] else ''} {row['compiled_us'] / 1e3:8.2f} ms "
               f"({row['compiled_tok_s']:9.1f} tok/s), roof {row['roof_us'] / 1e3:6.2f} ms -> "
               f"{100 * row['compiled_roof_share']:.0f}% of roof", flush=True)
+        for cat, us in sorted(row.get("profile", {}).get("kernel_us_per_step", {}).items(),
+                              key=lambda kv: -kv[1]):
+            print(f"    {cat:<24} {us:9.1f} us")
     print(f"wrote {path}")
     print("lowering report:")
     for site in compiled.lowering_report:
@@ -152,22 +204,36 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def plot(path: Path) -> Path:
-    """Tokens/s per batch (compiled, eager, roof) from a benchmark JSON, beside it as PNG."""
-    common = _common()
+    """Tokens/s per batch (compiled, eager, roof; log scale) from a benchmark JSON, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     data = json.loads(Path(path).read_text())
-    rows = data["rows"]
-    env = data.get("environment", {})
+    rows, env = data["rows"], data.get("environment", {})
     x = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(x, [r["compiled_tok_s"] for r in rows], marker="o", label="compiled + CUDA graph")
+    ax.plot(x, [r["eager_tok_s"] for r in rows], marker="o", label="eager, native ops")
+    ax.plot(x, [r["roof_tok_s"] for r in rows], linestyle="--", color="black",
+            label="bytes-moved roof")
+    for r in rows:
+        ax.annotate(f"{100 * r['compiled_roof_share']:.0f}% of roof",
+                    (r["batch"], r["compiled_tok_s"]), textcoords="offset points",
+                    xytext=(6, -12), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (sequences, one token each)")
+    ax.set_ylabel("decode tokens/s")
+    model = data["model"]
+    ax.set_title(f"{model['parameters'] / 1e9:.2f}B hybrid ({model['dtype']}, context "
+                 f"{model['context']}), {env.get('device', '?')}, {env.get('date', '')}",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
     png = Path(path).with_suffix(".png")
-    common.plot_series(
-        png, x,
-        {"compiled (+CUDA graph)": [r["compiled_tok_s"] for r in rows],
-         "eager native": [r["eager_tok_s"] for r in rows]},
-        roof=[r["roof_tok_s"] for r in rows],
-        roof_label="bytes-moved roof",
-        xlabel="batch size",
-        ylabel="decode tokens/s",
-        title=f"{data['model']['config'].split(':')[0]} ~{data['model']['parameters'] / 1e9:.1f}B "
-              f"decode, {env.get('device', '?')}, {env.get('date', '')}",
-    )
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
     return png
