@@ -96,7 +96,7 @@ def _fn_call(width: int, lengths: list[int], dim: int = 20, *, x_dtype=torch.flo
     return call
 
 
-@pytest.mark.parametrize("width", [2, 3, 4, 5])
+@pytest.mark.parametrize("width", [2, 3, 4, 5, 8])
 def test_fn_mixed_batch_in_place_and_redirect(width: int) -> None:
     # long prompts, one-token and empty sequences, sequences shorter than the window, in one
     # launch; some read their own destination row, one a shared row, one the pad
@@ -175,7 +175,7 @@ def _update_call(width: int, form: str, *, spec: bool = False, dim: int = 20,
     return call
 
 
-@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("width", [2, 3, 4, 7])
 @pytest.mark.parametrize("form", ["single", "multi", "varlen"])
 @pytest.mark.parametrize("spec", [False, True])
 def test_update_forms(width: int, form: str, spec: bool) -> None:
