@@ -51,7 +51,7 @@ def step_bytes(model: torch.nn.Module, cache: StateCache, batch: int, context: i
 # kernel name fragments -> what the time is spent on (first match wins)
 _CATEGORIES = (
     ("selective_state_update", ("selective_state", "ssu")),
-    ("causal_conv1d", ("conv1d", "conv_")),
+    ("causal_conv1d", ("conv1d", "conv_", "_update_kernel")),
     ("copy_state_blocks", ("copy_state",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("matmul", ("gemm", "cutlass", "nvjet", "sm90", "sm80", "cublas", "splitk", "gemv")),
