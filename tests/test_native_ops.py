@@ -41,3 +41,17 @@ def test_native_matches_float64_loop(name):
             torch.testing.assert_close(got_out.double(), want_out, atol=atol, rtol=rtol)
 
     run()
+
+
+def test_conv_sources_without_destinations_write_row_b():
+    op = mamba_ir.get_op("causal_conv1d_update")
+    call = op.bind(
+        torch.randn(2, 5),
+        torch.randn(4, 5, 3),
+        torch.randn(5, 4),
+        src_conv_state_indices=torch.tensor([3, 2]),
+    )
+    want_state, want_out = ORACLES["causal_conv1d_update"](call)
+    got_out = op(**call)
+    torch.testing.assert_close(call["conv_state"].double(), want_state)
+    torch.testing.assert_close(got_out.double(), want_out)

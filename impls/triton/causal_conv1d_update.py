@@ -58,8 +58,7 @@ if triton is not None:
             x_tok = x_ptr + b.to(tl.int64) * sx_b + chans * sx_d
             out_tok = out_ptr + b.to(tl.int64) * so_b + chans * so_d
 
-        # the native op's index rules: a missing src or dst list takes the other's rows,
-        # and with neither, sequence b uses row b
+        # the op's index rules: sources default to the destinations, destinations to row b
         row = b.to(tl.int64)
         if HAS_SRC:
             src = tl.load(src_ptr + b).to(tl.int64)
@@ -70,7 +69,7 @@ if triton is not None:
         if HAS_DST:
             dst = tl.load(dst_ptr + b).to(tl.int64)
         else:
-            dst = src
+            dst = row
         if HAS_OFFSET:
             offset = tl.load(offset_ptr + b).to(tl.int32)
         elif SPEC:

@@ -28,8 +28,11 @@ def causal_conv1d_update(
     out = torch.empty_like(x)
     out_tokens = out.transpose(1, 2) if x.dim() == 3 else out
     seq = token_layout(tokens.shape[:-1], query_start_loc, x.device)
-    src_idx = conv_state_indices if src_conv_state_indices is None else src_conv_state_indices
-    src, dst = seq.rows(src_idx, conv_state_indices, None)
+    dst_idx = conv_state_indices
+    if dst_idx is None:  # row b for sequence b, also when only the sources are given
+        dst_idx = torch.arange(seq.count, device=x.device)
+    src_idx = dst_idx if src_conv_state_indices is None else src_conv_state_indices
+    src, dst = seq.rows(src_idx, dst_idx, None)
     offset = torch.zeros_like(src)
     if src_token_offset is not None:
         offset = src_token_offset.long()
@@ -144,6 +147,8 @@ def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: 
         checks.fail(
             "conv_state", "room for width-2 + tokens columns per sequence", seq.lengths.tolist()
         )
+    if dst is None:
+        dst = torch.arange(seq.count, device=x.device)
     src_rows, dst_rows = seq.rows(src if src is not None else dst, dst, None)
     written = [
         r if n > 0 else [] for r, n in zip(dst_rows.tolist(), seq.lengths.tolist(), strict=True)
