@@ -207,7 +207,7 @@ def test_update_dtypes_layouts_pads(x_dtype, state_dtype, idx_dtype, channel_las
 
 
 def test_update_index_defaults() -> None:
-    for src, dst in ((None, None), (None, _idx([4, 0, 6])), (_idx([4, 0, 6]), None)):
+    for src, dst in ((None, None), (None, _idx([4, 0, 6])), (_idx([4, 1, 6]), None)):
         call = _update_call(4, "single", conv_state_indices=dst, src_conv_state_indices=src)
         _compare(UPDATE, "conv_state", call)
 
