@@ -47,6 +47,8 @@ NOTES = {
     "native": "plain launches: the native op reads index values on the host (device sync)",
     "compiled": "torch.compile(native), default mode, plain launches; graph breaks at the "
                 "host reads of lengths / query_start_loc",
+    "variants_us": "prefill: the tiled conv kernel at its default tiles and the streaming "
+                   "kernel at chunk x channels / warps, same run, CUDA-graph replays",
     "compiled_prefill": f"not compiled above {COMPILE_MAX_SEQS} sequences: the per-sequence "
                         "loop is unrolled into one graph per call shape (96 s at 64 sequences)",
 }
@@ -140,7 +142,26 @@ def measure(op_name: str, call: dict[str, Any], nbytes: int, compiled: Compiled,
     if why:
         row["compiled_note"] = why
     row["triton_frac"] = row["roof_us"] / row["triton_us"]
+    if op_name == "causal_conv1d_fn":
+        row["variants_us"] = prefill_variants(call)
     return row
+
+
+# streaming-kernel configurations timed at every prefill size: (chunk, block_d, num_warps)
+STREAM_CONFIGS = tuple((c, d, w) for c in (32, 64, 128) for d, w in ((256, 1), (256, 2), (512, 2)))
+
+
+def prefill_variants(call: dict[str, Any]) -> dict[str, float]:
+    """Microseconds of both conv kernels, the tiled one at its default tiles and the
+    streaming one at each of ``STREAM_CONFIGS``, on a bound call."""
+    from mamba_ir.impls.triton import causal_conv1d_fn as fn_impl
+
+    times = {"tile": time_us(lambda: fn_impl.launch(call, kernel="tile"))}
+    for chunk, block_d, warps in STREAM_CONFIGS:
+        times[f"stream {chunk}x{block_d}/{warps}w"] = time_us(
+            lambda c=chunk, d=block_d, w=warps: fn_impl.launch(
+                call, kernel="stream", block_t=c, block_d=d, num_warps=w))
+    return times
 
 
 def sweep(results: dict[str, Any], out_dir: Path) -> None:
@@ -167,7 +188,7 @@ def sweep(results: dict[str, Any], out_dir: Path) -> None:
         call = fn.bind(**call)
         for block_t, block_d, warps in tiles:
             us = time_us(lambda c=call, t=block_t, d=block_d, w=warps: fn_impl.launch(
-                c, block_t=t, block_d=d, num_warps=w))
+                c, kernel="tile", block_t=t, block_d=d, num_warps=w))
             rows.append({"op": "fn", "tokens": tokens, "seqs": seqs, "block_t": block_t,
                          "block_d": block_d, "num_warps": warps, "us": us,
                          "GBps": nbytes / us / 1e3})
@@ -226,6 +247,12 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"{name:<22}{r['bytes'] / 1e6:8.2f}{_roof(r):10.0f}"
                      f"{r['triton_us']:10.1f}{gbps:7.0f}{100 * r['triton_frac']:6.0f}%"
                      f"{_us(r['native_us']):>11}{_us(r['compiled_us']):>12}")
+    for r in results["prefill"]:
+        if "variants_us" in r:
+            best = min(r["variants_us"].items(), key=lambda kv: kv[1])
+            lines.append(f"prefill {r['tokens']} tok/{r['seqs']} seq: tile "
+                         f"{r['variants_us']['tile']:.1f} us, best {best[0]} {best[1]:.1f} us "
+                         f"({100 * r['roof_us'] / best[1]:.0f}% roof)")
     return "\n".join(lines)
 
 

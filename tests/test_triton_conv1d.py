@@ -108,8 +108,23 @@ def test_fn_mixed_batch_in_place_and_redirect(width: int) -> None:
                     has_initial_state=torch.tensor([True, True, False, True, True, True, True][:n],
                                                    device=DEVICE))
     _compare(FN, "conv_states", call)
-    # tiles of 4 tokens: a sequence's first tokens straddle tile boundaries
-    _compare(FN, "conv_states", call, run=lambda c: fn_impl.launch(c, block_t=4, block_d=8))
+    # tiles / chunks of 4 tokens: a sequence's first tokens straddle their boundaries
+    _compare(FN, "conv_states", call,
+             run=lambda c: fn_impl.launch(c, kernel="tile", block_t=4, block_d=8))
+    if width <= fn_impl.STREAM_MAX_WIDTH:
+        for chunk in (1, 4):
+            _compare(FN, "conv_states", call, run=lambda c, n=chunk: fn_impl.launch(
+                c, kernel="stream", block_t=n, block_d=8))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 64])
+def test_fn_stream_chunks_and_empty_sequences(chunk: int) -> None:
+    # empty sequences before, between and after the others, starts on and off chunk starts
+    call = _fn_call(4, [0, 5, 0, 0, 1, 2, 6, 0],
+                    has_initial_state=torch.tensor([True, True, False, True, True, False, True,
+                                                    True], device=DEVICE))
+    _compare(FN, "conv_states", call,
+             run=lambda c: fn_impl.launch(c, kernel="stream", block_t=chunk, block_d=8))
 
 
 @pytest.mark.parametrize(
@@ -265,7 +280,11 @@ def test_update_full_size(batch: int) -> None:
 
 
 @pytest.mark.gpu
-def test_fn_full_size() -> None:
+@pytest.mark.parametrize("config", [{}, {"kernel": "tile"},
+                                    {"kernel": "stream", "block_t": 32, "block_d": 256},
+                                    {"kernel": "stream", "block_t": 128, "block_d": 512,
+                                     "num_warps": 2}])
+def test_fn_full_size(config: dict[str, Any]) -> None:
     dim = 8192 + 2 * 8 * 128
     torch.manual_seed(0)
     lengths = [3000, 1, 2, 1, 0, 517, 4096] + [1] * 100
@@ -274,4 +293,4 @@ def test_fn_full_size() -> None:
                     conv_states=_states(2 * n, dim, 3, torch.bfloat16),
                     cache_indices=torch.randperm(2 * n, device=DEVICE)[:n].to(torch.int32),
                     has_initial_state=torch.rand(n, device=DEVICE) < 0.7)
-    _compare(FN, "conv_states", call)
+    _compare(FN, "conv_states", call, run=lambda c: fn_impl.launch(c, **config))

@@ -104,6 +104,134 @@ if triton is not None:
                  acc.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _history(x_chans, s_row, tap, start, sx_t, ss_c, chan_ok, win_ok, W: tl.constexpr,
+                 HAS_INIT: tl.constexpr):
+        """Input at token ``tap`` of a sequence starting at ``start``: from x inside the
+        sequence, else the cached window column (or zero)."""
+        lanes = tl.zeros_like(chan_ok.to(tl.int32)) + tap
+        inside = lanes >= start
+        v = tl.load(x_chans + tap.to(tl.int64) * sx_t, mask=chan_ok & inside,
+                    other=0.0).to(tl.float32)
+        if HAS_INIT:
+            col = tap - start + (W - 1)
+            cached = tl.load(s_row + col * ss_c, mask=win_ok & ~inside, other=0.0)
+            v = tl.where(inside, v, cached.to(tl.float32))
+        return v
+
+    @triton.jit
+    def _window_row(state_ptr, src_ptr, init_ptr, seq, chans, chan_ok, pad_slot_id,
+                    ss_row, ss_d, HAS_SRC: tl.constexpr, HAS_INIT: tl.constexpr):
+        """The cached window's row pointers of ``seq`` and the lanes that may read it."""
+        lanes = tl.zeros_like(chans)
+        if HAS_INIT:
+            if HAS_SRC:
+                src = tl.load(src_ptr + seq).to(tl.int64)
+            else:
+                src = seq.to(tl.int64)
+            ok = ((tl.load(init_ptr + seq) + lanes) != 0) & ((src + lanes) != pad_slot_id)
+            row = state_ptr + src * ss_row + chans * ss_d
+        else:
+            ok = lanes != 0
+            row = state_ptr + chans * ss_d
+        return row, ok & chan_ok
+
+    @triton.jit
+    def _stream_kernel(
+        x_ptr, out_ptr, state_ptr, w_ptr, b_ptr, qsl_ptr, src_ptr, init_ptr,
+        ntokens, dim, nseq, search_steps, pad_slot_id,
+        sx_d, sx_t, so_d, so_t, ss_row, ss_d, ss_c, sw_d, sw_k,
+        W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_INIT: tl.constexpr,
+        SILU: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        first = tl.program_id(0) * CHUNK
+        chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        chan_ok = chans < dim
+        count = tl.minimum(ntokens - first, CHUNK)
+        left = tl.zeros_like(chans) + count  # vector, not scalar, masks: the interpreter needs it
+        x_chans = x_ptr + chans * sx_d
+        o_chans = out_ptr + chans * so_d
+
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+        # wj multiplies the input j tokens back
+        w_row = w_ptr + chans * sw_d
+        w0 = tl.load(w_row + (W - 1) * sw_k, mask=chan_ok, other=0.0).to(tl.float32)
+        w1 = tl.load(w_row + (W - 2) * sw_k, mask=chan_ok, other=0.0).to(tl.float32)
+        w2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        w3 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if W > 2:
+            w2 = tl.load(w_row + (W - 3) * sw_k, mask=chan_ok, other=0.0).to(tl.float32)
+        if W > 3:
+            w3 = tl.load(w_row + (W - 4) * sw_k, mask=chan_ok, other=0.0).to(tl.float32)
+
+        # the sequence of the first token: the last b with qsl[b] <= first (skips empty ones)
+        lo = first * 0
+        hi = lo + nseq - 1
+        for _ in range(search_steps):
+            mid = (lo + hi + 1) // 2
+            below = tl.load(qsl_ptr + mid).to(tl.int32) <= first
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid - 1)
+        seq = lo
+        start = tl.load(qsl_ptr + seq).to(tl.int32)
+        nxt = tl.load(qsl_ptr + seq + 1).to(tl.int32)
+
+        # the inputs 1..W-1 tokens before the chunk, loaded once
+        s_row, win_ok = _window_row(state_ptr, src_ptr, init_ptr, seq, chans, chan_ok,
+                                    pad_slot_id, ss_row, ss_d, HAS_SRC, HAS_INIT)
+        a1 = _history(x_chans, s_row, first - 1, start, sx_t, ss_c, chan_ok, win_ok, W, HAS_INIT)
+        a2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        a3 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if W > 2:
+            a2 = _history(x_chans, s_row, first - 2, start, sx_t, ss_c, chan_ok, win_ok, W,
+                          HAS_INIT)
+        if W > 3:
+            a3 = _history(x_chans, s_row, first - 3, start, sx_t, ss_c, chan_ok, win_ok, W,
+                          HAS_INIT)
+
+        # a queue of the next four token rows keeps loads in flight ahead of their use
+        x_first = x_chans + first.to(tl.int64) * sx_t
+        p1 = tl.load(x_first, mask=chan_ok & (left > 0), other=0.0)
+        p2 = tl.load(x_first + sx_t, mask=chan_ok & (left > 1), other=0.0)
+        p3 = tl.load(x_first + 2 * sx_t, mask=chan_ok & (left > 2), other=0.0)
+        p4 = tl.load(x_first + 3 * sx_t, mask=chan_ok & (left > 3), other=0.0)
+        for i in range(0, count):
+            t = first + i
+            cur = p1.to(tl.float32)
+            p1 = p2
+            p2 = p3
+            p3 = p4
+            p4 = tl.load(x_first + (i + 4) * sx_t, mask=chan_ok & (left > i + 4),
+                         other=0.0)
+            if t == nxt:
+                # a sequence starts here: its history is the cached window (or zero)
+                seq += 1
+                while tl.load(qsl_ptr + seq + 1).to(tl.int32) <= t:
+                    seq += 1
+                nxt = tl.load(qsl_ptr + seq + 1).to(tl.int32)
+                s_row, win_ok = _window_row(state_ptr, src_ptr, init_ptr, seq, chans, chan_ok,
+                                            pad_slot_id, ss_row, ss_d, HAS_SRC, HAS_INIT)
+                a1 = tl.load(s_row + (W - 2) * ss_c, mask=win_ok, other=0.0).to(tl.float32)
+                if W > 2:
+                    a2 = tl.load(s_row + (W - 3) * ss_c, mask=win_ok, other=0.0).to(tl.float32)
+                if W > 3:
+                    a3 = tl.load(s_row + (W - 4) * ss_c, mask=win_ok, other=0.0).to(tl.float32)
+            acc = bias + w0 * cur + w1 * a1
+            if W > 2:
+                acc += w2 * a2
+            if W > 3:
+                acc += w3 * a3
+            if SILU:
+                acc = acc * tl.sigmoid(acc)
+            tl.store(o_chans + t.to(tl.int64) * so_t, acc.to(out_ptr.dtype.element_ty),
+                     mask=chan_ok)
+            a3 = a2
+            a2 = a1
+            a1 = cur
+
+    @triton.jit
     def _final_window_kernel(
         x_ptr, state_ptr, qsl_ptr, dst_ptr, src_ptr, init_ptr,
         dim, pad_slot_id, sx_d, sx_t, ss_row, ss_d, ss_c,
@@ -146,18 +274,33 @@ if triton is not None:
                 tl.store(dst_row + j * ss_c, v.to(state_ptr.dtype.element_ty), mask=chan_ok)
 
 
+STREAM_MAX_WIDTH = 4  # the streaming kernel keeps width-1 history rows in named registers
+
+
 def _blocks(ntokens: int, dim: int) -> tuple[int, int]:
-    """Short, wide tiles (16 tokens): each tap reloads the tile shifted by one token, and
-    taller tiles either spill their accumulators or lose parallelism (H100 sweep in
-    docs/bench-conv1d.md); 512 channels pay off once there are enough tiles."""
+    """Tiles of the tiled kernel: short, wide tiles (16 tokens): each tap reloads the tile
+    shifted by one token, and taller tiles either spill their accumulators or lose
+    parallelism (H100 sweep in docs/bench-conv1d.md); 512 channels pay off once there are
+    enough tiles."""
     block_d = min(512 if ntokens >= 4096 else 256, triton.next_power_of_2(dim))
     block_t = min(16, triton.next_power_of_2(max(ntokens, 1)))
     return block_t, block_d
 
 
-def launch(call: dict[str, Any], *, block_t: int | None = None, block_d: int | None = None,
-           num_warps: int | None = None) -> torch.Tensor:
-    """Run both kernels on a bound call; the keywords override the tile heuristic."""
+def _stream_blocks(ntokens: int, dim: int) -> tuple[int, int, int]:
+    """(chunk, block_d, num_warps) of the streaming kernel: longer chunks amortise the
+    width-1 rows loaded before each chunk; shorter ones keep enough programs in flight."""
+    chunk = 32 if ntokens < 4096 else 64 if ntokens < 16384 else 128
+    block_d = min(256, triton.next_power_of_2(dim))
+    return chunk, block_d, 1 if block_d <= 256 else 2
+
+
+def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | None = None,
+           block_d: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Run the conv and the final-window kernels on a bound call. ``kernel`` is "stream"
+    (one program per chunk of tokens and channel block, history kept in registers) or
+    "tile" (tiles of tokens x channels, each tap a shifted reload); ``block_t`` is the
+    chunk or tile height. The keywords override the heuristics."""
     x, weight, states, qsl = call["x"], call["weight"], call["conv_states"], call["query_start_loc"]
     dim, ntokens = x.shape
     nseq = qsl.shape[0] - 1
@@ -170,21 +313,27 @@ def launch(call: dict[str, Any], *, block_t: int | None = None, block_d: int | N
     init = None if init is None else init.view(torch.uint8)
     dummy = qsl  # never read: the matching HAS_* flag is off
     pad = call["pad_slot_id"]
-    heuristic = _blocks(ntokens, dim)
-    block_t = block_t or heuristic[0]
-    block_d = block_d or heuristic[1]
+    if kernel is None:
+        kernel = "stream" if width <= STREAM_MAX_WIDTH else "tile"
     if ntokens > 0:
         # without cache_indices sequence b reads row b, as does the native op
         src_for_read = src if src is not None else dst
-        _conv_kernel[(triton.cdiv(ntokens, block_t), triton.cdiv(dim, block_d))](
-            x, out, states, weight, weight if bias is None else bias, qsl,
-            dummy if src_for_read is None else src_for_read, dummy if init is None else init,
-            ntokens, dim, nseq, (nseq - 1).bit_length(), pad,
-            *x.stride(), *out.stride(), *states.stride(), *weight.stride(),
-            W=width, HAS_BIAS=bias is not None, HAS_SRC=src_for_read is not None,
-            HAS_INIT=init is not None, SILU=call["activation"] in ("silu", "swish"),
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps or 4,
-        )
+        args = (x, out, states, weight, weight if bias is None else bias, qsl,
+                dummy if src_for_read is None else src_for_read, dummy if init is None else init,
+                ntokens, dim, nseq, (nseq - 1).bit_length(), pad,
+                *x.stride(), *out.stride(), *states.stride(), *weight.stride())
+        flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_SRC": src_for_read is not None,
+                 "HAS_INIT": init is not None, "SILU": call["activation"] in ("silu", "swish")}
+        if kernel == "stream":
+            chunk, d, warps = _stream_blocks(ntokens, dim)
+            chunk, d, warps = block_t or chunk, block_d or d, num_warps or warps
+            _stream_kernel[(triton.cdiv(ntokens, chunk), triton.cdiv(dim, d))](
+                *args, **flags, CHUNK=chunk, BLOCK_D=d, num_warps=warps)
+        else:
+            t, d = _blocks(ntokens, dim)
+            t, d = block_t or t, block_d or d
+            _conv_kernel[(triton.cdiv(ntokens, t), triton.cdiv(dim, d))](
+                *args, **flags, BLOCK_T=t, BLOCK_D=d, num_warps=num_warps or 4)
         window_block = min(256, triton.next_power_of_2(dim))
         _final_window_kernel[(nseq, triton.cdiv(dim, window_block))](
             x, states, qsl, dummy if dst is None else dst, dummy if src is None else src,
