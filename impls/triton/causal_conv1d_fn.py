@@ -288,11 +288,13 @@ def _blocks(ntokens: int, dim: int) -> tuple[int, int]:
 
 
 def _stream_blocks(ntokens: int, dim: int) -> tuple[int, int, int]:
-    """(chunk, block_d, num_warps) of the streaming kernel: longer chunks amortise the
-    width-1 rows loaded before each chunk; shorter ones keep enough programs in flight."""
-    chunk = 32 if ntokens < 4096 else 64 if ntokens < 16384 else 128
+    """(chunk, block_d, num_warps) of the streaming kernel. H100 sweep (docs/bench-conv1d.md):
+    256 channels on 2 warps beat 256 on 1 and 512 on 2 at every size; 32-token chunks win
+    up to 8k tokens (more programs in flight), 128-token chunks at 32k (fewer rows loaded
+    twice before chunk starts)."""
+    chunk = 32 if ntokens < 16384 else 128
     block_d = min(256, triton.next_power_of_2(dim))
-    return chunk, block_d, 1 if block_d <= 256 else 2
+    return chunk, block_d, 2 if block_d >= 128 else 1
 
 
 def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | None = None,
