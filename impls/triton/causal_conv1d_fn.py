@@ -1,15 +1,19 @@
 """Triton causal_conv1d_fn: varlen prefill in two launches.
 
-1. The conv kernel tiles the flat token axis, so one launch serves any mix of long prompts
-   and one-token sequences. Each token finds its sequence by binary search over
-   ``query_start_loc``; a tap that falls before the sequence's first token reads the cached
-   window of its source row (or zero).
+1. A conv kernel over the flat token axis, so one launch serves any mix of long prompts and
+   one-token sequences. For widths up to 4 the streaming kernel runs one program per
+   (chunk of consecutive tokens, channel block): it finds its first token's sequence by
+   binary search over ``query_start_loc``, loads the width-1 inputs before the chunk once,
+   then walks its tokens loading each x row once and keeping the history in registers,
+   switching to the next sequence's cached window (or zeros) at each sequence start. Wider
+   windows use the tiled kernel: tiles of tokens x channels, each tap a shifted reload,
+   tiles holding a sequence start recomputed with the cached windows.
 2. The final-window kernel, one program per (sequence, channel block), writes the last
    ``width - 1`` history columns into the destination row.
 
 The split is what makes redirection safe: a sequence's window may be read by two conv
-programs (its first tokens can straddle a tile boundary), so no conv program may write a
-row that is read; after the first launch has finished, every window read is done.
+programs (its first tokens can straddle a chunk or tile boundary), so no conv program may
+write a row that is read; after the first launch has finished, every window read is done.
 """
 
 from __future__ import annotations
