@@ -14,6 +14,7 @@ import torch
 import mamba_ir
 from mamba_ir.impls.triton import causal_conv1d_fn as fn_impl
 from mamba_ir.impls.triton import causal_conv1d_update as update_impl
+from mamba_ir.impls.triton._common import MAX_CONV_WIDTH
 
 FN = mamba_ir.get_op("causal_conv1d_fn")
 UPDATE = mamba_ir.get_op("causal_conv1d_update")
@@ -153,7 +154,7 @@ def test_fn_without_indices_or_initial_state() -> None:
 
 
 def test_fn_predicate_refuses_wide_window() -> None:
-    call = FN.bind(**_fn_call(fn_impl.MAX_WIDTH + 1, [3]))
+    call = FN.bind(**_fn_call(MAX_CONV_WIDTH + 1, [3]))
     reason = FN.impls["triton"].refusal(call)
     assert reason is not None and "width" in reason
 
@@ -230,7 +231,7 @@ def test_update_index_defaults() -> None:
 def test_update_channel_blocks_and_refusal() -> None:
     call = _update_call(4, "multi", spec=True, dim=37)
     _compare(UPDATE, "conv_state", call, run=lambda c: update_impl.launch(c, block_d=8))
-    wide = UPDATE.bind(**_update_call(update_impl.MAX_WIDTH + 1, "single"))
+    wide = UPDATE.bind(**_update_call(MAX_CONV_WIDTH + 1, "single"))
     reason = UPDATE.impls["triton"].refusal(wide)
     assert reason is not None and "width" in reason
 

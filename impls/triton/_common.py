@@ -25,3 +25,17 @@ def runnable(call: dict[str, Any]) -> bool | str:
     if devices - {"cuda"} and os.environ.get("TRITON_INTERPRET") != "1":
         return f"tensors on {sorted(devices - {'cuda'})}: Triton needs CUDA (or TRITON_INTERPRET=1)"
     return True
+
+
+MAX_CONV_WIDTH = 8  # the taps are unrolled; wider windows are refused rather than compiled huge
+
+
+def runnable_conv(call: dict[str, Any]) -> bool | str:
+    """:func:`runnable`, and a conv width the unrolled conv kernels handle."""
+    ok = runnable(call)
+    if ok is not True:
+        return ok
+    width = call["weight"].shape[1]
+    if not 2 <= width <= MAX_CONV_WIDTH:
+        return f"conv width {width}: the Triton kernels handle widths 2..{MAX_CONV_WIDTH}"
+    return True

@@ -24,9 +24,8 @@ import torch
 
 from mamba_ir.ops.causal_conv1d_fn import causal_conv1d_fn as _op
 
-from ._common import PROVIDER, runnable, tl, triton
+from ._common import PROVIDER, runnable_conv, tl, triton
 
-MAX_WIDTH = 8  # the taps are unrolled; wider windows are refused rather than compiled huge
 MAX_TILE_STRIDE = 2**31 // 1024  # token/channel strides whose in-tile offsets fit in 32 bits
 
 
@@ -356,12 +355,9 @@ def causal_conv1d_fn(**call: Any) -> torch.Tensor:
 
 
 def supports(**call: Any) -> bool | str:
-    ok = runnable(call)
+    ok = runnable_conv(call)
     if ok is not True:
         return ok
-    width = call["weight"].shape[1]
-    if not 2 <= width <= MAX_WIDTH:
-        return f"conv width {width}: the Triton kernel handles widths 2..{MAX_WIDTH}"
     x = call["x"]
     # the output copies x's layout when it is dense, else is dense: strides <= max(shape)
     if max(*map(abs, x.stride()), *x.shape) > MAX_TILE_STRIDE:

@@ -17,10 +17,7 @@ import torch
 
 from mamba_ir.ops.causal_conv1d_update import causal_conv1d_update as _op
 
-from ._common import PROVIDER, runnable, tl, triton
-
-MAX_WIDTH = 8  # the taps are unrolled; wider windows are refused rather than compiled huge
-
+from ._common import PROVIDER, runnable_conv, tl, triton
 
 if triton is not None:
 
@@ -160,12 +157,9 @@ def causal_conv1d_update(**call: Any) -> torch.Tensor:
 
 
 def supports(**call: Any) -> bool | str:
-    ok = runnable(call)
+    ok = runnable_conv(call)
     if ok is not True:
         return ok
-    width = call["weight"].shape[1]
-    if not 2 <= width <= MAX_WIDTH:
-        return f"conv width {width}: the Triton kernel handles widths 2..{MAX_WIDTH}"
     return True
 
 
