@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mamba_ir.ops.selective_state_update import one_head
 from mamba_ir.ops.selective_state_update import selective_state_update as _op
 
 from ._common import runnable, triton
@@ -104,10 +105,10 @@ def selective_state_update(
     config: Config | None = None,
 ) -> None:
     """The op on Triton; ``config`` overrides the tuned launch parameters (benchmarks)."""
-    if state.dim() == 3:  # Mamba1 is Mamba2 with one head
-        state = state.unsqueeze(1)
-        x, dt, B, C, z, out = (t if t is None else t.unsqueeze(-2) for t in (x, dt, B, C, z, out))
-        A, D, dt_bias = (t if t is None else t.unsqueeze(0) for t in (A, D, dt_bias))
+    if state.dim() == 3:
+        state, x, dt, A, B, C, D, z, dt_bias, out = one_head(
+            state, x, dt, A, B, C, D, z, dt_bias, out
+        )
     _, nheads, dim, dstate = state.shape
     varlen = cu_seqlens is not None
     lead = x.dim() - 2
@@ -124,20 +125,39 @@ def selective_state_update(
     grid = (nseq * nheads * triton.cdiv(dim, block_d),)
     dummy = state  # pointer for absent tensors; never dereferenced (constexpr flags)
     ssu_kernel[grid](
-        state, x, dt, dummy if dt_bias is None else dt_bias, A, B, C,
-        dummy if D is None else D, dummy if z is None else z, out,
+        state,
+        x,
+        dt,
+        dummy if dt_bias is None else dt_bias,
+        A,
+        B,
+        C,
+        dummy if D is None else D,
+        dummy if z is None else z,
+        out,
         dummy if state_batch_indices is None else state_batch_indices,
         dummy if dst_state_batch_indices is None else dst_state_batch_indices,
         dummy if cu_seqlens is None else cu_seqlens,
         dummy if num_accepted_tokens is None else num_accepted_tokens,
-        pad_slot_id, nheads, dim, dstate, nheads // B.shape[-2], per_seq,
+        pad_slot_id,
+        nheads,
+        dim,
+        dstate,
+        nheads // B.shape[-2],
+        per_seq,
         *state.stride(),
-        *_token_strides(x, lead, varlen), *x.stride()[-2:],
-        *_token_strides(dt, lead, varlen), *dt.stride()[-2:],
-        *_token_strides(z, lead, varlen), *(z.stride()[-2:] if z is not None else (0, 0)),
-        *_token_strides(out, lead, varlen), *out.stride()[-2:],
-        *_token_strides(B, lead, varlen), *B.stride()[-2:],
-        *_token_strides(C, lead, varlen), *C.stride()[-2:],
+        *_token_strides(x, lead, varlen),
+        *x.stride()[-2:],
+        *_token_strides(dt, lead, varlen),
+        *dt.stride()[-2:],
+        *_token_strides(z, lead, varlen),
+        *(z.stride()[-2:] if z is not None else (0, 0)),
+        *_token_strides(out, lead, varlen),
+        *out.stride()[-2:],
+        *_token_strides(B, lead, varlen),
+        *B.stride()[-2:],
+        *_token_strides(C, lead, varlen),
+        *C.stride()[-2:],
         *A.stride(),
         *(D.stride() if D is not None else (0, 0)),
         *(dt_bias.stride() if dt_bias is not None else (0, 0)),

@@ -31,10 +31,10 @@ def selective_state_update(
     out: torch.Tensor | None = None,
 ) -> None:
     """Run each sequence's tokens through the recurrence from its source row (docs/ops.md)."""
-    if state.dim() == 3:  # Mamba1 is Mamba2 with one head
-        state = state.unsqueeze(1)
-        x, dt, B, C, z, out = (t if t is None else t.unsqueeze(-2) for t in (x, dt, B, C, z, out))
-        A, D, dt_bias = (t if t is None else t.unsqueeze(0) for t in (A, D, dt_bias))
+    if state.dim() == 3:
+        state, x, dt, A, B, C, D, z, dt_bias, out = one_head(
+            state, x, dt, A, B, C, D, z, dt_bias, out
+        )
     heads_per_group = state.shape[1] // B.shape[-2]
     seq = token_layout(x.shape[:-2], cu_seqlens, x.device)
     src, dst = seq.rows(state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
@@ -64,6 +64,16 @@ def selective_state_update(
             _store(state, dst[:, t], h, live, pad_slot_id)
     if num_accepted_tokens is None:
         _store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id)
+
+
+def one_head(*args: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Mamba1 ``(state, x, dt, A, B, C, D, z, dt_bias, out)`` as views in the Mamba2 layout
+    with one head and one group."""
+    state, x, dt, A, B, C, D, z, dt_bias, out = args
+    per_token = (t if t is None else t.unsqueeze(-2) for t in (x, dt, B, C, z, out))
+    x, dt, B, C, z, out = per_token
+    A, D, dt_bias = (t if t is None else t.unsqueeze(0) for t in (A, D, dt_bias))
+    return state.unsqueeze(1), x, dt, A, B, C, D, z, dt_bias, out
 
 
 def _store(state: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
