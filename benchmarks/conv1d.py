@@ -48,7 +48,8 @@ NOTES = {
     "compiled": "torch.compile(native), default mode, plain launches; graph breaks at the "
                 "host reads of lengths / query_start_loc",
     "variants_us": "prefill: the tiled conv kernel at its default tiles and the streaming "
-                   "kernel at chunk x channels / warps, same run, CUDA-graph replays",
+                   "kernel at chunk x channels / warps [/ qN: N x rows loaded ahead, else 4], "
+                   "same run, CUDA-graph replays",
     "compiled_prefill": f"not compiled above {COMPILE_MAX_SEQS} sequences: the per-sequence "
                         "loop is unrolled into one graph per call shape (96 s at 64 sequences)",
 }
@@ -147,8 +148,22 @@ def measure(op_name: str, call: dict[str, Any], nbytes: int, compiled: Compiled,
     return row
 
 
-# streaming-kernel configurations timed at every prefill size: (chunk, block_d, num_warps)
-STREAM_CONFIGS = tuple((c, d, w) for c in (32, 64, 128) for d, w in ((256, 1), (256, 2), (512, 2)))
+# streaming-kernel configurations timed at every prefill size: (chunk, block_d, num_warps,
+# x rows loaded ahead); the first two were the defaults below / from 16k tokens before the
+# deeper queue was tried
+STREAM_CONFIGS = (
+    (32, 256, 2, 4), (128, 256, 2, 4), (64, 256, 2, 4), (16, 256, 2, 4), (8, 256, 2, 4),
+    (8, 256, 2, 8), (16, 256, 2, 8), (32, 256, 2, 8), (64, 256, 2, 8), (128, 256, 2, 8),
+    (256, 256, 2, 8),
+    (16, 128, 1, 4), (32, 128, 1, 4), (16, 128, 1, 8), (32, 128, 1, 8), (64, 128, 1, 8),
+    (128, 128, 1, 8),
+)
+
+
+def stream_key(chunk: int, block_d: int, warps: int, depth: int) -> str:
+    """The ``variants_us`` key of a streaming configuration (queue depth 4 unmarked, as in
+    earlier runs)."""
+    return f"stream {chunk}x{block_d}/{warps}w" + ("" if depth == 4 else f"/q{depth}")
 
 
 def prefill_variants(call: dict[str, Any]) -> dict[str, float]:
@@ -157,10 +172,10 @@ def prefill_variants(call: dict[str, Any]) -> dict[str, float]:
     from mamba_ir.impls.triton import causal_conv1d_fn as fn_impl
 
     times = {"tile": time_us(lambda: fn_impl.launch(call, kernel="tile"))}
-    for chunk, block_d, warps in STREAM_CONFIGS:
-        times[f"stream {chunk}x{block_d}/{warps}w"] = time_us(
-            lambda c=chunk, d=block_d, w=warps: fn_impl.launch(
-                call, kernel="stream", block_t=c, block_d=d, num_warps=w))
+    for chunk, block_d, warps, depth in STREAM_CONFIGS:
+        times[stream_key(chunk, block_d, warps, depth)] = time_us(
+            lambda c=chunk, d=block_d, w=warps, q=depth: fn_impl.launch(
+                call, kernel="stream", block_t=c, block_d=d, num_warps=w, depth=q))
     return times
 
 
@@ -210,18 +225,19 @@ def run(out_dir: Path, with_sweep: bool, with_compiled: bool = True) -> None:
     }
     if with_sweep:
         sweep(results, out_dir)
-    compiled_update = Compiled(mamba_ir.get_op("causal_conv1d_update").native, with_compiled)
-    for batch in progress(BATCHES, "decode"):
-        call, nbytes = decode_case(batch)
-        results["decode"].append({"batch": batch, **measure(
-            "causal_conv1d_update", call, nbytes, compiled_update)})
-        write_json(JSON_NAME, results, out_dir)
+    # prefill first: a run cut short keeps the figures the defaults are chosen from
     compiled_fn = Compiled(mamba_ir.get_op("causal_conv1d_fn").native, with_compiled)
     for tokens, seqs in progress(PREFILL, "prefill"):
         call, nbytes = prefill_case(tokens, seqs)
         skip = "skipped: see notes.compiled_prefill" if seqs > COMPILE_MAX_SEQS else None
         results["prefill"].append({"tokens": tokens, "seqs": seqs, **measure(
             "causal_conv1d_fn", call, nbytes, compiled_fn, skip)})
+        write_json(JSON_NAME, results, out_dir)
+    compiled_update = Compiled(mamba_ir.get_op("causal_conv1d_update").native, with_compiled)
+    for batch in progress(BATCHES, "decode"):
+        call, nbytes = decode_case(batch)
+        results["decode"].append({"batch": batch, **measure(
+            "causal_conv1d_update", call, nbytes, compiled_update)})
         write_json(JSON_NAME, results, out_dir)
     print(table(results))
 

@@ -113,19 +113,21 @@ def test_fn_mixed_batch_in_place_and_redirect(width: int) -> None:
     _compare(FN, "conv_states", call,
              run=lambda c: fn_impl.launch(c, kernel="tile", block_t=4, block_d=8))
     if width <= fn_impl.STREAM_MAX_WIDTH:
-        for chunk in (1, 4):
-            _compare(FN, "conv_states", call, run=lambda c, n=chunk: fn_impl.launch(
-                c, kernel="stream", block_t=n, block_d=8))
+        for chunk, depth in ((1, 4), (4, 4), (4, 8), (16, 8)):
+            _compare(FN, "conv_states", call, run=lambda c, n=chunk, q=depth: fn_impl.launch(
+                c, kernel="stream", block_t=n, block_d=8, depth=q))
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 4, 64])
-def test_fn_stream_chunks_and_empty_sequences(chunk: int) -> None:
+@pytest.mark.parametrize("chunk,depth", [(1, 4), (2, 4), (4, 4), (64, 4), (2, 8), (4, 8),
+                                         (16, 8)])
+def test_fn_stream_chunks_and_empty_sequences(chunk: int, depth: int) -> None:
     # empty sequences before, between and after the others, starts on and off chunk starts
     call = _fn_call(4, [0, 5, 0, 0, 1, 2, 6, 0],
                     has_initial_state=torch.tensor([True, True, False, True, True, False, True,
                                                     True], device=DEVICE))
     _compare(FN, "conv_states", call,
-             run=lambda c: fn_impl.launch(c, kernel="stream", block_t=chunk, block_d=8))
+             run=lambda c: fn_impl.launch(c, kernel="stream", block_t=chunk, block_d=8,
+                                          depth=depth))
 
 
 @pytest.mark.parametrize(
@@ -284,7 +286,10 @@ def test_update_full_size(batch: int) -> None:
 @pytest.mark.parametrize("config", [{}, {"kernel": "tile"},
                                     {"kernel": "stream", "block_t": 32, "block_d": 256},
                                     {"kernel": "stream", "block_t": 128, "block_d": 512,
-                                     "num_warps": 2}])
+                                     "num_warps": 2},
+                                    {"kernel": "stream", "block_t": 16, "block_d": 128,
+                                     "num_warps": 1, "depth": 8},
+                                    {"kernel": "stream", "block_t": 64, "depth": 8}])
 def test_fn_full_size(config: dict[str, Any]) -> None:
     dim = 8192 + 2 * 8 * 128
     torch.manual_seed(0)

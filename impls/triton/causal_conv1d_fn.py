@@ -144,7 +144,7 @@ if triton is not None:
         ntokens, dim, nseq, search_steps, pad_slot_id,
         sx_d, sx_t, so_d, so_t, ss_row, ss_d, ss_c, sw_d, sw_k,
         W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_INIT: tl.constexpr,
-        SILU: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+        SILU: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DEPTH: tl.constexpr,
     ):
         first = tl.program_id(0) * CHUNK
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -194,20 +194,38 @@ if triton is not None:
             a3 = _history(x_chans, s_row, first - 3, start, sx_t, ss_c, chan_ok, win_ok, W,
                           HAS_INIT)
 
-        # a queue of the next four token rows keeps loads in flight ahead of their use
+        # a queue of the next DEPTH (4 or 8) token rows keeps loads in flight ahead of their
+        # use: with few programs per SM, the rows in flight per program set the bandwidth
         x_first = x_chans + first.to(tl.int64) * sx_t
         p1 = tl.load(x_first, mask=chan_ok & (left > 0), other=0.0)
         p2 = tl.load(x_first + sx_t, mask=chan_ok & (left > 1), other=0.0)
         p3 = tl.load(x_first + 2 * sx_t, mask=chan_ok & (left > 2), other=0.0)
         p4 = tl.load(x_first + 3 * sx_t, mask=chan_ok & (left > 3), other=0.0)
+        p5 = p4
+        p6 = p4
+        p7 = p4
+        p8 = p4
+        if DEPTH > 4:
+            p5 = tl.load(x_first + 4 * sx_t, mask=chan_ok & (left > 4), other=0.0)
+            p6 = tl.load(x_first + 5 * sx_t, mask=chan_ok & (left > 5), other=0.0)
+            p7 = tl.load(x_first + 6 * sx_t, mask=chan_ok & (left > 6), other=0.0)
+            p8 = tl.load(x_first + 7 * sx_t, mask=chan_ok & (left > 7), other=0.0)
         for i in range(0, count):
             t = first + i
             cur = p1.to(tl.float32)
             p1 = p2
             p2 = p3
             p3 = p4
-            p4 = tl.load(x_first + (i + 4) * sx_t, mask=chan_ok & (left > i + 4),
-                         other=0.0)
+            if DEPTH > 4:
+                p4 = p5
+                p5 = p6
+                p6 = p7
+                p7 = p8
+                p8 = tl.load(x_first + (i + 8) * sx_t, mask=chan_ok & (left > i + 8),
+                             other=0.0)
+            else:
+                p4 = tl.load(x_first + (i + 4) * sx_t, mask=chan_ok & (left > i + 4),
+                             other=0.0)
             if t == nxt:
                 # a sequence starts here: its history is the cached window (or zero)
                 seq += 1
@@ -290,22 +308,24 @@ def _blocks(ntokens: int, dim: int) -> tuple[int, int]:
     return block_t, block_d
 
 
-def _stream_blocks(ntokens: int, dim: int) -> tuple[int, int, int]:
-    """(chunk, block_d, num_warps) of the streaming kernel. H100 sweep (docs/bench-conv1d.md):
-    256 channels on 2 warps beat 256 on 1 and 512 on 2 at every size; 32-token chunks win
-    up to 8k tokens (more programs in flight), 128-token chunks at 32k (fewer rows loaded
-    twice before chunk starts)."""
+def _stream_blocks(ntokens: int, dim: int) -> tuple[int, int, int, int]:
+    """(chunk, block_d, num_warps, queue depth) of the streaming kernel. H100 sweep
+    (docs/bench-conv1d.md): 256 channels on 2 warps beat 256 on 1 and 512 on 2 at every
+    size; 32-token chunks win up to 8k tokens (more programs in flight), 128-token chunks at
+    32k (fewer rows loaded twice before chunk starts)."""
     chunk = 32 if ntokens < 16384 else 128
     block_d = min(256, triton.next_power_of_2(dim))
-    return chunk, block_d, 2 if block_d >= 128 else 1
+    return chunk, block_d, 2 if block_d >= 128 else 1, 4
 
 
 def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | None = None,
-           block_d: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+           block_d: int | None = None, num_warps: int | None = None,
+           depth: int | None = None) -> torch.Tensor:
     """Run the conv and the final-window kernels on a bound call. ``kernel`` is "stream"
     (one program per chunk of tokens and channel block, history kept in registers) or
     "tile" (tiles of tokens x channels, each tap a shifted reload); ``block_t`` is the
-    chunk or tile height. The keywords override the heuristics."""
+    chunk or tile height, ``depth`` the streaming kernel's x rows loaded ahead (4 or 8).
+    The keywords override the heuristics."""
     x, weight, states, qsl = call["x"], call["weight"], call["conv_states"], call["query_start_loc"]
     dim, ntokens = x.shape
     nseq = qsl.shape[0] - 1
@@ -330,10 +350,13 @@ def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | No
         flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_SRC": src_for_read is not None,
                  "HAS_INIT": init is not None, "SILU": call["activation"] in ("silu", "swish")}
         if kernel == "stream":
-            chunk, d, warps = _stream_blocks(ntokens, dim)
+            chunk, d, warps, ahead = _stream_blocks(ntokens, dim)
             chunk, d, warps = block_t or chunk, block_d or d, num_warps or warps
+            ahead = depth or ahead
+            if ahead not in (4, 8):
+                raise ValueError(f"depth must be 4 or 8, not {ahead}")
             _stream_kernel[(triton.cdiv(ntokens, chunk), triton.cdiv(dim, d))](
-                *args, **flags, CHUNK=chunk, BLOCK_D=d, num_warps=warps)
+                *args, **flags, CHUNK=chunk, BLOCK_D=d, DEPTH=ahead, num_warps=warps)
         else:
             t, d = _blocks(ntokens, dim)
             t, d = block_t or t, block_d or d
