@@ -130,6 +130,15 @@ def test_fn_stream_chunks_and_empty_sequences(chunk: int, depth: int) -> None:
                                           depth=depth))
 
 
+@pytest.mark.parametrize("length", [1, 5, 8, 21])
+def test_fn_single_sequence_default(length: int) -> None:
+    # one sequence takes its own default (8-token chunks, 8 rows loaded ahead): chunk tails
+    # shorter than the queue, a sequence shorter than the window
+    call = _fn_call(4, [length], cache_indices=_idx([2]), has_initial_state=torch.tensor(
+        [True], device=DEVICE))
+    _compare(FN, "conv_states", call)
+
+
 @pytest.mark.parametrize(
     "x_dtype,state_dtype,idx_dtype,channel_last,pad",
     [

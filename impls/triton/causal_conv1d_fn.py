@@ -308,14 +308,19 @@ def _blocks(ntokens: int, dim: int) -> tuple[int, int]:
     return block_t, block_d
 
 
-def _stream_blocks(ntokens: int, dim: int) -> tuple[int, int, int, int]:
+def _stream_blocks(ntokens: int, dim: int, nseq: int) -> tuple[int, int, int, int]:
     """(chunk, block_d, num_warps, queue depth) of the streaming kernel. H100 sweep
-    (docs/bench-conv1d.md): 256 channels on 2 warps beat 256 on 1 and 512 on 2 at every
-    size; 32-token chunks win up to 8k tokens (more programs in flight), 128-token chunks at
-    32k (fewer rows loaded twice before chunk starts)."""
-    chunk = 32 if ntokens < 16384 else 128
+    (docs/bench-conv1d.md): 256 channels on 2 warps beat 512 on 2; 8-token chunks win below
+    16k tokens (the most programs in flight: 10-15 % at 2k tokens, up to 6 % at 8k),
+    128-token chunks at 32k with several sequences (fewer rows loaded twice before chunk
+    starts). With one sequence a program has no binary search ahead of its work, and 8-token
+    chunks with all 8 rows loaded up front win at every size (5 % at 32k); with 8 and 64
+    sequences that deeper queue loses 1-5 %."""
     block_d = min(256, triton.next_power_of_2(dim))
-    return chunk, block_d, 2 if block_d >= 128 else 1, 4
+    warps = 2 if block_d >= 128 else 1
+    if nseq == 1:
+        return 8, block_d, warps, 8
+    return (8 if ntokens < 16384 else 128), block_d, warps, 4
 
 
 def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | None = None,
@@ -350,7 +355,7 @@ def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | No
         flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_SRC": src_for_read is not None,
                  "HAS_INIT": init is not None, "SILU": call["activation"] in ("silu", "swish")}
         if kernel == "stream":
-            chunk, d, warps, ahead = _stream_blocks(ntokens, dim)
+            chunk, d, warps, ahead = _stream_blocks(ntokens, dim, nseq)
             chunk, d, warps = block_t or chunk, block_d or d, num_warps or warps
             ahead = depth or ahead
             if ahead not in (4, 8):
