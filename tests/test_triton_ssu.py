@@ -16,6 +16,7 @@ import torch
 
 import mamba_ir
 from mamba_ir import get_op
+from mamba_ir.testing import STATE_ROWS
 
 pytest.importorskip("triton")
 
@@ -158,17 +159,7 @@ def _clone(call: dict) -> dict:
 
 
 def written_rows(call: dict) -> set[int]:
-    state, x = call["state"], call["x"]
-    lead = x.shape[: x.dim() - (state.dim() - 2)]
-    from mamba_ir.ops._tokens import token_layout
-
-    seq = token_layout(lead, call["cu_seqlens"], x.device)
-    nacc = call["num_accepted_tokens"]
-    _, dst = seq.rows(call["state_batch_indices"], call["dst_state_batch_indices"], nacc)
-    rows = set()
-    for r, n in zip(dst.tolist(), seq.lengths.tolist(), strict=True):
-        rows.update(r[:n] if nacc is not None else r[:1] if n > 0 else [])
-    return rows - {call["pad_slot_id"]}
+    return STATE_ROWS["selective_state_update"][1](call)[1]
 
 
 def check(call: dict) -> None:
