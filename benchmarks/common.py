@@ -30,20 +30,22 @@ def time_us(fn: Callable[[], Any], *, graph: bool = True, reps: int = 100) -> fl
 
     fn()  # compile / warm up outside the capture
     torch.cuda.synchronize()
-    if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
-    else:
-        run = fn
+    run = capture(fn).replay if graph else fn
     ms = do_bench(run, warmup=25, rep=reps, return_mode="median")
     return ms * 1e3
+
+
+def capture(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph, after one run on a side stream (as capture requires)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def copy_rate(nbytes: int, *, device: str = "cuda") -> float:
