@@ -149,3 +149,16 @@ def cumulative(name: str, offsets: torch.Tensor, ntokens: int) -> None:
 def activation(call: dict[str, Any], name: str = "activation") -> None:
     if call[name] not in (None, "silu", "swish"):
         fail(name, "None, 'silu' or 'swish'", repr(call[name]))
+
+
+def dt_limit(call: dict[str, Any], name: str = "dt_limit") -> None:
+    """``None``, or ``(lo, hi)`` floats with ``lo <= hi``: the clamp applied to the step size."""
+    limit = call[name]
+    if limit is None:
+        return
+    try:
+        lo, hi = (float(v) for v in limit)
+    except (TypeError, ValueError):
+        fail(name, "None or two floats (lo, hi)", repr(limit))
+    if not lo <= hi:
+        fail(name, "lo <= hi", repr(tuple(limit)))

@@ -86,6 +86,11 @@ REDIRECTS: dict[str, Redirect] = {
         "conv_states", "src_cache_indices", "cache_indices", "query_start_loc",
         _conv_rows("conv_states"),
     ),
+    # every sequence with a token rewrites its destination row; checkpoints are extra rows
+    "mamba_chunk_scan": Redirect(
+        "state", "state_batch_indices", "dst_state_batch_indices", "cu_seqlens",
+        lambda call: None,
+    ),
 }
 
 

@@ -185,9 +185,54 @@ def copy_state_blocks(call: dict[str, Any]) -> tuple[torch.Tensor, None]:
     return state, None
 
 
+def mamba_chunk_scan(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (new state, output) in float64; checkpoints at every block boundary."""
+    state0 = call["state"].double()
+    x, dt, B, C = (call[k].double() for k in ("x", "dt", "B", "C"))
+    A, z = call["A"].double(), call["z"]
+    D, bias, limit = call["D"], call["dt_bias"], call["dt_limit"]
+    nheads, ngroups = x.shape[1], B.shape[1]
+    cu, pad, bs = call["cu_seqlens"].tolist(), call["pad_slot_id"], call["block_size"]
+    n = len(cu) - 1
+    sbi, dsbi = _ids(call["state_batch_indices"]), _ids(call["dst_state_batch_indices"])
+    sbi = list(range(n)) if sbi is None else sbi
+    dsbi = sbi if dsbi is None else dsbi
+    done = _ids(call["num_computed_tokens"]) or [0] * n
+    ckpt = _ids(call["checkpoint_state_indices"])
+    state, out = state0.clone(), torch.zeros_like(x)
+    for b in range(n):
+        h = torch.zeros_like(state0[0]) if sbi[b] == pad else state0[sbi[b]].clone()
+        boundaries = 0
+        for i, tok in enumerate(range(cu[b], cu[b + 1])):
+            for hd in range(nheads):
+                g = hd // (nheads // ngroups)
+                d = dt[tok, hd] + (0 if bias is None else bias[hd].double())
+                if call["dt_softplus"]:
+                    d = torch.where(d <= 20, torch.log1p(torch.exp(d)), d)
+                if limit is not None:
+                    d = d.clamp(limit[0], limit[1])
+                h[hd] = h[hd] * torch.exp(A[hd] * d) + d * x[tok, hd][:, None] * B[tok, g][None]
+                y = (h[hd] * C[tok, g][None]).sum(-1)
+                if D is not None:
+                    y = y + D[hd].double() * x[tok, hd]
+                if z is not None:
+                    zz = z[tok, hd].double()
+                    y = y * zz * torch.sigmoid(zz)
+                out[tok, hd] = y
+            if bs and (done[b] + i + 1) % bs == 0:
+                row = ckpt[b][boundaries]
+                boundaries += 1
+                if row != pad:
+                    state[row] = h
+        if cu[b + 1] > cu[b] and dsbi[b] != pad:
+            state[dsbi[b]] = h
+    return state, out
+
+
 ORACLES = {
     "selective_state_update": selective_state_update,
     "causal_conv1d_fn": causal_conv1d_fn,
     "causal_conv1d_update": causal_conv1d_update,
     "copy_state_blocks": copy_state_blocks,
+    "mamba_chunk_scan": mamba_chunk_scan,
 }

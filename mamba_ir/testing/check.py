@@ -83,12 +83,26 @@ def _copy_rows(call: dict[str, Any]) -> Rows:
     return {s for s, _ in pairs}, {d for _, d in pairs}
 
 
+def _chunk_scan_rows(call: dict[str, Any]) -> Rows:
+    from ..ops.mamba_chunk_scan import checkpoint_columns
+
+    seq = token_layout(call["x"].shape[:1], call["cu_seqlens"], call["x"].device)
+    src, dst = seq.rows(call["state_batch_indices"], call["dst_state_batch_indices"], None)
+    written = {d for d, n in zip(dst[:, 0].tolist(), seq.lengths.tolist(), strict=True) if n > 0}
+    if call["block_size"]:
+        used = checkpoint_columns(seq.lengths, call["num_computed_tokens"], call["block_size"])
+        for cols, k in zip(call["checkpoint_state_indices"].tolist(), used.tolist(), strict=True):
+            written.update(cols[:k])
+    return _real(set(src.tolist()), call), _real(written, call)
+
+
 # Which argument holds the state rows, and which rows a call reads and writes.
 STATE_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], Rows]]] = {
     "selective_state_update": ("state", _ssu_rows),
     "causal_conv1d_fn": ("conv_states", _conv_fn_rows),
     "causal_conv1d_update": ("conv_state", _conv_update_rows),
     "copy_state_blocks": ("state", _copy_rows),
+    "mamba_chunk_scan": ("state", _chunk_scan_rows),
 }
 
 

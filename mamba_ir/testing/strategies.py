@@ -33,6 +33,8 @@ class Sizes:
     dstates: tuple[int, ...] = (1, 4, 8, 16)
     max_channels: int = 40
     max_prefill: int = 12
+    max_scan_tokens: int = 24
+    scan_chunks: tuple[int, ...] = (4, 8, 16)
 
 
 SMALL = Sizes()
@@ -327,11 +329,86 @@ def copy_state_blocks_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes =
     }
 
 
+@st.composite
+def mamba_chunk_scan_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL):
+    ngroups = draw(st.sampled_from([g for g in (1, 2, 4) if g <= sizes.max_heads]))
+    nheads = ngroups * draw(st.integers(1, max(1, sizes.max_heads // ngroups)))
+    dim = draw(st.integers(1, sizes.max_dim))
+    dstate = draw(st.sampled_from(sizes.dstates))
+    chunk = draw(st.sampled_from(sizes.scan_chunks))
+    nseq = draw(st.integers(0, sizes.max_seqs))
+    lengths = draw(
+        st.lists(st.integers(0, sizes.max_scan_tokens), min_size=nseq, max_size=nseq)
+    )
+    computed = draw(st.one_of(st.none(), st.lists(
+        st.integers(0, 3 * chunk), min_size=nseq, max_size=nseq)))
+    block = chunk * draw(st.sampled_from([0, 1, 2]))
+    redirect = draw(st.booleans())
+    pad = draw(st.sampled_from([-1, 0]))
+    state_dtype, in_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+    idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    sliced, state_view = draw(st.booleans()), draw(st.booleans())
+    d_shape = draw(st.sampled_from([None, "head", "channel"]))
+    has_z, has_bias, softplus = (draw(st.booleans()) for _ in range(3))
+    limit = draw(st.sampled_from([None, (0.0, 0.25), (0.05, float("inf"))]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng, randn = random.Random(seed), _gen(seed, device)
+
+    ncols = 0
+    for c, n in zip(computed or [0] * nseq, lengths, strict=True):
+        ncols = max(ncols, (c + n) // block - c // block if block else 0)
+    ncols += rng.randint(0, 1)
+    rows = assign_rows(rng, [1 + ncols] * nseq, redirect=redirect, pad=pad)
+    ntok = sum(lengths)
+    width = nheads * dim + 2 * ngroups * dstate
+    if sliced:  # x, B, C as column slices of one conv output, dt of the projection
+        xbc = randn(ntok, width + 3, dtype=in_dtype)[:, 1 : width + 1]
+        x, b, c = xbc.split([nheads * dim, ngroups * dstate, ngroups * dstate], dim=-1)
+        x = x.unflatten(-1, (nheads, dim))
+        b, c = (t.unflatten(-1, (ngroups, dstate)) for t in (b, c))
+        dt = randn(ntok, nheads + 5, dtype=in_dtype, scale=0.5)[:, 2 : nheads + 2]
+    else:
+        x = randn(ntok, nheads, dim, dtype=in_dtype)
+        b, c = (randn(ntok, ngroups, dstate, dtype=in_dtype) for _ in range(2))
+        dt = randn(ntok, nheads, dtype=in_dtype, scale=0.5)
+    state = randn(rows.nslots + 2 * state_view, nheads, dim, dstate, dtype=state_dtype)
+    if state_view:  # rows of a larger cache
+        state = state[1:-1]
+    call: dict[str, Any] = {
+        "state": state, "x": x, "dt": dt if softplus else dt.abs(),
+        "A": -randn(nheads).exp(), "B": b, "C": c, "chunk_size": chunk,
+        "cu_seqlens": _offsets(lengths, idx_dtype, device),
+        "D": None if d_shape is None
+        else randn(nheads) if d_shape == "head" else randn(nheads, dim),
+        "z": randn(ntok, nheads, dim, dtype=in_dtype) if has_z else None,
+        "dt_bias": None, "dt_softplus": softplus, "dt_limit": limit,
+        "state_batch_indices": _index(rows.src, idx_dtype, device),
+        "dst_state_batch_indices": _index([r[0] for r in rows.dst], idx_dtype, device)
+        if redirect
+        else None,
+        "pad_slot_id": pad, "block_size": block,
+        "num_computed_tokens": None if computed is None else _index(computed, idx_dtype, device),
+        "checkpoint_state_indices": _index([r[1:] for r in rows.dst], idx_dtype, device).reshape(
+            nseq, ncols
+        )
+        if block
+        else None,
+        "out": None,
+    }
+    if has_bias:
+        bias = randn(nheads, scale=0.5)
+        call["dt_bias"] = bias if softplus else bias.abs()
+    if not redirect:  # in place: each sequence reads and writes its first row
+        call["state_batch_indices"] = _index([r[0] for r in rows.dst], idx_dtype, device)
+    return call
+
+
 CALLS: dict[str, Callable[..., st.SearchStrategy[dict[str, Any]]]] = {
     "selective_state_update": selective_state_update_calls,
     "causal_conv1d_fn": causal_conv1d_fn_calls,
     "causal_conv1d_update": causal_conv1d_update_calls,
     "copy_state_blocks": copy_state_blocks_calls,
+    "mamba_chunk_scan": mamba_chunk_scan_calls,
 }
 
 

@@ -1,0 +1,187 @@
+"""``mamba_chunk_scan``: the Mamba2 SSM over whole prompts (prefill), with align-mode checkpoints.
+
+The native function is the recurrence itself, one token at a time: the chunked algorithm
+(intra-chunk matrix products, inter-chunk state passing) is a provider's business, and
+``chunk_size`` only tells the provider what to use.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import checks
+from ..op import register_op
+from ._tokens import token_layout
+
+
+@register_op(
+    mutates_args=("state", "out"),
+    allocate={"out": lambda call: torch.empty_like(call["x"])},
+)
+def mamba_chunk_scan(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    cu_seqlens: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: Sequence[float] | None = None,
+    state_batch_indices: torch.Tensor | None = None,
+    dst_state_batch_indices: torch.Tensor | None = None,
+    pad_slot_id: int = -1,
+    block_size: int = 0,
+    num_computed_tokens: torch.Tensor | None = None,
+    checkpoint_state_indices: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> None:
+    """Run each sequence's tokens from its source row; store the state at every block
+    boundary and after the last token (docs/ops.md)."""
+    heads_per_group = x.shape[1] // B.shape[1]
+    seq = token_layout(x.shape[:1], cu_seqlens, x.device)
+    src, dst = seq.rows(state_batch_indices, dst_state_batch_indices, None)
+    done = _computed(num_computed_tokens, seq.count, x.device)
+    A = A.float()[:, None, None]
+    D = None if D is None else (D.float() if D.dim() == 2 else D.float()[:, None])
+
+    h = torch.zeros((seq.count, *state.shape[1:]), dtype=torch.float32, device=state.device)
+    has_src = src != pad_slot_id
+    h[has_src] = state[src[has_src]].float()
+    boundary = torch.zeros(seq.count, dtype=torch.long, device=x.device)
+    for t in range(seq.max_len):
+        live, tok = seq.step(t)
+        xt, dtt = seq.gather(x, tok).float(), seq.gather(dt, tok).float()
+        if dt_bias is not None:
+            dtt = dtt + dt_bias.float()
+        if dt_softplus:
+            dtt = F.softplus(dtt)
+        if dt_limit is not None:
+            dtt = dtt.clamp(dt_limit[0], dt_limit[1])
+        dtt = dtt[:, :, None, None]
+        Bt = seq.gather(B, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
+        Ct = seq.gather(C, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
+        h_next = h * torch.exp(A * dtt) + dtt * Bt * xt[..., None]
+        h = torch.where(live[:, None, None, None], h_next, h)
+        y = (h * Ct).sum(-1)
+        if D is not None:
+            y = y + D * xt
+        if z is not None:
+            y = y * F.silu(seq.gather(z, tok).float())
+        seq.scatter(out, tok[live], y[live])
+        if block_size:
+            at_boundary = live & ((done + t + 1) % block_size == 0)
+            if bool(at_boundary.any()):
+                rows = checkpoint_state_indices.long()
+                col = boundary.clamp(max=rows.shape[1] - 1)[:, None]
+                _store(state, rows.gather(1, col)[:, 0], h, at_boundary, pad_slot_id)
+                boundary += at_boundary.long()
+    _store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id)
+
+
+def _computed(num_computed_tokens: torch.Tensor | None, count: int, device) -> torch.Tensor:
+    if num_computed_tokens is None:
+        return torch.zeros(count, dtype=torch.long, device=device)
+    return num_computed_tokens.long()
+
+
+def _store(state: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
+    keep = live & (rows != pad)
+    state[rows[keep]] = h[keep].to(state.dtype)
+
+
+def checkpoint_columns(
+    lengths: torch.Tensor, num_computed_tokens: torch.Tensor | None, block_size: int
+) -> torch.Tensor:
+    """How many block boundaries each sequence crosses: the checkpoint columns it uses."""
+    done = _computed(num_computed_tokens, lengths.shape[0], lengths.device)
+    if not block_size:
+        return torch.zeros_like(done)
+    return (done + lengths) // block_size - done // block_size
+
+
+@mamba_chunk_scan.register_check
+def _check(call: dict) -> None:
+    state = checks.tensor(call, "state", ndim=4)
+    checks.writable(call, "state")
+    checks.same_device(call, "state")
+    _, nheads, dim, dstate = state.shape
+    x = checks.tensor(call, "x", ndim=3)
+    if tuple(x.shape[1:]) != (nheads, dim):
+        checks.fail("x", f"shape (tokens, {nheads}, {dim})", tuple(x.shape))
+    ntok = x.shape[0]
+    checks.tensor(call, "dt", shape=(ntok, nheads))
+    checks.tensor(call, "A", shape=(nheads,))
+    b = checks.tensor(call, "B", ndim=3)
+    if b.shape[0] != ntok or b.shape[2] != dstate or b.shape[1] < 1 or nheads % b.shape[1]:
+        checks.fail("B", f"shape ({ntok}, ngroups dividing {nheads}, {dstate})", tuple(b.shape))
+    checks.tensor(call, "C", shape=b.shape)
+    for name in ("z", "out"):
+        checks.tensor(call, name, shape=x.shape, optional=True)
+    if call["out"] is not None:
+        checks.writable(call, "out")
+    d = checks.tensor(call, "D", ndim=(1, 2), optional=True)
+    if d is not None and tuple(d.shape) not in ((nheads,), (nheads, dim)):
+        checks.fail("D", f"shape ({nheads},) or ({nheads}, {dim})", tuple(d.shape))
+    checks.tensor(call, "dt_bias", shape=(nheads,), optional=True)
+    checks.dt_limit(call)
+    chunk = call["chunk_size"]
+    if not isinstance(chunk, (int, torch.SymInt)) or chunk < 1:
+        checks.fail("chunk_size", "a positive int", repr(chunk))
+
+    cu = checks.index(call, "cu_seqlens", optional=False)
+    if cu.shape[0] < 1:
+        checks.fail("cu_seqlens", "at least one entry", tuple(cu.shape))
+    nseq = cu.shape[0] - 1
+    if call["state_batch_indices"] is None and nseq > state.shape[0]:
+        want = f"at least {nseq} rows (one per sequence, no indices given)"
+        checks.fail("state", want, tuple(state.shape))
+    for name in ("state_batch_indices", "dst_state_batch_indices", "num_computed_tokens"):
+        checks.index(call, name, rows=nseq)
+    bs = call["block_size"]
+    if not isinstance(bs, (int, torch.SymInt)) or bs < 0:
+        checks.fail("block_size", "an int >= 0 (0: no checkpoints)", repr(bs))
+    ckpt = checks.index(call, "checkpoint_state_indices", ndim=2, rows=nseq)
+    if bs and ckpt is None:
+        checks.fail("checkpoint_state_indices", "(nseq, ncols) slot indices with block_size", None)
+    if not bs and ckpt is not None:
+        checks.fail("block_size", "a positive block size with checkpoint_state_indices", bs)
+    _check_values(call, state.shape[0], ntok)
+
+
+def _check_values(call: dict, nslots: int, ntok: int) -> None:
+    cu, pad, bs = call["cu_seqlens"], call["pad_slot_id"], call["block_size"]
+    sbi, dsbi = call["state_batch_indices"], call["dst_state_batch_indices"]
+    done, ckpt = call["num_computed_tokens"], call["checkpoint_state_indices"]
+    if not checks.values_readable(call["x"], cu, sbi, dsbi, done, ckpt):
+        return
+    checks.cumulative("cu_seqlens", cu, ntok)
+    for name, idx in (("state_batch_indices", sbi), ("dst_state_batch_indices", dsbi)):
+        if idx is not None:
+            checks.rows_in_range(name, idx, nslots, pad)
+    if done is not None and bool((done < 0).any()):
+        checks.fail("num_computed_tokens", "values >= 0", done.tolist())
+    seq = token_layout((ntok,), cu, call["x"].device)
+    src, dst = seq.rows(sbi, dsbi, None)
+    lengths = seq.lengths.tolist()
+    written = [row[:1] if n > 0 else [] for row, n in zip(dst.tolist(), lengths, strict=True)]
+    if bs:
+        checks.rows_in_range("checkpoint_state_indices", ckpt, nslots, pad)
+        used = checkpoint_columns(seq.lengths, done, bs)
+        if used.numel() and int(used.max()) > ckpt.shape[1]:
+            checks.fail(
+                "checkpoint_state_indices",
+                f"at least {int(used.max())} columns (block boundaries of the longest run)",
+                tuple(ckpt.shape),
+            )
+        for rows, k, cols in zip(written, used.tolist(), ckpt.tolist(), strict=True):
+            rows.extend(cols[:k])
+    dst_name = "dst_state_batch_indices" if dsbi is not None else "state_batch_indices"
+    if bs:
+        dst_name += " / checkpoint_state_indices"
+    checks.disjoint_rows("state_batch_indices", src.tolist(), dst_name, written, pad)
