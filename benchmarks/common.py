@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -95,15 +94,20 @@ def environment() -> dict[str, Any]:
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-    """Yield ``items`` while drawing a one-line progress bar on stderr."""
-    items = list(items) if total is None else items
-    total = len(items) if total is None else total
-    for i, item in enumerate(items):
-        done = int(30 * i / max(total, 1))
-        sys.stderr.write(f"\r{desc} [{'#' * done}{'.' * (30 - done)}] {i}/{total}")
-        sys.stderr.flush()
-        yield item
-    sys.stderr.write(f"\r{desc} [{'#' * 30}] {total}/{total}\n")
+    """Yield ``items`` while a progress bar runs on a terminal (:mod:`mamba_ir.progress`)."""
+    from mamba_ir.progress import bar
+
+    with bar(total if total is not None else _length(items), desc, unit="case") as b:
+        for item in items:
+            yield item
+            b.update(1)
+
+
+def _length(items: Iterable[Any]) -> int | None:
+    try:
+        return len(items)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def write_json(name: str, payload: dict[str, Any], directory: Path = DOCS) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import random
 import sys
@@ -13,44 +14,59 @@ from typing import Any
 
 import torch
 
+from .progress import bar
+
 logger = logging.getLogger("mamba_ir")
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int, desc: str, width: int = 30) -> None:
-        self.total, self.desc, self.width, self.done = max(total, 1), desc, width, 0
-        self.start = time.perf_counter()
-        self._draw()
-
-    def update(self, n: int) -> None:
-        self.done = min(self.total, self.done + n)
-        self._draw()
-
-    def close(self) -> None:
-        self.done = self.total
-        self._draw()
-        sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    def _draw(self) -> None:
-        filled = int(self.width * self.done / self.total)
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(
-            f"\r{self.desc} [{'#' * filled}{'.' * (self.width - filled)}] "
-            f"{self.done}/{self.total} ({rate:.1f} tok/s)"
-        )
-        sys.stderr.flush()
-
-
 def _device(name: str | None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_arg(text: str) -> torch.device:
+    """``--device``: a torch device name (``cpu``, ``cuda``, ``cuda:1``)."""
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device (expected e.g. cpu, cuda, cuda:1)") from None
+
+
+def device_missing(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used on this machine, or ``None``."""
+    if device.type == "cpu" or device.type == "meta":
+        return None
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        if device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+            return f"this torch ({torch.__version__}) is built without CUDA"
+        return f"no {device.type} device is available on this machine"
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} {device.type} device(s)"
+    return None
+
+
+def count_arg(minimum: int) -> Any:
+    """An argparse type for integers >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
 
 
 def _dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -218,34 +234,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     engine = Engine(model, compile=not args.no_compile, priority=args.priority, **kwargs)
     if not args.no_compile:
         t0 = time.perf_counter()
-        print("compiling the prefill and decode steps (lowering + align fusion) ...", flush=True)
-        engine.generate([system[:3], system[:5]], 2)
+        print("compiling the prefill and decode steps (lowering + align fusion) ...")
+        with bar(2, "compiling", unit="step", leave=False) as steps:
+            engine.generate([system[:3], system[:5]], 2, on_step=lambda _: steps.update(1))
         engine.reset()
         print(f"compiled in {time.perf_counter() - t0:.1f} s")
 
     # serve: every turn's prompt is the whole conversation so far
     history = [list(system) for _ in range(args.conversations)]
     prompts_per_turn, served = [], []
-    bar = ProgressBar(args.conversations * args.turns * args.new_tokens, "serving")
+    generated = args.conversations * args.turns * args.new_tokens
     t0 = time.perf_counter()
-    for turn in range(args.turns):
-        prompts = [h + u[turn] for h, u in zip(history, users, strict=True)]
-        done = engine.generate(prompts, args.new_tokens, on_step=bar.update)
-        prompts_per_turn.append(prompts)
-        served.append(done)
-        history = [p + d.tokens for p, d in zip(prompts, done, strict=True)]
+    with bar(generated, "serving", unit="tok") as progress:
+        for turn in range(args.turns):
+            prompts = [h + u[turn] for h, u in zip(history, users, strict=True)]
+            done = engine.generate(prompts, args.new_tokens, on_step=progress.update)
+            prompts_per_turn.append(prompts)
+            served.append(done)
+            history = [p + d.tokens for p, d in zip(prompts, done, strict=True)]
     serve_s = time.perf_counter() - t0
-    bar.close()
 
     # reference: the same prompts through the uncompiled model, every op native
     reference = Engine(model, compile=False, **kwargs)
-    bar = ProgressBar(args.conversations * args.turns * args.new_tokens, "eager native")
     t0 = time.perf_counter()
-    with set_priority([]):
-        ref = [reference.generate(p, args.new_tokens, on_step=bar.update)
+    with set_priority([]), bar(generated, "eager native", unit="tok") as progress:
+        ref = [reference.generate(p, args.new_tokens, on_step=progress.update)
                for p in prompts_per_turn]
     eager_s = time.perf_counter() - t0
-    bar.close()
 
     report = engine.lowering_report()
     print("\nlowering report (compiled call sites: provider, skipped providers, fusion):")
@@ -295,15 +310,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- entry -----------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: ...)`` to options that have a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            if action.option_strings and action.nargs != 0:
+                text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="python -m mamba_ir",
+        prog="mamba-ir",
         description="mamba-ir: a torch.compile custom-op IR for the SSM layers of hybrid models",
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,ops,bench}")
+    positive = count_arg(1)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+        p.add_argument("--device", type=device_arg,
+                       help="torch device (default: cuda when available, else cpu)")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
         p.add_argument("--priority", metavar="SPEC",
@@ -312,45 +344,57 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="count", default=0,
                        help="log lowering decisions (-v) and eager dispatch (-vv)")
 
-    demo = sub.add_parser(
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+        p.set_defaults(parser=p)
+        common(p)
+        return p
+
+    demo = command(
         "demo", help="compile a small hybrid model and serve a chat-like workload",
         description="Build a small random-init Bamba-style hybrid (or load --model), compile "
                     "it with the lowering and align-fusion passes, serve multi-turn "
                     "conversations sharing a system prompt, and compare with the eager "
                     "native model.",
     )
-    common(demo)
     demo.add_argument("--model", metavar="PATH",
-                      help="local Bamba/Mamba2 checkpoint folder (config.json + safetensors)")
-    demo.add_argument("--conversations", type=int, default=4, help="concurrent conversations")
-    demo.add_argument("--turns", type=int, default=3, help="turns per conversation")
-    demo.add_argument("--new-tokens", type=int, default=16, help="tokens generated per turn")
-    demo.add_argument("--system-tokens", type=int, default=40, help="shared system prompt length")
-    demo.add_argument("--block-size", type=int, default=16, help="state checkpoint interval")
-    demo.add_argument("--seed", type=int, default=0)
+                      help="local Bamba/Mamba2 checkpoint folder (config.json + safetensors; "
+                           "needs the hf extra: pip install 'mamba-ir[hf]')")
+    demo.add_argument("--conversations", type=positive, metavar="N", default=4,
+                      help="concurrent conversations")
+    demo.add_argument("--turns", type=positive, metavar="N", default=3,
+                      help="turns per conversation")
+    demo.add_argument("--new-tokens", type=positive, metavar="N", default=16,
+                      help="tokens generated per turn")
+    demo.add_argument("--system-tokens", type=positive, metavar="N", default=40,
+                      help="shared system prompt length")
+    demo.add_argument("--block-size", type=positive, metavar="N", default=16,
+                      help="state checkpoint interval, in tokens")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (model and prompts)")
     demo.add_argument("--no-compile", action="store_true",
                       help="serve with eager dispatch instead of compiling (a quick check)")
     demo.set_defaults(func=cmd_demo)
 
-    ops = sub.add_parser(
+    ops = command(
         "ops", help="which provider serves each op on this device, and why others don't",
         description="For each IR op on a small batch on the current device: the priority "
                     "order, the provider chosen, and every skipped provider with its reason.",
     )
-    common(ops)
     ops.set_defaults(func=cmd_ops)
 
-    bench = sub.add_parser(
+    bench = command(
         "bench", help="end-to-end decode benchmark on a GPU (JSON + plot in docs/)",
         description="Decode tokens/s of a ~1B-parameter random-init hybrid at several batch "
                     "sizes: compiled with CUDA graphs vs eager native, against the "
-                    "bytes-moved roofline (weights + states per step / measured copy rate).",
+                    "bytes-moved roofline (weights + states per step / measured copy rate). "
+                    "Runs from a clone of the repository (it uses benchmarks/).",
     )
-    common(bench)
-    bench.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
-    bench.add_argument("--context", type=int, default=512,
+    bench.add_argument("--batches", type=positive, metavar="N", nargs="+", default=[1, 16, 64],
+                       help="decode batch sizes")
+    bench.add_argument("--context", type=positive, metavar="N", default=512,
                        help="tokens already in each sequence (attention KV length)")
-    bench.add_argument("--layers", type=int, help="override the number of layers (smoke tests)")
+    bench.add_argument("--layers", type=positive, metavar="N",
+                       help="override the number of layers (smoke tests)")
     bench.add_argument("--out", default="docs/e2e_bench.json", help="JSON output path")
     bench.add_argument("--profile", action="store_true",
                        help="also record GPU kernel time per step by category (profiler)")
@@ -361,8 +405,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.priority is not None:
+        from .priority import checked_priority
+
+        try:
+            checked_priority(args.priority, "--priority")
+        except ValueError as exc:
+            args.parser.error(str(exc))
+    if args.device is not None and (why := device_missing(args.device)):
+        args.parser.error(f"--device {args.device}: {why} (--device cpu runs everywhere)")
+    if args.command == "bench" and importlib.util.find_spec("benchmarks") is None:
+        args.parser.error("bench needs the benchmarks/ folder of a clone of the mamba-ir "
+                          "repository (it is not installed with the package): run it from "
+                          "the root of a clone")
+    if args.command == "bench" and not args.plot_only and args.device is None:
+        if (why := device_missing(torch.device("cuda"))) is not None:
+            args.parser.error(f"bench times CUDA kernels and needs a GPU: {why}")
+    if args.command == "demo" and args.model:
+        _require("safetensors", "--model", "hf")
     return int(args.func(args) or 0)
+
+
+def _require(module: str, what: str, extra: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"mamba-ir: {what} needs {module}: pip install 'mamba-ir[{extra}]'")
 
 
 if __name__ == "__main__":

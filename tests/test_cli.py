@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import mamba_ir
 from mamba_ir.cli import build_parser, main
 
 OPS = ("selective_state_update", "causal_conv1d_update", "causal_conv1d_fn", "copy_state_blocks")
@@ -31,9 +33,63 @@ def test_ops_reports_every_op(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_ops_forced_priority_gives_reasons(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ops", "--device", "cpu", "--priority", "nosuchprovider"]) == 0
+    assert main(["ops", "--device", "cpu", "--priority", "flashinfer"]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped  : nosuchprovider: not registered") == len(OPS)
+    # flashinfer covers the SSU only; the other ops name it as not registered
+    assert out.count("skipped  : flashinfer: not registered") == len(OPS) - 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--block-size", "0"], "argument --block-size: expected an integer >= 1, got 0"),
+        (["demo", "--conversations", "0"], "argument --conversations: expected an integer >= 1"),
+        (["demo", "--turns", "-1"], "argument --turns: expected an integer >= 1, got -1"),
+        (["demo", "--new-tokens", "x"], "argument --new-tokens: expected an integer, got 'x'"),
+        (["ops", "--device", "foo"], "argument --device: 'foo' is not a torch device"),
+        (["ops", "--priority", "nosuch"], "--priority: entry 'nosuch' names provider 'nosuch'"),
+        (["bench", "--batches", "0"], "argument --batches: expected an integer >= 1, got 0"),
+    ],
+)
+def test_bad_values_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: mamba-ir {argv[0]}" in err
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["ops", "demo"])
+def test_absent_cuda_is_one_sentence(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--device", "cuda"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"mamba-ir {command}: error: --device cuda: ")
+    assert "--device cpu runs everywhere" in err[-1]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mamba-ir {version('mamba-ir')}"
+    assert mamba_ir.__version__ == version("mamba-ir")
+
+
+def test_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mamba-ir demo")
+    assert "(default: 16)" in out and "(default: None)" not in out
 
 
 def test_demo_eager_dispatch(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,6 +99,20 @@ def test_demo_eager_dispatch(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0
     assert "prefix cache (block 8, align mode): 2/4 requests hit" in out
     assert "tokens 12/12 identical" in out
+
+
+def test_demo_log_has_no_progress_frames(tmp_path) -> None:
+    """Run with output to files (as in a log of ``make demo``): no carriage returns."""
+    out, err = tmp_path / "out", tmp_path / "err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-m", "mamba_ir", "demo", "--no-compile", "--conversations", "1",
+             "--turns", "1", "--new-tokens", "2", "--system-tokens", "8"],
+            stdout=stdout, stderr=stderr, timeout=300,
+        )
+    assert done.returncode == 0, err.read_text()
+    assert "agreement with the eager native model" in out.read_text()
+    assert "\r" not in out.read_text() + err.read_text()
 
 
 def test_module_entry_point() -> None:
