@@ -93,6 +93,12 @@ REDIRECTS: dict[str, Redirect] = {
     ),
 }
 
+# Mamba1 prefill: like mamba_chunk_scan, every sequence with a token rewrites its
+# destination row (from zeros without has_initial_state, as the copied row would give)
+REDIRECTS["selective_scan"] = Redirect(
+    "ssm_states", "src_cache_indices", "cache_indices", "query_start_loc", lambda call: None
+)
+
 
 @dataclass
 class Fusion:

@@ -229,10 +229,56 @@ def mamba_chunk_scan(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return state, out
 
 
+def selective_scan(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (new ssm_states, output) in float64: Mamba1, channel-first tokens."""
+    state0 = call["ssm_states"].double()
+    u, delta, A = call["u"].double(), call["delta"].double(), call["A"].double()
+    B, C = (call[k].double() for k in ("B", "C"))
+    if B.dim() == 2:
+        B, C = B[None], C[None]
+    D, z, bias = call["D"], call["z"], call["delta_bias"]
+    dim, ngroups = u.shape[0], B.shape[0]
+    qsl, pad, bs = call["query_start_loc"].tolist(), call["pad_slot_id"], call["block_size"]
+    n = len(qsl) - 1
+    dst = _ids(call["cache_indices"]) or list(range(n))
+    src = _ids(call["src_cache_indices"]) or dst
+    init = _ids(call["has_initial_state"]) or [False] * n
+    done = _ids(call["num_computed_tokens"]) or [0] * n
+    ckpt = _ids(call["checkpoint_state_indices"])
+    state, out = state0.clone(), torch.zeros_like(u)
+    for b in range(n):
+        use = init[b] and src[b] != pad
+        h = state0[src[b]].clone() if use else torch.zeros_like(state0[0])
+        boundaries = 0
+        for i, tok in enumerate(range(qsl[b], qsl[b + 1])):
+            for d in range(dim):
+                g = d // (dim // ngroups)
+                step = delta[d, tok] + (0 if bias is None else bias[d].double())
+                if call["delta_softplus"] and step <= 20:  # softplus, linear above 20
+                    step = torch.log1p(torch.exp(step))
+                h[d] = h[d] * torch.exp(A[d] * step) + step * B[g, :, tok] * u[d, tok]
+                y = (h[d] * C[g, :, tok]).sum()
+                if D is not None:
+                    y = y + D[d].double() * u[d, tok]
+                if z is not None:
+                    zz = z[d, tok].double()
+                    y = y * zz / (1 + torch.exp(-zz))
+                out[d, tok] = y
+            if bs and (done[b] + i + 1) % bs == 0:
+                row = ckpt[b][boundaries]
+                boundaries += 1
+                if row != pad:
+                    state[row] = h
+        if qsl[b + 1] > qsl[b] and dst[b] != pad:
+            state[dst[b]] = h
+    return state, out
+
+
 ORACLES = {
     "selective_state_update": selective_state_update,
     "causal_conv1d_fn": causal_conv1d_fn,
     "causal_conv1d_update": causal_conv1d_update,
     "copy_state_blocks": copy_state_blocks,
     "mamba_chunk_scan": mamba_chunk_scan,
+    "selective_scan": selective_scan,
 }

@@ -108,6 +108,26 @@ STATE_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], Rows]]] = {
 
 def _clone(call: dict[str, Any]) -> dict[str, Any]:
     return {k: _copy(v) if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+def _selective_scan_rows(call: dict[str, Any]) -> Rows:
+    from ..ops.mamba_chunk_scan import checkpoint_columns
+
+    qsl = call["query_start_loc"]
+    lengths = qsl[1:] - qsl[:-1]
+    init = call["has_initial_state"]
+    reads = [False] * lengths.shape[0] if init is None else init.tolist()
+    read, written = _conv_rows(
+        call["cache_indices"], call["src_cache_indices"], lengths.tolist(), reads
+    )
+    if call["block_size"]:
+        used = checkpoint_columns(lengths.long(), call["num_computed_tokens"], call["block_size"])
+        for cols, k in zip(call["checkpoint_state_indices"].tolist(), used.tolist(), strict=True):
+            written.update(cols[:k])
+    return _real(read, call), _real(written, call)
+
+
+STATE_ROWS["selective_scan"] = ("ssm_states", _selective_scan_rows)
+
+
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:

@@ -415,3 +415,81 @@ CALLS: dict[str, Callable[..., st.SearchStrategy[dict[str, Any]]]] = {
 def calls(op: str, device: str = "cpu", sizes: Sizes = SMALL) -> st.SearchStrategy[dict[str, Any]]:
     """Valid argument sets for the op named ``op``."""
     return CALLS[op](device=device, sizes=sizes)
+
+
+def _channel_first(randn, ntok: int, widths: list[int], dtype, layout: str) -> list[torch.Tensor]:
+    """Per-token tensors ``(width, tokens)``: contiguous along tokens, transposed views of
+    ``(tokens, width)``, or column blocks of one projection output (vLLM's views)."""
+    if layout == "dim_major":
+        return [randn(w, ntok, dtype=dtype) for w in widths]
+    if layout == "token_major":
+        return [randn(ntok, w, dtype=dtype).t() for w in widths]
+    base = randn(ntok, sum(widths) + 2, dtype=dtype)[:, 1:-1]
+    return [part.t() for part in base.split(widths, dim=1)]
+
+
+@st.composite
+def selective_scan_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL):
+    ngroups = draw(st.sampled_from([0, 1, 2]))  # 0: B and C as (dstate, tokens)
+    groups = max(ngroups, 1)
+    dim = groups * draw(st.integers(1, max(1, sizes.max_channels // (2 * groups))))
+    dstate = draw(st.sampled_from(sizes.dstates))
+    nseq = draw(st.integers(0, sizes.max_seqs))
+    lengths = draw(
+        st.lists(st.integers(0, sizes.max_scan_tokens), min_size=nseq, max_size=nseq)
+    )
+    block = draw(st.sampled_from([0, 0, 3, 8]))
+    computed = draw(st.one_of(st.none(), st.lists(
+        st.integers(0, 20), min_size=nseq, max_size=nseq)))
+    redirect, use_indices = draw(st.booleans()), draw(st.booleans())
+    pad = draw(st.sampled_from([-1, 0]))
+    state_dtype, in_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+    idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    layout = draw(st.sampled_from(["dim_major", "token_major", "sliced"]))
+    state_view, given_out = draw(st.booleans()), draw(st.booleans())
+    has_D, has_z, has_bias, softplus, has_init = (draw(st.booleans()) for _ in range(5))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng, randn = random.Random(seed), _gen(seed, device)
+
+    ncols = 0
+    for c, n in zip(computed or [0] * nseq, lengths, strict=True):
+        ncols = max(ncols, (c + n) // block - c // block if block else 0)
+    ncols += rng.randint(0, 1) if block else 0
+    indexed = use_indices or redirect or bool(block)
+    rows = sequence_rows(rng, [1 + ncols] * nseq, indexed=indexed, redirect=redirect, pad=pad)
+    ntok = sum(lengths)
+    u, z = _channel_first(randn, ntok, [dim, dim], in_dtype, layout)
+    delta, b, c = _channel_first(randn, ntok, [dim, groups * dstate, groups * dstate], in_dtype,
+                                 layout)
+    delta.mul_(0.5)
+    if not softplus:  # the step size is positive, as softplus would make it
+        delta.abs_()
+    if ngroups:
+        b, c = b.unflatten(0, (ngroups, dstate)), c.unflatten(0, (ngroups, dstate))
+    state = randn(rows.nslots + 2 * state_view, dim, dstate, dtype=state_dtype)
+    if state_view:  # rows of a larger cache
+        state = state[1:-1]
+    bias = randn(dim, scale=0.5) if has_bias else None
+    call: dict[str, Any] = {
+        "u": u, "ssm_states": state, "delta": delta, "A": -randn(dim, dstate).exp(),
+        "B": b, "C": c, "D": randn(dim) if has_D else None, "z": z if has_z else None,
+        "delta_bias": bias if softplus or bias is None else bias.abs(),
+        "delta_softplus": softplus,
+        "query_start_loc": _offsets(lengths, idx_dtype, device),
+        "cache_indices": _index([r[0] for r in rows.dst], idx_dtype, device) if indexed else None,
+        "has_initial_state": torch.tensor([rng.random() < 0.7 for _ in range(nseq)],
+                                          dtype=torch.bool, device=device) if has_init else None,
+        "pad_slot_id": pad, "block_size": block,
+        "src_cache_indices": _index(rows.src, idx_dtype, device) if redirect else None,
+        "num_computed_tokens": None if computed is None else _index(computed, idx_dtype, device),
+        "checkpoint_state_indices": _index([r[1:] for r in rows.dst], idx_dtype, device).reshape(
+            nseq, ncols
+        )
+        if block
+        else None,
+        "out": randn(ntok, dim, dtype=in_dtype).t() if given_out else None,
+    }
+    return call
+
+
+CALLS["selective_scan"] = selective_scan_calls

@@ -1,0 +1,172 @@
+"""``selective_scan``: the Mamba1 SSM over whole prompts (prefill), vLLM's ``selective_scan_fn``.
+
+Mamba1 has a decay rate per channel and state element (``A`` is ``(dim, dstate)``), so it
+has no chunked matrix form: the native function is the recurrence, one token at a time,
+over sequences of a flat, channel-first token axis, with src redirect and align-mode
+checkpoints as in ``mamba_chunk_scan``.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .. import checks
+from ..op import register_op
+from ._tokens import token_layout
+from .mamba_chunk_scan import checkpoint_columns
+
+
+@register_op(
+    mutates_args=("ssm_states", "out"),
+    allocate={"out": lambda call: torch.empty_like(call["u"])},
+)
+def selective_scan(
+    u: torch.Tensor,
+    ssm_states: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    query_start_loc: torch.Tensor | None = None,
+    cache_indices: torch.Tensor | None = None,
+    has_initial_state: torch.Tensor | None = None,
+    pad_slot_id: int = -1,
+    block_size: int = 0,
+    src_cache_indices: torch.Tensor | None = None,
+    num_computed_tokens: torch.Tensor | None = None,
+    checkpoint_state_indices: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> None:
+    """Run each sequence of ``u`` (dim, tokens) from its source row; store the state at every
+    block boundary and after the last token (docs/ops.md)."""
+    B, C = (t if t.dim() == 3 else t[None] for t in (B, C))  # (ngroups, dstate, tokens)
+    per_group = u.shape[0] // B.shape[0]
+    seq = token_layout(u.shape[1:], query_start_loc, u.device)
+    dst = torch.arange(seq.count, device=u.device) if cache_indices is None else cache_indices
+    dst = dst.long()
+    src = dst if src_cache_indices is None else src_cache_indices.long()
+    read = src != pad_slot_id  # without has_initial_state no sequence has an initial state
+    read &= torch.zeros_like(read) if has_initial_state is None else has_initial_state.bool()
+    done = torch.zeros_like(dst) if num_computed_tokens is None else num_computed_tokens.long()
+
+    h = torch.zeros((seq.count, *ssm_states.shape[1:]), dtype=torch.float32, device=u.device)
+    h[read] = ssm_states[src[read]].float()
+    A = A.float()
+    u_t, delta_t, z_t, out_t = (None if t is None else t.t() for t in (u, delta, z, out))
+    B_t, C_t = (t.permute(2, 0, 1) for t in (B, C))  # (tokens, ngroups, dstate)
+    boundary = torch.zeros_like(dst)
+    for t in range(seq.max_len):
+        live, tok = seq.step(t)
+        x, dt = seq.gather(u_t, tok).float(), seq.gather(delta_t, tok).float()
+        if delta_bias is not None:
+            dt = dt + delta_bias.float()
+        if delta_softplus:
+            dt = F.softplus(dt)
+        Bt = seq.gather(B_t, tok).float().repeat_interleave(per_group, dim=1)
+        Ct = seq.gather(C_t, tok).float().repeat_interleave(per_group, dim=1)
+        h_next = h * torch.exp(A * dt[..., None]) + (dt * x)[..., None] * Bt
+        h = torch.where(live[:, None, None], h_next, h)
+        y = (h * Ct).sum(-1)
+        if D is not None:
+            y = y + D.float() * x
+        if z is not None:
+            y = y * F.silu(seq.gather(z_t, tok).float())
+        seq.scatter(out_t, tok[live], y[live])
+        if block_size:
+            at_boundary = live & ((done + t + 1) % block_size == 0)
+            if bool(at_boundary.any()):
+                rows = checkpoint_state_indices.long()
+                col = boundary.clamp(max=rows.shape[1] - 1)[:, None]
+                _store(ssm_states, rows.gather(1, col)[:, 0], h, at_boundary, pad_slot_id)
+                boundary += at_boundary.long()
+    _store(ssm_states, dst, h, seq.lengths > 0, pad_slot_id)
+
+
+def _store(states: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
+    keep = live & (rows != pad)
+    states[rows[keep]] = h[keep].to(states.dtype)
+
+
+@selective_scan.register_check
+def _check(call: dict) -> None:
+    u = checks.tensor(call, "u", ndim=2)
+    checks.same_device(call, "u")
+    dim, ntok = u.shape
+    states = checks.tensor(call, "ssm_states", ndim=3)
+    checks.writable(call, "ssm_states")
+    if states.shape[1] != dim:
+        checks.fail("ssm_states", f"shape (slots, {dim}, dstate)", tuple(states.shape))
+    dstate = states.shape[2]
+    checks.tensor(call, "delta", shape=u.shape)
+    checks.tensor(call, "A", shape=(dim, dstate))
+    b = checks.tensor(call, "B", ndim=(2, 3))
+    groups = b.shape[0] if b.dim() == 3 else 1
+    if tuple(b.shape[-2:]) != (dstate, ntok) or groups < 1 or dim % groups:
+        want = f"shape ({dstate}, {ntok}) or (ngroups dividing {dim}, {dstate}, {ntok})"
+        checks.fail("B", want, tuple(b.shape))
+    checks.tensor(call, "C", shape=b.shape)
+    for name in ("D", "delta_bias"):
+        checks.tensor(call, name, shape=(dim,), optional=True)
+    for name in ("z", "out"):
+        checks.tensor(call, name, shape=u.shape, optional=True)
+    if call["out"] is not None:
+        checks.writable(call, "out")
+
+    if call["query_start_loc"] is None:
+        checks.fail("query_start_loc", "(nseq + 1,) token offsets (varlen layout only)", None)
+    qsl = checks.index(call, "query_start_loc")
+    if qsl.shape[0] < 1:
+        checks.fail("query_start_loc", "at least one entry", tuple(qsl.shape))
+    nseq = qsl.shape[0] - 1
+    for name in ("cache_indices", "src_cache_indices", "num_computed_tokens"):
+        checks.index(call, name, rows=nseq)
+    flags = checks.tensor(call, "has_initial_state", ndim=1, dtypes=(torch.bool,), optional=True)
+    if flags is not None and flags.shape[0] != nseq:
+        checks.fail("has_initial_state", f"{nseq} entries (one per sequence)", tuple(flags.shape))
+    if call["cache_indices"] is None and nseq > states.shape[0]:
+        want = f"at least {nseq} rows (one per sequence, no cache_indices given)"
+        checks.fail("ssm_states", want, tuple(states.shape))
+    bs = call["block_size"]
+    if not isinstance(bs, (int, torch.SymInt)) or bs < 0:
+        checks.fail("block_size", "an int >= 0 (0: no checkpoints)", repr(bs))
+    ckpt = checks.index(call, "checkpoint_state_indices", ndim=2, rows=nseq)
+    if bs and ckpt is None:
+        checks.fail("checkpoint_state_indices", "(nseq, ncols) slot indices with block_size", None)
+    if not bs and ckpt is not None:
+        checks.fail("block_size", "a positive block size with checkpoint_state_indices", bs)
+    _check_values(call, states.shape[0], ntok)
+
+
+def _check_values(call: dict, nslots: int, ntok: int) -> None:
+    qsl, pad, bs = call["query_start_loc"], call["pad_slot_id"], call["block_size"]
+    dst, src = call["cache_indices"], call["src_cache_indices"]
+    done, ckpt = call["num_computed_tokens"], call["checkpoint_state_indices"]
+    if not checks.values_readable(call["u"], qsl, dst, src, done, ckpt, call["has_initial_state"]):
+        return
+    checks.cumulative("query_start_loc", qsl, ntok)
+    for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
+        if idx is not None:
+            checks.rows_in_range(name, idx, nslots, pad)
+    if done is not None and bool((done < 0).any()):
+        checks.fail("num_computed_tokens", "values >= 0", done.tolist())
+    lengths = qsl[1:] - qsl[:-1]
+    dst_rows = list(range(lengths.shape[0])) if dst is None else dst.tolist()
+    src_rows = dst_rows if src is None else src.tolist()
+    written = [[r] if n > 0 else [] for r, n in zip(dst_rows, lengths.tolist(), strict=True)]
+    dst_name = "cache_indices"
+    if bs:
+        checks.rows_in_range("checkpoint_state_indices", ckpt, nslots, pad)
+        used = checkpoint_columns(lengths.long(), done, bs)
+        if used.numel() and int(used.max()) > ckpt.shape[1]:
+            checks.fail(
+                "checkpoint_state_indices",
+                f"at least {int(used.max())} columns (block boundaries of the longest run)",
+                tuple(ckpt.shape),
+            )
+        for rows, k, cols in zip(written, used.tolist(), ckpt.tolist(), strict=True):
+            rows.extend(cols[:k])
+        dst_name += " / checkpoint_state_indices"
+    checks.disjoint_rows("src_cache_indices", src_rows, dst_name, written, pad)
