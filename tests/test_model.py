@@ -94,6 +94,8 @@ def served(request: pytest.FixtureRequest) -> dict:
     prompts = _prompts()
     cold = engine.generate(prompts[:3], NEW_TOKENS)
     cold_stats = engine.prefix.stats.hits
+    # the three prompts (21, 25, 5 tokens, several blocks) prefill in one step
+    assert engine.stats.prefill_steps == 1
     warm = engine.generate(prompts, NEW_TOKENS)
     return {
         "hf": hf, "model": model, "engine": engine, "prompts": prompts, "cold": cold,
@@ -136,14 +138,18 @@ def test_compiled_graphs_lower_every_site(served: dict) -> None:
     sites = served["engine"].lowering_report()
     ops = {s.op for s in sites}
     assert {"causal_conv1d_fn", "causal_conv1d_update", "selective_state_update",
-            "copy_state_blocks"} <= ops
+            "mamba_chunk_scan", "copy_state_blocks"} <= ops
+    # one graph per step kind for every batch, chunk and checkpoint count
     n_mamba = len(served["model"].config.mamba_layers)
     assert len([s for s in sites if s.op == "causal_conv1d_update"]) == n_mamba
+    assert len([s for s in sites if s.op == "mamba_chunk_scan"]) == n_mamba
     assert all(s.provider == "native" for s in sites if s.provider is not None)
 
 
 def test_eager_engine_matches_compiled(served: dict) -> None:
-    eager = Engine(served["model"], block_size=BLOCK, max_requests=4, max_len=64)
+    # 5-token prefill steps: chunks end mid-block, checkpoints fall inside later steps
+    eager = Engine(served["model"], block_size=BLOCK, max_requests=4, max_len=64,
+                   prefill_tokens=5)
     for done, ref in zip(eager.generate(served["prompts"][:3], NEW_TOKENS), served["cold"],
                          strict=True):
         assert done.tokens == ref.tokens

@@ -1,19 +1,22 @@
 """Block-based state cache with align mode.
 
-State slots (rows of every Mamba layer's conv and SSM state tensors) are of three kinds:
+State slots (rows of every Mamba layer's conv and SSM state tensors) are of four kinds:
 
 * slot 0 holds the all-zero state: the checkpoint of the empty prefix, never written;
+* slot 1 is scratch: padding entries of a step's checkpoint lists write there, so every
+  list keeps a size the compiled step need not specialise on; never read;
 * *running* slots: one per live request, read and written by every step;
-* *checkpoint* slots: immutable copies of a running slot taken when a request's processed
-  token count reaches a multiple of ``block_size`` (align mode: prefill chunks end on block
-  boundaries, so the state at every boundary exists). They are shared by every request
-  whose prompt starts with the same blocks, keyed by a chained hash of the token blocks.
+* *checkpoint* slots: immutable copies of a running state at a multiple of ``block_size``
+  tokens (align mode), shared by every request whose prompt starts with the same blocks,
+  keyed by a chained hash of the token blocks. A prefill step reserves one per block
+  boundary it crosses and the step writes them (the scan and the conv windows); decode
+  copies the running slot when a generated token completes a block.
 
 A request starts from its longest cached block-aligned prefix (at least the empty one):
-prefill issues ``copy_state_blocks(checkpoint -> running)`` before each layer's conv/SSU
+prefill issues ``copy_state_blocks(checkpoint -> running)`` before each layer's conv/scan
 call, which the compiler may fold into those calls. Attention KV of a checkpointed block
 is stored with the block and copied back into the request's KV row on a hit (no recompute).
-Pad rows of a padded decode batch use ``pad_slot_id`` for state and a scratch KV row.
+Pad rows of a padded batch use ``pad_slot_id`` for state and a scratch KV row.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from .. import ops
 from .config import ATTENTION, HybridConfig
 
 ZERO_SLOT = 0
+SCRATCH_SLOT = 1
+RESERVED_SLOTS = 2  # zero and scratch
 
 
 class StateCache(nn.Module):
@@ -51,6 +56,11 @@ class StateCache(nn.Module):
     ) -> None:
         super().__init__()
         c = config
+        if num_slots < RESERVED_SLOTS + max_requests:
+            raise ValueError(
+                f"num_slots: expected at least {RESERVED_SLOTS + max_requests} (the zero and "
+                f"scratch slots and one running slot per request), got {num_slots}"
+            )
         self.num_slots, self.max_requests, self.max_len = num_slots, max_requests, max_len
         self.pad_slot_id = pad_slot_id
         self.scratch_row = max_requests
@@ -95,12 +105,16 @@ class StateCache(nn.Module):
         return total
 
 
+def chain_digest(previous: bytes, block: Sequence[int]) -> bytes:
+    """The digest of a block following the prefix whose digest is ``previous``."""
+    return hashlib.sha256(previous + b"|" + ",".join(map(str, block)).encode()).digest()
+
+
 def block_hashes(tokens: Sequence[int], block_size: int) -> list[bytes]:
     """Chained digests of each complete block: ``h[k]`` identifies ``tokens[: (k+1)*bs]``."""
     out, prev = [], b""
     for start in range(0, len(tokens) - block_size + 1, block_size):
-        block = tokens[start : start + block_size]
-        prev = hashlib.sha256(prev + b"|" + ",".join(map(str, block)).encode()).digest()
+        prev = chain_digest(prev, tokens[start : start + block_size])
         out.append(prev)
     return out
 
@@ -108,7 +122,7 @@ def block_hashes(tokens: Sequence[int], block_size: int) -> list[bytes]:
 @dataclass
 class Checkpoint:
     slot: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    kv: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -118,34 +132,46 @@ class PrefixStats:
     hit_tokens: int = 0
     saved: int = 0
     evicted: int = 0
+    skipped: int = 0  # boundaries not checkpointed: no slot could be freed
 
 
 class PrefixCache:
-    """Slot allocator and the index of immutable block checkpoints (LRU eviction)."""
+    """Slot allocator and the index of immutable block checkpoints (LRU eviction).
+
+    Running slots always exist (``StateCache`` holds one per request, and checkpoints are
+    evicted to make room); a checkpoint that finds no slot (all held by running requests
+    or by checkpoints the current step reads) is skipped, never an error.
+    """
 
     def __init__(self, cache: StateCache, block_size: int, enabled: bool = True) -> None:
         self.cache, self.block_size, self.enabled = cache, block_size, enabled
-        self.free = list(range(cache.num_slots - 1, ZERO_SLOT, -1))
+        self.free = list(range(cache.num_slots - 1, RESERVED_SLOTS - 1, -1))
         self.free_rows = list(range(cache.max_requests - 1, -1, -1))
         self.entries: OrderedDict[bytes, Checkpoint] = OrderedDict()
+        self.pending: set[bytes] = set()
         self.stats = PrefixStats()
 
     # -- slots ---------------------------------------------------------------------------
 
-    def _take_slot(self) -> int:
-        if not self.free:
-            if not self.entries:
-                raise RuntimeError("no free state slot: raise num_slots")
-            _, old = self.entries.popitem(last=False)
-            self.free.append(old.slot)
-            self.stats.evicted += 1
-        return self.free.pop()
+    def _take_slot(self, pinned: frozenset[int] = frozenset()) -> int | None:
+        if self.free:
+            return self.free.pop()
+        victim = next((d for d, e in self.entries.items() if e.slot not in pinned), None)
+        if victim is None:
+            return None
+        self.stats.evicted += 1
+        return self.entries.pop(victim).slot
 
     def admit(self) -> tuple[int, int]:
-        """A running state slot and a KV row for a new request."""
+        """A running state slot and a KV row for a new request (both or neither)."""
         if not self.free_rows:
-            raise RuntimeError("no free KV row: raise max_requests")
-        return self._take_slot(), self.free_rows.pop()
+            raise RuntimeError(f"no free KV row: all {self.cache.max_requests} rows are held "
+                               "by live requests (raise max_requests)")
+        slot = self._take_slot()
+        if slot is None:
+            raise RuntimeError(f"no free state slot: all {self.cache.num_slots} slots are "
+                               "held by live requests (raise num_slots)")
+        return slot, self.free_rows.pop()
 
     def release(self, slot: int, row: int) -> None:
         self.free.append(slot)
@@ -153,45 +179,74 @@ class PrefixCache:
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def lookup(self, prompt: Sequence[int]) -> tuple[int, int]:
+    def lookup(self, prompt: Sequence[int], digests: Sequence[bytes]) -> tuple[int, int]:
         """The longest cached block-aligned prefix that leaves at least one prompt token to
-        run: ``(tokens covered, checkpoint slot)``; ``(0, ZERO_SLOT)`` when none."""
+        run: ``(tokens covered, checkpoint slot)``; ``(0, ZERO_SLOT)`` when none.
+        ``digests`` are the prompt's chained block digests (at least its complete blocks
+        before the last token)."""
         self.stats.lookups += 1
         if not self.enabled:
             return 0, ZERO_SLOT
         covered, slot = 0, ZERO_SLOT
-        for k, digest in enumerate(block_hashes(prompt[:-1], self.block_size)):
-            entry = self.entries.get(digest)
+        for k in range((len(prompt) - 1) // self.block_size):
+            entry = self.entries.get(digests[k])
             if entry is None:
                 break
-            self.entries.move_to_end(digest)
+            self.entries.move_to_end(digests[k])
             covered, slot = (k + 1) * self.block_size, entry.slot
         if covered:
             self.stats.hits += 1
             self.stats.hit_tokens += covered
         return covered, slot
 
-    def restore_kv(self, prompt: Sequence[int], covered: int, row: int) -> None:
+    def restore_kv(self, digests: Sequence[bytes], covered: int, row: int) -> None:
         """Copy the cached blocks' attention KV into the request's row."""
-        for k, digest in enumerate(block_hashes(prompt[:covered], self.block_size)):
-            entry = self.entries[digest]
+        for k in range(covered // self.block_size):
+            entry = self.entries[digests[k]]
             span = slice(k * self.block_size, (k + 1) * self.block_size)
             for layer, (key, value) in zip(self.cache.attention_layers, entry.kv, strict=True):
                 k_cache, v_cache = self.cache.kv(layer)
                 k_cache[row, span] = key
                 v_cache[row, span] = value
 
-    def save(self, tokens: Sequence[int], slot: int, row: int) -> None:
-        """Checkpoint the running state after ``len(tokens)`` (a block multiple) tokens."""
-        if not self.enabled:
-            return
-        digest = block_hashes(tokens, self.block_size)[-1]
-        if digest in self.entries:
-            return
-        new = self._take_slot()
-        self.cache.copy_slots([slot], [new])
-        span = slice(len(tokens) - self.block_size, len(tokens))
+    def reserve(self, digest: bytes, pinned: frozenset[int]) -> int | None:
+        """A slot for the checkpoint ``digest`` that a step is about to write, or None when
+        it is cached already, reserved by this step, disabled, or no slot can be freed
+        without evicting one of ``pinned`` (the rows the step reads)."""
+        if not self.enabled or digest in self.entries or digest in self.pending:
+            return None
+        slot = self._take_slot(pinned)
+        if slot is None:
+            self.stats.skipped += 1
+            return None
+        self.pending.add(digest)
+        return slot
+
+    def commit(self, digest: bytes, slot: int, row: int, end: int) -> None:
+        """Index the checkpoint a step wrote into ``slot``; ``end`` is the boundary's token
+        count (the block's KV is taken from ``row``)."""
+        self.pending.discard(digest)
+        span = slice(end - self.block_size, end)
         kv = [tuple(t[row, span].clone() for t in self.cache.kv(layer))
               for layer in self.cache.attention_layers]
-        self.entries[digest] = Checkpoint(new, kv)
+        self.entries[digest] = Checkpoint(slot, kv)
         self.stats.saved += 1
+
+    def cancel(self, reserved: Sequence[tuple[bytes, int]]) -> None:
+        """Give back reservations of a step that did not run."""
+        for digest, slot in reserved:
+            self.pending.discard(digest)
+            self.free.append(slot)
+
+    def save(self, digest: bytes, slot: int, row: int, end: int) -> None:
+        """Checkpoint the running state after ``end`` (a block multiple) tokens by copying
+        the running slot (decode: one token completed the block)."""
+        new = self.reserve(digest, frozenset())
+        if new is None:
+            return
+        try:
+            self.cache.copy_slots([slot], [new])
+        except BaseException:
+            self.cancel([(digest, new)])
+            raise
+        self.commit(digest, new, row, end)

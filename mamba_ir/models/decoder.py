@@ -89,27 +89,39 @@ class HybridModel(nn.Module):
     def prefill(
         self,
         cache: StateCache,
+        block_size: int,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        kv_rows: torch.Tensor,
         cu_seqlens: torch.Tensor,
+        kv_rows: torch.Tensor,
+        context_lens: torch.Tensor,
         slots: torch.Tensor,
         src_slots: torch.Tensor,
+        num_computed: torch.Tensor,
+        checkpoint_slots: torch.Tensor,
+        window_slots: torch.Tensor,
+        window_index: torch.Tensor,
     ) -> torch.Tensor:
         """Run varlen chunks (``cu_seqlens`` over flat ``tokens``); logits ``(seqs, vocab)``.
 
-        Sequence i's Mamba layers start from the state in ``src_slots[i]`` (a cached
-        checkpoint, the zero slot for a fresh request, or ``slots[i]`` itself to continue)
-        and leave their state in ``slots[i]``.
+        Sequence i's tokens sit at ``positions`` of KV row ``kv_rows[i]`` and end a context
+        of ``context_lens[i]`` tokens. Its Mamba layers start from the state in
+        ``src_slots[i]`` (a cached checkpoint, the zero slot for a fresh request, or
+        ``slots[i]`` itself to continue), ``num_computed[i]`` tokens into the request, and
+        leave their state in ``slots[i]``; block-boundary checkpoints go to
+        ``checkpoint_slots`` / ``window_slots`` (see :meth:`Mamba2Mixer.prefill`).
         """
         hidden = self.embed(tokens)
         pad = cache.pad_slot_id
         for i, layer in enumerate(self.layers):
             x = layer._in(hidden)
             if layer.kind == ATTENTION:
-                out = layer.attn(x, positions, kv_rows, *cache.kv(i))
+                out = layer.attn(x, positions, *cache.kv(i), cu_seqlens, kv_rows, context_lens)
             else:
-                out = layer.mixer.prefill(x, *cache.states(i), cu_seqlens, slots, src_slots, pad)
+                out = layer.mixer.prefill(
+                    x, *cache.states(i), cu_seqlens, slots, src_slots, pad, block_size,
+                    num_computed, checkpoint_slots, window_slots, window_index,
+                )
             hidden = layer._residual(hidden, out)
         return self._logits(hidden[cu_seqlens[1:] - 1])
 
@@ -121,13 +133,15 @@ class HybridModel(nn.Module):
         kv_rows: torch.Tensor,
         slots: torch.Tensor,
     ) -> torch.Tensor:
-        """One token per sequence; logits ``(batch, vocab)``. Pad rows carry ``pad_slot_id``."""
+        """One token per sequence at ``positions`` (its context is ``positions + 1``
+        tokens); logits ``(batch, vocab)``. Pad rows carry ``pad_slot_id``."""
         hidden = self.embed(tokens)
         pad = cache.pad_slot_id
+        context_lens = positions + 1
         for i, layer in enumerate(self.layers):
             x = layer._in(hidden)
             if layer.kind == ATTENTION:
-                out = layer.attn(x, positions, kv_rows, *cache.kv(i))
+                out = layer.attn(x, positions, *cache.kv(i), None, kv_rows, context_lens)
             else:
                 out = layer.mixer.decode(x, *cache.states(i), slots, pad)
             hidden = layer._residual(hidden, out)

@@ -1,15 +1,23 @@
-"""A small serving loop: block-aligned chunked prefill, batched greedy decode, prefix reuse.
+"""A small serving loop: token-budget prefill with align-mode checkpoints, batched greedy
+decode, prefix reuse.
 
-Each step is one call of a (compiled) step function over flat tokens. Prefill chunks end
-on block boundaries (align mode), so after a chunk that ends on one, the running state is
-checkpointed; a new request starts from its longest cached prefix. Every prefill batch
-carries one pad sequence and decode batches are padded to a bucket size, so the compiled
-step sees batch and token counts >= 2 and compiles once for all of them.
+Each step is one call of a (compiled) step function over flat tokens. A prefill step takes
+up to ``prefill_tokens`` tokens of one or many prompts (the next part of each, in
+admission order) and checkpoints the state at every block boundary it crosses, inside the
+step; a new request starts from its longest cached prefix. Every prefill batch carries one
+pad sequence, checkpoint lists are padded to at least two entries (scratch slot or pad
+slot), and decode batches are padded to a bucket size, so the compiled step sees every
+dynamic size >= 2 and compiles once for all of them.
+
+Requests are validated before anything runs; if a step fails, every request of the call
+gives its KV row and state slot back and the step's reserved checkpoint slots are
+returned, so the engine is left as it was.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -19,12 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache import PrefixCache, StateCache
+from .cache import RESERVED_SLOTS, SCRATCH_SLOT, PrefixCache, StateCache, chain_digest
 from .decoder import HybridModel
 
 logger = logging.getLogger("mamba_ir")
 
 DECODE_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256)
+# tokens per prefill step: an 8k-token prompt in one step (TTFT), a 32k one in four;
+# docs/prefill_bench.json has the per-length figures
+PREFILL_TOKENS = 8192
 
 
 @dataclass
@@ -45,21 +56,31 @@ class _Live:
     row: int = -1
     processed: int = 0  # tokens whose effect is in the running state
     started: bool = False
+    digests: list[bytes] = field(default_factory=list)  # of the sequence's complete blocks
 
     @property
     def sequence(self) -> list[int]:
         return self.done.prompt + self.done.tokens
 
+    def block_digests(self, blocks: int, block_size: int) -> list[bytes]:
+        """Chained digests of the sequence's first ``blocks`` blocks (computed once)."""
+        seq = self.sequence
+        while len(self.digests) < blocks:
+            k = len(self.digests)
+            prev = self.digests[-1] if k else b""
+            self.digests.append(chain_digest(prev, seq[k * block_size:(k + 1) * block_size]))
+        return self.digests
+
 
 class _Steps(nn.Module):
     """The two step functions bound to one model and one cache (what gets compiled)."""
 
-    def __init__(self, model: HybridModel, cache: StateCache) -> None:
+    def __init__(self, model: HybridModel, cache: StateCache, block_size: int = 16) -> None:
         super().__init__()
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.block_size = model, cache, block_size
 
     def prefill(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.model.prefill(self.cache, *args)
+        return self.model.prefill(self.cache, self.block_size, *args)
 
     def decode(self, *args: torch.Tensor) -> torch.Tensor:
         return self.model.decode(self.cache, *args)
@@ -75,7 +96,9 @@ def compile_step(fn: Callable[..., Any], priority: Any = None, **kwargs: Any) ->
 def _dynamic(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Mark the token and batch dims dynamic, so one compiled graph serves every size."""
     for t in args:
-        torch._dynamo.maybe_mark_dynamic(t, 0)
+        for dim in range(min(t.dim(), 2)):
+            if t.shape[dim] >= 2:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
     return args
 
 
@@ -109,18 +132,25 @@ class Engine:
         compile_kwargs: dict[str, Any] | None = None,
         record_logits: bool = True,
         state_dtype: torch.dtype | None = None,
+        prefill_tokens: int = PREFILL_TOKENS,
     ) -> None:
+        for name, value in (("block_size", block_size), ("max_requests", max_requests),
+                            ("max_len", max_len), ("prefill_tokens", prefill_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         param = next(model.parameters())
         self.model, self.device = model, param.device
         self.block_size, self.max_requests = block_size, max_requests
+        self.prefill_tokens = prefill_tokens
         self.record_logits = record_logits
-        slots = num_slots or 1 + max_requests + 4 * max_requests * max_len // block_size
+        checkpoints = 4 * max_requests * max_len // block_size
+        slots = num_slots or RESERVED_SLOTS + max_requests + checkpoints
         self.cache = StateCache(
             model.config, num_slots=slots, max_requests=max_requests, max_len=max_len,
             device=param.device, dtype=param.dtype, state_dtype=state_dtype,
         )
         self.prefix = PrefixCache(self.cache, block_size, enabled=prefix_cache)
-        self.steps = _Steps(model, self.cache)
+        self.steps = _Steps(model, self.cache, block_size)
         self._prefill: Callable[..., torch.Tensor] = self.steps.prefill
         self._decode: Callable[..., torch.Tensor] = self.steps.decode
         if compile:
@@ -136,12 +166,14 @@ class Engine:
         self.prefix = PrefixCache(self.cache, self.block_size, enabled=self.prefix.enabled)
         self.stats = EngineStats()
 
-    def lowering_report(self) -> list[Any]:
-        """The call sites of the compiled steps (prefill first), empty when not compiled."""
-        sites: list[Any] = []
-        for step in (self._prefill, self._decode):
-            sites.extend(getattr(step, "lowering_report", ()))
-        return sites
+    def lowering_report(self) -> Any:
+        """The call sites of the compiled steps (prefill first; a ``LoweringReport``, empty
+        when not compiled); ``print`` shows one line per site."""
+        from ..passes.report import LoweringReport  # the passes import Inductor: load late
+
+        steps = (self._prefill, self._decode)
+        return LoweringReport.merged(
+            s.lowering_report for s in steps if hasattr(s, "lowering_report"))
 
     @torch.inference_mode()
     def generate(
@@ -152,34 +184,61 @@ class Engine:
     ) -> list[Completion]:
         """Greedy completions of ``prompts``, served ``max_requests`` at a time.
 
-        ``on_step(new_tokens)`` is called after every step (for progress bars).
+        ``on_step(new_tokens)`` is called after every step (for progress bars). Bad
+        requests raise ValueError before any step runs; if a step raises, the requests of
+        this call give back their KV rows and state slots before the error propagates.
         """
-        waiting = deque(_Live(Completion(list(p)), max_new_tokens) for p in prompts)
+        waiting = deque(_Live(Completion(p), max_new_tokens)
+                        for p in self._validate(prompts, max_new_tokens))
         results = [live.done for live in waiting]
-        for live in waiting:
-            if len(live.done.prompt) < 1:
-                raise ValueError("empty prompt")
-            if len(live.done.prompt) + max_new_tokens > self.cache.max_len:
-                raise ValueError(f"prompt + max_new_tokens exceeds max_len {self.cache.max_len}")
         active: list[_Live] = []
-        while waiting or active:
-            while waiting and len(active) < self.max_requests:
-                live = waiting.popleft()
-                live.slot, live.row = self.prefix.admit()
-                active.append(live)
-            prefilling = [r for r in active if r.processed < len(r.done.prompt)]
-            start = time.perf_counter()
-            if prefilling:
-                new = self._prefill_step(prefilling)
-            else:
-                new = self._decode_step(active)
-            self.stats.step_seconds += time.perf_counter() - start
-            for r in [r for r in active if len(r.done.tokens) >= r.max_new]:
+        try:
+            while waiting or active:
+                while waiting and len(active) < self.max_requests:
+                    live = waiting[0]
+                    live.slot, live.row = self.prefix.admit()
+                    active.append(waiting.popleft())
+                prefilling = [r for r in active if r.processed < len(r.done.prompt)]
+                start = time.perf_counter()
+                if prefilling:
+                    new = self._prefill_step(prefilling)
+                else:
+                    new = self._decode_step(active)
+                self.stats.step_seconds += time.perf_counter() - start
+                for r in [r for r in active if len(r.done.tokens) >= r.max_new]:
+                    active.remove(r)
+                    self.prefix.release(r.slot, r.row)
+                if on_step is not None:
+                    on_step(new)
+        except BaseException:
+            for r in active:
                 self.prefix.release(r.slot, r.row)
-                active.remove(r)
-            if on_step is not None:
-                on_step(new)
+            raise
         return results
+
+    def _validate(self, prompts: Iterable[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        vocab, max_len = self.model.config.vocab_size, self.cache.max_len
+        out = []
+        for i, prompt in enumerate(prompts):
+            try:
+                tokens = [operator.index(t) for t in prompt]
+            except TypeError as exc:
+                raise ValueError(f"prompts[{i}]: expected a sequence of int token ids "
+                                 f"({exc})") from None
+            if not tokens:
+                raise ValueError(f"prompts[{i}]: expected at least one token, got none")
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"prompts[{i}]: token id {bad} outside the vocabulary "
+                                 f"[0, {vocab})")
+            if len(tokens) + max_new_tokens > max_len:
+                raise ValueError(f"prompts[{i}]: {len(tokens)} prompt tokens + max_new_tokens "
+                                 f"{max_new_tokens} exceed max_len {max_len}")
+            out.append(tokens)
+        return out
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -187,54 +246,110 @@ class Engine:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _prefill_step(self, batch: list[_Live]) -> int:
-        bs, pad = self.block_size, self.cache.pad_slot_id
-        tokens: list[int] = []
-        positions: list[int] = []
-        rows: list[int] = []
-        cu, slots, src = [0], [], []
-        ends = []
+        bs = self.block_size
+        budget = self.prefill_tokens
+        plan: list[tuple[_Live, int, int, int]] = []  # request, source slot, start, end
         for r in batch:
-            prompt = r.done.prompt
-            origin = r.slot
+            if budget == 0:
+                break
+            prompt, origin = r.done.prompt, r.slot
             if not r.started:
                 r.started = True
-                covered, origin = self.prefix.lookup(prompt)
+                digests = r.block_digests((len(prompt) - 1) // bs, bs)
+                covered, origin = self.prefix.lookup(prompt, digests)
                 if covered:
-                    self.prefix.restore_kv(prompt, covered, r.row)
+                    self.prefix.restore_kv(digests, covered, r.row)
                 r.processed = r.done.cached_tokens = covered
-            end = min(len(prompt), (r.processed // bs + 1) * bs)
-            tokens += prompt[r.processed : end]
-            positions += range(r.processed, end)
-            rows += [r.row] * (end - r.processed)
-            cu.append(len(tokens))
-            slots.append(r.slot)
-            src.append(origin)
-            ends.append(end)
-        # one pad sequence keeps every dynamic size >= 2 (no 0/1 specialisation)
-        tokens.append(0)
-        positions.append(0)
-        rows.append(self.cache.scratch_row)
-        cu.append(len(tokens))
-        slots.append(pad)
-        src.append(pad)
-        args = (
-            self._tensor(tokens), self._tensor(positions), self._tensor(rows),
-            self._tensor(cu, torch.int32), self._tensor(slots, torch.int32),
-            self._tensor(src, torch.int32),
-        )
-        logits = self._prefill(*_dynamic(args))
+            end = min(len(prompt), r.processed + budget)
+            budget -= end - r.processed
+            plan.append((r, origin, r.processed, end))
+
+        # the checkpoint slots this step writes: never a row some sequence reads
+        pinned = frozenset(origin for _, origin, _, _ in plan)
+        reserved: list[tuple[bytes, int]] = []
+        try:
+            args, commits = self._prefill_args(plan, pinned, reserved)
+            logits = self._prefill(*_dynamic(args))
+        except BaseException:
+            self.prefix.cancel(reserved)
+            raise
+        for (digest, slot), (r, boundary) in zip(reserved, commits, strict=True):
+            self.prefix.commit(digest, slot, r.row, boundary)
         self.stats.prefill_steps += 1
-        self.stats.prefill_tokens += len(tokens) - 1
+        self.stats.prefill_tokens += sum(end - start for _, _, start, end in plan)
         new = 0
         choice = logits.argmax(-1).tolist()
-        for i, (r, end) in enumerate(zip(batch, ends, strict=True)):
+        for i, (r, _, _, end) in enumerate(plan):
             r.processed = end
-            if end % bs == 0:
-                self.prefix.save(r.done.prompt[:end], r.slot, r.row)
             if end == len(r.done.prompt):
                 self._emit(r, choice[i], logits[i])
                 new += 1
         return new
+
+    def _prefill_args(
+        self,
+        plan: list[tuple[_Live, int, int, int]],
+        pinned: frozenset[int],
+        reserved: list[tuple[bytes, int]],
+    ) -> tuple[tuple[torch.Tensor, ...], list[tuple[_Live, int]]]:
+        """The step's tensors; fills ``reserved`` with the checkpoint slots it writes."""
+        bs, pad = self.block_size, self.cache.pad_slot_id
+        width = self.model.config.mamba_d_conv - 1
+        tokens: list[int] = []
+        positions: list[int] = []
+        cu, rows, lens, slots, src, computed = [0], [], [], [], [], []
+        columns: list[list[int]] = []
+        window_slots: list[int] = []
+        window_index: list[list[int]] = []
+        commits: list[tuple[_Live, int]] = []
+        for b, (r, origin, start, end) in enumerate(plan):
+            first = len(tokens)
+            tokens += r.done.prompt[start:end]
+            positions += range(start, end)
+            cu.append(len(tokens))
+            rows.append(r.row)
+            lens.append(end)
+            slots.append(r.slot)
+            src.append(origin)
+            computed.append(start)
+            digests = r.block_digests(end // bs, bs)
+            cols = []
+            for boundary in range(start // bs * bs + bs, end + 1, bs):
+                slot = self.prefix.reserve(digests[boundary // bs - 1], pinned)
+                cols.append(pad if slot is None else slot)
+                if slot is None:
+                    continue
+                reserved.append((digests[boundary // bs - 1], slot))
+                commits.append((r, boundary))
+                # conv inputs before the boundary: this step's tokens, else the initial window
+                window_slots.append(slot)
+                window_index.append([first + q - start if q >= start
+                                     else -1 - (b * width + width - (start - q))
+                                     for q in range(boundary - width, boundary)])
+            columns.append(cols)
+        # one pad sequence keeps every dynamic size >= 2 (no 0/1 specialisation)
+        tokens.append(0)
+        positions.append(0)
+        cu.append(len(tokens))
+        rows.append(self.cache.scratch_row)
+        lens.append(1)
+        slots.append(pad)
+        src.append(pad)
+        computed.append(0)
+        columns.append([])
+        ncols = max(2, *(len(c) for c in columns))
+        columns = [c + [pad] * (ncols - len(c)) for c in columns]
+        while len(window_slots) < 2:
+            window_slots.append(SCRATCH_SLOT)
+            window_index.append([0] * width)
+        i32 = torch.int32
+        args = (
+            self._tensor(tokens), self._tensor(positions), self._tensor(cu, i32),
+            self._tensor(rows), self._tensor(lens), self._tensor(slots, i32),
+            self._tensor(src, i32), self._tensor(computed, i32), self._tensor(columns, i32),
+            self._tensor(window_slots), self._tensor(window_index),
+        )
+        return args, commits
 
     def _decode_step(self, batch: list[_Live]) -> int:
         n = len(batch)
@@ -254,7 +369,9 @@ class Engine:
         for i, (r, seq) in enumerate(zip(batch, seqs, strict=True)):
             r.processed = len(seq)
             if r.processed % self.block_size == 0:
-                self.prefix.save(seq, r.slot, r.row)
+                blocks = r.processed // self.block_size
+                digest = r.block_digests(blocks, self.block_size)[blocks - 1]
+                self.prefix.save(digest, r.slot, r.row, r.processed)
             self._emit(r, choice[i], logits[i])
         return n
 

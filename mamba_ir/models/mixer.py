@@ -1,13 +1,22 @@
-"""The Mamba2 mixer: in_proj -> (z, xBC, dt), causal conv, SSM recurrence, gated norm, out_proj.
+"""The Mamba2 mixer: in_proj -> (z, xBC, dt), causal conv, SSM, gated norm, out_proj.
 
-Every state access goes through the IR ops. Prefill and decode differ only in which ops they
-call; both read and write each sequence's *running* slot. Prefill first issues
-``copy_state_blocks(src -> running)`` so a sequence can start from a cached checkpoint (or
-from the all-zero slot): the compiler folds that copy into the conv/SSU call when the chosen
-provider can read from a source slot, and keeps it otherwise.
+Every state access goes through the IR ops. Prefill runs ``causal_conv1d_fn`` and the
+chunked scan ``mamba_chunk_scan`` over whole prompts; decode runs ``causal_conv1d_update``
+and ``selective_state_update``. Both read and write each sequence's *running* slot.
+Prefill first issues ``copy_state_blocks(src -> running)`` so a sequence can start from a
+cached checkpoint (or from the all-zero slot): the compiler folds that copy into the
+conv/scan call when the chosen provider can read from a source slot, and keeps it
+otherwise.
+
+Align-mode checkpoints inside a prefill step: the scan stores the SSM state at every block
+boundary into the given checkpoint slots, and the conv window at a boundary -- the
+``width - 1`` conv inputs before it -- is gathered from the step's own inputs, or from the
+sequence's initial window for a boundary within its first ``width - 1`` tokens.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +24,9 @@ from torch import nn
 
 from .. import ops
 from .config import HybridConfig
+
+# the scan's chunk: the Triton provider's tile along tokens, vLLM's default for Mamba2
+CHUNK_SIZE = 256
 
 
 class GatedRMSNorm(nn.Module):
@@ -53,6 +65,9 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.heads))
         self.norm = GatedRMSNorm(self.inner, self.groups, c.norm_eps)
         self.out_proj = nn.Linear(self.inner, c.hidden_size, bias=c.mamba_proj_bias)
+        limit = tuple(getattr(c, "time_step_limit", None) or (0.0, math.inf))
+        # the default limit clamps nothing: pass none, so providers need not support it
+        self.dt_limit = None if limit == (0.0, math.inf) else limit
         nn.init.kaiming_uniform_(self.conv_weight, a=5**0.5)
 
     def _ssm_args(self, xbc: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -70,6 +85,20 @@ class Mamba2Mixer(nn.Module):
             "dt_bias": self.dt_bias[:, None].expand(h, p),
         }
 
+    def _scan_args(self, xbc: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``mamba_chunk_scan`` arguments: Mamba2's per-head scalars as ``(heads,)``."""
+        s = self.d_state
+        x, b, c = xbc.split([self.inner, self.groups * s, self.groups * s], dim=-1)
+        return {
+            "x": x.unflatten(-1, (self.heads, self.head_dim)),
+            "dt": dt,
+            "A": -torch.exp(self.A_log.float()),
+            "B": b.unflatten(-1, (self.groups, s)),
+            "C": c.unflatten(-1, (self.groups, s)),
+            "D": self.D,
+            "dt_bias": self.dt_bias,
+        }
+
     def _finish(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.norm(y.flatten(-2), z).to(z.dtype))
 
@@ -82,20 +111,41 @@ class Mamba2Mixer(nn.Module):
         slots: torch.Tensor,
         src_slots: torch.Tensor,
         pad_slot_id: int,
+        block_size: int,
+        num_computed: torch.Tensor,
+        checkpoint_slots: torch.Tensor,
+        window_slots: torch.Tensor,
+        window_index: torch.Tensor,
     ) -> torch.Tensor:
-        """Varlen prefill of flat tokens; sequence i starts from ``src_slots[i]``'s state and
-        leaves its final state in ``slots[i]``."""
+        """Varlen prefill of flat tokens; sequence i starts from ``src_slots[i]``'s state,
+        ``num_computed[i]`` tokens into its request, and leaves its final state in
+        ``slots[i]``.
+
+        Checkpoints: ``checkpoint_slots`` ``(seqs, cols)`` get the SSM state at each block
+        boundary the sequence crosses (``mamba_chunk_scan``); ``window_slots`` ``(n,)`` get
+        the conv window at a boundary, whose inputs ``window_index`` ``(n, width-1)`` points
+        at: ``i >= 0`` is flat token ``i``, ``-1 - j`` is row ``j`` of the sequences'
+        initial windows flattened ``(seqs * (width-1))``.
+        """
         z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        # initial windows are read before the conv overwrites a continuing sequence's row
+        initial = conv_state[src_slots.clamp(min=0)].transpose(1, 2).flatten(0, 1)
         ops.copy_state_blocks(conv_state, src_slots, slots, pad_slot_id)
-        xbc = ops.causal_conv1d_fn(
+        conv = ops.causal_conv1d_fn(
             xbc.transpose(0, 1), self.conv_weight, self.conv_bias, conv_state, cu_seqlens,
             cache_indices=slots, has_initial_state=src_slots != pad_slot_id,
             activation="silu", pad_slot_id=pad_slot_id,
         ).transpose(0, 1)
+        own = window_index >= 0
+        windows = torch.where(own[..., None], xbc[window_index.clamp(min=0)],
+                              initial[(-1 - window_index).clamp(min=0)].to(xbc.dtype))
+        conv_state[window_slots] = windows.transpose(1, 2).to(conv_state.dtype)
         ops.copy_state_blocks(ssm_state, src_slots, slots, pad_slot_id)
-        y = ops.selective_state_update(
-            ssm_state, **self._ssm_args(xbc, dt), dt_softplus=True,
-            state_batch_indices=slots, pad_slot_id=pad_slot_id, cu_seqlens=cu_seqlens,
+        y = ops.mamba_chunk_scan(
+            ssm_state, **self._scan_args(conv, dt), chunk_size=CHUNK_SIZE,
+            cu_seqlens=cu_seqlens, dt_softplus=True, dt_limit=self.dt_limit,
+            state_batch_indices=slots, pad_slot_id=pad_slot_id, block_size=block_size,
+            num_computed_tokens=num_computed, checkpoint_state_indices=checkpoint_slots,
         )
         return self._finish(y, z)
 
@@ -114,7 +164,7 @@ class Mamba2Mixer(nn.Module):
             conv_state_indices=slots, pad_slot_id=pad_slot_id,
         )
         y = ops.selective_state_update(
-            ssm_state, **self._ssm_args(xbc, dt), dt_softplus=True,
+            ssm_state, **self._ssm_args(xbc, dt), dt_softplus=True, dt_limit=self.dt_limit,
             state_batch_indices=slots, pad_slot_id=pad_slot_id,
         )
         return self._finish(y, z)

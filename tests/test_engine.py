@@ -1,0 +1,131 @@
+"""The serving engine: token-budget prefill with in-step checkpoints, request validation,
+and exception safety (eager dispatch, CPU, a tiny random hybrid)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mamba_ir.models import Engine, HybridConfig, random_model
+from mamba_ir.models.cache import RESERVED_SLOTS
+
+BLOCK = 8
+CONFIG = HybridConfig(vocab_size=61, hidden_size=32, num_layers=3, attn_layer_indices=(1,),
+                      mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                      num_attention_heads=2, num_key_value_heads=1, attention_head_dim=16,
+                      intermediate_size=48)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return random_model(CONFIG, seed=1, std=0.2)
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(0, 61, (27,), generator=g).tolist()
+    return [base, base[:19], torch.randint(0, 61, (4,), generator=g).tolist()]
+
+
+def _free(engine: Engine) -> tuple[list[int], list[int]]:
+    return sorted(engine.prefix.free), sorted(engine.prefix.free_rows)
+
+
+@pytest.fixture(scope="module")
+def whole(model) -> list:
+    """Every prompt in one prefill step (budget above the total)."""
+    return Engine(model, block_size=BLOCK, max_requests=3, max_len=40).generate(_prompts(), 4)
+
+
+@pytest.mark.parametrize("budget", [5, 11])
+def test_any_token_budget_gives_the_same_completions(model, whole, budget):
+    # budget 5: steps end mid-block and boundaries fall within a step's first conv-width
+    # tokens (window partly from the initial window); 11: steps span two prompts
+    engine = Engine(model, block_size=BLOCK, max_requests=3, max_len=40, prefill_tokens=budget)
+    done = engine.generate(_prompts(), 4)
+    assert engine.stats.prefill_steps >= -(-engine.stats.prefill_tokens // budget)
+    for a, b in zip(done, whole, strict=True):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits),
+                                   atol=1e-5, rtol=0)
+    # the checkpoints written inside the steps serve a second run
+    again = engine.generate(_prompts(), 4)
+    assert [c.cached_tokens for c in again] == [3 * BLOCK, 2 * BLOCK, 0]
+    for a, b in zip(again, whole, strict=True):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits),
+                                   atol=1e-5, rtol=0)
+
+
+def test_one_step_checkpoints_every_boundary(model, whole):
+    engine = Engine(model, block_size=BLOCK, max_requests=3, max_len=40)
+    engine.generate(_prompts()[:1], 1)
+    assert engine.stats.prefill_steps == 1
+    assert engine.prefix.stats.saved == 3  # 8, 16, 24 of 27 tokens
+
+
+@pytest.mark.parametrize(("prompts", "new", "match"), [
+    ([[1, 2, 61]], 2, r"prompts\[0\]: token id 61 outside the vocabulary \[0, 61\)"),
+    ([[1, 2], [-1]], 2, r"prompts\[1\]: token id -1"),
+    ([[1], []], 2, r"prompts\[1\]: expected at least one token"),
+    ([[1, 2.5]], 2, r"prompts\[0\]: expected a sequence of int token ids"),
+    ([[1]], 0, r"max_new_tokens: expected an int >= 1, got 0"),
+    ([list(range(30))], 11, r"exceed max_len 40"),
+])
+def test_bad_requests_raise_before_anything_runs(model, prompts, new, match):
+    engine = Engine(model, block_size=BLOCK, max_requests=2, max_len=40)
+    before = _free(engine)
+    with pytest.raises(ValueError, match=match):
+        engine.generate(prompts, new)
+    assert _free(engine) == before
+    assert engine.stats.prefill_steps == 0
+
+
+def test_failed_step_gives_back_rows_and_slots(model, whole):
+    engine = Engine(model, block_size=BLOCK, max_requests=2, max_len=40, prefix_cache=False)
+    before = _free(engine)
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return engine.steps.prefill(*args)
+
+    engine._prefill = failing
+    for _ in range(3):  # more failures than rows: nothing leaks
+        calls.clear()
+        with pytest.raises(RuntimeError, match="device lost"):
+            engine.generate(_prompts(), 4)
+        assert _free(engine) == before
+    engine._prefill = engine.steps.prefill
+    done = engine.generate(_prompts(), 4)
+    assert [c.tokens for c in done] == [c.tokens for c in whole]
+
+
+def test_failed_step_returns_reserved_checkpoint_slots(model):
+    engine = Engine(model, block_size=BLOCK, max_requests=2, max_len=40)
+    before = _free(engine)
+
+    def failing(*args):
+        raise RuntimeError("kernel failed")
+
+    engine._prefill = failing
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        engine.generate(_prompts()[:1], 2)
+    assert _free(engine) == before
+    assert not engine.prefix.entries and not engine.prefix.pending
+
+
+def test_too_few_slots_is_refused_up_front(model):
+    with pytest.raises(ValueError, match=f"num_slots: expected at least {RESERVED_SLOTS + 3}"):
+        Engine(model, block_size=BLOCK, max_requests=3, max_len=40, num_slots=4)
+
+
+def test_checkpoints_are_skipped_not_fatal_when_slots_run_out(model, whole):
+    # room for the running slots only: every checkpoint is skipped, answers unchanged
+    engine = Engine(model, block_size=BLOCK, max_requests=3, max_len=40,
+                    num_slots=RESERVED_SLOTS + 3)
+    done = engine.generate(_prompts(), 4)
+    assert engine.prefix.stats.saved == 0 and engine.prefix.stats.skipped > 0
+    assert [c.tokens for c in done] == [c.tokens for c in whole]
