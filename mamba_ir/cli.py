@@ -81,23 +81,42 @@ def _setup_logging(verbose: int) -> None:
 
 
 def summarize_report(sites: Sequence[Any]) -> list[str]:
-    """One line per (op, provider, fusion), with the skip reasons seen, from site reports."""
-    groups: Counter[tuple[str, str, str]] = Counter()
-    reasons: dict[tuple[str, str, str], set[str]] = {}
+    """Per graph, one line per (op, provider, fusion) with the skip reasons seen."""
+    groups: Counter[tuple[str, str, str, str]] = Counter()
+    reasons: dict[tuple[str, str, str, str], set[str]] = {}
+    order: dict[str, int] = {}
     for s in sites:
-        chosen = s.provider or f"folded into {s.fused_with.split(':')[0] if s.fused_with else 'op'}"
-        fusion = s.fusion or ""
-        key = (s.op, chosen, fusion)
+        graph = s.graph_name or f"graph {s.graph}"
+        order.setdefault(graph, len(order))
+        if s.folded:
+            chosen, fusion = f"folded into {s.fused_with_op}", "reads the copy's source rows"
+        else:
+            chosen, fusion = s.provider, _fusion_note(s)
+        key = (graph, s.op, chosen, fusion)
         groups[key] += 1
         reasons.setdefault(key, set()).update(f"{p}: {why}" for p, why in s.skipped)
-    lines = []
-    for (op, chosen, fusion), n in sorted(groups.items()):
-        line = f"  {op:<24} {n:>3} site(s) -> {chosen}"
+    lines, current = [], None
+    for key in sorted(groups, key=lambda k: (order[k[0]], k[1:])):
+        graph, op, chosen, fusion = key
+        if graph != current:
+            lines.append(f"  {graph}:")
+            current = graph
+        line = f"    {op:<24} {groups[key]:>3} site(s) -> {chosen}"
         if fusion:
             line += f"  [{fusion}]"
         lines.append(line)
-        lines.extend(f"      skipped {r}" for r in sorted(reasons[(op, chosen, fusion)]))
+        lines.extend(f"        skipped {r}" for r in sorted(reasons[key]))
     return lines
+
+
+def _fusion_note(site: Any) -> str:
+    if not site.fused:
+        return site.fusion or ""
+    if site.op == "copy_state_blocks":
+        return f"rest folded into {site.fused_with_op}; kept for empty sequences' rows only"
+    if site.residual:
+        return "reads the copy's source rows; the copy remains for empty sequences' rows"
+    return "reads the copy's source rows; the copy no longer runs"
 
 
 # -- ops -------------------------------------------------------------------------------------
@@ -301,10 +320,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mamba_ir.models.e2e_bench import run_bench
+    from mamba_ir.models import e2e_bench, prefill_bench
 
     _setup_logging(args.verbose)
-    return run_bench(args)
+    if args.prefill:
+        args.out = args.out or "docs/prefill_bench.json"
+        return prefill_bench.run(args)
+    args.out = args.out or "docs/e2e_bench.json"
+    return e2e_bench.run_bench(args)
 
 
 # -- entry -----------------------------------------------------------------------------------
@@ -395,7 +418,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens already in each sequence (attention KV length)")
     bench.add_argument("--layers", type=positive, metavar="N",
                        help="override the number of layers (smoke tests)")
-    bench.add_argument("--out", default="docs/e2e_bench.json", help="JSON output path")
+    bench.add_argument("--out", help="JSON output path (default docs/e2e_bench.json, with "
+                                     "--prefill docs/prefill_bench.json)")
+    bench.add_argument("--prefill", action="store_true",
+                       help="serving benchmark instead: time to first token by prompt length "
+                            "(--lengths) with GPU time by kernel category, and decode "
+                            "tokens/s by context (--contexts) and batch (--batches)")
+    bench.add_argument("--lengths", type=positive, metavar="N", nargs="+",
+                       default=[512, 2048, 8192, 32768], help="--prefill: prompt lengths")
+    bench.add_argument("--contexts", type=positive, metavar="N", nargs="+", default=[512, 8192],
+                       help="--prefill: decode context lengths")
+    bench.add_argument("--block-size", type=positive, metavar="N", default=256,
+                       help="--prefill: state checkpoint interval (a multiple of the scan chunk)")
+    bench.add_argument("--prefill-tokens", type=positive, metavar="N", default=8192,
+                       help="--prefill: tokens per prefill step")
+    bench.add_argument("--reps", type=positive, metavar="N", default=5,
+                       help="--prefill: timed runs per prompt length (median)")
     bench.add_argument("--profile", action="store_true",
                        help="also record GPU kernel time per step by category (profiler)")
     bench.add_argument("--plot-only", action="store_true",
