@@ -125,6 +125,8 @@ def compile(
         options=kwargs.pop("options", None),
         dynamic=kwargs.get("dynamic"),
     )
+    # graphs are labelled with the function's name (a bound method's: prefill, decode)
+    backend.report.name = getattr(model_or_fn, "__name__", type(model_or_fn).__name__)
     compiled = torch.compile(model_or_fn, backend=backend, **kwargs)
     # on the wrapper itself: an OptimizedModule would hand a plain setattr to the model
     object.__setattr__(compiled, "lowering_report", backend.report)

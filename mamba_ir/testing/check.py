@@ -16,11 +16,13 @@ provider's predicate accepts.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from hypothesis import HealthCheck, assume, given, settings
+from hypothesis.errors import Unsatisfiable
 from hypothesis.strategies import SearchStrategy
 
 from ..op import IrOp, get_op
@@ -211,8 +213,12 @@ def check_impl(
     many examples the provider accepted; fails if fewer than ``min_accepted``.
     """
     op = get_op(op) if isinstance(op, str) else op
+    if provider not in op.impls:
+        raise ValueError(f"provider: {provider!r} is not registered for {op.name} "
+                         f"(registered: {', '.join(op.impls)})")
     impl = op.impls[provider]
     accepted = 0
+    refusals: Counter[str] = Counter()
 
     @settings(
         max_examples=max_examples,
@@ -223,10 +229,21 @@ def check_impl(
     def run(call: dict[str, Any]) -> None:
         nonlocal accepted
         full = op.bind(**call)
-        assume(impl.refusal(full) is None)
+        refusal = impl.refusal(full)
+        if refusal is not None:
+            refusals[refusal] += 1
+        assume(refusal is None)
         accepted += 1
         assert_matches_native(op, provider, full)
 
-    run()
-    assert accepted >= min_accepted, f"{provider} accepted {accepted} of {max_examples} examples"
+    def refused() -> str:
+        return "; ".join(f"{why!r} x{n}" for why, n in refusals.most_common(3))
+
+    try:
+        run()
+    except Unsatisfiable as exc:  # the predicate refused every call drawn
+        raise AssertionError(f"{provider} accepted none of the {op.name} calls drawn on "
+                             f"{device}; it refused with {refused()}") from exc
+    assert accepted >= min_accepted, (
+        f"{provider} accepted {accepted} of {max_examples} examples; it refused with {refused()}")
     return accepted
