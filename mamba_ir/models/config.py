@@ -35,6 +35,8 @@ class HybridConfig:
     mamba_expand: int = 2
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
+    # dt after softplus is clamped to [lo, hi] (transformers' time_step_limit); None: no clamp
+    time_step_limit: tuple[float, float] | None = None
     # attention (Bamba only)
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
@@ -61,6 +63,10 @@ class HybridConfig:
         bad = [i for i in self.attn_layer_indices if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"attn_layer_indices {bad} outside [0, {self.num_layers})")
+        limit = self.time_step_limit
+        if limit is not None and not (len(limit) == 2 and 0 <= limit[0] <= limit[1]):
+            raise ValueError(f"time_step_limit: expected None or (lo, hi) with 0 <= lo <= hi, "
+                             f"got {limit!r}")
 
     @property
     def intermediate_mamba(self) -> int:
@@ -102,6 +108,10 @@ class HybridConfig:
             return _from_bamba(d)
         if model_type == "mamba2":
             return _from_mamba2(d)
+        missing = _NOT_YET.get(model_type)
+        if missing:
+            raise ValueError(f"model_type {model_type!r} is not supported yet: the decoder "
+                             f"lacks {missing} (supported: 'bamba', 'mamba2')")
         raise ValueError(f"model_type {model_type!r}: expected 'bamba' or 'mamba2'")
 
     def describe(self) -> str:
@@ -114,12 +124,24 @@ class HybridConfig:
         )
 
 
-def _check_time_step_limit(d: dict[str, Any]) -> None:
-    # The IR's recurrence applies softplus(dt + dt_bias) unclamped, which is exact only for
-    # the default limit.
-    limit = d.get("time_step_limit") or (0.0, math.inf)
-    if tuple(_as_float(v) for v in limit) != (0.0, math.inf):
-        raise ValueError(f"time_step_limit {tuple(limit)} is not supported (only (0, inf))")
+# Hybrid families whose Mamba2 layers the IR serves but whose decoder differs from Bamba's.
+_NOT_YET = {
+    "nemotron_h": "MLP-only layers with squared-ReLU, attention without rotary embeddings, "
+                  "and a Mamba width independent of mamba_expand",
+    "granitemoehybrid": "embedding, residual, attention and logits multipliers, the fused "
+                        "shared MLP, and mixture-of-experts layers",
+    "falcon_h1": "parallel attention and Mamba branches with per-branch multipliers",
+    "zamba2": "shared attention blocks with LoRA adapters",
+}
+
+
+def _time_step_limit(d: dict[str, Any]) -> tuple[float, float] | None:
+    """transformers' ``time_step_limit``; the default ``(0, inf)`` clamps nothing: None."""
+    limit = d.get("time_step_limit")
+    if not limit:
+        return None
+    lo, hi = (_as_float(v) for v in limit)
+    return None if (lo, hi) == (0.0, math.inf) else (lo, hi)
 
 
 def _as_float(value: Any) -> float:
@@ -135,7 +157,6 @@ def _check_act(d: dict[str, Any]) -> None:
 
 
 def _from_bamba(d: dict[str, Any]) -> HybridConfig:
-    _check_time_step_limit(d)
     _check_act(d)
     hidden, heads = d["hidden_size"], d["mamba_n_heads"]
     d_head = d.get("mamba_d_head", "auto")
@@ -161,6 +182,7 @@ def _from_bamba(d: dict[str, Any]) -> HybridConfig:
         mamba_expand=d["mamba_expand"],
         mamba_conv_bias=bool(d.get("mamba_conv_bias", True)),
         mamba_proj_bias=bool(d.get("mamba_proj_bias", False)),
+        time_step_limit=_time_step_limit(d),
         num_attention_heads=n_attn,
         num_key_value_heads=d.get("num_key_value_heads") or n_attn,
         attention_head_dim=d.get("head_dim") or hidden // n_attn,
@@ -176,7 +198,6 @@ def _from_bamba(d: dict[str, Any]) -> HybridConfig:
 
 
 def _from_mamba2(d: dict[str, Any]) -> HybridConfig:
-    _check_time_step_limit(d)
     _check_act(d)
     return HybridConfig(
         family="mamba2",
@@ -194,6 +215,7 @@ def _from_mamba2(d: dict[str, Any]) -> HybridConfig:
         mamba_expand=d["expand"],
         mamba_conv_bias=bool(d.get("use_conv_bias", True)),
         mamba_proj_bias=bool(d.get("use_bias", False)),
+        time_step_limit=_time_step_limit(d),
         intermediate_size=0,
         residual_in_fp32=bool(d.get("residual_in_fp32", True)),
         extra={"eos_token_id": d.get("eos_token_id")},
