@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,11 @@ logger = logging.getLogger("mamba_ir")
 NAMESPACE = "mamba_ir"
 
 Predicate = Callable[..., "bool | str"]
+
+
+def safe_name(provider: str) -> str:
+    """``provider`` as it appears in op names: characters other than [0-9A-Za-z_] become ``_``."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", provider)
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class IrOp:
         self.allocate = dict(allocate or {})
         self.impls: dict[str, Impl] = {NATIVE: Impl(NATIVE, native, None, ("cpu", "cuda"))}
         self._check: Callable[[dict[str, Any]], None] | None = None
+        self._device_check: Callable[[dict[str, Any]], None] | None = None
         self.custom_op = torch.library.custom_op(
             f"{NAMESPACE}::{self.name}",
             self._kernel,
@@ -101,8 +108,18 @@ class IrOp:
         string saying why it refuses; it sees fake tensors at compile time, so it may read
         shapes, strides, dtypes and devices but never values.
         """
+        if not isinstance(provider, str) or not provider:
+            raise ValueError(f"provider: expected a non-empty name, got {provider!r}")
         if provider == NATIVE:
             raise ValueError(f"provider name {NATIVE!r} is reserved for the reference")
+        for other in self.impls:
+            # compiled graphs call providers through ops named after them (passes/provider_ops)
+            if other != provider and safe_name(other) == safe_name(provider):
+                raise ValueError(
+                    f"provider {provider!r}: expected a name distinct from {other!r} after "
+                    f"mapping characters other than [0-9A-Za-z_] to '_' (both become "
+                    f"{safe_name(provider)!r} in compiled graphs); rename one of them"
+                )
 
         def add(impl_fn: Callable[..., Any]) -> Callable[..., Any]:
             self.impls[provider] = Impl(provider, impl_fn, supports, tuple(platforms))
@@ -113,6 +130,13 @@ class IrOp:
     def register_check(self, fn: Callable[[dict[str, Any]], None]) -> Callable:
         """Set the argument validation run before every eager or traced call."""
         self._check = fn
+        return fn
+
+    def register_device_check(self, fn: Callable[[dict[str, Any]], None]) -> Callable:
+        """Set the checks of index values that run on the device, without a host sync: the
+        checked mode of compiled graphs (``mamba_ir.compile(..., validate=True)``) runs them
+        before the provider. ``fn`` asserts with ``torch._assert_async`` (see checks.py)."""
+        self._device_check = fn
         return fn
 
     def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -162,15 +186,22 @@ class IrOp:
 
     def check(self, call: dict[str, Any]) -> None:
         """Validate a bound call; raises ``ValueError`` naming the bad argument."""
+        no_autograd(call)
         if self._check is not None:
             self._check(call)
 
+    def device_check(self, call: dict[str, Any]) -> None:
+        """Assert, on the call's device and without a host sync, what :meth:`check` can
+        only read in eager calls (index ranges, row rules, offsets)."""
+        if self._device_check is not None:
+            self._device_check(call)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call = self.bind(*args, **kwargs)
+        self.check(call)  # before allocating: a bad argument must not fail inside `allocate`
         for name, make in self.allocate.items():
             if call[name] is None:
                 call[name] = make(call)
-        self.check(call)
         result = self.custom_op(**call)
         if self.allocate:
             outs = tuple(call[name] for name in self.allocate)
@@ -179,6 +210,20 @@ class IrOp:
 
     def __repr__(self) -> str:
         return f"<mamba_ir op {self.name}: {', '.join(self.impls)}>"
+
+
+def no_autograd(call: dict[str, Any]) -> None:
+    """The ops are inference ops without a backward: a tensor that requires grad while
+    autograd records would get a result silently cut from the graph."""
+    if not torch.is_grad_enabled():
+        return
+    for name, value in call.items():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise ValueError(
+                f"{name}: expected a tensor that does not require grad, got requires_grad=True "
+                "(mamba_ir ops are inference ops without a backward: call them under "
+                f"torch.inference_mode() or torch.no_grad(), or pass {name}.detach())"
+            )
 
 
 def _device_type(call: dict[str, Any]) -> str:

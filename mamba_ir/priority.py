@@ -8,7 +8,10 @@ The order for one call is the first of these that names the op:
 3. the platform default: the providers registered for the call's device type, in
    registration order.
 
-``native`` is always appended last and never needs naming.
+``native`` is always appended last and never needs naming. A spec is checked where it
+enters (``set_priority``, the environment variable when read, ``mamba_ir.compile``, the
+CLI's ``--priority``): an op or provider name that is not registered raises ``ValueError``
+naming the entry and what is registered, instead of silently falling back to native.
 """
 
 from __future__ import annotations
@@ -32,25 +35,73 @@ _override: contextvars.ContextVar[tuple[PriorityMap, ...]] = contextvars.Context
 
 
 def parse_priority(spec: PrioritySpec) -> dict[str, tuple[str, ...]]:
-    """Normalise a priority given as a string, a mapping or a list into ``{op: providers}``."""
+    """Normalise a priority given as a string, a mapping or a list into ``{op: providers}``.
+
+    Only the form is checked here; :func:`checked_priority` also checks the names."""
+    return {op: names for op, (names, _) in _entries(spec).items()}
+
+
+def _entries(spec: PrioritySpec) -> dict[str, tuple[tuple[str, ...], str]]:
+    """``{op: (providers, the entry as written)}``."""
     if spec is None:
         return {}
     if isinstance(spec, str):
-        out: dict[str, tuple[str, ...]] = {}
+        out: dict[str, tuple[tuple[str, ...], str]] = {}
         for part in filter(None, (p.strip() for p in spec.split(";"))):
             op, sep, names = part.rpartition("=")
             key = op.strip() if sep else ALL_OPS
-            out[key] = _names(names.split(","))
+            out[key] = (_names(names.split(",")), part)
         return out
     if isinstance(spec, Mapping):
-        return {op: _names(names) for op, names in spec.items()}
-    return {ALL_OPS: _names(spec)}
+        for op in spec:
+            if not isinstance(op, str):
+                raise ValueError(f"priority: expected op names as keys, got {op!r}")
+        return {op: (_names(names), f"{op!r}: {names!r}") for op, names in spec.items()}
+    if not isinstance(spec, (list, tuple)):
+        raise ValueError(
+            f"priority: expected a string, a mapping of op to providers or a list of providers, "
+            f"got {type(spec).__name__}"
+        )
+    return {ALL_OPS: (_names(spec), repr(list(spec)))}
+
+
+def checked_priority(spec: PrioritySpec, source: str = "priority") -> dict[str, tuple[str, ...]]:
+    """:func:`parse_priority`, then every op and provider name checked against the registry
+    (providers are loaded when ``mamba_ir`` is imported). ``source`` names where the spec
+    came from in the error."""
+    from .op import REGISTRY  # late: op.py imports this module
+
+    entries = _entries(spec)
+    everywhere = sorted({p for op in REGISTRY.values() for p in op.impls} - {NATIVE})
+    for op, (names, entry) in entries.items():
+        if op != ALL_OPS and op not in REGISTRY:
+            raise ValueError(
+                f"{source}: entry {entry!r} names op {op!r}, which is not declared "
+                f"(declared: {', '.join(sorted(REGISTRY))})"
+            )
+        known = everywhere if op == ALL_OPS else sorted(set(REGISTRY[op].impls) - {NATIVE})
+        for name in names:
+            if name not in known:
+                hint = "; name an op with op=provider" if ":" in name or "=" in name else ""
+                where = "any op" if op == ALL_OPS else op
+                raise ValueError(
+                    f"{source}: entry {entry!r} names provider {name!r}, which is not "
+                    f"registered for {where} (registered: {', '.join(known) or 'none'}, "
+                    f"and native){hint}"
+                )
+    return {op: names for op, (names, _) in entries.items()}
 
 
 def _names(names: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(names, str):
         names = names.split(",")
-    return tuple(n.strip() for n in names if n.strip() and n.strip() != NATIVE)
+    out = []
+    for n in names:
+        if not isinstance(n, str):
+            raise ValueError(f"priority: expected provider names, got {n!r}")
+        if n.strip() and n.strip() != NATIVE:
+            out.append(n.strip())
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=8)
@@ -72,6 +123,7 @@ def priority_for(op: str, default: Sequence[str]) -> tuple[str, ...]:
             return (*found, NATIVE)
     env = os.environ.get(ENV_VAR)
     if env:
+        checked_priority(env, ENV_VAR)  # set lists of names: cheap, and the registry may grow
         found = _lookup(_env_priority(env), op)
         if found is not None:
             return (*found, NATIVE)
@@ -85,7 +137,7 @@ def set_priority(spec: PrioritySpec) -> Iterator[dict[str, tuple[str, ...]]]:
     >>> with set_priority({"selective_state_update": ["triton"]}):
     ...     pass
     """
-    table = parse_priority(spec)
+    table = checked_priority(spec, "set_priority")
     token = _override.set((*_override.get(), table))
     try:
         yield table
