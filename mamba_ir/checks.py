@@ -2,7 +2,12 @@
 
 Metadata (shape, dtype, device, layout) is checked on every call, traced ones included.
 Index *values* are checked only where they can be read without tracing, that is in eager
-calls; all checks run before anything is written.
+calls; all checks run before anything is written. The ``assert_*`` helpers check the same
+value rules on the device without a host sync (``torch._assert_async``): the checked mode
+of compiled graphs runs them (``IrOp.register_device_check``).
+
+Per-sequence index tensors may hold more entries than the call has sequences (vLLM pads
+them to a CUDA-graph batch size); the entries past the sequences are ignored, never read.
 """
 
 from __future__ import annotations
@@ -62,14 +67,29 @@ def index(
     *,
     ndim: int | Iterable[int] = 1,
     rows: int | None = None,
+    padded: bool = False,
+    min_cols: int = 0,
     device: torch.device | None = None,
     optional: bool = True,
+    dtypes: Sequence[torch.dtype] = INDEX_DTYPES,
 ) -> torch.Tensor | None:
-    """Check an integer index tensor (int32 or int64) with ``rows`` entries along dim 0."""
-    t = tensor(call, name, ndim=ndim, dtypes=INDEX_DTYPES, device=device, optional=optional)
-    if t is not None and rows is not None and t.shape[0] != rows:
-        fail(name, f"{rows} rows (one per sequence)", _describe(t))
+    """Check an integer index tensor (int32 or int64) with ``rows`` entries along dim 0
+    (at least ``rows`` when ``padded``: one per sequence, then ignored padding) and, when
+    2-D, at least ``min_cols`` columns."""
+    t = tensor(call, name, ndim=ndim, dtypes=dtypes, device=device, optional=optional)
+    if t is None:
+        return None
+    if rows is not None and (t.shape[0] < rows if padded else t.shape[0] != rows):
+        want = f"at least {rows}" if padded else f"{rows}"
+        fail(name, f"{want} rows (one per sequence)", _describe(t))
+    if t.dim() == 2 and t.shape[1] < min_cols:
+        fail(name, f"at least {min_cols} column{'s' if min_cols > 1 else ''}", _describe(t))
     return t
+
+
+def sequences(t: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """The entries of a per-sequence tensor that belong to the call's ``count`` sequences."""
+    return None if t is None else t[:count]
 
 
 def same_device(call: dict[str, Any], anchor: str) -> None:
@@ -100,6 +120,15 @@ def values_readable(*tensors: torch.Tensor | None) -> bool:
         if isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta":
             return False
     return True
+
+
+def real_rows(rows: torch.Tensor, nslots: int, pad: int) -> torch.Tensor:
+    """Which entries name a row of the state: not the pad id and in ``[0, nslots)``.
+
+    Compiled calls skip the value checks; the native op reads and writes only these rows,
+    so a bad index can neither wrap around (``-2`` is not row ``nslots - 2``) nor reach
+    past the state."""
+    return (rows != pad) & (rows >= 0) & (rows < nslots)
 
 
 def rows_in_range(name: str, values: torch.Tensor, nslots: int, pad: int) -> None:
@@ -162,3 +191,59 @@ def dt_limit(call: dict[str, Any], name: str = "dt_limit") -> None:
         fail(name, "None or two floats (lo, hi)", repr(limit))
     if not lo <= hi:
         fail(name, "lo <= hi", repr(tuple(limit)))
+
+
+# -- the same rules on the device (checked mode of compiled graphs) ---------------------
+
+
+def assert_rows_in_range(name: str, values: torch.Tensor, nslots: int, pad: int) -> None:
+    ok = (values == pad) | ((values >= 0) & (values < nslots))
+    torch._assert_async(ok.all(), f"{name}: expected rows in [0, {nslots}) or pad_slot_id={pad}")
+
+
+def assert_within(name: str, values: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    """Every entry in ``[lo, hi]``."""
+    torch._assert_async(((values >= lo) & (values <= hi)).all(), f"{name}: expected {what}")
+
+
+def assert_cumulative(name: str, offsets: torch.Tensor, ntokens: int) -> None:
+    ok = (offsets[0] == 0) & (offsets[-1] == ntokens) & (offsets[1:] >= offsets[:-1]).all()
+    torch._assert_async(
+        ok, f"{name}: expected non-decreasing offsets from 0 to {ntokens} (the number of tokens)"
+    )
+
+
+def assert_row_rules(
+    src_name: str,
+    sources: torch.Tensor,
+    dst_name: str,
+    destinations: torch.Tensor,
+    written: torch.Tensor,
+    nslots: int,
+    pad: int,
+) -> None:
+    """:func:`disjoint_rows` on the device: ``sources`` (n,), ``destinations`` (n, k) with
+    ``written`` (n, k) marking the rows each entry writes. Out-of-range rows are left to
+    :func:`assert_rows_in_range`."""
+    n = sources.shape[0]
+    if n == 0:
+        return
+    device = sources.device
+    dst = destinations.long()
+    real = written & real_rows(dst, nslots, pad)
+    spare = torch.where(real, dst, nslots).flatten()  # row nslots collects what is not written
+    count = torch.zeros(nslots + 1, dtype=torch.int32, device=device)
+    count.index_add_(0, spare, torch.ones_like(spare, dtype=torch.int32))
+    distinct = (count[:nslots] <= 1).all()
+    torch._assert_async(distinct, f"{dst_name}: expected distinct destination rows")
+    entry = torch.arange(n, device=device)[:, None].expand_as(dst).flatten()
+    owner = torch.full((nslots + 1,), -1, dtype=torch.long, device=device)
+    owner.scatter_(0, spare, entry)
+    owner[nslots] = -1
+    src = sources.long()
+    reads = real_rows(src, nslots, pad)
+    by = owner[torch.where(reads, src, nslots)]
+    ok = ~reads | (by == -1) | (by == torch.arange(n, device=device))
+    torch._assert_async(
+        ok.all(), f"{src_name}: expected no source row that another entry writes"
+    )

@@ -50,17 +50,23 @@ class TokenLayout:
         dst_indices: torch.Tensor | None,
         num_accepted_tokens: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sequence's source row, and its destination rows (one per token column)."""
+        """Each sequence's source row, and its destination rows (one per token column).
+
+        Index tensors may be longer than the number of sequences: the tail is ignored. The
+        source column under speculative decoding, ``max(accepted - 1, 0)``, is bounded by
+        the source indices' columns (the eager check refuses larger counts)."""
         device = self.starts.device
         if indices is None:
             indices = torch.arange(self.count, device=device)
+        indices = indices[: self.count]
         base = (indices if indices.dim() == 2 else indices[:, None]).long()
-        dst = base if dst_indices is None else dst_indices.long()
+        dst = base if dst_indices is None else dst_indices[: self.count].long()
         if dst.dim() == 1:
             dst = dst[:, None]
         col = torch.zeros(self.count, 1, dtype=torch.long, device=device)
         if num_accepted_tokens is not None:
-            col = (num_accepted_tokens.long() - 1).clamp(min=0)[:, None]
+            accepted = num_accepted_tokens[: self.count].long()
+            col = (accepted - 1).clamp(min=0, max=max(base.shape[1] - 1, 0))[:, None]
         return base.gather(1, col)[:, 0], dst
 
 

@@ -27,16 +27,21 @@ def causal_conv1d_fn(
     dst = range(len(bounds) - 1) if cache_indices is None else cache_indices.tolist()
     src = dst if src_cache_indices is None else src_cache_indices.tolist()
     initial = [False] * len(dst) if has_initial_state is None else has_initial_state.tolist()
-    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        if end == start:
+    nslots = conv_states.shape[0]
+
+    def real(row: int) -> bool:  # unchecked (compiled) indices never wrap or reach past
+        return row != pad_slot_id and 0 <= row < nslots
+
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=False)):
+        if end <= start:
             continue
         window = torch.zeros(x.shape[0], width - 1, device=x.device)
-        if initial[b] and src[b] != pad_slot_id:
+        if initial[b] and real(src[b]):
             window = conv_states[src[b], :, : width - 1].float()
         seq = torch.cat([window, x[:, start:end].float()], dim=1)
         y = F.conv1d(seq[None], weight.float()[:, None], _float(bias), groups=x.shape[0])[0]
         out[:, start:end] = F.silu(y) if activation in ("silu", "swish") else y
-        if dst[b] != pad_slot_id:
+        if real(dst[b]):
             conv_states[dst[b], :, : width - 1] = seq[:, -(width - 1) :].to(conv_states.dtype)
     return out
 
@@ -69,10 +74,8 @@ def _check(call: dict) -> None:
     if nseq < 0:
         checks.fail("query_start_loc", "at least one entry", tuple(qsl.shape))
     for name in ("cache_indices", "src_cache_indices"):
-        checks.index(call, name, rows=nseq)
-    flags = checks.tensor(call, "has_initial_state", ndim=1, dtypes=(torch.bool,), optional=True)
-    if flags is not None and flags.shape[0] != nseq:
-        checks.fail("has_initial_state", f"{nseq} entries (one per sequence)", tuple(flags.shape))
+        checks.index(call, name, rows=nseq, padded=True)
+    checks.index(call, "has_initial_state", rows=nseq, padded=True, dtypes=(torch.bool,))
     if call["cache_indices"] is None and nseq > states.shape[0]:
         checks.fail(
             "conv_states", f"at least {nseq} rows (no cache_indices given)", tuple(states.shape)
@@ -87,6 +90,7 @@ def _check_values(call: dict, nslots: int, ntokens: int) -> None:
         return
     checks.cumulative("query_start_loc", qsl, ntokens)
     nseq = qsl.shape[0] - 1
+    dst, src = checks.sequences(dst, nseq), checks.sequences(src, nseq)
     for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
         if idx is not None:
             checks.rows_in_range(name, idx, nslots, call["pad_slot_id"])
@@ -96,4 +100,23 @@ def _check_values(call: dict, nslots: int, ntokens: int) -> None:
     written = [[r] if n > 0 else [] for r, n in zip(dst_rows, lengths, strict=True)]
     checks.disjoint_rows(
         "src_cache_indices", src_rows, "cache_indices", written, call["pad_slot_id"]
+    )
+
+
+@causal_conv1d_fn.register_device_check
+def _device_check(call: dict) -> None:
+    x, qsl, pad = call["x"], call["query_start_loc"], call["pad_slot_id"]
+    nslots, nseq = call["conv_states"].shape[0], qsl.shape[0] - 1
+    checks.assert_cumulative("query_start_loc", qsl, x.shape[1])
+    dst = checks.sequences(call["cache_indices"], nseq)
+    src = checks.sequences(call["src_cache_indices"], nseq)
+    for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
+        if idx is not None:
+            checks.assert_rows_in_range(name, idx, nslots, pad)
+    if dst is None:
+        dst = torch.arange(nseq, device=x.device)
+    src = dst if src is None else src
+    written = (qsl[1:] > qsl[:-1])[:, None]
+    checks.assert_row_rules(
+        "src_cache_indices", src, "cache_indices", dst[:, None], written, nslots, pad
     )

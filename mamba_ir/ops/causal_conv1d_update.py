@@ -28,6 +28,7 @@ def causal_conv1d_update(
     out = torch.empty_like(x)
     out_tokens = out.transpose(1, 2) if x.dim() == 3 else out
     seq = token_layout(tokens.shape[:-1], query_start_loc, x.device)
+    nslots, state_len = conv_state.shape[0], conv_state.shape[2]
     dst_idx = conv_state_indices
     if dst_idx is None:  # row b for sequence b, also when only the sources are given
         dst_idx = torch.arange(seq.count, device=x.device)
@@ -35,15 +36,16 @@ def causal_conv1d_update(
     src, dst = seq.rows(src_idx, dst_idx, None)
     offset = torch.zeros_like(src)
     if src_token_offset is not None:
-        offset = src_token_offset.long()
+        offset = src_token_offset[: seq.count].long()
     elif num_accepted_tokens is not None:
-        offset = (num_accepted_tokens.long() - 1).clamp(min=0)
+        offset = (num_accepted_tokens[: seq.count].long() - 1).clamp(min=0)
 
     # history[b] = the width-1 cached columns from `offset`, then this call's tokens
     dim = weight.shape[0]
     history = torch.zeros(seq.count, dim, width - 1 + max(seq.max_len, 1), device=x.device)
-    has_src = src != pad_slot_id
+    has_src = checks.real_rows(src, nslots, pad_slot_id)
     cols = offset[has_src, None, None] + torch.arange(width - 1, device=x.device)
+    cols = cols.clamp(0, state_len - 1)  # unchecked (compiled) offsets never read past the row
     rows = conv_state[src[has_src]]
     history[has_src, :, : width - 1] = rows.gather(2, cols.expand(-1, rows.shape[1], -1)).float()
     for t in range(seq.max_len):
@@ -63,8 +65,9 @@ def causal_conv1d_update(
     spec = num_accepted_tokens is not None
     shift = torch.ones_like(seq.lengths) if spec else seq.lengths
     keep = seq.lengths + (width - 2) if spec else torch.full_like(seq.lengths, width - 1)
-    keep = torch.where((seq.lengths > 0) & (dst[:, 0] != pad_slot_id), keep, 0)
-    for c in range(int(keep.max()) if seq.count else 0):
+    writes = (seq.lengths > 0) & checks.real_rows(dst[:, 0], nslots, pad_slot_id)
+    keep = torch.where(writes, keep, 0)
+    for c in range(min(int(keep.max()), state_len) if seq.count else 0):
         m = c < keep
         conv_state[dst[m, 0], :, c] = history[m, :, shift[m] + c].to(conv_state.dtype)
     return out
@@ -107,7 +110,7 @@ def _check(call: dict) -> None:
         "num_accepted_tokens",
         "src_token_offset",
     ):
-        checks.index(call, name, rows=nseq)
+        checks.index(call, name, rows=nseq, padded=True)
     if call["conv_state_indices"] is None and nseq > state.shape[0]:
         checks.fail(
             "conv_state", f"at least {nseq} rows (no conv_state_indices given)", tuple(state.shape)
@@ -122,6 +125,10 @@ def _check(call: dict) -> None:
     _check_values(call, state.shape[0], state_len, width, x.shape[0])
 
 
+def _lead(x: torch.Tensor) -> tuple[int, ...]:
+    return (x.shape[0], x.shape[2]) if x.dim() == 3 else (x.shape[0],)
+
+
 def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: int) -> None:
     qsl, dst, src = (
         call["query_start_loc"],
@@ -134,7 +141,8 @@ def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: 
     if qsl is not None:
         checks.cumulative("query_start_loc", qsl, ntokens)
     x = call["x"]
-    seq = token_layout((x.shape[0], x.shape[2]) if x.dim() == 3 else (x.shape[0],), qsl, x.device)
+    seq = token_layout(_lead(x), qsl, x.device)
+    dst, src, nacc, offset = (checks.sequences(t, seq.count) for t in (dst, src, nacc, offset))
     for name, idx in (("conv_state_indices", dst), ("src_conv_state_indices", src)):
         if idx is not None:
             checks.rows_in_range(name, idx, nslots, pad)
@@ -155,4 +163,38 @@ def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: 
     ]
     checks.disjoint_rows(
         "src_conv_state_indices", src_rows.tolist(), "conv_state_indices", written, pad
+    )
+
+
+@causal_conv1d_update.register_device_check
+def _device_check(call: dict) -> None:
+    x, state, qsl, pad = call["x"], call["conv_state"], call["query_start_loc"], call["pad_slot_id"]
+    nslots, state_len = state.shape[0], state.shape[2]
+    width = call["weight"].shape[1]
+    if qsl is not None:
+        checks.assert_cumulative("query_start_loc", qsl, x.shape[0])
+    seq = token_layout(_lead(x), qsl, x.device)
+    dst, src, nacc, offset = (
+        checks.sequences(call[k], seq.count)
+        for k in ("conv_state_indices", "src_conv_state_indices", "num_accepted_tokens",
+                  "src_token_offset")
+    )
+    for name, idx in (("conv_state_indices", dst), ("src_conv_state_indices", src)):
+        if idx is not None:
+            checks.assert_rows_in_range(name, idx, nslots, pad)
+    window = f"a window start in [0, {state_len - width + 1}]"
+    if offset is not None:
+        checks.assert_within("src_token_offset", offset, 0, state_len - width + 1, window)
+    if nacc is not None:
+        checks.assert_within("num_accepted_tokens", nacc, -(2**62), state_len - width + 2, window)
+        checks.assert_within(
+            "conv_state", seq.lengths, 0, state_len - width + 2,
+            "room for width-2 + tokens columns per sequence",
+        )
+    if dst is None:
+        dst = torch.arange(seq.count, device=x.device)
+    src_rows, dst_rows = seq.rows(src if src is not None else dst, dst, None)
+    written = (seq.lengths > 0)[:, None]
+    checks.assert_row_rules(
+        "src_conv_state_indices", src_rows, "conv_state_indices", dst_rows, written, nslots, pad
     )

@@ -11,7 +11,9 @@ def copy_state_blocks(
     state: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, pad_slot_id: int = -1
 ) -> None:
     """``state[dst[i]] = state[src[i]]`` for every i where neither index is the pad id."""
-    keep = (src != pad_slot_id) & (dst != pad_slot_id)
+    # unchecked (compiled) indices never wrap around or reach past the state
+    keep = checks.real_rows(src, state.shape[0], pad_slot_id)
+    keep &= checks.real_rows(dst, state.shape[0], pad_slot_id)
     state[dst[keep]] = state[src[keep]]
 
 
@@ -32,3 +34,12 @@ def _check(call: dict) -> None:
         for s, d in zip(call["src"].tolist(), call["dst"].tolist(), strict=True)
     ]
     checks.disjoint_rows("src", [s for s, _ in pairs], "dst", [[d] for _, d in pairs], pad)
+
+
+@copy_state_blocks.register_device_check
+def _device_check(call: dict) -> None:
+    state, src, dst, pad = call["state"], call["src"], call["dst"], call["pad_slot_id"]
+    for name, idx in (("src", src), ("dst", dst)):
+        checks.assert_rows_in_range(name, idx, state.shape[0], pad)
+    checks.assert_row_rules("src", src, "dst", dst[:, None], (src != pad)[:, None],
+                            state.shape[0], pad)

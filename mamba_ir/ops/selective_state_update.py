@@ -1,5 +1,7 @@
 """``selective_state_update``: the SSM recurrence for decode, one or more tokens per sequence."""
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,7 @@ def selective_state_update(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    dt_limit: Sequence[float] | None = None,
     state_batch_indices: torch.Tensor | None = None,
     dst_state_batch_indices: torch.Tensor | None = None,
     pad_slot_id: int = -1,
@@ -40,7 +43,7 @@ def selective_state_update(
     src, dst = seq.rows(state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
 
     h = torch.zeros((seq.count, *state.shape[1:]), dtype=torch.float32, device=state.device)
-    has_src = src != pad_slot_id
+    has_src = checks.real_rows(src, state.shape[0], pad_slot_id)
     h[has_src] = state[src[has_src]].float()
     for t in range(seq.max_len):
         live, tok = seq.step(t)
@@ -49,6 +52,8 @@ def selective_state_update(
             dtt = dtt + dt_bias.float()
         if dt_softplus:
             dtt = F.softplus(dtt)
+        if dt_limit is not None:
+            dtt = dtt.clamp(dt_limit[0], dt_limit[1])
         Bt = seq.gather(B, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
         Ct = seq.gather(C, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
         dtt = dtt[..., None]
@@ -60,7 +65,7 @@ def selective_state_update(
         if z is not None:
             y = y * F.silu(seq.gather(z, tok).float())
         seq.scatter(out, tok[live], y[live])
-        if num_accepted_tokens is not None:  # speculative: every token's state has a slot
+        if num_accepted_tokens is not None and t < dst.shape[1]:  # speculative: a slot per token
             _store(state, dst[:, t], h, live, pad_slot_id)
     if num_accepted_tokens is None:
         _store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id)
@@ -77,7 +82,7 @@ def one_head(*args: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
 
 
 def _store(state: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
-    keep = live & (rows != pad)
+    keep = live & checks.real_rows(rows, state.shape[0], pad)
     state[rows[keep]] = h[keep].to(state.dtype)
 
 
@@ -104,12 +109,14 @@ def _check(call: dict) -> None:
         checks.tensor(call, name, shape=(*heads, dim), optional=True)
     b = checks.tensor(call, "B", ndim=len(lead) + 1 + len(heads))
     groups = tuple(b.shape[len(lead) : -1])
-    if tuple(b.shape) != (*lead, *groups, dstate) or (heads and heads[0] % groups[0]):
+    bad_groups = heads and (groups[0] == 0 or heads[0] % groups[0])
+    if tuple(b.shape) != (*lead, *groups, dstate) or bad_groups:
         want = (
             f"({', '.join(map(str, lead))}, {'ngroups dividing nheads, ' if heads else ''}{dstate})"
         )
         checks.fail("B", f"shape {want}", tuple(b.shape))
     checks.tensor(call, "C", shape=b.shape)
+    _check_limit(call["dt_limit"])
 
     cu = checks.index(call, "cu_seqlens")
     if cu is not None and cu.shape[0] < 1:
@@ -122,14 +129,27 @@ def _check(call: dict) -> None:
             tuple(state.shape),
         )
     spec = call["num_accepted_tokens"] is not None
-    checks.index(call, "num_accepted_tokens", rows=nseq)
+    checks.index(call, "num_accepted_tokens", rows=nseq, padded=True)
     for name in ("state_batch_indices", "dst_state_batch_indices"):
-        idx = checks.index(call, name, ndim=(2,) if spec else (1, 2), rows=nseq)
+        idx = checks.index(
+            call, name, ndim=(2,) if spec else (1, 2), rows=nseq, padded=True, min_cols=1
+        )
         if spec and idx is None and name == "state_batch_indices":
             checks.fail(name, "2-D slot indices (one per token) with num_accepted_tokens", None)
         if spec and len(lead) == 2 and idx is not None and idx.shape[1] < lead[1]:
             checks.fail(name, f"at least {lead[1]} columns (one per token)", tuple(idx.shape))
     _check_values(call, state.shape[0], lead)
+
+
+def _check_limit(limit: object) -> None:
+    if limit is None:
+        return
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+        checks.fail("dt_limit", "None or two floats (lo, hi)", repr(limit))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit):
+        checks.fail("dt_limit", "None or two floats (lo, hi)", repr(limit))
+    if not limit[0] <= limit[1]:  # NaN fails too
+        checks.fail("dt_limit", "lo <= hi", repr(limit))
 
 
 def _check_values(call: dict, nslots: int, lead: tuple[int, ...]) -> None:
@@ -140,6 +160,7 @@ def _check_values(call: dict, nslots: int, lead: tuple[int, ...]) -> None:
     if cu is not None:
         checks.cumulative("cu_seqlens", cu, lead[0])
     seq = token_layout(lead, cu, call["x"].device)
+    sbi, dsbi, nacc = (checks.sequences(t, seq.count) for t in (sbi, dsbi, nacc))
     for name, idx in (("state_batch_indices", sbi), ("dst_state_batch_indices", dsbi)):
         if idx is None:
             continue
@@ -148,8 +169,14 @@ def _check_values(call: dict, nslots: int, lead: tuple[int, ...]) -> None:
             checks.fail(
                 name, f"at least {seq.max_len} columns (longest sequence)", tuple(idx.shape)
             )
-    if nacc is not None and bool(((nacc < 0) | (nacc > seq.lengths.clamp(min=1))).any()):
-        checks.fail("num_accepted_tokens", "values in [0, tokens of the sequence]", nacc.tolist())
+    # vLLM's count of what the previous step accepted: it may exceed this step's tokens,
+    # but its source column max(n - 1, 0) must exist
+    if nacc is not None and bool(((nacc < 0) | (nacc > sbi.shape[1])).any()):
+        checks.fail(
+            "num_accepted_tokens",
+            f"values in [0, {sbi.shape[1]}] (the columns of state_batch_indices)",
+            nacc.tolist(),
+        )
     src, dst = seq.rows(sbi, dsbi, nacc)
     lengths = seq.lengths.tolist()
     if nacc is None:
@@ -158,3 +185,36 @@ def _check_values(call: dict, nslots: int, lead: tuple[int, ...]) -> None:
         written = [row[:n] for row, n in zip(dst.tolist(), lengths, strict=True)]
     dst_name = "dst_state_batch_indices" if dsbi is not None else "state_batch_indices"
     checks.disjoint_rows("state_batch_indices", src.tolist(), dst_name, written, pad)
+
+
+@selective_state_update.register_device_check
+def _device_check(call: dict) -> None:
+    x, state, cu, pad = call["x"], call["state"], call["cu_seqlens"], call["pad_slot_id"]
+    lead = tuple(x.shape[: x.dim() - (state.dim() - 2)])
+    nslots = state.shape[0]
+    if cu is not None:
+        checks.assert_cumulative("cu_seqlens", cu, lead[0])
+    seq = token_layout(lead, cu, x.device)
+    sbi, dsbi, nacc = (
+        checks.sequences(call[k], seq.count)
+        for k in ("state_batch_indices", "dst_state_batch_indices", "num_accepted_tokens")
+    )
+    for name, idx in (("state_batch_indices", sbi), ("dst_state_batch_indices", dsbi)):
+        if idx is not None:
+            checks.assert_rows_in_range(name, idx, nslots, pad)
+    src, dst = seq.rows(sbi, dsbi, nacc)
+    cols = torch.arange(dst.shape[1], device=x.device)[None, :]
+    if nacc is None:
+        written = (cols == 0) & (seq.lengths > 0)[:, None]
+    else:
+        checks.assert_within(
+            "num_accepted_tokens", nacc, 0, sbi.shape[1],
+            f"values in [0, {sbi.shape[1]}] (the columns of state_batch_indices)",
+        )
+        checks.assert_within(
+            "cu_seqlens" if cu is not None else "x", seq.lengths, 0, dst.shape[1],
+            f"at most {dst.shape[1]} tokens per sequence (one index column per token)",
+        )
+        written = cols < seq.lengths[:, None]
+    dst_name = "dst_state_batch_indices" if dsbi is not None else "state_batch_indices"
+    checks.assert_row_rules("state_batch_indices", src, dst_name, dst, written, nslots, pad)
