@@ -18,13 +18,17 @@ Where FlashInfer's meaning differs from the op's, the call is rewritten before l
 - without speculative decoding only the final state is written: destination indices are
   passed as one column, so every step rewrites the same row and the last one stays;
 - D may be absent (FlashInfer needs it: zeros), dt/D/dt_bias may differ in dtype
-  (widened to float32 together, exactly), and per-head vectors are made head-contiguous.
+  (widened to float32 together, exactly), and per-head vectors are made head-contiguous;
+- index tensors longer than the sequences are cut to them, and index tensors in any
+  layout (a column of a 2-D tensor, a stride) are passed as contiguous copies.
+
+``dt_limit`` is refused: FlashInfer 0.7.2 has no clamp of dt.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +128,8 @@ def plan(call: dict[str, Any], device: Device, can_fix_pads: bool) -> Plan | str
             "Mamba1 layout (3-D state): FlashInfer holds dt, A and D as one value per head; "
             "pass the Mamba2 layout (nheads, headdim, dstate)"
         )
+    if call.get("dt_limit") is not None:
+        return "dt_limit: FlashInfer 0.7.2's selective_state_update has no clamp of dt"
     if x.numel() == 0:
         return Plan("none")  # no tokens: nothing to read or write
     _, nheads, dim, dstate = state.shape
@@ -313,6 +319,7 @@ def selective_state_update(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    dt_limit: Sequence[float] | None = None,
     state_batch_indices: torch.Tensor | None = None,
     dst_state_batch_indices: torch.Tensor | None = None,
     pad_slot_id: int = -1,
@@ -331,6 +338,11 @@ def selective_state_update(
     assert not isinstance(fi, str), fi
     dt, D, dt_bias = _weights(dt, D, dt_bias, state.shape[1])
     A = _per_head(A)
+    nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
+    state_batch_indices, dst_state_batch_indices, num_accepted_tokens = (
+        None if t is None else t[:nseq].contiguous()
+        for t in (state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
+    )
     sbi, dst = _indices(state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
     if how.kernel == "multi-token" and cu_seqlens is None and x.dim() == 3:
         x, dt, B, C, z, out = (t if t is None else t.unsqueeze(1) for t in (x, dt, B, C, z, out))
@@ -393,7 +405,7 @@ def _indices(
         dst = dst if dst is None or dst.dim() == 1 else dst[:, 0]
     if sbi is not None and dst is not None and dst.dtype != sbi.dtype:
         dst = dst.to(sbi.dtype)
-    return sbi, dst
+    return (None if sbi is None else sbi.contiguous()), (None if dst is None else dst.contiguous())
 
 
 # -- pad sources with a real destination --------------------------------------------------

@@ -7,6 +7,12 @@ Decode is memory bound, so everything else here serves that one read and one wri
 per-token operands are tiny and shared (B/C per group stay in L2 because neighbouring
 programs are neighbouring heads), ties (stride 0) become scalar loads, and offsets that
 can pass 2**31 are computed in int64.
+
+Every index tensor is read through its strides (a column of a 2-D tensor is a strided
+1-D one). Rows outside ``[0, nslots)``, token offsets past the tokens and index columns
+past the index tensor are never touched: compiled calls skip the value checks, and a bad
+index must not write into memory beside the state (the next layer's cache, when the state
+is a view of a larger one).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ if triton is not None:
     def _token(
         h, t, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
         x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr,
-        a, d_skip, bias,
+        a, d_skip, bias, lo, hi,
         s_x_seq, s_x_tok, s_x_head, s_x_dim,
         s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
         s_z_seq, s_z_tok, s_z_head, s_z_dim,
@@ -28,6 +34,7 @@ if triton is not None:
         s_C_seq, s_C_tok, s_C_group, s_C_n,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr, DT_TIED: tl.constexpr, A_TIED: tl.constexpr,
+        HAS_LIMIT: tl.constexpr,
     ):
         """Advance the state tile ``h`` by token ``t`` of the sequence and write its output."""
         tok = bos + t
@@ -43,6 +50,8 @@ if triton is not None:
         if SOFTPLUS:
             # torch's softplus: linear above 20, where exp would lose the log1p term anyway
             dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        if HAS_LIMIT:
+            dt = tl.minimum(tl.maximum(dt, lo), hi)
         b = tl.load(B_ptr + seq * s_B_seq + tok * s_B_tok + group * s_B_group + offs_n * s_B_n,
                     mask=mask_n, other=0.0).to(tl.float32)
         c = tl.load(C_ptr + seq * s_C_seq + tok * s_C_tok + group * s_C_group + offs_n * s_C_n,
@@ -70,6 +79,7 @@ if triton is not None:
         state_ptr, x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
         src_ptr, dst_ptr, cu_ptr, nacc_ptr,
         pad_slot_id, nheads, dim, dstate, heads_per_group, tokens_per_seq,
+        nslots, ntokens, src_cols, dst_cols, lo, hi, s_cu, s_nacc,
         s_state_row, s_state_head, s_state_dim, s_state_n,
         s_x_seq, s_x_tok, s_x_head, s_x_dim,
         s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
@@ -83,7 +93,8 @@ if triton is not None:
         s_src_seq, s_src_col,
         s_dst_seq, s_dst_col,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SOFTPLUS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
+        SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+        HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
         VARLEN: tl.constexpr, SPEC: tl.constexpr, ONE_TOKEN: tl.constexpr,
         DT_TIED: tl.constexpr, A_TIED: tl.constexpr, D_TIED: tl.constexpr,
         BIAS_TIED: tl.constexpr,
@@ -100,15 +111,20 @@ if triton is not None:
         head = head.to(tl.int64)
 
         if VARLEN:
-            bos = tl.load(cu_ptr + seq).to(tl.int64)
-            length = tl.load(cu_ptr + seq + 1).to(tl.int64) - bos
+            bos = tl.load(cu_ptr + seq * s_cu).to(tl.int64)
+            eos = tl.load(cu_ptr + (seq + 1) * s_cu).to(tl.int64)
+            # offsets outside [0, ntokens] (unchecked, compiled) shorten the sequence
+            eos = tl.minimum(eos, ntokens)
+            bos = tl.maximum(bos, 0)
+            length = tl.maximum(eos - bos, 0)
         else:
             bos = seq * 0
             length = tokens_per_seq
 
         if HAS_SRC:
             if SPEC:
-                col = tl.maximum(tl.load(nacc_ptr + seq).to(tl.int64) - 1, 0)
+                col = tl.maximum(tl.load(nacc_ptr + seq * s_nacc).to(tl.int64) - 1, 0)
+                col = tl.minimum(col, src_cols - 1)
             else:
                 col = 0
             src = tl.load(src_ptr + seq * s_src_seq + col * s_src_col).to(tl.int64)
@@ -132,7 +148,8 @@ if triton is not None:
 
         # a pad source means a zero initial state: the masked load reads nothing (scalar
         # conditions enter masks through tl.where: `&` with a scalar breaks the interpreter)
-        src_mask = tl.where(src != pad_slot_id, tile_mask, False)
+        src_ok = (src != pad_slot_id) & (src >= 0) & (src < nslots)
+        src_mask = tl.where(src_ok, tile_mask, False)
         src_tile = state_ptr + src * s_state_row + head_off + tile
         if STREAM:
             h = tl.load(src_tile, mask=src_mask, other=0.0, eviction_policy="evict_first")
@@ -163,40 +180,44 @@ if triton is not None:
         if ONE_TOKEN:
             h = _token(
                 h, 0, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
-                x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr, a, d_skip, bias,
+                x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr, a, d_skip, bias, lo, hi,
                 s_x_seq, s_x_tok, s_x_head, s_x_dim,
                 s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
                 s_z_seq, s_z_tok, s_z_head, s_z_dim,
                 s_out_seq, s_out_tok, s_out_head, s_out_dim,
                 s_B_seq, s_B_tok, s_B_group, s_B_n,
                 s_C_seq, s_C_tok, s_C_group, s_C_n,
-                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_TIED, A_TIED,
+                HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_TIED, A_TIED, HAS_LIMIT,
             )
         else:
             for t in range(length):
                 h = _token(
                     h, t, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
-                    x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr, a, d_skip, bias,
+                    x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr, a, d_skip, bias, lo, hi,
                     s_x_seq, s_x_tok, s_x_head, s_x_dim,
                     s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
                     s_z_seq, s_z_tok, s_z_head, s_z_dim,
                     s_out_seq, s_out_tok, s_out_head, s_out_dim,
                     s_B_seq, s_B_tok, s_B_group, s_B_n,
                     s_C_seq, s_C_tok, s_C_group, s_C_n,
-                    HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_TIED, A_TIED,
+                    HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_TIED, A_TIED, HAS_LIMIT,
                 )
-                if SPEC:  # every token's state has its own slot
+                if SPEC:  # every token's state has its own slot (columns past the index: none)
                     if HAS_DST:
-                        row = tl.load(dst_ptr + seq * s_dst_seq + t * s_dst_col).to(tl.int64)
+                        row = tl.load(dst_ptr + seq * s_dst_seq + t * s_dst_col,
+                                      mask=t < dst_cols, other=pad_slot_id).to(tl.int64)
                     else:
-                        row = tl.load(src_ptr + seq * s_src_seq + t * s_src_col).to(tl.int64)
+                        row = tl.load(src_ptr + seq * s_src_seq + t * s_src_col,
+                                      mask=t < src_cols, other=pad_slot_id).to(tl.int64)
+                    row_ok = (row != pad_slot_id) & (row >= 0) & (row < nslots)
                     tl.store(state_ptr + row * s_state_row + head_off + tile,
                              h.to(state_ptr.dtype.element_ty),
-                             mask=tl.where(row != pad_slot_id, tile_mask, False))
+                             mask=tl.where(row_ok, tile_mask, False))
 
         if not SPEC:
             # a pad destination, or a sequence without tokens, writes nothing
-            dst_mask = tl.where((dst != pad_slot_id) & (length > 0), tile_mask, False)
+            dst_ok = (dst != pad_slot_id) & (dst >= 0) & (dst < nslots) & (length > 0)
+            dst_mask = tl.where(dst_ok, tile_mask, False)
             dst_tile = state_ptr + dst * s_state_row + head_off + tile
             if STREAM:
                 tl.store(dst_tile, h.to(state_ptr.dtype.element_ty), mask=dst_mask,

@@ -14,6 +14,10 @@
 The split is what makes redirection safe: a sequence's window may be read by two conv
 programs (its first tokens can straddle a chunk or tile boundary), so no conv program may
 write a row that is read; after the first launch has finished, every window read is done.
+
+``query_start_loc``, the index tensors, ``has_initial_state`` and ``bias`` are read through
+their strides. Rows outside ``[0, nslots)`` are neither read nor written whatever an
+unchecked (compiled) call passes.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ if triton is not None:
     @triton.jit
     def _conv_kernel(
         x_ptr, out_ptr, state_ptr, w_ptr, b_ptr, qsl_ptr, src_ptr, init_ptr,
-        ntokens, dim, nseq, search_steps, pad_slot_id,
-        sx_d, sx_t, so_d, so_t, ss_row, ss_d, ss_c, sw_d, sw_k,
+        ntokens, dim, nseq, search_steps, pad_slot_id, nslots,
+        sx_d, sx_t, so_d, so_t, ss_row, ss_d, ss_c, sw_d, sw_k, s_b, s_qsl, s_src, s_init,
         W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_INIT: tl.constexpr,
         SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -54,7 +58,7 @@ if triton is not None:
         x_offs = rows[:, None] * sx_t + lanes[None, :] * sx_d
 
         if HAS_BIAS:
-            bias = tl.load(b_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+            bias = tl.load(b_ptr + chans * s_b, mask=chan_ok, other=0.0).to(tl.float32)
         else:
             bias = tl.zeros([BLOCK_D], dtype=tl.float32)
 
@@ -72,19 +76,20 @@ if triton is not None:
         hi = lo + nseq - 1
         for _ in range(search_steps):
             mid = (lo + hi + 1) // 2
-            below = tl.load(qsl_ptr + mid) <= toks
+            below = tl.load(qsl_ptr + mid * s_qsl) <= toks
             lo = tl.where(below, mid, lo)
             hi = tl.where(below, hi, mid - 1)
-        start = tl.load(qsl_ptr + lo).to(tl.int32)
+        start = tl.load(qsl_ptr + lo * s_qsl).to(tl.int32)
         near_start = (toks - start < W - 1) & tok_ok
         if tl.max(near_start.to(tl.int32), axis=0) > 0:
             # some token's taps reach before its sequence: redo the tile with windows
             if HAS_INIT:
                 if HAS_SRC:
-                    src = tl.load(src_ptr + lo).to(tl.int64)
+                    src = tl.load(src_ptr + lo * s_src).to(tl.int64)
                 else:
                     src = lo.to(tl.int64)
-                has_window = (tl.load(init_ptr + lo) != 0) & (src != pad_slot_id) & tok_ok
+                has_window = ((tl.load(init_ptr + lo * s_init) != 0) & (src != pad_slot_id)
+                              & (src >= 0) & (src < nslots) & tok_ok)
                 state_rows = state_ptr + src[:, None] * ss_row + chans[None, :] * ss_d
             acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + bias[None, :]
             for k in tl.static_range(W):
@@ -95,7 +100,8 @@ if triton is not None:
                 if HAS_INIT:
                     col = tap - start + (W - 1)
                     cached = tl.load(state_rows + col[:, None] * ss_c,
-                                     mask=(in_window & has_window)[:, None] & chan_ok[None, :],
+                                     mask=(in_window & has_window & (col >= 0))[:, None]
+                                     & chan_ok[None, :],
                                      other=0.0)
                     hist = tl.where(in_window[:, None], cached.to(tl.float32), hist)
                 tap_w = tl.load(w_ptr + chans * sw_d + k * sw_k, mask=chan_ok, other=0.0)
@@ -117,21 +123,24 @@ if triton is not None:
                     other=0.0).to(tl.float32)
         if HAS_INIT:
             col = tap - start + (W - 1)
-            cached = tl.load(s_row + col * ss_c, mask=win_ok & ~inside, other=0.0)
+            in_row = lanes - start + (W - 1) >= 0  # a sequence start past its tokens reads none
+            cached = tl.load(s_row + col * ss_c, mask=win_ok & ~inside & in_row, other=0.0)
             v = tl.where(inside, v, cached.to(tl.float32))
         return v
 
     @triton.jit
-    def _window_row(state_ptr, src_ptr, init_ptr, seq, chans, chan_ok, pad_slot_id,
-                    ss_row, ss_d, HAS_SRC: tl.constexpr, HAS_INIT: tl.constexpr):
+    def _window_row(state_ptr, src_ptr, init_ptr, seq, chans, chan_ok, pad_slot_id, nslots,
+                    ss_row, ss_d, s_src, s_init, HAS_SRC: tl.constexpr, HAS_INIT: tl.constexpr):
         """The cached window's row pointers of ``seq`` and the lanes that may read it."""
         lanes = tl.zeros_like(chans)
         if HAS_INIT:
             if HAS_SRC:
-                src = tl.load(src_ptr + seq).to(tl.int64)
+                src = tl.load(src_ptr + seq * s_src).to(tl.int64)
             else:
                 src = seq.to(tl.int64)
-            ok = ((tl.load(init_ptr + seq) + lanes) != 0) & ((src + lanes) != pad_slot_id)
+            src_v = src + lanes
+            ok = (((tl.load(init_ptr + seq * s_init) + lanes) != 0) & (src_v != pad_slot_id)
+                  & (src_v >= 0) & (src_v < nslots))
             row = state_ptr + src * ss_row + chans * ss_d
         else:
             ok = lanes != 0
@@ -141,8 +150,8 @@ if triton is not None:
     @triton.jit
     def _stream_kernel(
         x_ptr, out_ptr, state_ptr, w_ptr, b_ptr, qsl_ptr, src_ptr, init_ptr,
-        ntokens, dim, nseq, search_steps, pad_slot_id,
-        sx_d, sx_t, so_d, so_t, ss_row, ss_d, ss_c, sw_d, sw_k,
+        ntokens, dim, nseq, search_steps, pad_slot_id, nslots,
+        sx_d, sx_t, so_d, so_t, ss_row, ss_d, ss_c, sw_d, sw_k, s_b, s_qsl, s_src, s_init,
         W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_INIT: tl.constexpr,
         SILU: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, DEPTH: tl.constexpr,
     ):
@@ -155,7 +164,7 @@ if triton is not None:
         o_chans = out_ptr + chans * so_d
 
         if HAS_BIAS:
-            bias = tl.load(b_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+            bias = tl.load(b_ptr + chans * s_b, mask=chan_ok, other=0.0).to(tl.float32)
         else:
             bias = tl.zeros([BLOCK_D], dtype=tl.float32)
         # wj multiplies the input j tokens back
@@ -174,16 +183,17 @@ if triton is not None:
         hi = lo + nseq - 1
         for _ in range(search_steps):
             mid = (lo + hi + 1) // 2
-            below = tl.load(qsl_ptr + mid).to(tl.int32) <= first
+            below = tl.load(qsl_ptr + mid * s_qsl).to(tl.int32) <= first
             lo = tl.where(below, mid, lo)
             hi = tl.where(below, hi, mid - 1)
         seq = lo
-        start = tl.load(qsl_ptr + seq).to(tl.int32)
-        nxt = tl.load(qsl_ptr + seq + 1).to(tl.int32)
+        start = tl.load(qsl_ptr + seq * s_qsl).to(tl.int32)
+        nxt = tl.load(qsl_ptr + (seq + 1) * s_qsl).to(tl.int32)
 
         # the inputs 1..W-1 tokens before the chunk, loaded once
         s_row, win_ok = _window_row(state_ptr, src_ptr, init_ptr, seq, chans, chan_ok,
-                                    pad_slot_id, ss_row, ss_d, HAS_SRC, HAS_INIT)
+                                    pad_slot_id, nslots, ss_row, ss_d, s_src, s_init,
+                                    HAS_SRC, HAS_INIT)
         a1 = _history(x_chans, s_row, first - 1, start, sx_t, ss_c, chan_ok, win_ok, W, HAS_INIT)
         a2 = tl.zeros([BLOCK_D], dtype=tl.float32)
         a3 = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -228,12 +238,13 @@ if triton is not None:
                              other=0.0)
             if t == nxt:
                 # a sequence starts here: its history is the cached window (or zero)
-                seq += 1
-                while tl.load(qsl_ptr + seq + 1).to(tl.int32) <= t:
+                seq = tl.minimum(seq + 1, nseq - 1)
+                while (seq < nseq - 1) & (tl.load(qsl_ptr + (seq + 1) * s_qsl).to(tl.int32) <= t):
                     seq += 1
-                nxt = tl.load(qsl_ptr + seq + 1).to(tl.int32)
+                nxt = tl.load(qsl_ptr + (seq + 1) * s_qsl).to(tl.int32)
                 s_row, win_ok = _window_row(state_ptr, src_ptr, init_ptr, seq, chans, chan_ok,
-                                            pad_slot_id, ss_row, ss_d, HAS_SRC, HAS_INIT)
+                                            pad_slot_id, nslots, ss_row, ss_d, s_src, s_init,
+                                            HAS_SRC, HAS_INIT)
                 a1 = tl.load(s_row + (W - 2) * ss_c, mask=win_ok, other=0.0).to(tl.float32)
                 if W > 2:
                     a2 = tl.load(s_row + (W - 3) * ss_c, mask=win_ok, other=0.0).to(tl.float32)
@@ -255,27 +266,32 @@ if triton is not None:
     @triton.jit
     def _final_window_kernel(
         x_ptr, state_ptr, qsl_ptr, dst_ptr, src_ptr, init_ptr,
-        dim, pad_slot_id, sx_d, sx_t, ss_row, ss_d, ss_c,
+        dim, pad_slot_id, nslots, ntokens, sx_d, sx_t, ss_row, ss_d, ss_c,
+        s_qsl, s_dst, s_src, s_init,
         W: tl.constexpr, HAS_DST: tl.constexpr, HAS_SRC: tl.constexpr, HAS_INIT: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         b = tl.program_id(0)
         chans = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         chan_ok = chans < dim
-        start = tl.load(qsl_ptr + b).to(tl.int64)
-        length = (tl.load(qsl_ptr + b + 1) - start).to(tl.int32)
+        # offsets outside [0, ntokens] (unchecked, compiled) shorten the sequence
+        start = tl.maximum(tl.load(qsl_ptr + b * s_qsl).to(tl.int64), 0)
+        end = tl.minimum(tl.load(qsl_ptr + (b + 1) * s_qsl).to(tl.int64), ntokens)
+        length = tl.maximum(end - start, 0).to(tl.int32)
         if HAS_DST:
-            dst = tl.load(dst_ptr + b).to(tl.int64)
+            dst = tl.load(dst_ptr + b * s_dst).to(tl.int64)
         else:
             dst = b.to(tl.int64)
         if HAS_SRC:
-            src = tl.load(src_ptr + b).to(tl.int64)
+            src = tl.load(src_ptr + b * s_src).to(tl.int64)
         else:
             src = dst
-        if (dst != pad_slot_id) & (length > 0):
+        if (dst != pad_slot_id) & (dst >= 0) & (dst < nslots) & (length > 0):
             lanes = tl.zeros_like(chans)  # scalar flags become vectors: the interpreter needs it
             if HAS_INIT:
-                has_window = ((tl.load(init_ptr + b) + lanes) != 0) & ((src + lanes) != pad_slot_id)
+                src_v = src + lanes
+                has_window = (((tl.load(init_ptr + b * s_init) + lanes) != 0)
+                              & (src_v != pad_slot_id) & (src_v >= 0) & (src_v < nslots))
             else:
                 has_window = lanes != 0
             src_row = state_ptr + src * ss_row + chans * ss_d
@@ -350,8 +366,9 @@ def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | No
         src_for_read = src if src is not None else dst
         args = (x, out, states, weight, weight if bias is None else bias, qsl,
                 dummy if src_for_read is None else src_for_read, dummy if init is None else init,
-                ntokens, dim, nseq, (nseq - 1).bit_length(), pad,
-                *x.stride(), *out.stride(), *states.stride(), *weight.stride())
+                ntokens, dim, nseq, (nseq - 1).bit_length(), pad, states.shape[0],
+                *x.stride(), *out.stride(), *states.stride(), *weight.stride(),
+                _stride(bias), _stride(qsl), _stride(src_for_read), _stride(init))
         flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_SRC": src_for_read is not None,
                  "HAS_INIT": init is not None, "SILU": call["activation"] in ("silu", "swish")}
         if kernel == "stream":
@@ -370,12 +387,16 @@ def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | No
         window_block = min(256, triton.next_power_of_2(dim))
         _final_window_kernel[(nseq, triton.cdiv(dim, window_block))](
             x, states, qsl, dummy if dst is None else dst, dummy if src is None else src,
-            dummy if init is None else init, dim, pad,
-            *x.stride(), *states.stride(),
+            dummy if init is None else init, dim, pad, states.shape[0], ntokens,
+            *x.stride(), *states.stride(), _stride(qsl), _stride(dst), _stride(src), _stride(init),
             W=width, HAS_DST=dst is not None, HAS_SRC=src is not None, HAS_INIT=init is not None,
             BLOCK_D=window_block, num_warps=max(1, min(4, window_block // 64)),
         )
     return out
+
+
+def _stride(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.stride(0)
 
 
 def causal_conv1d_fn(**call: Any) -> torch.Tensor:

@@ -7,6 +7,10 @@ destination row. A sequence may read and write the same row (also at an offset),
 read of the cached window happens before the first write: a barrier separates them, and
 the write loop goes column by column in ascending order, which only ever reads columns to
 the right of those already written.
+
+Index tensors, ``query_start_loc`` and ``bias`` are read through their strides. Rows outside
+``[0, nslots)`` are neither read nor written and no column past ``state_len`` is touched,
+whatever an unchecked (compiled) call passes.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from ._common import PROVIDER, runnable_conv, tl, triton
 if triton is not None:
 
     @triton.jit
-    def _history(state_row, x_tok, h, offset, has_window, ss_c, sx_t, chan_ok, W: tl.constexpr):
+    def _history(state_row, x_tok, h, offset, has_window, ss_c, sx_t, chan_ok, state_len,
+                 W: tl.constexpr):
         """Column ``h`` of the history, in float32 (zeros for a missing window)."""
         in_window = (h + tl.zeros_like(chan_ok.to(tl.int32))) < W - 1
-        cached = tl.load(state_row + (offset + h) * ss_c, mask=chan_ok & in_window & has_window,
-                         other=0.0)
+        col = offset + h + tl.zeros_like(chan_ok.to(tl.int32))
+        in_row = (col >= 0) & (col < state_len)
+        cached = tl.load(state_row + (offset + h) * ss_c,
+                         mask=chan_ok & in_window & has_window & in_row, other=0.0)
         token = tl.load(x_tok + (h - (W - 1)) * sx_t, mask=chan_ok & ~in_window, other=0.0)
         return tl.where(in_window, cached.to(tl.float32), token.to(tl.float32))
 
@@ -34,9 +41,10 @@ if triton is not None:
     def _update_kernel(
         x_ptr, out_ptr, state_ptr, w_ptr, b_ptr,
         dst_ptr, src_ptr, nacc_ptr, offset_ptr, qsl_ptr,
-        dim, per_seq, pad_slot_id,
+        dim, per_seq, pad_slot_id, nslots, state_len, ntokens,
         sx_b, sx_t, sx_d, so_b, so_t, so_d,
         ss_row, ss_d, ss_c, sw_d, sw_k,
+        s_b, s_dst, s_src, s_nacc, s_off, s_qsl,
         W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, HAS_SRC: tl.constexpr,
         HAS_OFFSET: tl.constexpr, SPEC: tl.constexpr, VARLEN: tl.constexpr,
         SILU: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -46,8 +54,10 @@ if triton is not None:
         chan_ok = chans < dim
 
         if VARLEN:
-            start = tl.load(qsl_ptr + b).to(tl.int64)
-            length = (tl.load(qsl_ptr + b + 1) - start).to(tl.int32)
+            # offsets outside [0, ntokens] (unchecked, compiled) shorten the sequence
+            start = tl.maximum(tl.load(qsl_ptr + b * s_qsl).to(tl.int64), 0)
+            end = tl.minimum(tl.load(qsl_ptr + (b + 1) * s_qsl).to(tl.int64), ntokens)
+            length = tl.maximum(end - start, 0).to(tl.int32)
             x_tok = x_ptr + start * sx_t + chans * sx_d
             out_tok = out_ptr + start * so_t + chans * so_d
         else:
@@ -58,50 +68,53 @@ if triton is not None:
         # the op's index rules: sources default to the destinations, destinations to row b
         row = b.to(tl.int64)
         if HAS_SRC:
-            src = tl.load(src_ptr + b).to(tl.int64)
+            src = tl.load(src_ptr + b * s_src).to(tl.int64)
         elif HAS_DST:
-            src = tl.load(dst_ptr + b).to(tl.int64)
+            src = tl.load(dst_ptr + b * s_dst).to(tl.int64)
         else:
             src = row
         if HAS_DST:
-            dst = tl.load(dst_ptr + b).to(tl.int64)
+            dst = tl.load(dst_ptr + b * s_dst).to(tl.int64)
         else:
             dst = row
         if HAS_OFFSET:
-            offset = tl.load(offset_ptr + b).to(tl.int32)
+            offset = tl.load(offset_ptr + b * s_off).to(tl.int32)
         elif SPEC:
-            offset = tl.maximum(tl.load(nacc_ptr + b).to(tl.int32) - 1, 0)
+            offset = tl.maximum(tl.load(nacc_ptr + b * s_nacc).to(tl.int32) - 1, 0)
         else:
             offset = 0
         # per-channel masks only: the interpreter cannot AND a scalar flag into a vector mask
-        has_window = (src + tl.zeros_like(chans)) != pad_slot_id
+        src_v = src + tl.zeros_like(chans)
+        has_window = (src_v != pad_slot_id) & (src_v >= 0) & (src_v < nslots)
         src_row = state_ptr + src * ss_row + chans * ss_d
 
         if HAS_BIAS:
-            bias = tl.load(b_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+            bias = tl.load(b_ptr + chans * s_b, mask=chan_ok, other=0.0).to(tl.float32)
         else:
             bias = tl.zeros([BLOCK_D], dtype=tl.float32)
         for t in range(length):
             acc = bias
             for k in tl.static_range(W):
                 w = tl.load(w_ptr + chans * sw_d + k * sw_k, mask=chan_ok, other=0.0)
-                h = _history(src_row, x_tok, t + k, offset, has_window, ss_c, sx_t, chan_ok, W)
+                h = _history(src_row, x_tok, t + k, offset, has_window, ss_c, sx_t, chan_ok,
+                             state_len, W)
                 acc += w.to(tl.float32) * h
             if SILU:
                 acc = acc * tl.sigmoid(acc)
             tl.store(out_tok + t * so_t, acc.to(out_ptr.dtype.element_ty), mask=chan_ok)
 
-        if (dst != pad_slot_id) & (length > 0):
+        if (dst != pad_slot_id) & (dst >= 0) & (dst < nslots) & (length > 0):
             # speculative rows keep the history from its second column; others its last W-1
             if SPEC:
-                ncols = W - 2 + length
+                ncols = tl.minimum(W - 2 + length, state_len)
                 first = 1
             else:
                 ncols = W - 1
                 first = length
             dst_row = state_ptr + dst * ss_row + chans * ss_d
             for c in range(ncols):
-                h = _history(src_row, x_tok, first + c, offset, has_window, ss_c, sx_t, chan_ok, W)
+                h = _history(src_row, x_tok, first + c, offset, has_window, ss_c, sx_t, chan_ok,
+                             state_len, W)
                 tl.debug_barrier()  # every thread has read column >= c before c is overwritten
                 tl.store(dst_row + c * ss_c, h.to(state_ptr.dtype.element_ty), mask=chan_ok)
 
@@ -142,14 +155,19 @@ def launch(call: dict[str, Any], *, block_d: int | None = None, num_warps: int |
         dummy if dst is None else dst, dummy if src is None else src,
         dummy if nacc is None else nacc, dummy if offset is None else offset,
         dummy if qsl is None else qsl,
-        dim, per_seq, call["pad_slot_id"],
+        dim, per_seq, call["pad_slot_id"], state.shape[0], state.shape[2], x.shape[0],
         *sx, *so, *state.stride(), *weight.stride(),
+        *(_stride(t) for t in (bias, dst, src, nacc, offset, qsl)),
         W=weight.shape[1], HAS_BIAS=bias is not None, HAS_DST=dst is not None,
         HAS_SRC=src is not None, HAS_OFFSET=offset is not None, SPEC=nacc is not None,
         VARLEN=varlen, SILU=call["activation"] in ("silu", "swish"), BLOCK_D=block_d,
         num_warps=num_warps or max(1, block_d // 128),
     )
     return out
+
+
+def _stride(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.stride(0)
 
 
 def causal_conv1d_update(**call: Any) -> torch.Tensor:

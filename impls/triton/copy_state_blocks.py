@@ -28,7 +28,7 @@ if triton is not None:
 
     @triton.jit
     def _copy_rows_kernel(
-        state_ptr, src_ptr, dst_ptr, pad_slot_id, row_len, nchunks,
+        state_ptr, src_ptr, dst_ptr, pad_slot_id, nslots, row_len, nchunks,
         s_row, s_src, s_dst,
         n1, n2, n3, s0, s1, s2, s3,
         BLOCK: tl.constexpr, FLAT: tl.constexpr,
@@ -38,8 +38,10 @@ if triton is not None:
         entry = pid // nchunks
         src = tl.load(src_ptr + entry * s_src).to(tl.int64)
         dst = tl.load(dst_ptr + entry * s_dst).to(tl.int64)
-        # pads are skipped; a row copied onto itself costs nothing
+        # pads are skipped; a row copied onto itself costs nothing; rows outside the state
+        # (unchecked, compiled) are never touched
         ok = (src != pad_slot_id) & (dst != pad_slot_id) & (src != dst)
+        ok = ok & (src >= 0) & (src < nslots) & (dst >= 0) & (dst < nslots)
         offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = tl.where(ok, offs < row_len, False)
         if FLAT:
@@ -111,7 +113,7 @@ def copy_state_blocks(
     block = min(block, triton.next_power_of_2(row_len))
     nchunks = triton.cdiv(row_len, block)
     _copy_rows_kernel[(src.shape[0] * nchunks,)](
-        view, src, dst, pad_slot_id, row_len, nchunks,
+        view, src, dst, pad_slot_id, state.shape[0], row_len, nchunks,
         view.stride(0), src.stride(0), dst.stride(0),
         *inner, *strides,
         BLOCK=block, FLAT=flat, num_warps=num_warps or max(1, min(8, block // 512)),

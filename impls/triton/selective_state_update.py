@@ -3,11 +3,14 @@
 The call is brought into one shape before launch: Mamba1 becomes Mamba2 with one head,
 and the three token layouts ((batch,), (batch, T), varlen) become a per-sequence and a
 per-token stride for each per-token tensor. Ties (stride 0 over headdim, as Mamba2 passes
-dt, A, D and dt_bias) are detected from the strides and turn into scalar loads.
+dt, A, D and dt_bias) are detected from the strides and turn into scalar loads; dt stays a
+scalar only when dt_bias is tied too (a per-channel bias makes dt per channel). Every
+tensor is read through its strides, index tensors and ``cu_seqlens`` included.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +61,8 @@ def supports(**call: Any) -> bool | str:
     if ok is not True:
         return ok
     dstate = call["state"].shape[-1]
+    if dstate == 0:
+        return "dstate=0: the kernel's state tile needs at least one column"
     if dstate > MAX_DSTATE:
         return f"dstate={dstate} > {MAX_DSTATE}: one head's state row must fit one block"
     return True
@@ -84,6 +89,10 @@ def _index_strides(t: torch.Tensor | None) -> tuple[int, int]:
     return t.stride(0), t.stride(1) if t.dim() == 2 else 0
 
 
+def _columns(t: torch.Tensor | None) -> int:
+    return 1 if t is None or t.dim() == 1 else t.shape[1]
+
+
 def selective_state_update(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -95,6 +104,7 @@ def selective_state_update(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    dt_limit: Sequence[float] | None = None,
     state_batch_indices: torch.Tensor | None = None,
     dst_state_batch_indices: torch.Tensor | None = None,
     pad_slot_id: int = -1,
@@ -145,6 +155,14 @@ def selective_state_update(
         dstate,
         nheads // B.shape[-2],
         per_seq,
+        state.shape[0],
+        x.shape[0],
+        _columns(state_batch_indices),
+        _columns(dst_state_batch_indices),
+        float(dt_limit[0]) if dt_limit is not None else 0.0,
+        float(dt_limit[1]) if dt_limit is not None else 0.0,
+        cu_seqlens.stride(0) if cu_seqlens is not None else 0,
+        num_accepted_tokens.stride(0) if num_accepted_tokens is not None else 0,
         *state.stride(),
         *_token_strides(x, lead, varlen),
         *x.stride()[-2:],
@@ -167,12 +185,13 @@ def selective_state_update(
         HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus),
+        HAS_LIMIT=dt_limit is not None,
         HAS_SRC=state_batch_indices is not None,
         HAS_DST=dst_state_batch_indices is not None,
         VARLEN=varlen,
         SPEC=spec,
         ONE_TOKEN=one_token,
-        DT_TIED=_tied(dt, (-1,)),
+        DT_TIED=_tied(dt, (-1,)) and (dt_bias is None or _tied(dt_bias, (-1,))),
         A_TIED=_tied(A, (-1, -2)),
         D_TIED=D is not None and _tied(D, (-1,)),
         BIAS_TIED=dt_bias is not None and _tied(dt_bias, (-1,)),
