@@ -1,0 +1,224 @@
+"""Serving benchmark of the bench hybrid: time to first token by prompt length, decode by context.
+
+Prefill: one prompt at a time through the compiled :class:`Engine` (token-budget steps,
+align-mode checkpoints every block, cold prefix cache), timed from ``generate`` to the
+first token on the host; tokens/s is the prompt length over that time. One further run
+per length under the profiler gives the GPU time by kernel category.
+
+Decode: one compiled decode step replayed from a CUDA graph at each (context, batch),
+against the bytes roof of :func:`e2e_bench.step_bytes` (weights, states read and written,
+the KV of every context read), with its kernel-time breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import bench_config
+from .e2e_bench import _common, step_bytes
+from .engine import Engine
+from .loading import random_model
+
+# kernel name fragments -> category (first match wins)
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("scan", ("chunk_scan", "chunk_state", "chunk_offsets", "ssd", "selective_state",
+              "ssu")),
+    ("conv", ("conv1d", "conv_")),
+    ("GEMM", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "splitk", "gemv",
+              "xmma")),
+)
+
+
+def category(kernel: str) -> str:
+    low = kernel.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def gpu_time(fn: Any) -> dict[str, Any]:
+    """GPU time of one ``fn()`` (ms) by category and the top kernels, from the profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type == DeviceType.CUDA and evt.self_device_time_total > 0:
+            kernels[evt.key] = kernels.get(evt.key, 0.0) + evt.self_device_time_total / 1e3
+    by_category = {c: 0.0 for c, _ in CATEGORIES} | {"other": 0.0}
+    for name, ms in kernels.items():
+        by_category[category(name)] += ms
+    total = sum(by_category.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
+    return {"gpu_ms": total, "gpu_ms_by_category": by_category,
+            "share_by_category": {c: ms / total for c, ms in by_category.items()} if total else {},
+            "top_kernels_ms": dict(top)}
+
+
+def _prompt(length: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (length,), generator=g).tolist()
+
+
+def measure_prefill(engine: Engine, length: int, reps: int) -> dict[str, Any]:
+    prompt = _prompt(length, engine.model.config.vocab_size, length)
+
+    def first_token() -> None:
+        engine.reset()  # cold: no checkpoint of an earlier run is reused
+        engine.generate([prompt], 1)
+
+    t0 = time.perf_counter()
+    first_token()  # compiles on first use; later lengths reuse the graph
+    warm_s = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        first_token()  # ends with the logits' argmax on the host
+        times.append(time.perf_counter() - t0)
+    ttft = statistics.median(times)
+    steps = engine.stats.prefill_steps
+    row = {"tokens": length, "ttft_ms": ttft * 1e3, "ttft_ms_all": [t * 1e3 for t in times],
+           "prefill_tok_s": length / ttft, "steps": steps,
+           "checkpoints": engine.prefix.stats.saved, "first_call_s": warm_s}
+    row.update(gpu_time(first_token))
+    return row
+
+
+def measure_decode(engine: Engine, context: int, batch: int) -> dict[str, Any]:
+    common, cache = _common(), engine.cache
+    g = torch.Generator().manual_seed(batch)
+    device = engine.device
+    inputs = (
+        torch.randint(0, engine.model.config.vocab_size, (batch,), generator=g).to(device),
+        torch.full((batch,), context, dtype=torch.int64, device=device),
+        torch.arange(batch, device=device),
+        torch.arange(2, batch + 2, dtype=torch.int32, device=device),  # running slots
+    )
+    for t in inputs:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    nbytes = step_bytes(engine.model, cache, batch, context)
+    rates = common.roof_rate(nbytes)
+    roof_us = nbytes / rates["roof"] * 1e6
+    with torch.inference_mode():
+        engine._decode(*inputs)
+        us = common.time_us(lambda: engine._decode(*inputs), graph=True)
+        graph = common.capture(lambda: engine._decode(*inputs))
+        profile = gpu_time(graph.replay)
+    return {"context": context, "batch": batch, "step_us": us, "tok_s": batch / (us * 1e-6),
+            "bytes_per_step": nbytes, "roof_us": roof_us, "roof_tok_s": batch / (roof_us * 1e-6),
+            "x_roof": us / roof_us, "copy_rate_GBps": {k: v / 1e9 for k, v in rates.items()},
+            **profile}
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.plot_only:
+        plot(out)
+        return 0
+    common = _common()
+    device = torch.device(args.device or "cuda")
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16
+    config = bench_config()
+    model = random_model(config, device=device, dtype=dtype)
+    lengths, contexts, batches = args.lengths, args.contexts, args.batches
+    max_len = max(max(lengths), max(contexts)) + 8
+    block = args.block_size
+    engine = Engine(
+        model, block_size=block, max_requests=max(batches), max_len=max_len,
+        num_slots=2 + max(batches) + max_len // block + 8, compile=True,
+        priority=args.priority, record_logits=False, prefill_tokens=args.prefill_tokens,
+    )
+    print(f"{config.describe()}: {model.num_parameters() / 1e9:.2f}B parameters, "
+          f"{str(dtype).removeprefix('torch.')}, block {block}, "
+          f"{args.prefill_tokens} tokens per prefill step")
+    payload: dict[str, Any] = {
+        "benchmark": "time to first token and decode, compiled random-init hybrid",
+        "model": {"config": config.describe(), "parameters": model.num_parameters(),
+                  "dtype": str(dtype).removeprefix("torch."), "block_size": block,
+                  "prefill_tokens_per_step": args.prefill_tokens},
+        "prefill": [], "decode": [],
+    }
+    for length in common.progress(lengths, "prefill"):
+        row = measure_prefill(engine, length, args.reps)
+        payload["prefill"].append(row)
+        common.write_json(out.name, payload, out.parent)
+        cats = ", ".join(f"{c} {ms:.1f}" for c, ms in row["gpu_ms_by_category"].items())
+        print(f"\nprefill {length:>6}: TTFT {row['ttft_ms']:8.1f} ms "
+              f"({row['prefill_tok_s']:9.0f} tok/s, {row['steps']} steps), GPU "
+              f"{row['gpu_ms']:.1f} ms: {cats}", flush=True)
+    for context in contexts:
+        for batch in batches:
+            row = measure_decode(engine, context, batch)
+            payload["decode"].append(row)
+            common.write_json(out.name, payload, out.parent)
+            print(f"decode context {context:>5} batch {batch:>3}: {row['step_us'] / 1e3:.2f} ms"
+                  f" ({row['tok_s']:9.0f} tok/s), roof {row['roof_us'] / 1e3:.2f} ms -> "
+                  f"{row['x_roof']:.2f}x roof; attention "
+                  f"{row['gpu_ms_by_category']['attention']:.2f} ms", flush=True)
+    payload["lowering"] = [s.to_dict() for s in engine.lowering_report()]
+    path = common.write_json(out.name, payload, out.parent)
+    print(f"wrote {path}")
+    try:
+        print(f"wrote {plot(path)}")
+    except ImportError:
+        print("matplotlib missing: plot later with --plot-only")
+    return 0
+
+
+def plot(path: Path) -> Path:
+    """TTFT with its GPU time by category per prompt length, and decode against the roof."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(path).read_text())
+    env, pre, dec = data.get("environment", {}), data["prefill"], data["decode"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [str(r["tokens"]) for r in pre]
+    bottom = [0.0] * len(pre)
+    for cat in [c for c, _ in CATEGORIES] + ["other"]:
+        ms = [r["gpu_ms_by_category"].get(cat, 0.0) for r in pre]
+        left.bar(labels, ms, bottom=bottom, label=f"GPU: {cat}")
+        bottom = [b + m for b, m in zip(bottom, ms, strict=True)]
+    left.plot(labels, [r["ttft_ms"] for r in pre], "ko-", label="time to first token")
+    for i, r in enumerate(pre):
+        left.annotate(f"{r['ttft_ms']:.0f} ms", (i, r["ttft_ms"]), textcoords="offset points",
+                      xytext=(0, 6), ha="center", fontsize=8)
+    left.set_yscale("log")
+    left.set_xlabel("prompt tokens (one request, cold cache)")
+    left.set_ylabel("ms")
+    left.set_title("prefill: TTFT and GPU time by kernel", fontsize=10)
+    left.legend(fontsize=8)
+    for context in sorted({r["context"] for r in dec}):
+        rows = [r for r in dec if r["context"] == context]
+        x = [r["batch"] for r in rows]
+        line = right.plot(x, [r["tok_s"] for r in rows], marker="o",
+                          label=f"compiled + CUDA graph, context {context}")[0]
+        right.plot(x, [r["roof_tok_s"] for r in rows], linestyle="--", color=line.get_color(),
+                   label=f"bytes roof, context {context}")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("batch (sequences, one token each)")
+    right.set_ylabel("decode tokens/s")
+    right.set_title("decode", fontsize=10)
+    right.legend(fontsize=8)
+    model = data["model"]
+    fig.suptitle(f"{model['parameters'] / 1e9:.2f}B hybrid ({model['dtype']}), "
+                 f"{env.get('device', '?')}, {env.get('date', '')}", fontsize=10)
+    fig.tight_layout()
+    png = Path(path).with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
