@@ -16,8 +16,6 @@ sequence's initial window for a boundary within its first ``width - 1`` tokens.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,9 +63,7 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.heads))
         self.norm = GatedRMSNorm(self.inner, self.groups, c.norm_eps)
         self.out_proj = nn.Linear(self.inner, c.hidden_size, bias=c.mamba_proj_bias)
-        limit = tuple(getattr(c, "time_step_limit", None) or (0.0, math.inf))
-        # the default limit clamps nothing: pass none, so providers need not support it
-        self.dt_limit = None if limit == (0.0, math.inf) else limit
+        self.dt_limit = c.time_step_limit  # None: the default (0, inf), nothing to clamp
         nn.init.kaiming_uniform_(self.conv_weight, a=5**0.5)
 
     def _ssm_args(self, xbc: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("scan", ("chunk_scan", "chunk_state", "chunk_offsets", "ssd", "selective_state",
               "ssu")),
-    ("conv", ("conv1d", "conv_")),
+    ("conv", ("conv1d", "conv_", "_stream_kernel", "_final_window_kernel", "_update_kernel")),
     ("GEMM", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "splitk", "gemv",
               "xmma")),
 )
@@ -186,21 +186,21 @@ def plot(path: Path) -> Path:
     data = json.loads(Path(path).read_text())
     env, pre, dec = data.get("environment", {}), data["prefill"], data["decode"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [str(r["tokens"]) for r in pre]
+    labels = [f"{r['tokens']}\nTTFT {r['ttft_ms']:.0f} ms\nGPU {r['gpu_ms']:.0f} ms" for r in pre]
     bottom = [0.0] * len(pre)
     for cat in [c for c, _ in CATEGORIES] + ["other"]:
-        ms = [r["gpu_ms_by_category"].get(cat, 0.0) for r in pre]
-        left.bar(labels, ms, bottom=bottom, label=f"GPU: {cat}")
-        bottom = [b + m for b, m in zip(bottom, ms, strict=True)]
-    left.plot(labels, [r["ttft_ms"] for r in pre], "ko-", label="time to first token")
-    for i, r in enumerate(pre):
-        left.annotate(f"{r['ttft_ms']:.0f} ms", (i, r["ttft_ms"]), textcoords="offset points",
-                      xytext=(0, 6), ha="center", fontsize=8)
-    left.set_yscale("log")
+        share = [100 * r["gpu_ms_by_category"].get(cat, 0.0) / r["gpu_ms"] for r in pre]
+        bars = left.bar(labels, share, bottom=bottom, label=cat)
+        for bar, value, base in zip(bars, share, bottom, strict=True):
+            if value >= 4:
+                left.text(bar.get_x() + bar.get_width() / 2, base + value / 2, f"{value:.0f}%",
+                          ha="center", va="center", fontsize=7)
+        bottom = [b + v for b, v in zip(bottom, share, strict=True)]
+    left.set_ylim(0, 100)
     left.set_xlabel("prompt tokens (one request, cold cache)")
-    left.set_ylabel("ms")
-    left.set_title("prefill: TTFT and GPU time by kernel", fontsize=10)
-    left.legend(fontsize=8)
+    left.set_ylabel("% of prefill GPU time")
+    left.set_title("prefill: GPU time by kernel category", fontsize=10)
+    left.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for context in sorted({r["context"] for r in dec}):
         rows = [r for r in dec if r["context"] == context]
         x = [r["batch"] for r in rows]
