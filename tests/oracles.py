@@ -240,14 +240,15 @@ def selective_scan(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     dim, ngroups = u.shape[0], B.shape[0]
     qsl, pad, bs = call["query_start_loc"].tolist(), call["pad_slot_id"], call["block_size"]
     n = len(qsl) - 1
-    dst = _ids(call["cache_indices"]) or list(range(n))
-    src = _ids(call["src_cache_indices"]) or dst
-    init = _ids(call["has_initial_state"]) or [False] * n
-    done = _ids(call["num_computed_tokens"]) or [0] * n
+    nslots = state0.shape[0]
+    dst = (_ids(call["cache_indices"]) or list(range(n)))[:n]  # entries past n are ignored
+    src = (_ids(call["src_cache_indices"]) or dst)[:n]
+    init = (_ids(call["has_initial_state"]) or [False] * n)[:n]
+    done = (_ids(call["num_computed_tokens"]) or [0] * n)[:n]
     ckpt = _ids(call["checkpoint_state_indices"])
     state, out = state0.clone(), torch.zeros_like(u)
     for b in range(n):
-        use = init[b] and src[b] != pad
+        use = init[b] and src[b] != pad and 0 <= src[b] < nslots
         h = state0[src[b]].clone() if use else torch.zeros_like(state0[0])
         boundaries = 0
         for i, tok in enumerate(range(qsl[b], qsl[b + 1])):

@@ -45,12 +45,18 @@ def selective_scan(
     B, C = (t if t.dim() == 3 else t[None] for t in (B, C))  # (ngroups, dstate, tokens)
     per_group = u.shape[0] // B.shape[0]
     seq = token_layout(u.shape[1:], query_start_loc, u.device)
-    dst = torch.arange(seq.count, device=u.device) if cache_indices is None else cache_indices
-    dst = dst.long()
-    src = dst if src_cache_indices is None else src_cache_indices.long()
-    read = src != pad_slot_id  # without has_initial_state no sequence has an initial state
-    read &= torch.zeros_like(read) if has_initial_state is None else has_initial_state.bool()
-    done = torch.zeros_like(dst) if num_computed_tokens is None else num_computed_tokens.long()
+    # per-sequence tensors may be longer than the call's sequences: the tail is ignored
+    dst, src, init, done, ckpt = (
+        None if t is None else t[: seq.count]
+        for t in (cache_indices, src_cache_indices, has_initial_state, num_computed_tokens,
+                  checkpoint_state_indices)
+    )
+    dst = torch.arange(seq.count, device=u.device) if dst is None else dst.long()
+    src = dst if src is None else src.long()
+    # without has_initial_state no sequence has an initial state
+    read = checks.real_rows(src, ssm_states.shape[0], pad_slot_id)
+    read &= torch.zeros_like(read) if init is None else init.bool()
+    done = torch.zeros_like(dst) if done is None else done.long()
 
     h = torch.zeros((seq.count, *ssm_states.shape[1:]), dtype=torch.float32, device=u.device)
     h[read] = ssm_states[src[read]].float()
@@ -78,7 +84,7 @@ def selective_scan(
         if block_size:
             at_boundary = live & ((done + t + 1) % block_size == 0)
             if bool(at_boundary.any()):
-                rows = checkpoint_state_indices.long()
+                rows = ckpt.long()
                 col = boundary.clamp(max=rows.shape[1] - 1)[:, None]
                 _store(ssm_states, rows.gather(1, col)[:, 0], h, at_boundary, pad_slot_id)
                 boundary += at_boundary.long()
@@ -86,7 +92,7 @@ def selective_scan(
 
 
 def _store(states: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
-    keep = live & (rows != pad)
+    keep = live & checks.real_rows(rows, states.shape[0], pad)
     states[rows[keep]] = h[keep].to(states.dtype)
 
 
@@ -122,17 +128,15 @@ def _check(call: dict) -> None:
         checks.fail("query_start_loc", "at least one entry", tuple(qsl.shape))
     nseq = qsl.shape[0] - 1
     for name in ("cache_indices", "src_cache_indices", "num_computed_tokens"):
-        checks.index(call, name, rows=nseq)
-    flags = checks.tensor(call, "has_initial_state", ndim=1, dtypes=(torch.bool,), optional=True)
-    if flags is not None and flags.shape[0] != nseq:
-        checks.fail("has_initial_state", f"{nseq} entries (one per sequence)", tuple(flags.shape))
+        checks.index(call, name, rows=nseq, padded=True)
+    checks.index(call, "has_initial_state", rows=nseq, padded=True, dtypes=(torch.bool,))
     if call["cache_indices"] is None and nseq > states.shape[0]:
         want = f"at least {nseq} rows (one per sequence, no cache_indices given)"
         checks.fail("ssm_states", want, tuple(states.shape))
     bs = call["block_size"]
     if not isinstance(bs, (int, torch.SymInt)) or bs < 0:
         checks.fail("block_size", "an int >= 0 (0: no checkpoints)", repr(bs))
-    ckpt = checks.index(call, "checkpoint_state_indices", ndim=2, rows=nseq)
+    ckpt = checks.index(call, "checkpoint_state_indices", ndim=2, rows=nseq, padded=True)
     if bs and ckpt is None:
         checks.fail("checkpoint_state_indices", "(nseq, ncols) slot indices with block_size", None)
     if not bs and ckpt is not None:
@@ -147,6 +151,8 @@ def _check_values(call: dict, nslots: int, ntok: int) -> None:
     if not checks.values_readable(call["u"], qsl, dst, src, done, ckpt, call["has_initial_state"]):
         return
     checks.cumulative("query_start_loc", qsl, ntok)
+    nseq = qsl.shape[0] - 1
+    dst, src, done, ckpt = (checks.sequences(t, nseq) for t in (dst, src, done, ckpt))
     for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
         if idx is not None:
             checks.rows_in_range(name, idx, nslots, pad)
@@ -170,3 +176,38 @@ def _check_values(call: dict, nslots: int, ntok: int) -> None:
             rows.extend(cols[:k])
         dst_name += " / checkpoint_state_indices"
     checks.disjoint_rows("src_cache_indices", src_rows, dst_name, written, pad)
+
+
+@selective_scan.register_device_check
+def _device_check(call: dict) -> None:
+    u, qsl, pad, bs = call["u"], call["query_start_loc"], call["pad_slot_id"], call["block_size"]
+    nslots, nseq = call["ssm_states"].shape[0], qsl.shape[0] - 1
+    checks.assert_cumulative("query_start_loc", qsl, u.shape[1])
+    dst, src, done, ckpt = (
+        checks.sequences(call[k], nseq)
+        for k in ("cache_indices", "src_cache_indices", "num_computed_tokens",
+                  "checkpoint_state_indices")
+    )
+    for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
+        if idx is not None:
+            checks.assert_rows_in_range(name, idx, nslots, pad)
+    dst = torch.arange(nseq, device=u.device) if dst is None else dst
+    src = dst if src is None else src
+    lengths = qsl[1:] - qsl[:-1]
+    rows, written = dst[:, None], (lengths > 0)[:, None]
+    if done is not None:
+        checks.assert_within("num_computed_tokens", done, 0, 2**62, "values >= 0")
+    dst_name = "cache_indices"
+    if bs:
+        checks.assert_rows_in_range("checkpoint_state_indices", ckpt, nslots, pad)
+        used = checkpoint_columns(lengths.long(), done, bs)
+        ncols = ckpt.shape[1]
+        checks.assert_within(
+            "checkpoint_state_indices", used, 0, ncols,
+            f"at most {ncols} block boundaries per sequence (its columns)",
+        )
+        rows = torch.cat([rows, ckpt.to(rows.dtype)], dim=1)
+        cols = torch.arange(ncols, device=u.device)[None, :]
+        written = torch.cat([written, cols < used[:, None]], dim=1)
+        dst_name += " / checkpoint_state_indices"
+    checks.assert_row_rules("src_cache_indices", src, dst_name, rows, written, nslots, pad)

@@ -108,21 +108,22 @@ STATE_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], Rows]]] = {
 }
 
 
-def _clone(call: dict[str, Any]) -> dict[str, Any]:
-    return {k: _copy(v) if isinstance(v, torch.Tensor) else v for k, v in call.items()}
 def _selective_scan_rows(call: dict[str, Any]) -> Rows:
     from ..ops.mamba_chunk_scan import checkpoint_columns
 
     qsl = call["query_start_loc"]
-    lengths = qsl[1:] - qsl[:-1]
-    init = call["has_initial_state"]
-    reads = [False] * lengths.shape[0] if init is None else init.tolist()
-    read, written = _conv_rows(
-        call["cache_indices"], call["src_cache_indices"], lengths.tolist(), reads
+    lengths, n = qsl[1:] - qsl[:-1], qsl.shape[0] - 1
+    # per-sequence tensors may be longer than the sequences: the tail is ignored
+    dst, src, init, done, ckpt = (
+        None if call[k] is None else call[k][:n]
+        for k in ("cache_indices", "src_cache_indices", "has_initial_state",
+                  "num_computed_tokens", "checkpoint_state_indices")
     )
+    reads = [False] * n if init is None else init.tolist()
+    read, written = _conv_rows(dst, src, lengths.tolist(), reads)
     if call["block_size"]:
-        used = checkpoint_columns(lengths.long(), call["num_computed_tokens"], call["block_size"])
-        for cols, k in zip(call["checkpoint_state_indices"].tolist(), used.tolist(), strict=True):
+        used = checkpoint_columns(lengths.long(), done, call["block_size"])
+        for cols, k in zip(ckpt.tolist(), used.tolist(), strict=True):
             written.update(cols[:k])
     return _real(read, call), _real(written, call)
 
@@ -130,6 +131,8 @@ def _selective_scan_rows(call: dict[str, Any]) -> Rows:
 STATE_ROWS["selective_scan"] = ("ssm_states", _selective_scan_rows)
 
 
+def _clone(call: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy(v) if isinstance(v, torch.Tensor) else v for k, v in call.items()}
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:

@@ -446,10 +446,18 @@ def selective_scan_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SM
     state_dtype, in_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
     layout = draw(st.sampled_from(["dim_major", "token_major", "sliced"]))
-    state_view, given_out = draw(st.booleans()), draw(st.booleans())
+    state_view, given_out, tail = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
     has_D, has_z, has_bias, softplus, has_init = (draw(st.booleans()) for _ in range(5))
     seed = draw(st.integers(0, 2**31 - 1))
     rng, randn = random.Random(seed), _gen(seed, device)
+
+    def per_seq(t: torch.Tensor | None) -> torch.Tensor | None:
+        """With ``tail``, entries past the sequences that name no row (vLLM pads index
+        tensors to a CUDA-graph batch; the op ignores them)."""
+        if t is None:
+            return None
+        junk = torch.full((2 * tail, *t.shape[1:]), 1 << 20, dtype=t.dtype, device=t.device)
+        return torch.cat([t, junk])
 
     ncols = 0
     for c, n in zip(computed or [0] * nseq, lengths, strict=True):
@@ -489,6 +497,9 @@ def selective_scan_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SM
         else None,
         "out": randn(ntok, dim, dtype=in_dtype).t() if given_out else None,
     }
+    for name in ("cache_indices", "has_initial_state", "src_cache_indices",
+                 "num_computed_tokens", "checkpoint_state_indices"):
+        call[name] = per_seq(call[name])
     return call
 
 
