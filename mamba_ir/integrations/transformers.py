@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..op import IrOp
 
 # Exact (module, class) of every mixer whose forward this file reproduces, tested with
 # transformers 5.23; a subclass may override anything, so it is not accepted.
@@ -42,6 +43,35 @@ MIXERS: dict[tuple[str, str], str] = {
 PREFILL_OPS = ("mamba_chunk_scan", "selective_state_update")
 _ACTIVATIONS = (None, "silu", "swish")
 _PAD = -1
+
+
+def _defaults(op: IrOp) -> dict[str, Any]:
+    return {name: p.default for name, p in op.signature.parameters.items()}
+
+
+# read once, here: see _run
+_DEFAULTS = {
+    op: _defaults(op)
+    for op in (ops.causal_conv1d_fn, ops.causal_conv1d_update, ops.selective_state_update,
+               ops.mamba_chunk_scan)
+}
+
+
+def _run(op: IrOp, **arguments: Any) -> Any:
+    """``op(**arguments)``, with the call bound from the defaults read at import instead of by
+    ``inspect.Signature.bind``: TorchDynamo stops tracing ``inspect`` in a frame that has
+    mutated a dict, and every transformers forward does (``kwargs.pop``), so binding there
+    would split the compiled graph at each op call. Checks and allocation as ``IrOp``."""
+    call = {**_DEFAULTS[op], **arguments}
+    op.check(call)
+    for name, make in op.allocate.items():
+        if call[name] is None:
+            call[name] = make(call)
+    result = op.custom_op(**call)
+    if op.allocate:
+        outs = tuple(call[name] for name in op.allocate)
+        return outs[0] if len(outs) == 1 else outs
+    return result
 
 
 @dataclass(frozen=True)
@@ -172,8 +202,9 @@ def _forward(
     gated_norm = not falcon or self.mamba_rms_norm
 
     if states.previous and seqlen == 1:
-        xbc = ops.causal_conv1d_update(
-            xbc[:, 0], states.conv, weight, self.conv1d.bias, activation=self.activation
+        xbc = _run(
+            ops.causal_conv1d_update, x=xbc[:, 0], conv_state=states.conv, weight=weight,
+            bias=self.conv1d.bias, activation=self.activation,
         )[:, None]
     else:
         cu_seqlens = torch.arange(0, tokens + 1, seqlen, dtype=torch.int32, device=xbc.device)
@@ -182,9 +213,9 @@ def _forward(
         has_initial = (
             torch.ones(batch, dtype=torch.bool, device=xbc.device) if states.previous else None
         )
-        xbc = ops.causal_conv1d_fn(
-            flat.t(), weight, self.conv1d.bias, states.conv, cu_seqlens,
-            cache_indices=states.conv_rows,
+        xbc = _run(
+            ops.causal_conv1d_fn, x=flat.t(), weight=weight, bias=self.conv1d.bias,
+            conv_states=states.conv, query_start_loc=cu_seqlens, cache_indices=states.conv_rows,
             has_initial_state=has_initial, activation=self.activation,
         ).t().view(batch, seqlen, self.conv_dim)
     xbc = _mask(xbc, attention_mask)
@@ -198,30 +229,30 @@ def _forward(
 
     if states.previous and seqlen == 1:
         # transformers' decode step does not clamp dt (only its prefill does): neither do we
-        y = ops.selective_state_update(
-            states.ssm, x, dt[..., None].expand(tokens, heads, head_dim),
-            A[:, None, None].expand(heads, head_dim, dstate), B, C,
+        y = _run(
+            ops.selective_state_update, state=states.ssm, x=x,
+            dt=dt[..., None].expand(tokens, heads, head_dim),
+            A=A[:, None, None].expand(heads, head_dim, dstate), B=B, C=C,
             D=self.D[:, None].expand(heads, head_dim), z=z,
             dt_bias=self.dt_bias[:, None].expand(heads, head_dim), dt_softplus=True,
         )
     elif setup.prefill_op == "mamba_chunk_scan":
-        y = ops.mamba_chunk_scan(
-            states.ssm, x, dt, A, B, C, self.chunk_size, cu_seqlens, D=self.D, z=z,
+        y = _run(
+            ops.mamba_chunk_scan, state=states.ssm, x=x, dt=dt, A=A, B=B, C=C,
+            chunk_size=self.chunk_size, cu_seqlens=cu_seqlens, D=self.D, z=z,
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=tuple(self.time_step_limit),
             state_batch_indices=states.src, dst_state_batch_indices=states.dst,
         )
     else:
-        y = ops.selective_state_update(
-            states.ssm, x, dt[..., None].expand(tokens, heads, head_dim),
-            A[:, None, None].expand(heads, head_dim, dstate), B, C,
+        y = _run(
+            ops.selective_state_update, state=states.ssm, x=x,
+            dt=dt[..., None].expand(tokens, heads, head_dim),
+            A=A[:, None, None].expand(heads, head_dim, dstate), B=B, C=C,
             D=self.D[:, None].expand(heads, head_dim), z=z,
             dt_bias=self.dt_bias[:, None].expand(heads, head_dim), dt_softplus=True,
             state_batch_indices=states.src, dst_state_batch_indices=states.dst,
             cu_seqlens=cu_seqlens,
         )
-    if cache_params is not None:
-        cache_params.layers[self.layer_idx].has_previous_state[0] = True
-
     y = y.reshape(batch, seqlen, heads * head_dim)
     if gated_norm:
         y = self.norm(y, gate)
@@ -247,19 +278,29 @@ def _states(self: nn.Module, cache: Any, batch: int, xbc: torch.Tensor) -> _Stat
         return _States(conv, ssm, pads, pads, pads, previous=False)
     cache.get_conv_state(self.layer_idx)  # raises transformers' error for a non-Mamba layer
     layer = cache.layers[self.layer_idx]
-    if not layer.is_conv_states_initialized[0]:
-        # width - 1 columns: all the conv reads, and what transformers' own path also accepts
-        template = xbc.new_empty(()).expand(batch, self.conv_dim, 0)
-        layer.lazy_initialization(conv_states=template, conv_kernel_size=width - 1)
-    if not layer.is_recurrent_states_initialized[0]:
-        # float32, as transformers' own prefill leaves it
-        template = torch.empty((), dtype=torch.float32, device=device).expand(batch, *ssm_shape)
-        layer.lazy_initialization(recurrent_states=template)
+    previous = layer.has_previous_state[0]
+    if not previous:
+        _start(layer, xbc.new_empty(()).expand(batch, self.conv_dim, 0), width - 1, ssm_shape)
     conv = layer.conv_states[0][..., -(width - 1):]
     ssm = layer.recurrent_states[0]
-    if layer.has_previous_state[0]:
+    if previous:
         return _States(conv, ssm, None, None, None, previous=True)
     # nothing to continue from: read zero state (pad), write each row b
     rows = torch.arange(batch, dtype=torch.int32, device=device)
     pads = torch.full((batch,), _PAD, dtype=torch.int32, device=device)
     return _States(conv, ssm, pads, rows, None, previous=False)
+
+
+def _start(layer: Any, conv_like: torch.Tensor, window: int, ssm_shape: tuple[int, ...]) -> None:
+    """Allocate a cache layer's states if needed and mark them as holding a state (the call
+    about to run writes every row)."""
+    if not layer.is_conv_states_initialized[0]:
+        # width - 1 columns: all the conv reads, and what transformers' own path also accepts
+        layer.lazy_initialization(conv_states=conv_like, conv_kernel_size=window)
+    if not layer.is_recurrent_states_initialized[0]:
+        # float32, as transformers' own prefill leaves it
+        template = torch.empty((), dtype=torch.float32, device=conv_like.device).expand(
+            conv_like.shape[0], *ssm_shape
+        )
+        layer.lazy_initialization(recurrent_states=template)
+    layer.has_previous_state[0] = True

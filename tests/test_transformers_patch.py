@@ -1,0 +1,225 @@
+"""``mamba_ir.integrations.transformers.patch`` against transformers' own models (CPU, float32).
+
+Each supported family as a tiny random-init model: the patched copy must give transformers'
+logits (1e-4) with and without a cache, continuing a cache over several tokens, and the same
+``generate()`` tokens, greedy and sampled, on a left-padded batch. The ops must run on the
+cache's own tensors. One compiled ``generate()`` (Mamba2: no attention, so one decode graph)
+keeps CI time low.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import mamba_ir  # noqa: E402
+from mamba_ir.integrations import transformers as hf  # noqa: E402
+
+VOCAB = 64
+MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+             mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8)
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def bamba():
+    cfg = transformers.BambaConfig(
+        **COMMON, **MAMBA, num_hidden_layers=2, intermediate_size=48, num_attention_heads=2,
+        num_key_value_heads=1, attn_layer_indices=[1], time_step_limit=(0.0, 1.0),
+    )
+    return transformers.BambaForCausalLM(cfg)
+
+
+def mamba2(layers: int = 2):
+    cfg = transformers.Mamba2Config(
+        **COMMON, num_hidden_layers=layers, num_heads=4, head_dim=16, state_size=8, n_groups=2,
+        expand=2, conv_kernel=4, chunk_size=8,
+    )
+    return transformers.Mamba2ForCausalLM(cfg)
+
+
+def nemotron_h():
+    cfg = transformers.NemotronHConfig(
+        **COMMON, layers_block_type=["mamba", "attention", "mlp"], num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, intermediate_size=48, ssm_state_size=8,
+        mamba_num_heads=4, mamba_head_dim=16, n_groups=2, conv_kernel=4, expand=2, chunk_size=8,
+    )
+    return transformers.NemotronHForCausalLM(cfg)
+
+
+def granitemoehybrid():
+    cfg = transformers.GraniteMoeHybridConfig(
+        **COMMON, **MAMBA, num_hidden_layers=2, intermediate_size=48, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+        shared_intermediate_size=16, layer_types=["mamba", "attention"],
+    )
+    return transformers.GraniteMoeHybridForCausalLM(cfg)
+
+
+def falcon_h1(rms_norm: bool):
+    cfg = transformers.FalconH1Config(
+        **COMMON, **MAMBA, num_hidden_layers=2, intermediate_size=48, num_attention_heads=2,
+        num_key_value_heads=1, mamba_d_ssm=64, mamba_rms_norm=rms_norm,
+        ssm_in_multiplier=0.5, ssm_multipliers=[1.5, 0.5, 1.0, 2.0, 0.75],
+    )
+    return transformers.FalconH1ForCausalLM(cfg)
+
+
+FAMILIES = {
+    "bamba": bamba,
+    "mamba2": mamba2,
+    "nemotron_h": nemotron_h,
+    "granitemoehybrid": granitemoehybrid,
+    "falcon_h1": lambda: falcon_h1(rms_norm=False),
+    "falcon_h1_norm": lambda: falcon_h1(rms_norm=True),
+}
+
+
+def pair(make, **patch_kwargs):
+    """A transformers model and a patched copy of it (same weights)."""
+    torch.manual_seed(0)
+    ref = make().eval()
+    return ref, hf.patch(copy.deepcopy(ref), **patch_kwargs)
+
+
+def padded_batch():
+    torch.manual_seed(1)
+    ids = torch.randint(3, VOCAB, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4], mask[2, :1] = 0, 0  # left padding
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def cache_kwargs(model, out) -> dict:
+    """Continue from ``out``'s cache (Mamba2 names it ``cache_params``)."""
+    if isinstance(model, transformers.Mamba2ForCausalLM):
+        return {"cache_params": out.cache_params, "use_cache": True}
+    return {"past_key_values": out.past_key_values}
+
+
+def op_calls(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    run = hf._run
+
+    def counting(op, **arguments):
+        calls.append(op.name)
+        return run(op, **arguments)
+
+    monkeypatch.setattr(hf, "_run", counting)
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_logits_match_transformers(family, monkeypatch):
+    ref, model = pair(FAMILIES[family])
+    ids, mask = padded_batch()
+    calls = op_calls(monkeypatch)
+    for use_cache in (False, True):
+        want = ref(ids, attention_mask=mask, use_cache=use_cache).logits
+        got = model(ids, attention_mask=mask, use_cache=use_cache).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert {"causal_conv1d_fn", "mamba_chunk_scan"} <= set(calls)
+
+    # a cache continued by several tokens (chunked prefill), then by one (decode)
+    caches = []
+    for m in (ref, model):
+        out = m(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        more = m(ids[:, 6:], attention_mask=mask, **cache_kwargs(m, out))
+        step = m(ids[:, :1], attention_mask=torch.ones(3, 12, dtype=torch.long),
+                 **cache_kwargs(m, more))
+        caches.append((more.logits, step.logits, cache_kwargs(m, step)))
+    for got, want in zip(caches[1][:2], caches[0][:2], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert "causal_conv1d_update" in calls and "selective_state_update" in calls
+
+    # the same states, in the same cache layers (the conv keeps only the window it reads)
+    got_cache, want_cache = (next(iter(c[2].values())) for c in (caches[1], caches[0]))
+    for layer, want in zip(got_cache.layers, want_cache.layers, strict=True):
+        if not isinstance(layer, transformers.cache_utils.LinearAttentionCacheLayerMixin):
+            continue
+        torch.testing.assert_close(layer.recurrent_states[0], want.recurrent_states[0],
+                                   atol=1e-4, rtol=0)
+        window = layer.conv_states[0].shape[-1]
+        torch.testing.assert_close(layer.conv_states[0], want.conv_states[0][..., -window:])
+
+
+@torch.no_grad()
+def test_decode_updates_the_cache_tensors_in_place():
+    _, model = pair(bamba)
+    ids, mask = padded_batch()
+    cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    layer = cache.layers[0]
+    conv, ssm = layer.conv_states[0], layer.recurrent_states[0]
+    before = ssm.clone()
+    model(ids[:, :1], attention_mask=torch.ones(3, 12, dtype=torch.long), past_key_values=cache)
+    assert layer.conv_states[0] is conv and layer.recurrent_states[0] is ssm
+    assert not torch.equal(ssm, before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_matches_transformers(family):
+    ref, model = pair(FAMILIES[family])
+    ids, mask = padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, pad_token_id=0)
+    want = ref.generate(ids, do_sample=False, **kwargs)
+    assert torch.equal(model.generate(ids, do_sample=False, **kwargs), want)
+    sampled = []
+    for m in (ref, model):
+        torch.manual_seed(7)
+        sampled.append(m.generate(ids, do_sample=True, top_k=0, temperature=1.0, **kwargs))
+    assert torch.equal(sampled[1], sampled[0])
+
+
+@torch.no_grad()
+def test_prefill_on_the_multi_token_ssu():
+    ref, model = pair(mamba2, prefill_op="selective_state_update")
+    ids, mask = padded_batch()
+    want = ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, atol=1e-4, rtol=0)
+
+
+def test_compiled_generate_matches_transformers():
+    ref, model = pair(lambda: mamba2(layers=1))
+    ids, mask = padded_batch()
+    model.forward = mamba_ir.compile(model.forward)
+    kwargs = dict(attention_mask=mask, max_new_tokens=3, pad_token_id=0, do_sample=False)
+    assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
+    sites = {(site.op, site.provider) for site in model.forward.lowering_report.sites}
+    assert sites == {(op, "native") for op in ("causal_conv1d_fn", "mamba_chunk_scan",
+                                               "causal_conv1d_update", "selective_state_update")}
+
+
+def test_patch_is_idempotent_and_keeps_training_on_transformers():
+    ref, model = pair(mamba2)
+    mixer = model.backbone.layers[0].mixer
+    assert hf.is_patched(mixer) and not hf.is_patched(ref.backbone.layers[0].mixer)
+    assert hf.patch(model) is model
+    model.train()
+    ids, _ = padded_batch()
+    torch.testing.assert_close(model(ids).logits, ref.train()(ids).logits)
+
+
+def test_refusals():
+    torch.manual_seed(0)
+    mamba1 = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1))
+    with pytest.raises(ValueError, match=r"backbone.layers.0.mixer is a MambaMixer .*not one of"):
+        hf.patch(mamba1)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="found none in LlamaForCausalLM"):
+        hf.patch(llama)
+    with pytest.raises(ValueError, match="prefill_op"):
+        hf.patch(mamba2(), prefill_op="scan")
+    with pytest.raises(ValueError, match=r"clamps dt to \(0.0, 1.0\)"):
+        hf.patch(bamba(), prefill_op="selective_state_update")
+    model = mamba2()
+    model.backbone.layers[1].mixer.activation = "gelu"
+    with pytest.raises(ValueError, match="layers.1.mixer uses activation 'gelu'"):
+        hf.patch(model)
+    assert not hf.is_patched(model.backbone.layers[0].mixer)  # nothing changed
