@@ -176,7 +176,7 @@ def test_generate_matches_transformers(family):
 
 @torch.no_grad()
 def test_prefill_on_the_multi_token_ssu():
-    ref, model = pair(mamba2, prefill_op="selective_state_update")
+    ref, model = pair(bamba, prefill_op="selective_state_update")  # dt clamped to (0, 1)
     ids, mask = padded_batch()
     want = ref(ids, attention_mask=mask).logits
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, atol=1e-4, rtol=0)
@@ -216,8 +216,6 @@ def test_refusals():
         hf.patch(llama)
     with pytest.raises(ValueError, match="prefill_op"):
         hf.patch(mamba2(), prefill_op="scan")
-    with pytest.raises(ValueError, match=r"clamps dt to \(0.0, 1.0\)"):
-        hf.patch(bamba(), prefill_op="selective_state_update")
     model = mamba2()
     model.backbone.layers[1].mixer.activation = "gelu"
     with pytest.raises(ValueError, match="layers.1.mixer uses activation 'gelu'"):

@@ -88,7 +88,7 @@ def patch(model: nn.Module, *, prefill_op: str = "mamba_chunk_scan") -> nn.Modul
     Supported mixers: Bamba, Mamba2, NemotronH, GraniteMoeHybrid and FalconH1 (``MIXERS``).
     Anything else with an SSM mixer raises ``ValueError`` naming the layer and why, before
     any module is changed. ``prefill_op`` picks the prefill SSM op: ``"mamba_chunk_scan"``
-    or ``"selective_state_update"`` (multi-token; refused for models that clamp ``dt``).
+    or the multi-token ``"selective_state_update"`` (same result).
     Modules in training mode, and caches recording past states (rollback), keep
     transformers' own forward. Patching twice is a no-op. Returns ``model``.
     """
@@ -98,7 +98,7 @@ def patch(model: nn.Module, *, prefill_op: str = "mamba_chunk_scan") -> nn.Modul
     for name, module in model.named_modules():
         family = MIXERS.get((type(module).__module__, type(module).__qualname__))
         if family is not None:
-            _check_mixer(name, module, prefill_op)
+            _check_mixer(name, module)
             mixers.append((module, _Setup(family, prefill_op)))
         elif _looks_like_ssm_mixer(module):
             raise ValueError(
@@ -130,7 +130,7 @@ def _looks_like_ssm_mixer(module: nn.Module) -> bool:
     return isinstance(getattr(module, "A_log", None), torch.Tensor) and hasattr(module, "conv1d")
 
 
-def _check_mixer(name: str, m: nn.Module, prefill_op: str) -> None:
+def _check_mixer(name: str, m: nn.Module) -> None:
     if m.activation not in _ACTIVATIONS:
         raise ValueError(
             f"model: {name} uses activation {m.activation!r}; the conv ops take "
@@ -146,12 +146,6 @@ def _check_mixer(name: str, m: nn.Module, prefill_op: str) -> None:
         raise ValueError(
             f"model: {name}.conv1d weight: expected a depthwise ({m.conv_dim}, 1, "
             f"{m.conv_kernel_size}) conv, got {tuple(m.conv1d.weight.shape)}"
-        )
-    lo, hi = m.time_step_limit
-    if prefill_op == "selective_state_update" and (lo, hi) != (0.0, float("inf")):
-        raise ValueError(
-            f"model: {name} clamps dt to {m.time_step_limit} in prefill, which "
-            "selective_state_update cannot; use prefill_op='mamba_chunk_scan'"
         )
 
 
@@ -250,8 +244,8 @@ def _forward(
             A=A[:, None, None].expand(heads, head_dim, dstate), B=B, C=C,
             D=self.D[:, None].expand(heads, head_dim), z=z,
             dt_bias=self.dt_bias[:, None].expand(heads, head_dim), dt_softplus=True,
-            state_batch_indices=states.src, dst_state_batch_indices=states.dst,
-            cu_seqlens=cu_seqlens,
+            dt_limit=tuple(self.time_step_limit), state_batch_indices=states.src,
+            dst_state_batch_indices=states.dst, cu_seqlens=cu_seqlens,
         )
     y = y.reshape(batch, seqlen, heads * head_dim)
     if gated_norm:
