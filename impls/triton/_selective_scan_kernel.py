@@ -28,7 +28,7 @@ if triton is not None:
     def scan_kernel(
         u_ptr, delta_ptr, z_ptr, out_ptr, state_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,
         qsl_ptr, dst_ptr, src_ptr, init_ptr, done_ptr, ckpt_ptr,
-        dim, dstate, per_group, pad_slot_id, block_size,
+        dim, dstate, per_group, pad_slot_id, block_size, nslots, ntok,
         s_u_d, s_u_t, s_delta_d, s_delta_t, s_z_d, s_z_t, s_out_d, s_out_t,
         s_state_row, s_state_d, s_state_n, s_A_d, s_A_n,
         s_B_g, s_B_n, s_B_t, s_C_g, s_C_n, s_C_t, s_D, s_bias,
@@ -42,7 +42,8 @@ if triton is not None:
         seq = tl.program_id(0).to(tl.int64)
         first_chan = tl.program_id(1) * BLOCK_D
         bos = tl.load(qsl_ptr + seq * s_qsl).to(tl.int64)
-        length = tl.load(qsl_ptr + (seq + 1) * s_qsl).to(tl.int64) - bos
+        # tokens past the call are never touched, whatever an unchecked call passes
+        length = tl.minimum(tl.load(qsl_ptr + (seq + 1) * s_qsl).to(tl.int64), ntok) - bos
         if HAS_DST:
             dst = tl.load(dst_ptr + seq * s_dst).to(tl.int64)
         else:
@@ -67,7 +68,8 @@ if triton is not None:
             # without an initial state (or from a pad source) the masked load reads nothing
             # (scalar conditions enter masks through tl.where: `&` with a scalar breaks the
             # interpreter)
-            reads = (src != pad_slot_id) & (tl.load(init_ptr + seq * s_init) != 0)
+            reads = ((src != pad_slot_id) & (src >= 0) & (src < nslots)
+                     & (tl.load(init_ptr + seq * s_init) != 0))
             h = tl.load(state_ptr + src * s_state_row + tile,
                         mask=tl.where(reads, tile_mask, False), other=0.0).to(tl.float32)
         else:
@@ -127,9 +129,10 @@ if triton is not None:
                         column = ends // block_size - done // block_size - 1
                         row = tl.load(ckpt_ptr + seq * s_ckpt_seq + column * s_ckpt_col)
                         row = row.to(tl.int64)
+                        real = (row != pad_slot_id) & (row >= 0) & (row < nslots)
                         tl.store(state_ptr + row * s_state_row + tile,
                                  h.to(state_ptr.dtype.element_ty),
-                                 mask=tl.where(row != pad_slot_id, tile_mask, False))
+                                 mask=tl.where(real, tile_mask, False))
             if HAS_D:
                 y = y + skip[:, None] * x
             if HAS_Z:
@@ -138,6 +141,8 @@ if triton is not None:
             out = out_ptr + chans[:, None] * s_out_d + toks[None, :] * s_out_t
             tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
-        # a pad destination, or a sequence without tokens, writes nothing
+        # a pad destination (or a row outside the state), or a sequence without tokens,
+        # writes nothing
+        writes = (dst != pad_slot_id) & (dst >= 0) & (dst < nslots) & (length > 0)
         tl.store(state_ptr + dst * s_state_row + tile, h.to(state_ptr.dtype.element_ty),
-                 mask=tl.where((dst != pad_slot_id) & (length > 0), tile_mask, False))
+                 mask=tl.where(writes, tile_mask, False))

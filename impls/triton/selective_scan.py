@@ -1,10 +1,12 @@
 """Triton selective_scan: Mamba1 prefill, one launch for any mix of sequence lengths.
 
 One program per (sequence, block of channels) runs the sequence in chunks of tokens, each
-chunk an associative scan over the token axis (``_selective_scan_kernel``). Every tensor
-is read through its strides, so channel-first tensors contiguous along tokens and
-transposed views of ``(tokens, dim)`` projections need no copy; 2-D ``B``/``C`` are one
-group.
+chunk's tiles loaded at once and its tokens stepped in registers (``_selective_scan_kernel``).
+Every tensor is read through its strides, so channel-first tensors contiguous along tokens
+and transposed views of ``(tokens, dim)`` projections need no copy; 2-D ``B``/``C`` are one
+group. Per-sequence tensors may be longer than the call's sequences (the tail is never
+read); rows outside ``[0, slots)`` and tokens past the call are neither read nor written,
+whatever an unchecked (compiled) call passes.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def selective_scan(
         dummy if has_initial_state is None else has_initial_state,
         dummy if num_computed_tokens is None else num_computed_tokens,
         dummy if checkpoint_state_indices is None else checkpoint_state_indices,
-        dim, dstate, per_group, pad_slot_id, max(1, block_size),
+        dim, dstate, per_group, pad_slot_id, max(1, block_size), ssm_states.shape[0], u.shape[1],
         *u.stride(), *delta.stride(), *_strides(z, 2), *out.stride(),
         *ssm_states.stride(), *A.stride(), *B.stride(), *C.stride(),
         *_strides(D, 1), *_strides(delta_bias, 1),

@@ -196,7 +196,8 @@ def _device_check(call: dict) -> None:
     lengths = qsl[1:] - qsl[:-1]
     rows, written = dst[:, None], (lengths > 0)[:, None]
     if done is not None:
-        checks.assert_within("num_computed_tokens", done, 0, 2**62, "values >= 0")
+        top = torch.iinfo(done.dtype).max
+        checks.assert_within("num_computed_tokens", done, 0, top, "values >= 0")
     dst_name = "cache_indices"
     if bs:
         checks.assert_rows_in_range("checkpoint_state_indices", ckpt, nslots, pad)
