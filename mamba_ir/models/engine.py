@@ -96,9 +96,7 @@ def compile_step(fn: Callable[..., Any], priority: Any = None, **kwargs: Any) ->
 def _dynamic(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Mark the token and batch dims dynamic, so one compiled graph serves every size."""
     for t in args:
-        for dim in range(min(t.dim(), 2)):
-            if t.shape[dim] >= 2:
-                torch._dynamo.maybe_mark_dynamic(t, dim)
+        torch._dynamo.maybe_mark_dynamic(t, 0)
     return args
 
 
@@ -267,14 +265,17 @@ class Engine:
         # the checkpoint slots this step writes: never a row some sequence reads
         pinned = frozenset(origin for _, origin, _, _ in plan)
         reserved: list[tuple[bytes, int]] = []
+        done = 0
         try:
             args, commits = self._prefill_args(plan, pinned, reserved)
+            torch._dynamo.maybe_mark_dynamic(args[8], 1)  # checkpoint columns
             logits = self._prefill(*_dynamic(args))
+            for (digest, slot), (r, boundary) in zip(reserved, commits, strict=True):
+                self.prefix.commit(digest, slot, r.row, boundary)
+                done += 1
         except BaseException:
-            self.prefix.cancel(reserved)
+            self.prefix.cancel(reserved[done:])
             raise
-        for (digest, slot), (r, boundary) in zip(reserved, commits, strict=True):
-            self.prefix.commit(digest, slot, r.row, boundary)
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(end - start for _, _, start, end in plan)
         new = 0
