@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from mamba_ir.priority import PrioritySpec
+from mamba_ir.priority import PrioritySpec, checked_priority
 
 from .callsite import ir_ops
 from .graph_pass import LoweringPass
@@ -34,6 +33,7 @@ class Backend:
     Inductor's (also accepted from ``torch.compile``). ``report`` collects the call sites
     of every graph this backend compiles. A graph served from Inductor's cache did not run
     the passes: its report is the one saved beside the cache when it was compiled.
+    ``validate`` turns on the checked mode (see :func:`compile`).
     """
 
     def __init__(
@@ -43,8 +43,11 @@ class Backend:
         mode: str | None = None,
         options: dict[str, Any] | None = None,
         dynamic: bool | None = None,
+        validate: bool = False,
     ) -> None:
+        checked_priority(priority, "priority")
         self.priority = priority
+        self.validate = bool(validate)
         self.mode = mode
         self.options = dict(options or {})
         self.dynamic = dynamic
@@ -62,10 +65,12 @@ class Backend:
 
         patches = self._patches(mode, options)
         ran: list[list[SiteReport]] = []
-        graph_pass = LoweringPass(self.priority, ran.append, then=_installed(patches))
+        graph_pass = LoweringPass(
+            self.priority, ran.append, then=_installed(patches), validate=self.validate
+        )
         patches[POST_GRAD_PASS] = graph_pass
         start = time.perf_counter()
-        saved = _SavedReports(graph_pass, gm, example_inputs)
+        saved = _SavedReports(graph_pass, gm, example_inputs, patches)
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
         self.report.compile_seconds += time.perf_counter() - start
         self.report.pass_seconds += graph_pass.seconds
@@ -105,13 +110,21 @@ class Backend:
 
 
 def compile(
-    model_or_fn: Any, priority: PrioritySpec = None, **torch_compile_kwargs: Any
+    model_or_fn: Any,
+    priority: PrioritySpec = None,
+    *,
+    validate: bool = False,
+    **torch_compile_kwargs: Any,
 ) -> Any:
     """``torch.compile`` with every IR call site lowered to its provider, align copies
     folded where the chosen provider reads from a source row.
 
     ``priority`` orders the providers while compiling (as :func:`mamba_ir.set_priority`;
-    otherwise the priority in effect when a graph compiles applies). Other keyword
+    otherwise the priority in effect when a graph compiles applies). ``validate`` is the
+    checked mode: every call site first asserts, on the device and without a host sync,
+    what eager calls check on the host (index ranges, offsets, the row rules), so a bad
+    index fails loudly instead of writing the wrong rows; off by default (it costs a few
+    small kernels per call, docs/passes.md). Other keyword
     arguments go to ``torch.compile`` (``mode`` and ``options`` to Inductor). The result
     carries ``lowering_report`` (a :class:`LoweringReport`), filled as graphs compile.
     """
@@ -124,6 +137,7 @@ def compile(
         mode=kwargs.pop("mode", None),
         options=kwargs.pop("options", None),
         dynamic=kwargs.get("dynamic"),
+        validate=validate,
     )
     # graphs are labelled with the function's name (a bound method's: prefill, decode)
     backend.report.name = getattr(model_or_fn, "__name__", type(model_or_fn).__name__)
@@ -134,7 +148,7 @@ def compile(
 
 
 def inductor_options(
-    priority: PrioritySpec = None, report: LoweringReport | None = None
+    priority: PrioritySpec = None, report: LoweringReport | None = None, *, validate: bool = False
 ) -> dict[str, Any]:
     """Inductor options installing the passes: ``torch.compile(m, options=...)``.
 
@@ -142,16 +156,19 @@ def inductor_options(
     (graphs served from Inductor's cache run no pass and add nothing there).
     """
     on_graph = report.add_graph if report is not None else None
-    return {POST_GRAD_PASS: LoweringPass(priority, on_graph, then=_installed({}))}
+    return {
+        POST_GRAD_PASS: LoweringPass(priority, on_graph, then=_installed({}), validate=validate)
+    }
 
 
 @contextlib.contextmanager
-def use_passes(priority: PrioritySpec = None) -> Iterator[LoweringReport]:
+def use_passes(priority: PrioritySpec = None, *, validate: bool = False
+               ) -> Iterator[LoweringReport]:
     """Within the block, every Inductor compile runs the passes; yields their report."""
     from torch._inductor import config
 
     report = LoweringReport()
-    with config.patch(inductor_options(priority, report)):
+    with config.patch(inductor_options(priority, report, validate=validate)):
         yield report
 
 
@@ -170,20 +187,19 @@ def _calls_ir(gm: fx.GraphModule) -> bool:
 
 
 class _SavedReports:
-    """A graph's site reports saved beside Inductor's cache, keyed like the graph."""
+    """A graph's site reports saved beside Inductor's cache, under the key Inductor's
+    caches look the graph up by (AOTAutograd's cache key, which covers the graph, its
+    inputs as the cache sees them, symbolic sizes included, and the Inductor config with
+    this pass's uuid): a hit at another batch size of a dynamic graph finds its report."""
 
-    def __init__(self, graph_pass: LoweringPass, gm: fx.GraphModule, inputs: list[Any]) -> None:
-        uuid = graph_pass.uuid()
+    def __init__(self, graph_pass: LoweringPass, gm: fx.GraphModule, inputs: list[Any],
+                 patches: dict[str, Any]) -> None:
         self.path = None
-        if uuid is not None:
-            metas = [
-                (tuple(map(str, t.shape)), tuple(map(str, t.stride())), str(t.dtype), str(t.device))
-                if isinstance(t, torch.Tensor) else repr(t)
-                for t in inputs
-            ]
-            text = _canonical_symbols(f"{gm.code}\n{metas}")
-            key = hashlib.sha256(f"{uuid}\n{text}".encode()).hexdigest()
-            self.path = _report_dir() / f"{key}.json"
+        uuid = graph_pass.uuid()
+        key = _inductor_key(gm, inputs, patches) if uuid is not None else None
+        if key is not None:
+            digest = hashlib.sha256(f"{uuid}\n{key}".encode()).hexdigest()
+            self.path = _report_dir() / f"{digest}.json"
 
     def store(self, sites: list[SiteReport]) -> None:
         if self.path is None:
@@ -195,18 +211,28 @@ class _SavedReports:
             pass  # a report that cannot be saved is rebuilt on the next cache miss
 
     def load(self) -> list[SiteReport]:
+        if self.path is None:
+            return []
         try:
             return [SiteReport.from_dict(d) for d in json.loads(self.path.read_text())]
         except (OSError, TypeError, AttributeError, ValueError):
             return []
 
 
-def _canonical_symbols(text: str) -> str:
-    """Size symbols renamed in order of appearance: their numbers depend on how many were
-    created before in the process, which Inductor's cache key does not see either."""
-    names: dict[str, str] = {}
-    return re.sub(r"\b[su]\d+\b", lambda m: names.setdefault(m[0], f"{m[0][0]}#{len(names)}"),
-                  text)
+def _inductor_key(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any]) -> str | None:
+    """The key AOTAutograd's cache gives this graph under ``patches``, or None where
+    Inductor cannot key it (then nothing is saved: such a graph is never served from the
+    cache either)."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import autograd_cache_key
+
+    try:
+        with config.patch(patches):
+            key = autograd_cache_key(gm, inputs, ignore_shape_env=False)
+    except Exception as exc:  # an uncacheable graph, or a torch without this function
+        logger.debug("no cache key for the lowering report: %s", exc)
+        return None
+    return key[0] if isinstance(key, tuple) else str(key)
 
 
 def _report_dir() -> Path:

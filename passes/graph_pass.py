@@ -21,7 +21,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from mamba_ir.op import REGISTRY
-from mamba_ir.priority import PrioritySpec, set_priority
+from mamba_ir.priority import PrioritySpec, checked_priority, set_priority
 
 from . import lowering
 from .provider_ops import define_all
@@ -35,7 +35,8 @@ class LoweringPass(CustomGraphPass):
 
     ``priority`` (as :func:`mamba_ir.set_priority` takes it) applies while the pass runs;
     ``on_graph`` receives each graph's site reports. ``then`` is a pass that was installed
-    before (run first, its uuid folded into ours).
+    before (run first, its uuid folded into ours). ``validate`` lowers every call site to
+    the checked provider op (device-side index checks before the provider).
     """
 
     def __init__(
@@ -43,8 +44,12 @@ class LoweringPass(CustomGraphPass):
         priority: PrioritySpec = None,
         on_graph: Callable[[list[SiteReport]], None] | None = None,
         then: Any = None,
+        *,
+        validate: bool = False,
     ) -> None:
+        checked_priority(priority, "priority")  # a misspelt name fails here, not silently later
         self.priority = priority
+        self.validate = bool(validate)
         self.on_graph = on_graph
         self.then = tuple(then) if isinstance(then, (list, tuple)) else (then,) if then else ()
         self.seconds = 0.0  # time spent in this pass (uuid included), for the report
@@ -54,7 +59,7 @@ class LoweringPass(CustomGraphPass):
             earlier(graph)
         start = time.perf_counter()
         with self.priority_scope():
-            reports = lowering.run(graph)
+            reports = lowering.run(graph, validate=self.validate)
         self.seconds += time.perf_counter() - start
         if self.on_graph is not None:
             self.on_graph(reports)
@@ -75,6 +80,7 @@ class LoweringPass(CustomGraphPass):
         digest = hashlib.sha256()
         for path in _SOURCES:
             digest.update(path.read_bytes())
+        digest.update(f"validate={self.validate}".encode())
         with self.priority_scope():
             digest.update(registry_fingerprint().encode())
         for earlier in self.then:

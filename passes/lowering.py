@@ -3,7 +3,9 @@
 The choice is :meth:`IrOp.decide` on the call site's fake arguments: the first provider,
 in the op's priority order for the call's device, whose predicate accepts them. The node
 keeps its form (``auto_functionalized`` stays ``auto_functionalized``), only the op it
-names changes to the provider op, so Inductor re-inplaces it like the IR op.
+names changes to the provider op, so Inductor re-inplaces it like the IR op. In the checked
+mode (``validate``) it names the checked provider op, which asserts the op's index rules on
+the device before the provider runs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def decide(site: CallSite) -> Decision:
     return site.op.decide(site.fake_call())
 
 
-def run(graph: fx.Graph) -> list[SiteReport]:
+def run(graph: fx.Graph, *, validate: bool = False) -> list[SiteReport]:
     """Fuse align copies, then lower every IR call site of ``graph``; report each site."""
     sites = CallSite.find(graph, ir_ops())
     if not sites:
@@ -38,7 +40,7 @@ def run(graph: fx.Graph) -> list[SiteReport]:
             reports.append(_folded(site, fusion))
             continue
         decision = decide(site)
-        site.retarget(provider_op(site.op, decision.provider))
+        site.retarget(provider_op(site.op, decision.provider, checked=validate))
         reports.append(_lowered(site, decision, fusion))
     return reports
 
