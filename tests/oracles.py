@@ -69,6 +69,9 @@ def selective_state_update(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Te
                 d = dt[tok, hd] + (0 if bias is None else bias[hd])
                 if call["dt_softplus"]:
                     d = torch.where(d <= 20, torch.log1p(torch.exp(d)), d)
+                if call.get("dt_limit") is not None:
+                    lo, hi = (torch.tensor(float(v), dtype=torch.float64) for v in call["dt_limit"])
+                    d = torch.minimum(torch.maximum(d, lo), hi)
                 h[hd] = (
                     h[hd] * torch.exp(A[hd] * d[:, None])
                     + (d[:, None] * B[tok, g][None]) * x[tok, hd][:, None]

@@ -50,8 +50,11 @@ def _real(rows: set[int], call: dict[str, Any]) -> set[int]:
 
 
 def _conv_rows(dst: Any, src: Any, lengths: list[int], reads: list[bool]) -> Rows:
-    dst = list(range(len(lengths))) if dst is None else dst.tolist()
-    src = dst if src is None else src.tolist()
+    # index tensors may be longer than the sequences: the tail is ignored
+    n = len(lengths)
+    dst = list(range(n)) if dst is None else dst.tolist()[:n]
+    src = dst if src is None else src.tolist()[:n]
+    reads = reads[:n]
     read = {s for s, r in zip(src, reads, strict=True) if r}
     return read, {d for d, n in zip(dst, lengths, strict=True) if n > 0}
 
@@ -93,7 +96,8 @@ def _chunk_scan_rows(call: dict[str, Any]) -> Rows:
     written = {d for d, n in zip(dst[:, 0].tolist(), seq.lengths.tolist(), strict=True) if n > 0}
     if call["block_size"]:
         used = checkpoint_columns(seq.lengths, call["num_computed_tokens"], call["block_size"])
-        for cols, k in zip(call["checkpoint_state_indices"].tolist(), used.tolist(), strict=True):
+        ckpt = call["checkpoint_state_indices"][: seq.count]  # the tail is ignored
+        for cols, k in zip(ckpt.tolist(), used.tolist(), strict=True):
             written.update(cols[:k])
     return _real(set(src.tolist()), call), _real(written, call)
 

@@ -122,6 +122,54 @@ def _index(values: list[Any], dtype: torch.dtype, device: str) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+# How an index tensor is laid out: as built; every other entry of a wider buffer; a column
+# (or the leading columns) of a wider 2-D tensor; followed by entries past the sequences
+# (vLLM pads index tensors to a CUDA-graph batch; the ops ignore the tail).
+INDEX_LAYOUTS = ("plain", "strided", "column", "padded")
+JUNK = 1 << 20  # what padding and unused columns hold: a row no call has, if ever read
+
+
+def _laid_out(t: torch.Tensor | None, how: str, tail: int = 2) -> torch.Tensor | None:
+    """``t`` (a per-sequence tensor, 1-D or 2-D) in the layout ``how`` (INDEX_LAYOUTS)."""
+    if t is None or how == "plain":
+        return t
+    junk = JUNK if t.dtype != torch.bool else True
+    if how == "strided":
+        return _maybe_strided(t, True)
+    if how == "column":
+        wide = torch.full((*t.shape[:1], (t.shape[1] if t.dim() == 2 else 1) + 1), junk,
+                          dtype=t.dtype, device=t.device)
+        if t.dim() == 1:
+            wide[:, 0] = t
+            return wide[:, 0]
+        wide[:, : t.shape[1]] = t
+        return wide[:, : t.shape[1]]
+    return torch.cat([t, torch.full((tail, *t.shape[1:]), junk, dtype=t.dtype, device=t.device)])
+
+
+def _bias(randn, dim: int, dtype: torch.dtype, how: str) -> torch.Tensor | None:
+    """A conv bias: none, contiguous, every other element of a wider buffer, or one value
+    broadcast with stride 0."""
+    if how == "none":
+        return None
+    if how == "tied":
+        return randn(1, dtype=dtype).expand(dim)
+    return _maybe_strided(randn(dim, dtype=dtype), how == "strided")
+
+
+def _in_cache(t: torch.Tensor, how: str) -> torch.Tensor:
+    """A state as a view of a larger cache: one layer of two (same row layout, offset
+    storage) or rows interleaved with another layer's (twice the row stride)."""
+    if how == "own":
+        return t
+    if how == "layer":
+        cache = torch.empty((2, *t.shape), dtype=t.dtype, device=t.device).copy_(t[None])
+        return cache[1]
+    cache = torch.empty((t.shape[0], 2, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    cache[:, 0] = t
+    return cache[:, 0]
+
+
 @st.composite
 def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL):
     mamba2 = draw(st.booleans())
@@ -141,46 +189,67 @@ def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Si
     pad = draw(st.sampled_from([-1, 0]))
     state_dtype, in_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
-    tied = mamba2 and draw(st.booleans())
+    # Mamba2 ties dt, A, D and dt_bias over headdim (stride 0); each may be tied or not
+    dt_tied, A_tied, D_tied, bias_tied = (mamba2 and draw(st.booleans()) for _ in range(4))
     strided = draw(st.booleans())
+    packed = mamba2 and draw(st.booleans())  # x, z, B, C sliced from one projection output
+    cache = draw(st.sampled_from(["own", "layer", "interleaved"]))
+    layout = draw(st.sampled_from(INDEX_LAYOUTS))
     has_D, has_z, has_bias, softplus = (draw(st.booleans()) for _ in range(4))
+    dt_limit = draw(st.sampled_from([None, None, (0.0, float("inf")), (0.05, 0.5)]))
+    # source columns past this step's tokens: vLLM's accepted count may exceed them
+    extra_cols = draw(st.integers(0, 1)) if spec else 0
     seed = draw(st.integers(0, 2**31 - 1))
     rng, randn = random.Random(seed), _gen(seed, device)
 
-    ncols = max([*lengths, 1]) if spec else 1
+    ncols = max([*lengths, 1]) + extra_cols if spec else 1
     writes = [ncols if spec else 1] * nseq
     rows = sequence_rows(rng, writes, indexed=use_indices, redirect=redirect, pad=pad)
     heads = (nheads,) if mamba2 else ()
     groups = (ngroups,) if mamba2 else ()
     lead = (sum(lengths),) if form == "varlen" else (nseq, per_seq) if form == "multi" else (nseq,)
 
-    call: dict[str, Any] = {"pad_slot_id": pad, "dt_softplus": softplus}
-    call["state"] = randn(rows.nslots, *heads, dim, dstate, dtype=state_dtype)
-    call["x"] = _maybe_strided(randn(*lead, *heads, dim, dtype=in_dtype), strided)
-    if tied:
+    call: dict[str, Any] = {"pad_slot_id": pad, "dt_softplus": softplus, "dt_limit": dt_limit}
+    call["state"] = _in_cache(randn(rows.nslots, *heads, dim, dstate, dtype=state_dtype), cache)
+    if packed:
+        hd, gn = nheads * dim, ngroups * dstate
+        proj = randn(*lead, 2 * hd + 2 * gn + 1, dtype=in_dtype)
+        call["x"] = proj[..., :hd].unflatten(-1, (nheads, dim))
+        z = proj[..., hd : 2 * hd].unflatten(-1, (nheads, dim))
+        call["B"] = proj[..., 2 * hd : 2 * hd + gn].unflatten(-1, (ngroups, dstate))
+        call["C"] = proj[..., 2 * hd + gn : 2 * hd + 2 * gn].unflatten(-1, (ngroups, dstate))
+    else:
+        call["x"] = _maybe_strided(randn(*lead, *heads, dim, dtype=in_dtype), strided)
+        z = randn(*lead, *heads, dim, dtype=in_dtype)
+        call["B"] = randn(*lead, *groups, dstate, dtype=in_dtype)
+        call["C"] = _maybe_strided(randn(*lead, *groups, dstate, dtype=in_dtype), strided)
+    if dt_tied:
         call["dt"] = randn(*lead, nheads, 1, dtype=in_dtype, scale=0.5).expand(*lead, nheads, dim)
+    else:
+        call["dt"] = _maybe_strided(randn(*lead, *heads, dim, dtype=in_dtype, scale=0.5), strided)
+    if A_tied:
         call["A"] = -randn(nheads, 1, 1).exp().expand(nheads, dim, dstate)
     else:
-        call["dt"] = randn(*lead, *heads, dim, dtype=in_dtype, scale=0.5)
         call["A"] = -randn(*heads, dim, dstate).exp()
-    call["B"] = randn(*lead, *groups, dstate, dtype=in_dtype)
-    call["C"] = _maybe_strided(randn(*lead, *groups, dstate, dtype=in_dtype), strided)
-    param = (lambda: randn(nheads, 1).expand(nheads, dim)) if tied else (lambda: randn(*heads, dim))
-    call["D"] = param() if has_D else None
-    call["dt_bias"] = param() if has_bias else None
+
+    def param(tied: bool) -> torch.Tensor:
+        return randn(nheads, 1).expand(nheads, dim) if tied else randn(*heads, dim)
+
+    call["D"] = param(D_tied) if has_D else None
+    call["dt_bias"] = param(bias_tied) if has_bias else None
     if not softplus:  # the step size is positive, as softplus would make it
         call["dt"] = call["dt"].abs()
         call["dt_bias"] = None if call["dt_bias"] is None else call["dt_bias"].abs()
-    call["z"] = randn(*lead, *heads, dim, dtype=in_dtype) if has_z else None
+    call["z"] = z if has_z else None
     call["cu_seqlens"] = None
     if form == "varlen":
-        call["cu_seqlens"] = _offsets(lengths, idx_dtype, device)
+        call["cu_seqlens"] = _maybe_strided(_offsets(lengths, idx_dtype, device), strided)
     call["state_batch_indices"] = call["dst_state_batch_indices"] = call["num_accepted_tokens"] = (
         None
     )
     if use_indices:
         if spec:
-            accepted = [rng.randint(1, max(n, 1)) for n in lengths]
+            accepted = [rng.randint(1, ncols) for _ in lengths]
             # the source sits in the column the accepted count names; other columns are
             # the destinations (in place) or unused (redirect)
             src_cols = [list(r) for r in rows.dst]
@@ -210,6 +279,8 @@ def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Si
                 for name in ("state_batch_indices", "dst_state_batch_indices"):
                     if call[name] is not None:
                         call[name] = call[name][:, None]
+        for name in ("state_batch_indices", "dst_state_batch_indices", "num_accepted_tokens"):
+            call[name] = _laid_out(call[name], layout)
     call["out"] = None
     return call
 
@@ -225,7 +296,11 @@ def causal_conv1d_fn_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = 
     pad = draw(st.sampled_from([-1, 0]))
     x_dtype, state_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
-    channel_last, has_bias = draw(st.booleans()), draw(st.booleans())
+    channel_last = draw(st.booleans())
+    bias = draw(st.sampled_from(["none", "plain", "strided", "tied"]))
+    layout, qsl_strided = draw(st.sampled_from(INDEX_LAYOUTS)), draw(st.booleans())
+    projected = channel_last and draw(st.booleans())  # x: channels sliced from a projection
+    cache = draw(st.sampled_from(["own", "layer", "interleaved"]))
     activation = draw(st.sampled_from([None, "silu"]))
     seed = draw(st.integers(0, 2**31 - 1))
     rng, randn = random.Random(seed), _gen(seed, device)
@@ -233,21 +308,27 @@ def causal_conv1d_fn_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = 
     use_indices = use_indices or redirect
     rows = sequence_rows(rng, [1] * nseq, indexed=use_indices, redirect=redirect, pad=pad)
     ntok = sum(lengths)
-    x = randn(ntok, dim, dtype=x_dtype).t() if channel_last else randn(dim, ntok, dtype=x_dtype)
+    if projected:
+        x = randn(ntok, dim + 3, dtype=x_dtype)[:, 1 : dim + 1].t()
+    else:
+        x = randn(ntok, dim, dtype=x_dtype).t() if channel_last else randn(dim, ntok, dtype=x_dtype)
     states = _conv_states(randn, rows.nslots, dim, state_len, state_dtype, channel_last)
+    initial = torch.tensor([rng.random() < 0.7 for _ in range(nseq)], device=device)
     return {
         "x": x,
         "weight": randn(dim, width, dtype=x_dtype, scale=0.5),
-        "bias": randn(dim, dtype=x_dtype) if has_bias else None,
-        "conv_states": states,
-        "query_start_loc": _offsets(lengths, idx_dtype, device),
-        "cache_indices": _index([r[0] for r in rows.dst], idx_dtype, device)
+        "bias": _bias(randn, dim, x_dtype, bias),
+        "conv_states": _in_cache(states, cache),
+        "query_start_loc": _maybe_strided(_offsets(lengths, idx_dtype, device), qsl_strided),
+        "cache_indices": _laid_out(_index([r[0] for r in rows.dst], idx_dtype, device), layout)
         if use_indices
         else None,
-        "has_initial_state": torch.tensor([rng.random() < 0.7 for _ in range(nseq)], device=device),
+        "has_initial_state": _laid_out(initial, layout),
         "activation": activation,
         "pad_slot_id": pad,
-        "src_cache_indices": _index(rows.src, idx_dtype, device) if redirect else None,
+        "src_cache_indices": _laid_out(_index(rows.src, idx_dtype, device), layout)
+        if redirect
+        else None,
     }
 
 
@@ -269,45 +350,48 @@ def causal_conv1d_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Size
     pad = draw(st.sampled_from([-1, 0]))
     x_dtype, state_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
-    channel_last, has_bias = draw(st.booleans()), draw(st.booleans())
+    channel_last = draw(st.booleans())
+    bias = draw(st.sampled_from(["none", "plain", "strided", "tied"]))
+    layout, qsl_strided = draw(st.sampled_from(INDEX_LAYOUTS)), draw(st.booleans())
+    projected = form != "multi" and draw(st.booleans())  # x: channels sliced from a projection
+    cache = draw(st.sampled_from(["own", "layer", "interleaved"]))
     activation = draw(st.sampled_from([None, "silu", "swish"]))
     seed = draw(st.integers(0, 2**31 - 1))
     rng, randn = random.Random(seed), _gen(seed, device)
 
     use_indices = use_indices or redirect
     rows = sequence_rows(rng, [1] * nseq, indexed=use_indices, redirect=redirect, pad=pad)
-    if form == "varlen":
-        x = randn(sum(lengths), dim, dtype=x_dtype)
-    elif form == "multi":
+    if form == "multi":
         x = randn(nseq, per_seq, dim, dtype=x_dtype).transpose(1, 2)
     else:
-        x = randn(nseq, dim, dtype=x_dtype)
+        ntok = sum(lengths) if form == "varlen" else nseq
+        x = randn(ntok, dim + 3, dtype=x_dtype)[:, 1 : dim + 1] if projected else randn(
+            ntok, dim, dtype=x_dtype
+        )
     states = _conv_states(randn, rows.nslots, dim, state_len, state_dtype, channel_last)
+
+    def per_seq_index(values: list[int]) -> torch.Tensor:
+        return _laid_out(_index(values, idx_dtype, device), layout)
+
     call: dict[str, Any] = {
         "x": x,
-        "conv_state": states,
+        "conv_state": _in_cache(states, cache),
         "weight": randn(dim, width, dtype=x_dtype, scale=0.5),
-        "bias": randn(dim, dtype=x_dtype) if has_bias else None,
+        "bias": _bias(randn, dim, x_dtype, bias),
         "activation": activation,
-        "conv_state_indices": _index([r[0] for r in rows.dst], idx_dtype, device)
-        if use_indices
-        else None,
+        "conv_state_indices": per_seq_index([r[0] for r in rows.dst]) if use_indices else None,
         "num_accepted_tokens": None,
         "query_start_loc": None,
         "pad_slot_id": pad,
-        "src_conv_state_indices": _index(rows.src, idx_dtype, device) if redirect else None,
+        "src_conv_state_indices": per_seq_index(rows.src) if redirect else None,
         "src_token_offset": None,
     }
     if form == "varlen":
-        call["query_start_loc"] = _offsets(lengths, idx_dtype, device)
+        call["query_start_loc"] = _maybe_strided(_offsets(lengths, idx_dtype, device), qsl_strided)
     if spec:
-        call["num_accepted_tokens"] = _index(
-            [rng.randint(1, extra + 1) for _ in lengths], idx_dtype, device
-        )
+        call["num_accepted_tokens"] = per_seq_index([rng.randint(1, extra + 1) for _ in lengths])
     if explicit_offset:
-        call["src_token_offset"] = _index(
-            [rng.randint(0, extra) for _ in lengths], idx_dtype, device
-        )
+        call["src_token_offset"] = per_seq_index([rng.randint(0, extra) for _ in lengths])
     return call
 
 
@@ -318,13 +402,15 @@ def copy_state_blocks_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes =
     pad = draw(st.sampled_from([-1, 0]))
     dtype = draw(st.sampled_from(FLOATS))
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    layout = draw(st.sampled_from(["plain", "strided", "column"]))
+    cache = draw(st.sampled_from(["own", "layer", "interleaved"]))
     seed = draw(st.integers(0, 2**31 - 1))
     rng, randn = random.Random(seed), _gen(seed, device)
     rows = assign_rows(rng, [1] * ncopies, redirect=True, pad=pad)
     return {
-        "state": randn(rows.nslots, *row_shape, dtype=dtype),
-        "src": _index(rows.src, idx_dtype, device),
-        "dst": _index([r[0] for r in rows.dst], idx_dtype, device),
+        "state": _in_cache(randn(rows.nslots, *row_shape, dtype=dtype), cache),
+        "src": _laid_out(_index(rows.src, idx_dtype, device), layout),
+        "dst": _laid_out(_index([r[0] for r in rows.dst], idx_dtype, device), layout),
         "pad_slot_id": pad,
     }
 
@@ -347,7 +433,9 @@ def mamba_chunk_scan_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = 
     pad = draw(st.sampled_from([-1, 0]))
     state_dtype, in_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
-    sliced, state_view = draw(st.booleans()), draw(st.booleans())
+    sliced = draw(st.booleans())
+    cache = draw(st.sampled_from(["own", "layer", "interleaved"]))
+    layout = draw(st.sampled_from(INDEX_LAYOUTS))
     d_shape = draw(st.sampled_from([None, "head", "channel"]))
     has_z, has_bias, softplus = (draw(st.booleans()) for _ in range(3))
     limit = draw(st.sampled_from([None, (0.0, 0.25), (0.05, float("inf"))]))
@@ -371,9 +459,7 @@ def mamba_chunk_scan_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = 
         x = randn(ntok, nheads, dim, dtype=in_dtype)
         b, c = (randn(ntok, ngroups, dstate, dtype=in_dtype) for _ in range(2))
         dt = randn(ntok, nheads, dtype=in_dtype, scale=0.5)
-    state = randn(rows.nslots + 2 * state_view, nheads, dim, dstate, dtype=state_dtype)
-    if state_view:  # rows of a larger cache
-        state = state[1:-1]
+    state = _in_cache(randn(rows.nslots, nheads, dim, dstate, dtype=state_dtype), cache)
     call: dict[str, Any] = {
         "state": state, "x": x, "dt": dt if softplus else dt.abs(),
         "A": -randn(nheads).exp(), "B": b, "C": c, "chunk_size": chunk,
@@ -400,6 +486,9 @@ def mamba_chunk_scan_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = 
         call["dt_bias"] = bias if softplus else bias.abs()
     if not redirect:  # in place: each sequence reads and writes its first row
         call["state_batch_indices"] = _index([r[0] for r in rows.dst], idx_dtype, device)
+    for name in ("state_batch_indices", "dst_state_batch_indices", "num_computed_tokens",
+                 "checkpoint_state_indices"):
+        call[name] = _laid_out(call[name], layout)
     return call
 
 
