@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mamba_ir.models import demo_config
-from mamba_ir.models.attention import Attention, kv_attention, reference
+from mamba_ir.models.attention import Attention, flash_refusal, kv_attention, reference
 
 HEADS, KV_HEADS, DIM = 4, 2, 16
 
@@ -88,6 +88,15 @@ def test_bad_context_raises_before_writing(lens, match):
     with pytest.raises(ValueError, match=match):
         kv_attention(q, k, v, k_cache, v_cache, _index(bounds), _index(rows), _index(lens), 1.0)
     assert torch.equal(k_cache, before)
+
+
+def test_flash_path_refuses_with_reasons():
+    half = torch.zeros(3, HEADS, DIM, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 8, KV_HEADS, DIM, dtype=torch.bfloat16)
+    assert "fp16/bf16" in flash_refusal(half.float(), cache.float())
+    assert "head_dim 12" in flash_refusal(half[..., :12], cache[..., :12])
+    assert "not contiguous" in flash_refusal(half, cache.transpose(0, 1))
+    assert "CUDA device" in flash_refusal(half, cache)  # on the CPU
 
 
 class _PeakBytes(TorchDispatchMode):

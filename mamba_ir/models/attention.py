@@ -138,6 +138,10 @@ def flash_refusal(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
         return f"head_dim {q.shape[-1]} (needs a multiple of 8, at most 256)"
     if not k_cache.is_contiguous():
         return "the KV cache is not contiguous (rows are read in place)"
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "needs a CUDA device of compute capability 8.0 or newer"
+    if not torch.backends.cuda.is_flash_attention_available():
+        return "this PyTorch build has no FlashAttention"
     return None
 
 
