@@ -87,7 +87,7 @@ def selective_scan(
 ) -> None:
     """The op on Triton; ``config`` overrides the launch parameters (benchmarks)."""
     nseq = query_start_loc.shape[0] - 1
-    if nseq == 0:
+    if nseq == 0 or u.shape[1] == 0:  # no tokens: every sequence is empty, nothing is written
         return
     B, C = (t if t.dim() == 3 else t[None] for t in (B, C))
     dim, dstate = u.shape[0], ssm_states.shape[2]

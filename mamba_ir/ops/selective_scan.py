@@ -15,10 +15,13 @@ from ._tokens import token_layout
 from .mamba_chunk_scan import checkpoint_columns
 
 
-@register_op(
-    mutates_args=("ssm_states", "out"),
-    allocate={"out": lambda call: torch.empty_like(call["u"])},
-)
+def _new_out(call: dict) -> torch.Tensor:
+    # contiguous whatever u's layout: Dynamo refuses a non-contiguous `out=` tensor
+    u = call["u"]
+    return torch.empty(u.shape, dtype=u.dtype, device=u.device)
+
+
+@register_op(mutates_args=("ssm_states", "out"), allocate={"out": _new_out})
 def selective_scan(
     u: torch.Tensor,
     ssm_states: torch.Tensor,
