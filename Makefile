@@ -1,12 +1,13 @@
 # make test   -- create .venv, install mamba-ir with its dev tools, lint, run the tests
 # make demo   -- create .venv, compile a small hybrid model and serve a chat-like workload
+# make wheel-check -- build the wheel, install it outside the repository, run a user's first steps
 VENV   ?= .venv
 PYTHON ?= python3
 # The CPU build of torch; on a CUDA machine use e.g. `make test TORCH=torch`.
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 
-.PHONY: test demo lint gpu-test bench clean
+.PHONY: test demo lint gpu-test bench wheel-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ test: lint
 
 demo: $(VENV)/.installed
 	$(PY) -m mamba_ir demo
+
+wheel-check: $(VENV)/.installed
+	PY=$(abspath $(PY)) scripts/check_wheel.sh
 
 gpu-test: $(VENV)/.installed
 	$(PY) -m pytest -q -m gpu
