@@ -335,3 +335,52 @@ def _plain_varlen() -> dict[str, Any]:
     call["num_accepted_tokens"] = None
     call["state_batch_indices"] = call["state_batch_indices"][:, 0].contiguous()
     return call
+
+
+def _junk_rows(t: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """``t`` followed by ``n`` entries past the sequences (vLLM's CUDA-graph padding)."""
+    tail = torch.full((n, *t.shape[1:]), 1 << 20, dtype=t.dtype, device=t.device)
+    return torch.cat([t, tail])
+
+
+def _column_of_wider(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a strided view: the leading columns of a wider 2-D tensor."""
+    wide = torch.full((t.shape[0], (t.shape[1] if t.dim() == 2 else 1) + 1), 1 << 20,
+                      dtype=t.dtype, device=t.device)
+    if t.dim() == 1:
+        wide[:, 0] = t
+        return wide[:, 0]
+    wide[:, : t.shape[1]] = t
+    return wide[:, : t.shape[1]]
+
+
+@pytest.mark.parametrize("layout", ["column", "padded"])
+@pytest.mark.parametrize("name", ["decode, pads", "redirect, every pad kind",
+                                  "speculative, redirect", "speculative varlen, in place"])
+def test_index_layouts(name: str, layout: str) -> None:
+    """Strided (column-sliced) and padded index tensors and accepted counts."""
+    call = build(CASES[name])
+    change = _column_of_wider if layout == "column" else _junk_rows
+    for key in ("state_batch_indices", "dst_state_batch_indices", "num_accepted_tokens"):
+        if call[key] is not None:
+            call[key] = change(call[key])
+    assert OP.impls["flashinfer"].refusal(call) is None
+    assert_matches_native(OP, "flashinfer", call)
+
+
+def test_accepted_counts_past_this_steps_tokens() -> None:
+    """vLLM's num_accepted_tokens counts the previous step: with 4 tokens this step and 6
+    source columns it may be 5 or 6 (source column 4 or 5)."""
+    call = build(CASES["speculative, redirect"])
+    sbi, dst = call["state_batch_indices"], call["dst_state_batch_indices"]
+    nseq, width = sbi.shape
+    free = sorted(set(range(call["state"].shape[0])) - set(sbi.flatten().tolist())
+                  - set(dst.flatten().tolist()) - {call["pad_slot_id"]})
+    wider = torch.full((nseq, width + 2), call["pad_slot_id"], dtype=sbi.dtype, device=sbi.device)
+    accepted = torch.tensor([5, 6, 1, 6, 5][:nseq], device=sbi.device)
+    for b in range(nseq):
+        wider[b, int(accepted[b]) - 1] = free[b]
+    call["state_batch_indices"], call["num_accepted_tokens"] = wider, accepted
+    OP.check(call)
+    assert OP.impls["flashinfer"].refusal(call) is None
+    assert_matches_native(OP, "flashinfer", call)

@@ -221,6 +221,21 @@ def test_every_refusal_says_flashinfer_or_what_to_do() -> None:
             assert isinstance(reason, str) and len(reason) > 30, name
 
 
+def test_refuses_dt_limit() -> None:
+    reason = fi.plan(make_call(dt_limit=(0.0, 1.0)), H100, True)
+    assert isinstance(reason, str) and reason.startswith("dt_limit")
+    assert isinstance(fi.plan(make_call(), H100, True), fi.Plan)
+
+
+def test_strided_and_padded_indices_are_accepted() -> None:
+    """Index tensors in any layout and longer than the sequences: the provider cuts and
+    copies them before launch, so the plan does not depend on them."""
+    column = torch.zeros(4, 3, dtype=torch.int32, device="meta")[:, 0]
+    padded = torch.zeros(9, dtype=torch.int32, device="meta")
+    for idx in (column, padded):
+        assert fi.plan(make_call(state_batch_indices=idx), H100, True) == fi.Plan("one-token")
+
+
 def test_shared_memory_model() -> None:
     # bf16, 4 tokens, headdim 64, dstate 128: B 1024, C 1024, x 512, dt 16, out 1024,
     # slots 32 (ends at 3632), state prefetch from 3712: 2 stages x 16 rows x 128 x 2 bytes
