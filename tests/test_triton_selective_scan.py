@@ -28,6 +28,7 @@ from mamba_ir.impls.triton.selective_scan import (  # noqa: E402
 from mamba_ir.impls.triton.selective_scan import selective_scan as triton_scan  # noqa: E402
 
 OP = get_op("selective_scan")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU
 
 
 @pytest.fixture
@@ -41,15 +42,15 @@ def tiny_tiles():
 
 
 def test_matches_native():
-    assert check_impl(OP, "triton", max_examples=30) >= 20
+    assert check_impl(OP, "triton", device=DEVICE, max_examples=30) >= 20
 
 
 def test_matches_native_in_tiny_tiles(tiny_tiles):
     sizes = Sizes(max_seqs=3, max_channels=16, max_scan_tokens=14)
-    assert check_impl(OP, tiny_tiles, sizes=sizes, max_examples=15) >= 10
+    assert check_impl(OP, tiny_tiles, device=DEVICE, sizes=sizes, max_examples=15) >= 10
 
 
-def _call(device="cpu", *, dim=6, dstate=4, lengths=(5, 0, 1, 9), ngroups=2, block_size=3,
+def _call(device=DEVICE, *, dim=6, dstate=4, lengths=(5, 0, 1, 9), ngroups=2, block_size=3,
           in_dtype=torch.float32, state_dtype=torch.float32, seed=0):
     """Sequence 0 reads a shared prefix row, 1 is empty, 2 starts from zeros (pad source),
     3 runs in place; every non-empty sequence writes checkpoints at each block boundary."""
@@ -101,8 +102,8 @@ def test_unchecked_rows_outside_the_state_are_neither_read_nor_written():
     # does not exist; index tensors longer than the sequences
     call = _call(block_size=0)
     slots = call["ssm_states"].shape[0]
-    call["src_cache_indices"] = torch.tensor([-2, 1, slots, 5, 7, 7])
-    call["cache_indices"] = torch.tensor([2, 3, slots + 1, 5, 9, 9])
+    call["src_cache_indices"] = torch.tensor([-2, 1, slots, 5, 7, 7], device=DEVICE)
+    call["cache_indices"] = torch.tensor([2, 3, slots + 1, 5, 9, 9], device=DEVICE)
     call["out"] = torch.empty_like(call["u"])
     ref = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
     before = call["ssm_states"].clone()
@@ -115,13 +116,14 @@ def test_unchecked_rows_outside_the_state_are_neither_read_nor_written():
 
 
 def test_device_checks():
-    good = _call()
+    # on CPU: a failed torch._assert_async on a GPU is a device-side assert
+    good = _call("cpu")
     OP.device_check(good)
-    bad = _call()
+    bad = _call("cpu")
     bad["checkpoint_state_indices"][3, 0] = bad["cache_indices"][0]  # written twice
     with pytest.raises(RuntimeError, match="distinct destination rows"):
         OP.device_check(bad)
-    bad = _call()
+    bad = _call("cpu")
     bad["src_cache_indices"][0] = bad["checkpoint_state_indices"][3, 1]  # another's checkpoint
     with pytest.raises(RuntimeError, match="another entry writes"):
         OP.device_check(bad)
@@ -145,6 +147,8 @@ def test_device_checks_pass_valid_drawn_calls():
 def test_refuses_wide_state_with_reason():
     call = _call(dim=2, dstate=512, lengths=(2,), ngroups=1, block_size=0)
     assert "dstate=512" in supports(**call)
+    call = _call(dim=2, dstate=0, lengths=(2,), ngroups=1, block_size=0)
+    assert "dstate=0" in supports(**call)
 
 
 def test_default_config_fills_a_tile():
@@ -154,7 +158,7 @@ def test_default_config_fills_a_tile():
 
 @pytest.mark.gpu
 def test_gpu_matches_native_hypothesis():
-    sizes = Sizes(max_seqs=8, max_channels=512, max_scan_tokens=300)
+    sizes = Sizes(max_seqs=8, max_channels=512, max_scan_tokens=300, dstates=(1, 16, 64, 256))
     check_impl(OP, "triton", device="cuda", sizes=sizes, max_examples=100)
 
 

@@ -29,6 +29,7 @@ MAX_DSTATE = 256
 # Elements of one (channels x dstate x tokens) tile. Not yet measured on a GPU: a starting
 # point sized like the SSU's 4 KiB state tile times a 16-token chunk.
 _TILE = 4096
+_MAX_GRID_Y = 65535  # channel blocks run on the grid's second axis
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,14 @@ def supports(**call: Any) -> bool | str:
     ok = runnable(call)
     if ok is not True:
         return ok
-    dstate = call["ssm_states"].shape[-1]
+    dim, dstate = call["ssm_states"].shape[1:]
+    if dstate == 0:
+        return "dstate=0: the kernel's state tile needs at least one column"
     if dstate > MAX_DSTATE:
         return f"dstate={dstate} > {MAX_DSTATE}: one channel's state tiles must fit a program"
+    blocks = triton.cdiv(dim, default_config(dim, dstate).block_d)
+    if blocks > _MAX_GRID_Y:
+        return f"dim={dim}: {blocks} channel blocks exceed the grid's {_MAX_GRID_Y}"
     return True
 
 
