@@ -80,6 +80,7 @@ class IrOp:
         self.signature = inspect.signature(native)
         self.mutates_args = tuple(mutates_args)
         self.allocate = dict(allocate or {})
+        self.tolerances: dict[torch.dtype, tuple[float, float]] = {}
         self.impls: dict[str, Impl] = {NATIVE: Impl(NATIVE, native, None, ("cpu", "cuda"))}
         self._check: Callable[[dict[str, Any]], None] | None = None
         self._device_check: Callable[[dict[str, Any]], None] | None = None
@@ -240,16 +241,19 @@ def register_op(
     *,
     mutates_args: Iterable[str] = (),
     allocate: dict[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
+    tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
 ) -> Callable[[Callable[..., Any]], IrOp]:
     """Declare an op from its native function.
 
     ``mutates_args`` names the tensors it writes in place; ``allocate`` maps an optional
     output argument to a function that creates it when the caller passes ``None`` (the
-    call then returns it).
+    call then returns it); ``tolerances`` overrides, per dtype, the ``(atol, rtol)`` a
+    provider must meet against native (``mamba_ir.testing.TOLERANCES`` elsewhere).
     """
 
     def declare(native: Callable[..., Any]) -> IrOp:
         op = IrOp(native, mutates_args, allocate)
+        op.tolerances = dict(tolerances or {})
         REGISTRY[op.name] = op
         return op
 

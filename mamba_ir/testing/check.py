@@ -175,7 +175,8 @@ def assert_matches_native(op: IrOp | str, provider: str, call: dict[str, Any]) -
     got_out = op.impls[provider].fn(**got)
 
     atol, rtol = tolerance(
-        *(v.dtype for v in call.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+        *(v.dtype for v in call.values() if isinstance(v, torch.Tensor) and v.is_floating_point()),
+        table=op.tolerances,
     )
     keep = sorted(set(range(state.shape[0])) - written)
     for name, result in (
