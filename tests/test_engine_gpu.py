@@ -35,3 +35,19 @@ def test_compiled_gpu_engine_matches_native_ops():
     for run in (cold, warm):
         for got, want in zip(run, ref, strict=True):
             torch.testing.assert_close(got.logits[0], want.logits[0], atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+def test_prefill_bench_writes_json_and_plot(tmp_path):
+    import json
+
+    from mamba_ir.cli import main
+
+    out = tmp_path / "prefill.json"
+    assert main(["bench", "--prefill", "--layers", "6", "--lengths", "300", "600",
+                 "--contexts", "300", "--batches", "2", "--reps", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["tokens"] for r in data["prefill"]] == [300, 600]
+    assert all(r["gpu_ms_by_category"]["attention"] > 0 for r in data["prefill"])
+    assert [(r["context"], r["batch"]) for r in data["decode"]] == [(300, 2)]
+    assert out.with_suffix(".png").exists()

@@ -130,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or "cuda")
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16
     config = bench_config()
+    if args.layers:
+        config = config.with_(num_layers=args.layers,
+                              attn_layer_indices=tuple(i for i in config.attn_layer_indices
+                                                       if i < args.layers))
     model = random_model(config, device=device, dtype=dtype)
     lengths, contexts, batches = args.lengths, args.contexts, args.batches
     max_len = max(max(lengths), max(contexts)) + 8
