@@ -49,6 +49,8 @@ class Case:
     bias: bool = True
     softplus: bool = True
     strided: bool = False
+    limit: tuple[float, float] | None = None  # dt_limit
+    bias_tied: bool | None = None  # None: as `tied`
     seed: int = 0
 
 
@@ -111,6 +113,8 @@ def build(case: Case, device: str = "cpu") -> dict:
         A = (-torch.rand(*heads, 1, 1, generator=gen) - 0.1).to(device).expand(*heads, dim, dstate)
         D = rand(*heads, 1, dtype=case.weight_dtype).expand(*heads, dim)
         bias = rand(*heads, 1, dtype=case.weight_dtype).expand(*heads, dim)
+        if case.bias_tied is False:  # dt tied over headdim, its bias not
+            bias = rand(*heads, dim, dtype=case.weight_dtype)
     else:
         dt = rand(*lead, *heads, dim, dtype=case.weight_dtype, scale=0.5)
         A = -torch.rand(*heads, dim, dstate, generator=gen).add(0.1).to(device)
@@ -128,7 +132,8 @@ def build(case: Case, device: str = "cpu") -> dict:
 
     call = dict(state=state, x=x, dt=dt, A=A, B=B, C=C, out=out, pad_slot_id=case.pad,
                 D=D if case.D else None, z=z if case.z else None,
-                dt_bias=bias if case.bias else None, dt_softplus=case.softplus)
+                dt_bias=bias if case.bias else None, dt_softplus=case.softplus,
+                dt_limit=case.limit)
     if case.lengths is not None:
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
         call["cu_seqlens"] = cu.to(case.index_dtype)
@@ -216,6 +221,9 @@ CASES = {
     "strided-untied-varlen": Case(strided=True, tied=False, lengths=(2, 1, 0)),
     "odd-sizes": Case(dim=5, dstate=12, nheads=3, ngroups=1, tied=False),
     "one-group-per-head": Case(nheads=4, ngroups=4, redirect=True),
+    "dt-tied-bias-not": Case(bias_tied=False),
+    "dt-limit": Case(limit=(0.1, 0.6)),
+    "dt-limit-untied-multi-token": Case(tied=False, limit=(0.0, 0.3), tokens=2),
 }
 
 
@@ -265,8 +273,11 @@ FULL = dict(nheads=128, ngroups=8, dim=64, dstate=128, state_dtype=torch.bfloat1
         Case(**FULL, nseq=8, tokens=3),
         Case(**{**FULL, "state_dtype": torch.float32}, nseq=32, strided=True),
         Case(**FULL, nseq=32, tied=False, z=False),
+        Case(**FULL, nseq=64, bias_tied=False, redirect=True),
+        Case(**FULL, nseq=64, limit=(0.0, 0.1)),
     ],
-    ids=lambda c: f"{c.nseq}-{c.tokens}-{c.lengths is not None}-{c.spec}-{c.redirect}",
+    ids=lambda c: (f"{c.nseq}-{c.tokens}-{c.lengths is not None}-{c.spec}-{c.redirect}"
+                   f"-{c.tied}-{c.bias_tied}-{c.limit}"),
 )
 def test_full_size_gpu(case: Case) -> None:
     check(build(replace(case, seed=1), device="cuda"))
