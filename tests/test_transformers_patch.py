@@ -175,6 +175,38 @@ def test_generate_matches_transformers(family):
 
 
 @torch.no_grad()
+def test_triton_providers_take_the_cache_layouts(monkeypatch):
+    """The layouts the GPU runs (transformers' cache rows, projection slices) through the
+    Triton kernels (interpreted on a CPU, as conftest sets up): the providers accept them
+    and agree with transformers."""
+    if torch.cuda.is_available():
+        pytest.skip("runs the Triton interpreter on CPU tensors")
+    ref, model = pair(bamba)
+    ids, mask = padded_batch()
+    chosen = set()
+    decide = mamba_ir.IrOp.decide
+
+    def noting(op, call):
+        decision = decide(op, call)
+        chosen.add((decision.op, decision.provider))
+        return decision
+
+    monkeypatch.setattr(mamba_ir.IrOp, "decide", noting)
+    with mamba_ir.set_priority(["triton"]):
+        outs = []
+        for m in (ref, model):
+            out = m(ids, attention_mask=mask, use_cache=True)
+            step = m(ids[:, :1], attention_mask=torch.ones(3, 12, dtype=torch.long),
+                     **cache_kwargs(m, out))
+            outs.append((out.logits, step.logits))
+    for got, want in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert chosen == {(op, "triton") for op in ("causal_conv1d_fn", "mamba_chunk_scan",
+                                                 "causal_conv1d_update",
+                                                 "selective_state_update")}
+
+
+@torch.no_grad()
 def test_prefill_on_the_multi_token_ssu():
     ref, model = pair(bamba, prefill_op="selective_state_update")  # dt clamped to (0, 1)
     ids, mask = padded_batch()
