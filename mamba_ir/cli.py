@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "native model.",
     )
     demo.add_argument("--model", metavar="PATH",
-                      help="local Bamba/Mamba2 checkpoint folder (config.json + safetensors; "
-                           "needs the hf extra: pip install 'mamba-ir[hf]')")
+                      help="local Bamba, Granite-4-H or Mamba2 checkpoint folder (config.json "
+                           "+ safetensors; needs the hf extra: pip install 'mamba-ir[hf]')")
     demo.add_argument("--conversations", type=positive, metavar="N", default=4,
                       help="concurrent conversations")
     demo.add_argument("--turns", type=positive, metavar="N", default=3,

@@ -59,7 +59,54 @@ def test_clamped_time_step_matches_transformers() -> None:
     assert (far - ref).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("model_type", ["nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2"])
+def _granite(rope: str | None = None, **extra) -> torch.nn.Module:
+    """A dense Granite-4-H: Mamba2 and attention layers, each followed by the shared MLP,
+    with every Granite scaling away from 1."""
+    cfg = transformers.GraniteMoeHybridConfig(
+        vocab_size=67, hidden_size=32, num_hidden_layers=3,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2, mamba_d_conv=4,
+        mamba_expand=2, shared_intermediate_size=48, num_local_experts=0,
+        num_attention_heads=4, num_key_value_heads=2, position_embedding_type=rope,
+        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.3,
+        logits_scaling=2.5, initializer_range=0.2, **extra,
+    )
+    torch.manual_seed(0)
+    model = transformers.GraniteMoeHybridForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # non-default SSM and norm parameters, so each one matters
+        for name, p in model.named_parameters():
+            if name.endswith(("dt_bias", ".D", "A_log", "norm.weight", "layernorm.weight")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rope", [None, "rope"])
+def test_granite_4_h_matches_transformers(rope: str | None) -> None:
+    hf = _granite(rope)
+    model = from_transformers(hf)
+    config = model.config
+    assert (config.family, config.attention_layers, config.rotary_dim) == (
+        "granitemoehybrid", (1,), 8 if rope else 0)
+    prompts = [torch.randint(1, 67, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (11, 6)]
+    engine = Engine(model, block_size=4, max_requests=2, max_len=32)
+    for prompt, done in zip(prompts, engine.generate(prompts, 5), strict=True):
+        seq = prompt + done.tokens
+        ref = hf(torch.tensor([seq[:-1]])).logits[0, len(prompt) - 1:].float()
+        torch.testing.assert_close(torch.stack(done.logits), ref, atol=1e-4, rtol=0)
+        assert done.tokens == ref.argmax(-1).tolist()
+
+
+def test_granite_with_experts_is_refused() -> None:
+    d = _granite().config.to_dict()
+    d["num_local_experts"] = 4
+    with pytest.raises(ValueError, match="num_local_experts 4: mixture-of-experts"):
+        HybridConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("model_type", ["nemotron_h", "falcon_h1", "zamba2"])
 def test_other_families_are_refused_by_name(model_type: str) -> None:
     with pytest.raises(ValueError, match=f"model_type '{model_type}'"):
         HybridConfig.from_hf({"model_type": model_type})

@@ -196,6 +196,8 @@ class Attention(nn.Module):
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = c.attention_head_dim
         self.rotary_dim, self.theta = c.rotary_dim, c.rope_theta
+        # Granite-4-H scales scores by attention_multiplier
+        self.scale = c.attention_multiplier or self.head_dim**-0.5
         self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
@@ -220,5 +222,5 @@ class Attention(nn.Module):
         cos, sin = rotary(positions, self.rotary_dim, self.theta)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = kv_attention(q, k, v, k_cache, v_cache, cu_seqlens, kv_rows, context_lens,
-                           self.head_dim**-0.5)
+                           self.scale)
         return self.o_proj(out.reshape(n, self.heads * self.head_dim))

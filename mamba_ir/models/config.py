@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-Family = Literal["bamba", "mamba2"]
+Family = Literal["bamba", "mamba2", "granitemoehybrid"]
 MAMBA = "mamba"
 ATTENTION = "attention"
 
@@ -48,6 +48,12 @@ class HybridConfig:
     intermediate_size: int = 256
     mlp_bias: bool = False
     residual_in_fp32: bool = False
+    # Granite-4-H scalings (1.0 / None elsewhere): embeddings, each branch added to the
+    # residual, the attention scores (None: 1/sqrt(head_dim)), and the logits (divided)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,11 +114,14 @@ class HybridConfig:
             return _from_bamba(d)
         if model_type == "mamba2":
             return _from_mamba2(d)
+        if model_type == "granitemoehybrid":
+            return _from_granite(d)
         missing = _NOT_YET.get(model_type)
         if missing:
             raise ValueError(f"model_type {model_type!r} is not supported yet: the decoder "
-                             f"lacks {missing} (supported: 'bamba', 'mamba2')")
-        raise ValueError(f"model_type {model_type!r}: expected 'bamba' or 'mamba2'")
+                             f"lacks {missing} (supported: {', '.join(map(repr, FAMILIES))})")
+        raise ValueError(f"model_type {model_type!r}: expected one of "
+                         f"{', '.join(map(repr, FAMILIES))}")
 
     def describe(self) -> str:
         n_attn = len(self.attention_layers)
@@ -128,8 +137,6 @@ class HybridConfig:
 _NOT_YET = {
     "nemotron_h": "MLP-only layers with squared-ReLU, attention without rotary embeddings, "
                   "and a Mamba width independent of mamba_expand",
-    "granitemoehybrid": "embedding, residual, attention and logits multipliers, the fused "
-                        "shared MLP, and mixture-of-experts layers",
     "falcon_h1": "parallel attention and Mamba branches with per-branch multipliers",
     "zamba2": "shared attention blocks with LoRA adapters",
 }
@@ -220,6 +227,36 @@ def _from_mamba2(d: dict[str, Any]) -> HybridConfig:
         residual_in_fp32=bool(d.get("residual_in_fp32", True)),
         extra={"eos_token_id": d.get("eos_token_id")},
     )
+
+
+def _from_granite(d: dict[str, Any]) -> HybridConfig:
+    """Granite-4-H (``GraniteMoeHybridForCausalLM``): Bamba's layers with the shared MLP
+    after every layer and Granite's scalings; mixture-of-experts layers are refused."""
+    if d.get("num_local_experts", 0) > 0:
+        raise ValueError(f"num_local_experts {d['num_local_experts']}: mixture-of-experts "
+                         "layers are not supported (only dense Granite-4-H, 0 experts)")
+    kinds = {"mamba": MAMBA, "linear_attention": MAMBA, "attention": ATTENTION,
+             "full_attention": ATTENTION}
+    types = d.get("layer_types") or d.get("layers_block_type") or []
+    unknown = sorted(set(types) - set(kinds))
+    if unknown or len(types) != d["num_hidden_layers"]:
+        raise ValueError(f"layer_types {types!r}: expected one of {sorted(kinds)} per layer")
+    rope = d.get("position_embedding_type")
+    if rope not in (None, "nope", "rope"):
+        raise ValueError(f"position_embedding_type {rope!r} is not supported (rope or none)")
+    bamba = {**d, "attn_layer_indices": [i for i, t in enumerate(types) if kinds[t] == ATTENTION],
+             "intermediate_size": d["shared_intermediate_size"]}
+    return _from_bamba(bamba).with_(
+        family="granitemoehybrid",
+        partial_rotary_factor=1.0 if rope == "rope" else 0.0,
+        embedding_multiplier=float(d.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(d.get("residual_multiplier", 1.0)),
+        attention_multiplier=float(d.get("attention_multiplier", 1.0)),
+        logits_scaling=float(d.get("logits_scaling", 1.0)),
+    )
+
+
+FAMILIES = ("bamba", "mamba2", "granitemoehybrid")
 
 
 def demo_config() -> HybridConfig:

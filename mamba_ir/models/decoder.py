@@ -50,6 +50,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.kind = kind
         self.residual_in_fp32 = config.residual_in_fp32
+        self.residual_multiplier = config.residual_multiplier
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         if kind == ATTENTION:
             self.attn = Attention(config)
@@ -62,9 +63,11 @@ class DecoderLayer(nn.Module):
     def _residual(self, residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.residual_in_fp32:
             residual = residual.float()
-        hidden = residual + out
+        scale = self.residual_multiplier  # Granite-4-H; 1.0 elsewhere
+        hidden = residual + out * scale if scale != 1.0 else residual + out
         if hasattr(self, "mlp"):
-            hidden = hidden + self.mlp(self.ffn_norm(hidden))
+            mlp = self.mlp(self.ffn_norm(hidden))
+            hidden = hidden + mlp * scale if scale != 1.0 else hidden + mlp
         return hidden
 
     def _in(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -82,9 +85,15 @@ class HybridModel(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        scale = self.config.embedding_multiplier  # Granite-4-H; 1.0 elsewhere
+        return self.embed(tokens) * scale if scale != 1.0 else self.embed(tokens)
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.final_norm(hidden)
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        scaling = self.config.logits_scaling  # Granite-4-H; 1.0 elsewhere
+        return logits / scaling if scaling != 1.0 else logits
 
     def prefill(
         self,
@@ -111,7 +120,7 @@ class HybridModel(nn.Module):
         leave their state in ``slots[i]``; block-boundary checkpoints go to
         ``checkpoint_slots`` / ``window_slots`` (see :meth:`Mamba2Mixer.prefill`).
         """
-        hidden = self.embed(tokens)
+        hidden = self._embed(tokens)
         pad = cache.pad_slot_id
         for i, layer in enumerate(self.layers):
             x = layer._in(hidden)
@@ -135,7 +144,7 @@ class HybridModel(nn.Module):
     ) -> torch.Tensor:
         """One token per sequence at ``positions`` (its context is ``positions + 1``
         tokens); logits ``(batch, vocab)``. Pad rows carry ``pad_slot_id``."""
-        hidden = self.embed(tokens)
+        hidden = self._embed(tokens)
         pad = cache.pad_slot_id
         context_lens = positions + 1
         for i, layer in enumerate(self.layers):

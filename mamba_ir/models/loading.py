@@ -2,8 +2,11 @@
 
 transformers names (``BambaForCausalLM``: ``model.layers.{i}.mamba.*``, ``self_attn``,
 ``feed_forward``, ``input_layernorm``, ``pre_ff_layernorm``, ``model.final_layernorm``;
-``Mamba2ForCausalLM``: ``backbone.layers.{i}.mixer.*``, ``norm``, ``backbone.norm_f``)
-map onto this package's names; the conv weight ``(dim, 1, width)`` becomes ``(dim, width)``.
+``GraniteMoeHybridForCausalLM``: the same but ``post_attention_layernorm``,
+``shared_mlp.{input,output}_linear``, ``model.norm``; ``Mamba2ForCausalLM``:
+``backbone.layers.{i}.mixer.*``, ``norm``, ``backbone.norm_f``) map onto this package's
+names; the conv weight ``(dim, 1, width)`` becomes ``(dim, width)``, Granite's fused
+``input_linear`` the MLP's ``gate_proj`` and ``up_proj``.
 Nothing is downloaded: a folder must hold ``config.json`` and ``*.safetensors``.
 """
 
@@ -29,6 +32,11 @@ _RULES: list[tuple[str, str]] = [
     (r"^model\.layers\.(\d+)\.feed_forward\.", r"layers.\1.mlp."),
     (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.attn."),
     (r"^model\.layers\.(\d+)\.mamba\.", r"layers.\1.mixer."),
+    # Granite-4-H (GraniteMoeHybrid): Bamba's names but these; input_linear is split below
+    (r"^model\.norm\.", "final_norm."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
+    (r"^model\.layers\.(\d+)\.shared_mlp\.output_linear\.", r"layers.\1.mlp.down_proj."),
+    (r"^model\.layers\.(\d+)\.shared_mlp\.input_linear\.", r"layers.\1.mlp.input_linear."),
     # Mamba2
     (r"^backbone\.embeddings?\.", "embed."),
     (r"^backbone\.norm_f\.", "final_norm."),
@@ -42,7 +50,7 @@ _RULES: list[tuple[str, str]] = [
 
 
 def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers Bamba / Mamba2 weight names and layouts -> this package's."""
+    """transformers Bamba / Granite-4-H / Mamba2 weight names and layouts -> this package's."""
     out = {}
     for name, tensor in state.items():
         new = name
@@ -50,6 +58,11 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
             new = re.sub(pattern, repl, new)
         if new.endswith(".mixer.conv_weight") and tensor.dim() == 3:
             tensor = tensor.squeeze(1)
+        if ".mlp.input_linear." in new:  # Granite: [gate; up] in one matrix
+            gate, up = tensor.chunk(2, dim=0)
+            out[new.replace("input_linear", "gate_proj")] = gate
+            out[new.replace("input_linear", "up_proj")] = up
+            continue
         out[new] = tensor
     return out
 
