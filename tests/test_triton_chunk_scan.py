@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mamba_ir import get_op
-from mamba_ir.testing import assert_matches_native
+from mamba_ir.testing import STATE_ROWS, assert_matches_native
 
 pytest.importorskip("triton")
 
@@ -139,10 +139,10 @@ CASES = {
     "checkpoints-two-chunks-per-block": Case(block=8, lengths=(17, 3, 0, 8), done=(5, 6, 0, 0)),
     "checkpoint-at-sequence-end": Case(block=4, lengths=(6, 4), done=(2, 4)),
     "in-place-checkpoints-pads": Case(block=4, pads=True),
-    "odd-chunk": Case(chunk=6, block=12, lengths=(13, 2, 25), done=(1, 11, 0)),
+    "odd-chunk": Case(chunk=6, block=12, lengths=(13, 2, 8), done=(1, 11, 0)),
     "chunk-1": Case(chunk=1, block=2, lengths=(3, 1, 0), done=(0, 1, 0)),
     "strided-views": Case(sliced=True, redirect=True, block=4, pads=True),
-    "strided-in-place": Case(sliced=True, d_shape="channel"),
+    "strided-in-place": Case(sliced=True, d_shape="channel", lengths=(6, 0, 5)),
     "no-extras": Case(d_shape=None, z=False, bias=False, softplus=False, lengths=(5, 3)),
     "dt-limit-redirect-pads": Case(limit=(0.05, 0.3), d_shape="channel", redirect=True,
                                    pads=True),
@@ -152,7 +152,7 @@ CASES = {
                  lengths=(7, 1, 0)),
     "groups": Case(nheads=4, ngroups=2, lengths=(6, 3)),
     "odd-sizes": Case(nheads=3, ngroups=1, dim=5, dstate=3, lengths=(7, 2)),
-    "one-group-per-head": Case(nheads=2, ngroups=2, dim=1, dstate=1),
+    "one-group-per-head": Case(nheads=2, ngroups=2, dim=1, dstate=1, lengths=(6, 1)),
 }
 
 
@@ -162,13 +162,15 @@ def test_matches_native(name: str) -> None:
 
 
 def test_loops_over_blocks() -> None:
-    """Chunks of several token blocks, headdim over several programs, several output
-    blocks per chunk: every loop of both kernels runs more than once."""
+    """Chunks of several token blocks, headdim and dstate over several programs, several
+    output blocks per chunk, two heads per program: every loop runs more than once."""
     from mamba_ir.impls.triton.mamba_chunk_scan import mamba_chunk_scan as scan
 
-    small = Config(16, 16, 1, 1, 16, 16, 16, 1, 1)
-    call = build(Case(chunk=48, block=48, lengths=(70, 49, 1), done=(40, 0, 47), dim=20,
-                      redirect=True))
+    small = Config(state_block_p=16, state_block_n=16, state_block_t=16, state_heads=2,
+                   state_warps=1, pass_block_p=16, cb_block=16, scan_block_m=16,
+                   scan_block_k=16, scan_block_p=16, scan_heads=2, scan_warps=1)
+    call = build(Case(chunk=32, block=32, lengths=(45, 20, 1), done=(20, 0, 31), dim=20,
+                      dstate=32, nheads=4, ngroups=2, redirect=True))
     call["out"] = torch.empty_like(call["x"])
     ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
                 for _ in range(2))
@@ -230,14 +232,32 @@ FULL = dict(nheads=128, ngroups=8, dim=64, dstate=128, chunk=256,
     ids=["mixed-ckpt-redirect", "one-2k", "fp32-state-ckpt", "fp16"],
 )
 def test_full_size_gpu(case: Case) -> None:
-    check(build(replace(case, seed=1), device="cuda"))
+    """At Mamba2 size the chunked products round their operands to the 16-bit input dtype
+    (as every chunked scan does), so results are compared against the scale of the native
+    result rather than element by element; unwritten rows must still be bit-identical."""
+    call = build(replace(case, seed=1), device="cuda")
+    call["out"] = torch.full_like(call["x"], float("nan"))
+    assert OP.impls["triton"].refusal(call) is None
+    OP.check(call)
+    ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+                for _ in range(2))
+    OP.native(**ref)
+    OP.impls["triton"].fn(**got)
+    written = sorted(STATE_ROWS["mamba_chunk_scan"][1](call)[1])
+    keep = sorted(set(range(call["state"].shape[0])) - set(written))
+    assert torch.equal(got["state"][keep], call["state"][keep]), "rows not written changed"
+    assert not got["out"].isnan().any(), "an output element was not written"
+    for name, a, b in (("out", got["out"], ref["out"]),
+                       ("state", got["state"][written], ref["state"][written])):
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= 1e-2 * b.float().abs().max().item() + 1e-3, (name, err)
 
 
 @pytest.mark.gpu
 def test_check_impl_gpu() -> None:
     from mamba_ir.testing import check_impl
 
-    check_impl("mamba_chunk_scan", "triton", device="cuda", max_examples=100)
+    check_impl("mamba_chunk_scan", "triton", device="cuda", max_examples=25)
 
 
 def _float64_final_state(call: dict) -> torch.Tensor:

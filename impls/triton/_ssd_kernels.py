@@ -3,22 +3,26 @@
 Chunks belong to one sequence and start at every request position that is a multiple of
 the chunk size (position = tokens already computed + index in the call), so a sequence's
 first and last chunks may be short and every align-mode block boundary is a chunk end.
-Three launches, none of which waits on the host:
+Five launches, none of which waits on the host; grids are sized by an upper bound of the
+chunk count read from shapes alone and surplus programs exit at once, so the call stays
+CUDA-graph capturable:
 
-1. ``chunk_offsets_kernel`` (one program): the first global chunk of every sequence, a
-   prefix sum of the chunk counts. The grids are sized by an upper bound of the chunk
-   count, read from shapes alone, so the call stays CUDA-graph capturable.
-2. ``chunk_state_kernel`` (one program per sequence, head and headdim block): reads the
-   source row once, walks the sequence's chunks in order carrying the state in fp32
-   registers, and per chunk (a) stores the state entering it (in the matmul input dtype:
-   it only feeds the next kernel's tensor-core product) and the per-token step sizes and
-   within-chunk decay sums, (b) adds the chunk's contribution ``x^T (B * weights)`` on
-   tensor cores, and (c) stores checkpoints at block boundaries and the final state to the
-   destination row. Reading the whole source tile before any store makes src == dst safe.
-3. ``chunk_scan_kernel`` (one program per chunk, block of its tokens, head and headdim
-   block): ``y = exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``,
-   gated by ``silu(z)``, the intra-chunk product recomputed per head on tensor cores
-   instead of stored (that costs fewer bytes than it saves).
+1. ``chunk_plan_kernel`` (one program): the first global chunk of every sequence (a prefix
+   sum of chunk counts), then each chunk's sequence, first token and length.
+2. ``chunk_state_kernel`` (chunk x head x state tile, all in parallel): the per-token step
+   sizes and within-chunk decay sums, and the chunk's own contribution to the state,
+   ``x^T (B * weights)`` on tensor cores, in fp32.
+3. ``state_pass_kernel`` (sequence x head x state tile): reads the source row once, walks
+   the sequence's chunks in order carrying the state in fp32 registers (``h = h *
+   decay(chunk) + contribution(chunk)``), stores the state entering each chunk (in the
+   matmul input dtype: it only feeds the scan's tensor-core product), checkpoints at block
+   boundaries and the final state to the destination row. It reads the whole source tile
+   before its first store, so src == dst is safe.
+4. ``chunk_cb_kernel`` (chunk x group x causal block): ``C B^T`` once per group, shared by
+   the group's heads.
+5. ``chunk_scan_kernel`` (chunk x block of its tokens x head x headdim block): ``y =
+   exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``, gated by
+   ``silu(z)``.
 
 Offsets that can pass 2**31 (tokens x strides, rows x row stride, chunks x state size) are
 int64; matmul operands are the inputs' 16-bit dtype with fp32 accumulation, or fp32 with
@@ -32,12 +36,13 @@ from ._common import tl, triton
 if triton is not None:
 
     @triton.jit
-    def chunk_offsets_kernel(
-        cu_ptr, done_ptr, offs_ptr, nseq, chunk,
+    def chunk_plan_kernel(
+        cu_ptr, done_ptr, offs_ptr, table_ptr, nseq, chunk, bound,
         s_cu, s_done,
-        HAS_DONE: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_DONE: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     ):
-        """``offs[b]``: the first global chunk of sequence b; ``offs[nseq]``: the chunk count."""
+        """``offs[b]``: the first global chunk of sequence b; ``offs[nseq]``: the chunk
+        count; ``table[0|1|2, c]``: chunk c's sequence, first token and length."""
         carry = tl.program_id(0).to(tl.int64) * 0
         tl.store(offs_ptr, carry.to(tl.int32))
         for start in range(0, nseq, BLOCK):
@@ -52,9 +57,34 @@ if triton is not None:
             count = tl.where(n > 0, (lead + n + chunk - 1) // chunk, 0)
             tl.store(offs_ptr + 1 + b, (tl.cumsum(count, 0) + carry).to(tl.int32), mask=live)
             carry += tl.sum(count, 0)
+        tl.debug_barrier()  # the offsets stored above are read back below by other threads
+        for start in range(0, carry, BLOCK):
+            c = start + tl.arange(0, BLOCK)
+            live = c < carry
+            # the last sequence whose first chunk is <= c (empty sequences share offsets
+            # with the next one, so the last of equals is the one that owns chunk c)
+            lo = tl.zeros_like(c)
+            hi = lo + nseq - 1
+            for _ in range(SEARCH_STEPS):
+                mid = (lo + hi + 1) // 2
+                ok = tl.load(offs_ptr + mid, mask=live, other=0).to(tl.int64) <= c
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid - 1)
+            b = lo
+            k = c - tl.load(offs_ptr + b, mask=live, other=0).to(tl.int64)
+            bos = tl.load(cu_ptr + b * s_cu, mask=live, other=0).to(tl.int64)
+            n = tl.load(cu_ptr + (b + 1) * s_cu, mask=live, other=0).to(tl.int64) - bos
+            lead = tl.zeros_like(n)
+            if HAS_DONE:
+                lead = tl.load(done_ptr + b * s_done, mask=live, other=0).to(tl.int64) % chunk
+            first = tl.maximum(k * chunk - lead, 0)
+            last = tl.minimum((k + 1) * chunk - lead, n)
+            tl.store(table_ptr + c, b.to(tl.int32), mask=live)
+            tl.store(table_ptr + bound + c, (bos + first).to(tl.int32), mask=live)
+            tl.store(table_ptr + 2 * bound + c, (last - first).to(tl.int32), mask=live)
 
     @triton.jit
-    def _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, a, bias, lo, hi,
+    def _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, bias, lo, hi,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
         """dt of the given tokens after bias, softplus and clamp; 0 where not ``live``."""
         d = tl.load(dt_ptr + tok * s_dt_tok + head * s_dt_head, mask=live, other=0.0)
@@ -70,27 +100,90 @@ if triton is not None:
 
     @triton.jit
     def chunk_state_kernel(
-        state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr,
-        cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr,
-        offs_ptr, table_ptr, hin_ptr, cum_ptr, dts_ptr,
-        pad_slot_id, nheads, dim, dstate, heads_per_group, chunk, block_size, bound,
-        dt_lo, dt_hi,
-        s_state_row, s_state_head, s_state_dim, s_state_n,
+        x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr,
+        offs_ptr, table_ptr, contrib_ptr, decay_ptr, cum_ptr, dts_ptr,
+        nseq, nheads, dim, dstate, heads_per_group, bound, dt_lo, dt_hi,
         s_x_tok, s_x_head, s_x_dim,
         s_dt_tok, s_dt_head,
         s_B_tok, s_B_group, s_B_n,
         s_A, s_bias,
-        s_cu, s_done, s_src, s_dst, s_ckpt_seq, s_ckpt_col,
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-        HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
-        HAS_CKPT: tl.constexpr, PREC: tl.constexpr,
+        PREC: tl.constexpr, MM_DTYPE: tl.constexpr, HEADS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr,
+    ):
+        """One chunk's contribution for ``HEADS`` heads of one group (their B tiles are
+        the same: the second head onwards reads them from L1)."""
+        c = tl.program_id(0).to(tl.int64)
+        if c >= tl.load(offs_ptr + nseq):
+            return
+        nblocks = WIDTH_N // BLOCK_N
+        pblk = tl.program_id(2) // nblocks
+        nblk = tl.program_id(2) % nblocks
+        bos = tl.load(table_ptr + bound + c).to(tl.int64)
+        length = tl.load(table_ptr + 2 * bound + c)
+        offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_t = tl.arange(0, BLOCK_T)
+        mask_p = offs_p < dim
+        mask_n = offs_n < dstate
+        # one program per (chunk, head) writes the per-token scratch
+        owner = (pblk == 0) & (nblk == 0)
+        tile = offs_p[:, None] * WIDTH_N + offs_n[None, :]
+        first_head = tl.program_id(1).to(tl.int64) * HEADS
+        group = first_head // heads_per_group
+        for i in range(HEADS):
+            head = first_head + i
+            slot = c * nheads + head
+            a = tl.load(A_ptr + head * s_A).to(tl.float32)
+            bias = 0.0
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + head * s_bias).to(tl.float32)
+            h = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+            carry = 0.0
+            for t0 in range(0, length, BLOCK_T):
+                pos = t0 + offs_t
+                live = pos < length
+                tok = bos + pos
+                d = _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, bias,
+                                dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+                cum = tl.cumsum(d * a, 0)
+                total = tl.sum(d * a, 0)
+                if owner:
+                    tl.store(cum_ptr + slot * BLOCK_L + pos, cum + carry, mask=live)
+                    tl.store(dts_ptr + slot * BLOCK_L + pos, d, mask=live)
+                carry += total
+                # each token's contribution decays to the end of this block of tokens
+                weight = tl.exp(total - cum) * d
+                xt = tl.load(x_ptr + tok[:, None] * s_x_tok + head * s_x_head
+                             + offs_p[None, :] * s_x_dim,
+                             mask=live[:, None] & mask_p[None, :], other=0.0)
+                bt = tl.load(B_ptr + tok[:, None] * s_B_tok + group * s_B_group
+                             + offs_n[None, :] * s_B_n,
+                             mask=live[:, None] & mask_n[None, :], other=0.0)
+                bw = (bt.to(tl.float32) * weight[:, None]).to(MM_DTYPE)
+                h = tl.dot(tl.trans(xt.to(MM_DTYPE)), bw, acc=h * tl.exp(total),
+                           input_precision=PREC)
+            tl.store(contrib_ptr + slot * dim * WIDTH_N + tile, h, mask=mask_p[:, None])
+            if owner:
+                tl.store(decay_ptr + slot, carry)
+
+    @triton.jit
+    def state_pass_kernel(
+        state_ptr, contrib_ptr, decay_ptr, hin_ptr,
+        cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
+        pad_slot_id, nheads, dim, dstate, chunk, block_size,
+        s_state_row, s_state_head, s_state_dim, s_state_n,
+        s_cu, s_done, s_src, s_dst, s_ckpt_seq, s_ckpt_col,
+        HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
+        HAS_CKPT: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr,
     ):
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
-        pblk = tl.program_id(2)
-        group = head // heads_per_group
+        nblocks = WIDTH_N // BLOCK_N
+        pblk = tl.program_id(2) // nblocks
+        nblk = tl.program_id(2) % nblocks
         bos = tl.load(cu_ptr + seq * s_cu).to(tl.int64)
         length = tl.load(cu_ptr + (seq + 1) * s_cu).to(tl.int64) - bos
         done = seq * 0
@@ -108,98 +201,106 @@ if triton is not None:
             dst = tl.load(dst_ptr + seq * s_dst).to(tl.int64)
 
         offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_t = tl.arange(0, BLOCK_T)
+        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_p = offs_p < dim
-        mask_n = offs_n < dstate
         tile = offs_p[:, None] * s_state_dim + offs_n[None, :] * s_state_n
-        tile_mask = mask_p[:, None] & mask_n[None, :]
+        tile_mask = mask_p[:, None] & (offs_n < dstate)[None, :]
         head_off = head * s_state_head
         h = tl.load(state_ptr + src * s_state_row + head_off + tile,
                     mask=tl.where(src != pad_slot_id, tile_mask, False), other=0.0)
         h = h.to(tl.float32)
-        a = tl.load(A_ptr + head * s_A).to(tl.float32)
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + head * s_bias).to(tl.float32)
-        # only one program per (sequence, head) writes the per-token scratch
-        owner = pblk == 0
-        hin_tile = offs_p[:, None] * BLOCK_N + offs_n[None, :]
-        hin_dtype = hin_ptr.dtype.element_ty
-
+        scratch = offs_p[:, None] * WIDTH_N + offs_n[None, :]
+        size = dim * WIDTH_N
+        # the next chunk's contribution is loaded one step ahead: it does not depend on h
+        nxt = tl.load(contrib_ptr + (first * nheads + head) * size + scratch,
+                      mask=tl.where(nchunks > 0, mask_p[:, None], False), other=0.0)
         for k in range(nchunks):
-            lo = tl.maximum(k * chunk - lead, 0)
-            hi = tl.minimum((k + 1) * chunk - lead, length)
-            c = first + k
-            if owner:
-                if head == 0:
-                    tl.store(table_ptr + c, seq.to(tl.int32))
-                    tl.store(table_ptr + bound + c, (bos + lo).to(tl.int32))
-                    tl.store(table_ptr + 2 * bound + c, (hi - lo).to(tl.int32))
-            slot = c * nheads + head
-            tl.store(hin_ptr + slot * dim * BLOCK_N + hin_tile, h.to(hin_dtype),
+            slot = (first + k) * nheads + head
+            contrib = nxt
+            nxt = tl.load(contrib_ptr + (slot + nheads) * size + scratch,
+                          mask=tl.where(k + 1 < nchunks, mask_p[:, None], False), other=0.0)
+            tl.store(hin_ptr + slot * size + scratch, h.to(hin_ptr.dtype.element_ty),
                      mask=mask_p[:, None])
-            carry = 0.0
-            for t0 in range(lo, hi, BLOCK_T):
-                pos = t0 + offs_t
-                live = pos < hi
-                tok = bos + pos
-                d = _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, a, bias,
-                                dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
-                cum = tl.cumsum(d * a, 0)
-                total = tl.sum(d * a, 0)
-                if owner:
-                    at = slot * BLOCK_L + (pos - lo)
-                    tl.store(cum_ptr + at, cum + carry, mask=live)
-                    tl.store(dts_ptr + at, d, mask=live)
-                carry += total
-                # each token's contribution decays to the end of this block of tokens
-                weight = tl.exp(total - cum) * d
-                xt = tl.load(x_ptr + tok[:, None] * s_x_tok + head * s_x_head
-                             + offs_p[None, :] * s_x_dim,
-                             mask=live[:, None] & mask_p[None, :], other=0.0)
-                bt = tl.load(B_ptr + tok[:, None] * s_B_tok + group * s_B_group
-                             + offs_n[None, :] * s_B_n,
-                             mask=live[:, None] & mask_n[None, :], other=0.0)
-                bw = (bt.to(tl.float32) * weight[:, None]).to(hin_dtype)
-                h = tl.dot(tl.trans(xt.to(hin_dtype)), bw, acc=h * tl.exp(total),
-                           input_precision=PREC)
+            h = h * tl.exp(tl.load(decay_ptr + slot)) + contrib
             if HAS_CKPT:
-                end = done + hi
+                end = done + tl.minimum((k + 1) * chunk - lead, length)
                 if end % block_size == 0:
                     col = end // block_size - done // block_size - 1
                     row = tl.load(ckpt_ptr + seq * s_ckpt_seq + col * s_ckpt_col).to(tl.int64)
                     tl.store(state_ptr + row * s_state_row + head_off + tile,
                              h.to(state_ptr.dtype.element_ty),
                              mask=tl.where(row != pad_slot_id, tile_mask, False))
-
         tl.store(state_ptr + dst * s_state_row + head_off + tile,
                  h.to(state_ptr.dtype.element_ty),
                  mask=tl.where((dst != pad_slot_id) & (length > 0), tile_mask, False))
 
     @triton.jit
+    def chunk_cb_kernel(
+        B_ptr, C_ptr, offs_ptr, table_ptr, cb_ptr,
+        nseq, ngroups, dstate, bound,
+        s_B_tok, s_B_group, s_B_n,
+        s_C_tok, s_C_group, s_C_n,
+        PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """``cb[c, g, t, s] = C[t] . B[s]`` for the blocks of chunk c on or below the
+        diagonal (the scan reads no others)."""
+        pid = tl.program_id(0)
+        kblocks = BLOCK_L // BLOCK_K
+        mblocks = BLOCK_L // BLOCK_M
+        kblk = pid % kblocks
+        mblk = (pid // kblocks) % mblocks
+        group = ((pid // kblocks // mblocks) % ngroups).to(tl.int64)
+        c = (pid // kblocks // mblocks // ngroups).to(tl.int64)
+        if c >= tl.load(offs_ptr + nseq):
+            return
+        length = tl.load(table_ptr + 2 * bound + c)
+        m0 = mblk * BLOCK_M
+        s0 = kblk * BLOCK_K
+        if (m0 >= length) | (s0 >= m0 + BLOCK_M) | (s0 >= length):
+            return
+        bos = tl.load(table_ptr + bound + c).to(tl.int64)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_s = s0 + tl.arange(0, BLOCK_K)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < dstate
+        cm = tl.load(C_ptr + (bos + offs_m)[:, None] * s_C_tok + group * s_C_group
+                     + offs_n[None, :] * s_C_n,
+                     mask=(offs_m < length)[:, None] & mask_n[None, :], other=0.0)
+        bs = tl.load(B_ptr + (bos + offs_s)[:, None] * s_B_tok + group * s_B_group
+                     + offs_n[None, :] * s_B_n,
+                     mask=(offs_s < length)[:, None] & mask_n[None, :], other=0.0)
+        cb = tl.dot(cm.to(MM_DTYPE), tl.trans(bs.to(MM_DTYPE)), input_precision=PREC)
+        tl.store(cb_ptr + ((c * ngroups + group) * BLOCK_L + offs_m[:, None]) * BLOCK_L
+                 + offs_s[None, :], cb.to(cb_ptr.dtype.element_ty))
+
+    @triton.jit
     def chunk_scan_kernel(
-        x_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
-        offs_ptr, table_ptr, hin_ptr, cum_ptr, dts_ptr,
+        x_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
+        offs_ptr, table_ptr, hin_ptr, cum_ptr, dts_ptr, cb_ptr,
         nseq, nheads, dim, dstate, heads_per_group, bound,
         s_x_tok, s_x_head, s_x_dim,
-        s_B_tok, s_B_group, s_B_n,
         s_C_tok, s_C_group, s_C_n,
         s_z_tok, s_z_head, s_z_dim,
         s_out_tok, s_out_head, s_out_dim,
         s_D_head, s_D_dim,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
+        MM_DTYPE: tl.constexpr, HEADS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # heads vary fastest so the heads of one group (one B/C chunk) run side by side
+        """Outputs of ``BLOCK_M`` tokens of one chunk for ``HEADS`` heads of one group: the
+        C tile is loaded once, the C B^T blocks come from L1 after the first head."""
+        # head blocks vary fastest so one group's heads (one C B^T block) run side by side
         pid = tl.program_id(0)
         pblocks = tl.cdiv(dim, BLOCK_P)
+        hblocks = nheads // HEADS
         mblocks = BLOCK_L // BLOCK_M
         pblk = pid % pblocks
-        head = (pid // pblocks) % nheads
-        mblk = (pid // pblocks // nheads) % mblocks
-        c = (pid // pblocks // nheads // mblocks).to(tl.int64)
+        hblk = (pid // pblocks) % hblocks
+        mblk = (pid // pblocks // hblocks) % mblocks
+        c = (pid // pblocks // hblocks // mblocks).to(tl.int64)
         if c >= tl.load(offs_ptr + nseq):
             return
         length = tl.load(table_ptr + 2 * bound + c)
@@ -207,10 +308,9 @@ if triton is not None:
         if m0 >= length:
             return
         bos = tl.load(table_ptr + bound + c).to(tl.int64)
-        head = head.to(tl.int64)
-        group = head // heads_per_group
-        slot = c * nheads + head
-        hin_dtype = hin_ptr.dtype.element_ty
+        first_head = hblk.to(tl.int64) * HEADS
+        group = first_head // heads_per_group
+        ngroups = nheads // heads_per_group
 
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
@@ -219,45 +319,48 @@ if triton is not None:
         mask_m = offs_m < length
         mask_p = offs_p < dim
         mask_n = offs_n < dstate
+        mask_mp = mask_m[:, None] & mask_p[None, :]
         tok_m = bos + offs_m
-
-        cum_m = tl.load(cum_ptr + slot * BLOCK_L + offs_m, mask=mask_m, other=0.0)
         cm = tl.load(C_ptr + tok_m[:, None] * s_C_tok + group * s_C_group
                      + offs_n[None, :] * s_C_n,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(hin_dtype)
-        # the state entering the chunk, as (dstate, headdim)
-        hin = tl.load(hin_ptr + slot * dim * BLOCK_N + offs_p[None, :] * BLOCK_N
-                      + offs_n[:, None], mask=mask_p[None, :], other=0.0)
-        acc = tl.dot(cm, hin, input_precision=PREC) * tl.exp(cum_m)[:, None]
-
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(MM_DTYPE)
+        cb_rows = cb_ptr + ((c * ngroups + group) * BLOCK_L + offs_m[:, None]) * BLOCK_L
         end = tl.minimum(m0 + BLOCK_M, length)
-        for s0 in range(0, end, BLOCK_K):
-            offs_s = s0 + offs_k
-            mask_s = offs_s < length
-            tok_s = bos + offs_s
-            bs = tl.load(B_ptr + tok_s[:, None] * s_B_tok + group * s_B_group
-                         + offs_n[None, :] * s_B_n,
-                         mask=mask_s[:, None] & mask_n[None, :], other=0.0).to(hin_dtype)
-            cb = tl.dot(cm, tl.trans(bs), input_precision=PREC)
-            cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
-            d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
-            causal = (offs_s[None, :] <= offs_m[:, None]) & mask_s[None, :]
-            decay = tl.exp(tl.minimum(cum_m[:, None] - cum_s[None, :], 0.0))
-            w = tl.where(causal, cb * decay * d_s[None, :], 0.0)
-            xs = tl.load(x_ptr + tok_s[:, None] * s_x_tok + head * s_x_head
-                         + offs_p[None, :] * s_x_dim,
-                         mask=mask_s[:, None] & mask_p[None, :], other=0.0)
-            acc = tl.dot(w.to(hin_dtype), xs.to(hin_dtype), acc=acc, input_precision=PREC)
 
-        mask_mp = mask_m[:, None] & mask_p[None, :]
-        if HAS_D:
-            xm = tl.load(x_ptr + tok_m[:, None] * s_x_tok + head * s_x_head
-                         + offs_p[None, :] * s_x_dim, mask=mask_mp, other=0.0)
-            dskip = tl.load(D_ptr + head * s_D_head + offs_p * s_D_dim, mask=mask_p, other=0.0)
-            acc += xm.to(tl.float32) * dskip.to(tl.float32)[None, :]
-        if HAS_Z:
-            zm = tl.load(z_ptr + tok_m[:, None] * s_z_tok + head * s_z_head
-                         + offs_p[None, :] * s_z_dim, mask=mask_mp, other=0.0).to(tl.float32)
-            acc = acc * zm * tl.sigmoid(zm)
-        tl.store(out_ptr + tok_m[:, None] * s_out_tok + head * s_out_head
-                 + offs_p[None, :] * s_out_dim, acc.to(out_ptr.dtype.element_ty), mask=mask_mp)
+        for i in range(HEADS):
+            head = first_head + i
+            slot = c * nheads + head
+            cum_m = tl.load(cum_ptr + slot * BLOCK_L + offs_m, mask=mask_m, other=0.0)
+            # the state entering the chunk, as (dstate, headdim)
+            hin = tl.load(hin_ptr + slot * dim * BLOCK_N + offs_p[None, :] * BLOCK_N
+                          + offs_n[:, None], mask=mask_p[None, :], other=0.0)
+            acc = tl.dot(cm, hin.to(MM_DTYPE), input_precision=PREC)
+            acc = acc * tl.exp(cum_m)[:, None]
+            for s0 in range(0, end, BLOCK_K):
+                offs_s = s0 + offs_k
+                mask_s = offs_s < length
+                causal = (offs_s[None, :] <= offs_m[:, None]) & mask_s[None, :]
+                cb = tl.load(cb_rows + offs_s[None, :], mask=causal & mask_m[:, None],
+                             other=0.0).to(tl.float32)
+                cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
+                d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
+                decay = tl.exp(tl.minimum(cum_m[:, None] - cum_s[None, :], 0.0))
+                w = tl.where(causal, cb * decay * d_s[None, :], 0.0)
+                xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
+                             + offs_p[None, :] * s_x_dim,
+                             mask=mask_s[:, None] & mask_p[None, :], other=0.0)
+                acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
+            if HAS_D:
+                xm = tl.load(x_ptr + tok_m[:, None] * s_x_tok + head * s_x_head
+                             + offs_p[None, :] * s_x_dim, mask=mask_mp, other=0.0)
+                dskip = tl.load(D_ptr + head * s_D_head + offs_p * s_D_dim, mask=mask_p,
+                                other=0.0)
+                acc += xm.to(tl.float32) * dskip.to(tl.float32)[None, :]
+            if HAS_Z:
+                zm = tl.load(z_ptr + tok_m[:, None] * s_z_tok + head * s_z_head
+                             + offs_p[None, :] * s_z_dim, mask=mask_mp, other=0.0)
+                zm = zm.to(tl.float32)
+                acc = acc * zm * tl.sigmoid(zm)
+            tl.store(out_ptr + tok_m[:, None] * s_out_tok + head * s_out_head
+                     + offs_p[None, :] * s_out_dim, acc.to(out_ptr.dtype.element_ty),
+                     mask=mask_mp)

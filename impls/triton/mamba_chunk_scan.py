@@ -8,6 +8,7 @@ bound and surplus programs exit at once, so the launch never syncs and graphs ca
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,18 @@ import torch
 
 from mamba_ir.ops.mamba_chunk_scan import mamba_chunk_scan as _op
 
-from ._common import runnable, triton
+from ._common import runnable, tl, triton
 
 if triton is not None:
-    from ._ssd_kernels import chunk_offsets_kernel, chunk_scan_kernel, chunk_state_kernel
+    from ._ssd_kernels import (
+        chunk_cb_kernel,
+        chunk_plan_kernel,
+        chunk_scan_kernel,
+        chunk_state_kernel,
+        state_pass_kernel,
+    )
+
+    _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 MAX_CHUNK = 256  # the scan holds a chunk's decay sums in one block of this many tokens
 MAX_DSTATE = 256  # one head's state row is one block
@@ -29,17 +38,24 @@ _HALF = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class Config:
-    """Launch parameters of the two kernels (see ``default_config``)."""
+    """Launch parameters of the kernels (see ``default_config``)."""
 
-    state_block_p: int = 64  # headdim rows per state program
-    state_block_t: int = 64  # tokens per tensor-core step of the state program
+    state_block_p: int = 64  # headdim rows per chunk-state program
+    state_block_n: int = 256  # dstate columns per chunk-state program
+    state_block_t: int = 32  # tokens per tensor-core step of the chunk-state program
+    state_heads: int = 1  # heads of one group per chunk-state program
     state_warps: int = 4
-    state_stages: int = 2
+    state_stages: int = 3
+    pass_block_p: int = 16  # headdim rows per state-passing program (all of dstate)
+    pass_warps: int = 4
+    cb_block: int = 64  # C B^T block (square)
+    cb_warps: int = 4
     scan_block_m: int = 64  # output tokens per scan program
-    scan_block_k: int = 64  # source tokens per tensor-core step of the scan
+    scan_block_k: int = 32  # source tokens per tensor-core step of the scan
     scan_block_p: int = 64
+    scan_heads: int = 1  # heads of one group per scan program
     scan_warps: int = 4
-    scan_stages: int = 2
+    scan_stages: int = 1
 
 
 def default_config(dim: int, dstate: int, chunk: int) -> Config:
@@ -48,9 +64,9 @@ def default_config(dim: int, dstate: int, chunk: int) -> Config:
     block_p = min(64, _pow2(dim))
     return Config(
         state_block_p=block_p,
-        state_block_t=min(64, block_l),
+        state_block_t=min(32, block_l),
         scan_block_m=min(64, block_l),
-        scan_block_k=min(64, block_l),
+        scan_block_k=min(32, block_l),
         scan_block_p=block_p,
     )
 
@@ -133,74 +149,98 @@ def mamba_chunk_scan(
     cfg = config or default_config(dim, dstate, chunk)
     block_l, block_n = _pow2(chunk), _pow2(dstate)
     bound = chunk_bound(ntok, nseq, chunk)
+    ngroups = B.shape[1]
     dev = x.device
-    mm_dtype = _matmul_dtype(x, B, C)
-    prec = "ieee" if mm_dtype == torch.float32 else None
+    mm = _matmul_dtype(x, B, C)
+    mm_tl, prec = _TL[mm], "ieee" if mm == torch.float32 else None
+    f32 = torch.float32
     # chunk offsets per sequence, then (sequence, first token, length) per chunk
     ints = torch.empty(nseq + 1 + 3 * bound, dtype=torch.int32, device=dev)
     offs, table = ints[: nseq + 1], ints[nseq + 1 :]
-    hin = torch.empty(bound, nheads, dim, block_n, dtype=mm_dtype, device=dev)
-    sums = torch.empty(2, bound, nheads, block_l, dtype=torch.float32, device=dev)
+    contrib = torch.empty(bound, nheads, dim, block_n, dtype=f32, device=dev)
+    hin = torch.empty(bound, nheads, dim, block_n, dtype=mm, device=dev)
+    sums = torch.empty(2, bound, nheads, block_l, dtype=f32, device=dev)  # decay sums, dt
+    decay = torch.empty(bound, nheads, dtype=f32, device=dev)
+    cb = torch.empty(bound, ngroups, block_l, block_l, dtype=mm, device=dev)
     lo, hi = (float(v) for v in dt_limit) if dt_limit is not None else (0.0, 0.0)
     ckpt = checkpoint_state_indices if block_size else None
-    none = (0, 0)
+    done = num_computed_tokens
+    any_index = cu_seqlens  # pointer for absent index tensors; never dereferenced
 
-    chunk_offsets_kernel[(1,)](
-        cu_seqlens, num_computed_tokens if num_computed_tokens is not None else cu_seqlens,
-        offs, nseq, chunk, cu_seqlens.stride(0),
-        num_computed_tokens.stride(0) if num_computed_tokens is not None else 0,
-        HAS_DONE=num_computed_tokens is not None,
-        BLOCK=min(1024, triton.next_power_of_2(nseq)),
+    block = min(1024, triton.next_power_of_2(max(nseq, bound)))
+    chunk_plan_kernel[(1,)](
+        cu_seqlens, done if done is not None else any_index, offs, table,
+        nseq, chunk, bound, cu_seqlens.stride(0), done.stride(0) if done is not None else 0,
+        HAS_DONE=done is not None, BLOCK=block, SEARCH_STEPS=max(1, nseq.bit_length()),
     )
     block_p = min(cfg.state_block_p, _pow2(dim))
-    chunk_state_kernel[(nseq, nheads, triton.cdiv(dim, block_p))](
-        state, x, dt, A, B,
-        dt_bias if dt_bias is not None else A,
-        cu_seqlens,
-        num_computed_tokens if num_computed_tokens is not None else cu_seqlens,
-        state_batch_indices if state_batch_indices is not None else cu_seqlens,
-        dst_state_batch_indices if dst_state_batch_indices is not None else cu_seqlens,
-        ckpt if ckpt is not None else cu_seqlens,
-        offs, table, hin, sums[0], sums[1],
-        pad_slot_id, nheads, dim, dstate, nheads // B.shape[1], chunk, block_size, bound,
-        lo, hi,
-        *state.stride(),
-        *x.stride(),
-        *dt.stride(),
-        B.stride(0), B.stride(1), B.stride(2),
-        A.stride(0),
+    block_sn = min(cfg.state_block_n, block_n)
+    tiles = triton.cdiv(dim, block_p) * (block_n // block_sn)
+    heads = math.gcd(cfg.state_heads, nheads // ngroups)
+    chunk_state_kernel[(bound, nheads // heads, tiles)](
+        x, dt, A, B, dt_bias if dt_bias is not None else A,
+        offs, table, contrib, decay, sums[0], sums[1],
+        nseq, nheads, dim, dstate, nheads // ngroups, bound, lo, hi,
+        *x.stride(), *dt.stride(), *B.stride(), A.stride(0),
         dt_bias.stride(0) if dt_bias is not None else 0,
-        cu_seqlens.stride(0),
-        num_computed_tokens.stride(0) if num_computed_tokens is not None else 0,
-        state_batch_indices.stride(0) if state_batch_indices is not None else 0,
-        dst_state_batch_indices.stride(0) if dst_state_batch_indices is not None else 0,
-        *(ckpt.stride() if ckpt is not None else none),
         HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus),
         HAS_LIMIT=dt_limit is not None,
-        HAS_DONE=num_computed_tokens is not None,
-        HAS_SRC=state_batch_indices is not None,
-        HAS_DST=dst_state_batch_indices is not None,
-        HAS_CKPT=ckpt is not None,
         PREC=prec,
+        MM_DTYPE=mm_tl,
+        HEADS=heads,
         BLOCK_L=block_l,
         BLOCK_T=min(cfg.state_block_t, block_l),
         BLOCK_P=block_p,
-        BLOCK_N=block_n,
+        BLOCK_N=block_sn,
+        WIDTH_N=block_n,
         num_warps=cfg.state_warps,
         num_stages=cfg.state_stages,
     )
+    pass_p = min(cfg.pass_block_p, _pow2(dim))
+    tiles = triton.cdiv(dim, pass_p)
+    state_pass_kernel[(nseq, nheads, tiles)](
+        state, contrib, decay, hin,
+        cu_seqlens,
+        done if done is not None else any_index,
+        state_batch_indices if state_batch_indices is not None else any_index,
+        dst_state_batch_indices if dst_state_batch_indices is not None else any_index,
+        ckpt if ckpt is not None else any_index,
+        offs,
+        pad_slot_id, nheads, dim, dstate, chunk, block_size,
+        *state.stride(),
+        cu_seqlens.stride(0),
+        done.stride(0) if done is not None else 0,
+        state_batch_indices.stride(0) if state_batch_indices is not None else 0,
+        dst_state_batch_indices.stride(0) if dst_state_batch_indices is not None else 0,
+        *(ckpt.stride() if ckpt is not None else (0, 0)),
+        HAS_DONE=done is not None,
+        HAS_SRC=state_batch_indices is not None,
+        HAS_DST=dst_state_batch_indices is not None,
+        HAS_CKPT=ckpt is not None,
+        BLOCK_P=pass_p,
+        BLOCK_N=block_n,
+        WIDTH_N=block_n,
+        num_warps=cfg.pass_warps,
+    )
+    cb_m = min(cfg.cb_block, block_l)
+    grid = (bound * ngroups * (block_l // cb_m) ** 2,)
+    chunk_cb_kernel[grid](
+        B, C, offs, table, cb, nseq, ngroups, dstate, bound, *B.stride(), *C.stride(),
+        PREC=prec, MM_DTYPE=mm_tl, BLOCK_L=block_l, BLOCK_M=cb_m, BLOCK_K=cb_m,
+        BLOCK_N=block_n, num_warps=cfg.cb_warps,
+    )
     block_m = min(cfg.scan_block_m, block_l)
     block_p = min(cfg.scan_block_p, _pow2(dim))
-    grid = (bound * (block_l // block_m) * nheads * triton.cdiv(dim, block_p),)
+    heads = math.gcd(cfg.scan_heads, nheads // ngroups)
+    grid = (bound * (block_l // block_m) * (nheads // heads) * triton.cdiv(dim, block_p),)
     chunk_scan_kernel[grid](
-        x, B, C,
+        x, C,
         D if D is not None else A,
         z if z is not None else x,
-        out, offs, table, hin, sums[0], sums[1],
-        nseq, nheads, dim, dstate, nheads // B.shape[1], bound,
+        out, offs, table, hin, sums[0], sums[1], cb,
+        nseq, nheads, dim, dstate, nheads // ngroups, bound,
         *x.stride(),
-        *B.stride(),
         *C.stride(),
         *(z.stride() if z is not None else (0, 0, 0)),
         *out.stride(),
@@ -209,6 +249,8 @@ def mamba_chunk_scan(
         HAS_D=D is not None,
         HAS_Z=z is not None,
         PREC=prec,
+        MM_DTYPE=mm_tl,
+        HEADS=heads,
         BLOCK_L=block_l,
         BLOCK_M=block_m,
         BLOCK_K=min(cfg.scan_block_k, block_l),
