@@ -97,13 +97,14 @@ def test_redirect_checkpoints_and_groups(tiny_tiles, dim):
     assert_matches_native(OP, "triton", _call(dim=dim))
 
 
-def test_unchecked_rows_outside_the_state_are_neither_read_nor_written():
-    # what a compiled (unchecked) call may pass: -2 is not row slots-2, and row `slots`
-    # does not exist; index tensors longer than the sequences
+def test_unchecked_rows_and_tokens_outside_the_call_are_not_touched():
+    # what a compiled (unchecked) call may pass: -2 is not row slots-2, row `slots` does
+    # not exist, the last offset is past the tokens; index tensors longer than the sequences
     call = _call(block_size=0)
     slots = call["ssm_states"].shape[0]
     call["src_cache_indices"] = torch.tensor([-2, 1, slots, 5, 7, 7], device=DEVICE)
     call["cache_indices"] = torch.tensor([2, 3, slots + 1, 5, 9, 9], device=DEVICE)
+    call["query_start_loc"] = torch.tensor([0, 5, 5, 6, 18], device=DEVICE)  # past the tokens
     call["out"] = torch.empty_like(call["u"])
     ref = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
     before = call["ssm_states"].clone()
