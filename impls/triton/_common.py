@@ -27,6 +27,13 @@ def runnable(call: dict[str, Any]) -> bool | str:
     return True
 
 
+def stride0(t: torch.Tensor | None) -> int:
+    """The stride of a per-sequence (or per-channel) tensor along its first dimension, which
+    kernels step by instead of assuming 1 (a column of a 2-D index tensor has stride 2 or
+    more, a broadcast bias stride 0); 0 for an absent tensor, never dereferenced."""
+    return 0 if t is None else t.stride(0)
+
+
 MAX_CONV_WIDTH = 8  # the taps are unrolled; wider windows are refused rather than compiled huge
 
 

@@ -28,7 +28,7 @@ import torch
 
 from mamba_ir.ops.causal_conv1d_fn import causal_conv1d_fn as _op
 
-from ._common import PROVIDER, runnable_conv, tl, triton
+from ._common import PROVIDER, runnable_conv, stride0, tl, triton
 
 MAX_TILE_STRIDE = 2**31 // 1024  # token/channel strides whose in-tile offsets fit in 32 bits
 
@@ -368,7 +368,7 @@ def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | No
                 dummy if src_for_read is None else src_for_read, dummy if init is None else init,
                 ntokens, dim, nseq, (nseq - 1).bit_length(), pad, states.shape[0],
                 *x.stride(), *out.stride(), *states.stride(), *weight.stride(),
-                _stride(bias), _stride(qsl), _stride(src_for_read), _stride(init))
+                stride0(bias), stride0(qsl), stride0(src_for_read), stride0(init))
         flags = {"W": width, "HAS_BIAS": bias is not None, "HAS_SRC": src_for_read is not None,
                  "HAS_INIT": init is not None, "SILU": call["activation"] in ("silu", "swish")}
         if kernel == "stream":
@@ -388,15 +388,11 @@ def launch(call: dict[str, Any], *, kernel: str | None = None, block_t: int | No
         _final_window_kernel[(nseq, triton.cdiv(dim, window_block))](
             x, states, qsl, dummy if dst is None else dst, dummy if src is None else src,
             dummy if init is None else init, dim, pad, states.shape[0], ntokens,
-            *x.stride(), *states.stride(), _stride(qsl), _stride(dst), _stride(src), _stride(init),
+            *x.stride(), *states.stride(), stride0(qsl), stride0(dst), stride0(src), stride0(init),
             W=width, HAS_DST=dst is not None, HAS_SRC=src is not None, HAS_INIT=init is not None,
             BLOCK_D=window_block, num_warps=max(1, min(4, window_block // 64)),
         )
     return out
-
-
-def _stride(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.stride(0)
 
 
 def causal_conv1d_fn(**call: Any) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from mamba_ir.ops.causal_conv1d_update import causal_conv1d_update as _op
 
-from ._common import PROVIDER, runnable_conv, tl, triton
+from ._common import PROVIDER, runnable_conv, stride0, tl, triton
 
 if triton is not None:
 
@@ -157,17 +157,13 @@ def launch(call: dict[str, Any], *, block_d: int | None = None, num_warps: int |
         dummy if qsl is None else qsl,
         dim, per_seq, call["pad_slot_id"], state.shape[0], state.shape[2], x.shape[0],
         *sx, *so, *state.stride(), *weight.stride(),
-        *(_stride(t) for t in (bias, dst, src, nacc, offset, qsl)),
+        *(stride0(t) for t in (bias, dst, src, nacc, offset, qsl)),
         W=weight.shape[1], HAS_BIAS=bias is not None, HAS_DST=dst is not None,
         HAS_SRC=src is not None, HAS_OFFSET=offset is not None, SPEC=nacc is not None,
         VARLEN=varlen, SILU=call["activation"] in ("silu", "swish"), BLOCK_D=block_d,
         num_warps=num_warps or max(1, block_d // 128),
     )
     return out
-
-
-def _stride(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.stride(0)
 
 
 def causal_conv1d_update(**call: Any) -> torch.Tensor:

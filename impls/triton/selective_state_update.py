@@ -19,7 +19,7 @@ import torch
 from mamba_ir.ops.selective_state_update import one_head
 from mamba_ir.ops.selective_state_update import selective_state_update as _op
 
-from ._common import runnable, triton
+from ._common import runnable, stride0, triton
 
 if triton is not None:
     from ._ssu_kernel import ssu_kernel
@@ -161,8 +161,8 @@ def selective_state_update(
         _columns(dst_state_batch_indices),
         float(dt_limit[0]) if dt_limit is not None else 0.0,
         float(dt_limit[1]) if dt_limit is not None else 0.0,
-        cu_seqlens.stride(0) if cu_seqlens is not None else 0,
-        num_accepted_tokens.stride(0) if num_accepted_tokens is not None else 0,
+        stride0(cu_seqlens),
+        stride0(num_accepted_tokens),
         *state.stride(),
         *_token_strides(x, lead, varlen),
         *x.stride()[-2:],
