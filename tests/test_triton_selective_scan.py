@@ -99,8 +99,10 @@ def test_redirect_checkpoints_and_groups(tiny_tiles, dim):
 
 def test_unchecked_rows_and_tokens_outside_the_call_are_not_touched():
     # what a compiled (unchecked) call may pass: -2 is not row slots-2, row `slots` does
-    # not exist, the last offset is past the tokens; index tensors longer than the sequences
-    call = _call(block_size=0)
+    # not exist, the last offset is past the tokens, too few checkpoint columns; index
+    # tensors longer than the sequences
+    call = _call()
+    call["checkpoint_state_indices"] = call["checkpoint_state_indices"][:, :1]  # too few
     slots = call["ssm_states"].shape[0]
     call["src_cache_indices"] = torch.tensor([-2, 1, slots, 5, 7, 7], device=DEVICE)
     call["cache_indices"] = torch.tensor([2, 3, slots + 1, 5, 9, 9], device=DEVICE)
@@ -112,7 +114,9 @@ def test_unchecked_rows_and_tokens_outside_the_call_are_not_touched():
     triton_scan(**call)
     torch.testing.assert_close(call["out"], ref["out"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(call["ssm_states"], ref["ssm_states"], atol=1e-4, rtol=1e-4)
-    kept = [r for r in range(slots) if r not in (2, 5)]  # sequence 1 is empty
+    # sequence 1 is empty; sequences 0 and 3 store their first checkpoint only
+    stored = [2, 5, *call["checkpoint_state_indices"][:, 0].tolist()]
+    kept = [r for r in range(slots) if r not in stored]
     assert torch.equal(call["ssm_states"][kept], before[kept])
 
 

@@ -28,7 +28,7 @@ if triton is not None:
     def scan_kernel(
         u_ptr, delta_ptr, z_ptr, out_ptr, state_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,
         qsl_ptr, dst_ptr, src_ptr, init_ptr, done_ptr, ckpt_ptr,
-        dim, dstate, per_group, pad_slot_id, block_size, nslots, ntok,
+        dim, dstate, per_group, pad_slot_id, block_size, nslots, ntok, ncols,
         s_u_d, s_u_t, s_delta_d, s_delta_t, s_z_d, s_z_t, s_out_d, s_out_t,
         s_state_row, s_state_d, s_state_n, s_A_d, s_A_n,
         s_B_g, s_B_n, s_B_t, s_C_g, s_C_n, s_C_t, s_D, s_bias,
@@ -125,8 +125,8 @@ if triton is not None:
                     # position done + c0 + i + 1 of the request ends a block: the j-th such
                     # token of the call writes column j
                     ends = done + c0 + i + 1
-                    if live & (ends % block_size == 0):
-                        column = ends // block_size - done // block_size - 1
+                    column = ends // block_size - done // block_size - 1
+                    if live & (ends % block_size == 0) & (column < ncols):
                         row = tl.load(ckpt_ptr + seq * s_ckpt_seq + column * s_ckpt_col)
                         row = row.to(tl.int64)
                         real = (row != pad_slot_id) & (row >= 0) & (row < nslots)

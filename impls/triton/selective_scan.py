@@ -5,8 +5,8 @@ chunk's tiles loaded at once and its tokens stepped in registers (``_selective_s
 Every tensor is read through its strides, so channel-first tensors contiguous along tokens
 and transposed views of ``(tokens, dim)`` projections need no copy; 2-D ``B``/``C`` are one
 group. Per-sequence tensors may be longer than the call's sequences (the tail is never
-read); rows outside ``[0, slots)`` and tokens past the call are neither read nor written,
-whatever an unchecked (compiled) call passes.
+read); rows outside ``[0, slots)``, tokens past the call and checkpoint columns past the
+index tensor are neither read nor written, whatever an unchecked (compiled) call passes.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def selective_scan(
         dummy if num_computed_tokens is None else num_computed_tokens,
         dummy if checkpoint_state_indices is None else checkpoint_state_indices,
         dim, dstate, per_group, pad_slot_id, max(1, block_size), ssm_states.shape[0], u.shape[1],
+        0 if checkpoint_state_indices is None else checkpoint_state_indices.shape[1],
         *u.stride(), *delta.stride(), *_strides(z, 2), *out.stride(),
         *ssm_states.stride(), *A.stride(), *B.stride(), *C.stride(),
         *_strides(D, 1), *_strides(delta_bias, 1),

@@ -86,12 +86,13 @@ def selective_scan(
             y = y * F.silu(seq.gather(z_t, tok).float())
         seq.scatter(out_t, tok[live], y[live])
         if block_size:
-            at_boundary = live & ((done + t + 1) % block_size == 0)
-            if bool(at_boundary.any()):
-                rows = ckpt.long()
-                col = boundary.clamp(max=rows.shape[1] - 1)[:, None]
-                _store(ssm_states, rows.gather(1, col)[:, 0], h, at_boundary, pad_slot_id)
-                boundary += at_boundary.long()
+            ends_block = live & ((done + t + 1) % block_size == 0)
+            # an unchecked call's boundaries past the index columns are not stored
+            keep = ends_block & (boundary < ckpt.shape[1])
+            if bool(keep.any()):
+                col = boundary.clamp(max=ckpt.shape[1] - 1)[:, None]
+                _store(ssm_states, ckpt.long().gather(1, col)[:, 0], h, keep, pad_slot_id)
+            boundary += ends_block.long()
     _store(ssm_states, dst, h, seq.lengths > 0, pad_slot_id)
 
 
