@@ -358,12 +358,15 @@ def _column_of_wider(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["decode, pads", "redirect, every pad kind",
                                   "speculative, redirect", "speculative varlen, in place"])
 def test_index_layouts(name: str, layout: str) -> None:
-    """Strided (column-sliced) and padded index tensors and accepted counts."""
+    """Strided (column-sliced) and padded index tensors and accepted counts, strided
+    cu_seqlens."""
     call = build(CASES[name])
     change = _column_of_wider if layout == "column" else _junk_rows
     for key in ("state_batch_indices", "dst_state_batch_indices", "num_accepted_tokens"):
         if call[key] is not None:
             call[key] = change(call[key])
+    if layout == "column" and call["cu_seqlens"] is not None:
+        call["cu_seqlens"] = _column_of_wider(call["cu_seqlens"])
     assert OP.impls["flashinfer"].refusal(call) is None
     assert_matches_native(OP, "flashinfer", call)
 

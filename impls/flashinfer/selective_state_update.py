@@ -339,6 +339,8 @@ def selective_state_update(
     dt, D, dt_bias = _weights(dt, D, dt_bias, state.shape[1])
     A = _per_head(A)
     nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
+    if cu_seqlens is not None:  # read at unit stride here and by FlashInfer
+        cu_seqlens = cu_seqlens.contiguous()
     state_batch_indices, dst_state_batch_indices, num_accepted_tokens = (
         None if t is None else t[:nseq].contiguous()
         for t in (state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
@@ -360,7 +362,7 @@ def selective_state_update(
         pad_slot_id=pad_slot_id,
         out=out,
         cache_steps=how.ntokens if varlen else 0,
-        cu_seqlens=cu_seqlens.contiguous() if varlen else None,
+        cu_seqlens=cu_seqlens if varlen else None,
         num_accepted_tokens=nacc,
     )  # fmt: skip
 
