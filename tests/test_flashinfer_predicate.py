@@ -236,6 +236,22 @@ def test_strided_and_padded_indices_are_accepted() -> None:
         assert fi.plan(make_call(state_batch_indices=idx), H100, True) == fi.Plan("one-token")
 
 
+def test_unchecked_indices_are_bounded_before_launch() -> None:
+    """What a compiled call may pass (no value checks): rows outside the state become pads,
+    accepted counts name an existing column, offsets stay within the tokens. Valid values
+    are unchanged and everything comes out contiguous."""
+    cu = torch.tensor([0, 3, 2, 9, 0, 1, 2, 3], dtype=torch.int32)[::2]
+    sbi = torch.tensor([[1, -3], [7, 8], [2, 5]], dtype=torch.int32)
+    dst = torch.tensor([0, -1, 6, 99])[:3]
+    nacc = torch.tensor([0, 3, 2, 7])[::2]
+    cu, sbi, dst, nacc = fi._bounded(8, 5, -1, cu, sbi, dst, nacc)
+    assert cu.tolist() == [0, 2, 2, 2]
+    assert sbi.tolist() == [[1, -1], [7, -1], [2, 5]] and sbi.dtype == torch.int32
+    assert dst.tolist() == [0, -1, 6]
+    assert nacc.tolist() == [0, 2]
+    assert all(t.is_contiguous() for t in (cu, sbi, dst, nacc))
+
+
 def test_shared_memory_model() -> None:
     # bf16, 4 tokens, headdim 64, dstate 128: B 1024, C 1024, x 512, dt 16, out 1024,
     # slots 32 (ends at 3632), state prefetch from 3712: 2 stages x 16 rows x 128 x 2 bytes

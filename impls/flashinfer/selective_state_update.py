@@ -339,11 +339,10 @@ def selective_state_update(
     dt, D, dt_bias = _weights(dt, D, dt_bias, state.shape[1])
     A = _per_head(A)
     nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
-    if cu_seqlens is not None:  # read at unit stride here and by FlashInfer
-        cu_seqlens = cu_seqlens.contiguous()
-    state_batch_indices, dst_state_batch_indices, num_accepted_tokens = (
-        None if t is None else t[:nseq].contiguous()
-        for t in (state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
+    cu_seqlens, state_batch_indices, dst_state_batch_indices, num_accepted_tokens = _bounded(
+        state.shape[0], x.shape[0], pad_slot_id, cu_seqlens,
+        *(None if t is None else t[:nseq]
+          for t in (state_batch_indices, dst_state_batch_indices, num_accepted_tokens)),
     )
     sbi, dst = _indices(state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
     if how.kernel == "multi-token" and cu_seqlens is None and x.dim() == 3:
@@ -365,6 +364,28 @@ def selective_state_update(
         cu_seqlens=cu_seqlens if varlen else None,
         num_accepted_tokens=nacc,
     )  # fmt: skip
+
+
+def _bounded(
+    nslots: int, ntokens: int, pad: int, cu: torch.Tensor | None, sbi: torch.Tensor | None,
+    dst: torch.Tensor | None, nacc: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """Contiguous copies (FlashInfer and the pad-source rewrite read them at unit stride)
+    that keep FlashInfer inside the state whatever an unchecked (compiled) call holds:
+    rows outside ``[0, nslots)`` become pads, accepted counts name an existing column,
+    offsets stay in ``[0, ntokens]`` and never decrease. Valid calls are unchanged."""
+
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return torch.where((t >= 0) & (t < nslots), t, torch.full_like(t, pad))
+
+    if nacc is not None and sbi is not None and sbi.dim() == 2:
+        nacc = nacc.clamp(0, sbi.shape[1])
+    if cu is not None:
+        cu = torch.cummax(cu.clamp(0, ntokens), dim=0).values
+    nacc = None if nacc is None else nacc.contiguous()
+    return cu, rows(sbi), rows(dst), nacc
 
 
 def _per_head(t: torch.Tensor) -> torch.Tensor:
