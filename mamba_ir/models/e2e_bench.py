@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import set_priority
-from .cache import StateCache
+from .cache import RESERVED_SLOTS, StateCache
 from .config import bench_config
 from .engine import _Steps, compile_step
 from .loading import random_model
@@ -90,7 +90,8 @@ def _inputs(batch: int, context: int, vocab: int, device: torch.device) -> tuple
         torch.randint(0, vocab, (batch,), generator=g).to(device),
         torch.full((batch,), context, dtype=torch.int64, device=device),
         torch.arange(batch, device=device),
-        torch.arange(1, batch + 1, dtype=torch.int32, device=device),
+        # running slots: after the zero and scratch slots
+        torch.arange(RESERVED_SLOTS, batch + RESERVED_SLOTS, dtype=torch.int32, device=device),
     )
 
 
@@ -151,7 +152,7 @@ def run_bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = random_model(config, device=device, dtype=dtype)
     max_batch, max_len = max(args.batches), args.context + 1
-    cache = StateCache(config, num_slots=max_batch + 1, max_requests=max_batch,
+    cache = StateCache(config, num_slots=max_batch + RESERVED_SLOTS, max_requests=max_batch,
                        max_len=max_len, device=device, dtype=dtype)
     with torch.no_grad():
         for buf in cache.buffers():

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .cache import RESERVED_SLOTS
 from .config import bench_config
 from .e2e_bench import _common, step_bytes
 from .engine import Engine
@@ -103,7 +104,7 @@ def measure_decode(engine: Engine, context: int, batch: int) -> dict[str, Any]:
         torch.randint(0, engine.model.config.vocab_size, (batch,), generator=g).to(device),
         torch.full((batch,), context, dtype=torch.int64, device=device),
         torch.arange(batch, device=device),
-        torch.arange(2, batch + 2, dtype=torch.int32, device=device),  # running slots
+        torch.arange(RESERVED_SLOTS, RESERVED_SLOTS + batch, dtype=torch.int32, device=device),
     )
     for t in inputs:
         torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     block = args.block_size
     engine = Engine(
         model, block_size=block, max_requests=max(batches), max_len=max_len,
-        num_slots=2 + max(batches) + max_len // block + 8, compile=True,
+        num_slots=RESERVED_SLOTS + max(batches) + max_len // block + 8, compile=True,
         priority=args.priority, record_logits=False, prefill_tokens=args.prefill_tokens,
     )
     print(f"{config.describe()}: {model.num_parameters() / 1e9:.2f}B parameters, "
