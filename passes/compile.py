@@ -224,9 +224,9 @@ def _inductor_key(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any]
     Inductor cannot key it (then nothing is saved: such a graph is never served from the
     cache either)."""
     from torch._inductor import config
-    from torch._inductor.compile_fx import autograd_cache_key
-
     try:
+        from torch._inductor.compile_fx import autograd_cache_key
+
         with config.patch(patches):
             key = autograd_cache_key(gm, inputs, ignore_shape_env=False)
     except Exception as exc:  # an uncacheable graph, or a torch without this function
