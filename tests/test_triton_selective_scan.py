@@ -149,6 +149,21 @@ def test_device_checks_pass_valid_drawn_calls():
     run()
 
 
+def test_benchmark_compares_like_with_like():
+    # benchmarks/selective_scan.py times the op against the multi-token SSU on the same
+    # tensors: both must compute the same outputs and states
+    bench = pytest.importorskip("benchmarks.selective_scan")
+    from mamba_ir.impls.triton.selective_state_update import selective_state_update as ssu
+
+    call = bench.make_call(10, 2, dim=8, dstate=4, device=DEVICE)
+    other = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+    triton_scan(**call)
+    ssu(**bench.ssu_args(other))
+    for name in ("out", "ssm_states"):
+        torch.testing.assert_close(call[name].float(), other[name].float(), atol=2e-2,
+                                   rtol=1.6e-2)
+
+
 def test_refuses_wide_state_with_reason():
     call = _call(dim=2, dstate=512, lengths=(2,), ngroups=1, block_size=0)
     assert "dstate=512" in supports(**call)
