@@ -234,7 +234,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype, device)
     t_start = time.perf_counter()
     if args.model:
-        model = from_pretrained(args.model, device=device, dtype=dtype)
+        try:
+            model = from_pretrained(args.model, device=device, dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:  # a folder this loader cannot read
+            raise SystemExit(f"mamba-ir demo: --model {args.model}: {exc}") from None
         source = args.model
     else:
         model = random_model(demo_config(), seed=args.seed, device=device, dtype=dtype)

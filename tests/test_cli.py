@@ -74,6 +74,16 @@ def test_absent_cuda_is_one_sentence(command: str, capsys: pytest.CaptureFixture
     assert "--device cpu runs everywhere" in err[-1]
 
 
+def test_unreadable_model_folder_is_one_line(tmp_path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "nemotron_h"}')
+    for folder, message in [(tmp_path / "absent", "config.json not found"),
+                            (tmp_path, "model_type 'nemotron_h' is not supported yet")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["demo", "--model", str(folder), "--no-compile"])
+        assert str(exit_.value).startswith(f"mamba-ir demo: --model {folder}: ")
+        assert message in str(exit_.value)
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
