@@ -59,16 +59,16 @@ grep -c "chosen   :" ops.txt
 # the passes guide (a compile through the installed passes), as a reader pastes them
 for doc in providers passes; do
     echo "== docs/$doc.md, as written"
-    "$VPY" - "$ROOT/docs/$doc.md" <<'PYEOF'
-import re
+    "$VPY" - "$ROOT" "docs/$doc.md" <<'PYEOF'
 import sys
-text = open(sys.argv[1]).read()
-blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
-assert blocks, "no python blocks"
+sys.path.insert(0, f"{sys.argv[1]}/tests")
+from test_docs import blocks  # the doc tests' reading of a page (markers included)
+run = [b for b in blocks(sys.argv[2]) if b.lang == "python" and not b.marker]
+assert run, "no python blocks"
 namespace = {"__name__": "__main__"}
-for block in blocks:
-    exec(compile(block, sys.argv[1], "exec"), namespace)
-print(f"{len(blocks)} blocks ran")
+for block in run:
+    exec(compile(block.code, block.where, "exec"), namespace)
+print(f"{len(run)} blocks ran")
 PYEOF
 done
 
