@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     record("patched", patched)
 
     def compiled() -> tuple[dict, torch.Tensor]:
+        torch._logging.set_logs(perf_hints=True)  # says why a graph ran without CUDA graphs
         cache = transformers.StaticCache(config=model.config, max_cache_len=prompt + new)
         with torch.no_grad():  # allocate every state of the cache outside the graphs
             model(ids[:, :1], past_key_values=cache, use_cache=True)
@@ -261,9 +262,10 @@ def _plot(payload: dict, path: Path) -> None:
     ax.set_xticks(range(len(rows)), names)
     ax.set_ylabel("tokens/s")
     m = payload["model"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     ax.set_title(f"generate(): {payload['prompt_tokens']}-token prompt, "
                  f"{payload['new_tokens']} new, batch {payload['batch']}, "
-                 f"{m['parameters'] / 1e9:.2f}B Bamba {m['dtype']}", fontsize="medium")
+                 f"{m['parameters'] / 1e9:.2f}B Bamba {m['dtype']}, {device}", fontsize="medium")
     ax.legend(fontsize="small")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()

@@ -253,3 +253,16 @@ def test_refusals():
     with pytest.raises(ValueError, match="layers.1.mixer uses activation 'gelu'"):
         hf.patch(model)
     assert not hf.is_patched(model.backbone.layers[0].mixer)  # nothing changed
+
+
+def test_generate_benchmark_runs_at_a_tiny_size(tmp_path):
+    bench = pytest.importorskip("benchmarks.hf_generate")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "hf_generate.json"
+    payload = bench.main(["--tiny", "--prompt", "12", "--new", "4", "--variants",
+                          "transformers,patched", "--out", str(out)])
+    rows = {row["variant"]: row for row in payload["rows"]}
+    assert set(rows) == {"transformers", "patched"}
+    assert rows["patched"]["matching_tokens"] == payload["new_tokens"]
+    assert any(p.startswith("mamba_chunk_scan -> ") for p in rows["patched"]["providers"])
+    assert out.exists() and out.with_name("hf_generate.png").exists()
