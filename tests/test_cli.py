@@ -84,6 +84,18 @@ def test_unreadable_model_folder_is_one_line(tmp_path) -> None:
         assert message in str(exit_.value)
 
 
+@pytest.mark.parametrize(("stdout_tty", "stderr_tty"), [(True, True), (False, True), (True, False)])
+def test_progress_bars_only_on_a_terminal(
+    stdout_tty: bool, stderr_tty: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mamba_ir import progress
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: stdout_tty, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: stderr_tty, raising=False)
+    with progress.bar(3, "test") as shown:
+        assert shown.disable is not (stdout_tty and stderr_tty)
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     from importlib.metadata import version
 
