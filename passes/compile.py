@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,19 +221,43 @@ class _SavedReports:
 
 
 def _inductor_key(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any]) -> str | None:
-    """The key AOTAutograd's cache gives this graph under ``patches``, or None where
-    Inductor cannot key it (then nothing is saved: such a graph is never served from the
-    cache either)."""
+    """The key AOTAutograd's cache gives this graph under ``patches``; on a torch without
+    ``autograd_cache_key`` (before 2.12), the Dynamo graph with its inputs' metadata as
+    the graph holds them (symbolic sizes, not the example batch). None where neither can
+    be had: then nothing is saved."""
     from torch._inductor import config
+
     try:
         from torch._inductor.compile_fx import autograd_cache_key
-
+    except ImportError:
+        return _graph_key(gm)
+    try:
         with config.patch(patches):
             key = autograd_cache_key(gm, inputs, ignore_shape_env=False)
-    except Exception as exc:  # an uncacheable graph, or a torch without this function
+    except Exception as exc:  # a graph AOTAutograd's cache does not take
         logger.debug("no cache key for the lowering report: %s", exc)
         return None
     return key[0] if isinstance(key, tuple) else str(key)
+
+
+def _graph_key(gm: fx.GraphModule) -> str:
+    metas = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.Tensor):
+            metas.append((tuple(map(str, value.shape)), tuple(map(str, value.stride())),
+                          str(value.dtype), str(value.device)))
+        else:
+            metas.append(repr(value))
+    return _canonical_symbols(f"{gm.code}\n{metas}")
+
+
+def _canonical_symbols(text: str) -> str:
+    """Size symbols renamed in order of appearance: their numbers depend on how many were
+    created before in the process, which Inductor's cache key does not see either."""
+    names: dict[str, str] = {}
+    return re.sub(r"\b[su]\d+\b", lambda m: names.setdefault(m[0], f"{m[0][0]}#{len(names)}"),
+                  text)
 
 
 def _report_dir() -> Path:
