@@ -398,3 +398,41 @@ def test_padded_indices_for_the_decode_ops():
     assert_matches_native(UPDATE, "triton", call)
     with pytest.raises(ValueError, match="at least 3 rows"):
         SSU(**_ssu(state_batch_indices=torch.tensor([1, 2])))
+
+
+# -- on a GPU: the same, compiled Triton kernels and CUDA graphs ------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_unchecked_bad_indices_never_touch_memory_beside_the_state():
+    cache = torch.randn(2, 8, 2, 4, 8, device="cuda")
+    before = cache.clone()
+    call = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _ssu().items()}
+    call["state"] = cache[0]
+    call["state_batch_indices"] = torch.tensor([-2, 8, 3], device="cuda")
+    call["out"] = torch.empty_like(call["x"])
+    SSU.impls["triton"].fn(**call)
+    conv = torch.randn(2, 7, 6, 3, device="cuda")
+    conv_before = conv.clone()
+    up = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _conv_update().items()}
+    UPDATE.impls["triton"].fn(**{**up, "conv_state": conv[0],
+                                 "conv_state_indices": torch.tensor([-2, 7, 100], device="cuda")})
+    torch.cuda.synchronize()
+    assert torch.equal(cache[1], before[1]) and torch.equal(conv, conv_before)
+    changed = [r for r in range(8) if not torch.equal(cache[0, r], before[0, r])]
+    assert changed == [3]
+
+
+@pytest.mark.gpu
+def test_gpu_checked_mode_runs_in_cuda_graphs():
+    """The device-side checks take no host sync: a checked step compiles with CUDA graphs
+    (reduce-overhead) and gives the plain step's results."""
+    t = {k: v.cuda() for k, v in _ssu().items() if isinstance(v, torch.Tensor)}
+    args = (torch.tensor([0, 1, 2], device="cuda"), t["x"], t["dt"], t["A"], t["B"], t["C"])
+    checked = mamba_ir.compile(_ssu_step, validate=True, mode="reduce-overhead")
+    plain = mamba_ir.compile(_ssu_step)
+    for _ in range(3):  # warm-up, record, replay
+        S1, S2 = t["state"].clone(), t["state"].clone()
+        y1, y2 = checked(S1, *args).clone(), plain(S2, *args)
+        torch.testing.assert_close(y1, y2)
+        torch.testing.assert_close(S1, S2)
