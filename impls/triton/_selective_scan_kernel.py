@@ -8,8 +8,8 @@ tokens: ``u``, ``delta``, ``z`` and the output move as ``(channels, tokens)`` ti
 those loads and stores are coalesced whichever axis is contiguous (vLLM passes both),
 and each token's step size and input are picked from the tiles in registers. ``B`` and
 ``C`` are a ``dstate`` vector per token shared by every program of the group, so they are
-loaded per token. Tokens past the sequence's end get a zero step size, which makes them
-the identity (decay 1, input 0).
+loaded per token. The sequence's last chunk steps only the tokens it has (a branch that
+is uniform across the program).
 """
 
 from __future__ import annotations
@@ -99,40 +99,37 @@ if triton is not None:
             if SOFTPLUS:
                 # torch's softplus: linear above 20, where exp would lose the log1p term anyway
                 dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-            dt = tl.where(mask, dt, 0.0)  # past the end: decay 1, input 0, the identity
             dtx = dt * x
             y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
             for i in tl.static_range(BLOCK_T):
-                pick = cols[None, :] == i
-                dt_i = tl.sum(tl.where(pick, dt, 0.0), axis=1)
-                dtx_i = tl.sum(tl.where(pick, dtx, 0.0), axis=1)
-                live = c0 + i < length
-                # B and C at this token (zero past the end); inline: the interpreter pays
-                # per call of a jit function
-                if ONE_GROUP:  # every channel of the block reads the same group's vector
-                    bc_mask = tl.where(live, mask_n, False)
-                    b = tl.load(B_rows + (c0 + i) * s_B_t, mask=bc_mask, other=0.0)
-                    c = tl.load(C_rows + (c0 + i) * s_C_t, mask=bc_mask, other=0.0)
-                    b, c = b.to(tl.float32)[None, :], c.to(tl.float32)[None, :]
-                else:
-                    bc_mask = tl.where(live, tile_mask, False)
-                    b = tl.load(B_rows + (c0 + i) * s_B_t, mask=bc_mask, other=0.0)
-                    c = tl.load(C_rows + (c0 + i) * s_C_t, mask=bc_mask, other=0.0)
-                    b, c = b.to(tl.float32), c.to(tl.float32)
-                h = h * tl.exp(A * dt_i[:, None]) + dtx_i[:, None] * b
-                y = tl.where(pick, tl.sum(h * c, axis=1)[:, None], y)
-                if CHECKPOINTS:
-                    # position done + c0 + i + 1 of the request ends a block: the j-th such
-                    # token of the call writes column j
-                    ends = done + c0 + i + 1
-                    column = ends // block_size - done // block_size - 1
-                    if live & (ends % block_size == 0) & (column < ncols):
-                        row = tl.load(ckpt_ptr + seq * s_ckpt_seq + column * s_ckpt_col)
-                        row = row.to(tl.int64)
-                        real = (row != pad_slot_id) & (row >= 0) & (row < nslots)
-                        tl.store(state_ptr + row * s_state_row + tile,
-                                 h.to(state_ptr.dtype.element_ty),
-                                 mask=tl.where(real, tile_mask, False))
+                if c0 + i < length:  # the last chunk steps no token past the sequence
+                    # this token's step size and input, picked from the chunk's tiles; B and
+                    # C loaded (inline: the interpreter pays per call of a jit function)
+                    pick = cols[None, :] == i
+                    dt_i = tl.sum(tl.where(pick, dt, 0.0), axis=1)[:, None]
+                    dtx_i = tl.sum(tl.where(pick, dtx, 0.0), axis=1)[:, None]
+                    if ONE_GROUP:  # every channel of the block reads the same group's vector
+                        b = tl.load(B_rows + (c0 + i) * s_B_t, mask=mask_n, other=0.0)
+                        c = tl.load(C_rows + (c0 + i) * s_C_t, mask=mask_n, other=0.0)
+                        b, c = b.to(tl.float32)[None, :], c.to(tl.float32)[None, :]
+                    else:
+                        b = tl.load(B_rows + (c0 + i) * s_B_t, mask=tile_mask, other=0.0)
+                        c = tl.load(C_rows + (c0 + i) * s_C_t, mask=tile_mask, other=0.0)
+                        b, c = b.to(tl.float32), c.to(tl.float32)
+                    h = h * tl.exp(A * dt_i) + dtx_i * b
+                    y = tl.where(pick, tl.sum(h * c, axis=1)[:, None], y)
+                    if CHECKPOINTS:
+                        # position done + c0 + i + 1 of the request ends a block: the j-th
+                        # such token of the call writes column j
+                        ends = done + c0 + i + 1
+                        column = ends // block_size - done // block_size - 1
+                        if (ends % block_size == 0) & (column < ncols):
+                            row = tl.load(ckpt_ptr + seq * s_ckpt_seq + column * s_ckpt_col)
+                            row = row.to(tl.int64)
+                            real = (row != pad_slot_id) & (row >= 0) & (row < nslots)
+                            tl.store(state_ptr + row * s_state_row + tile,
+                                     h.to(state_ptr.dtype.element_ty),
+                                     mask=tl.where(real, tile_mask, False))
             if HAS_D:
                 y = y + skip[:, None] * x
             if HAS_Z:

@@ -100,6 +100,8 @@ def selective_scan(
     per_group = dim // B.shape[0]
     cfg = config or default_config(dim, dstate)
     block_d = min(cfg.block_d, triton.next_power_of_2(dim))
+    # no chunk longer than the call's tokens: a short call steps no padding tokens
+    block_t = min(cfg.block_t, triton.next_power_of_2(u.shape[1]))
     dummy = ssm_states  # pointer for absent tensors; never dereferenced (constexpr flags)
     checkpoints = bool(block_size)
     scan_kernel[(nseq, triton.cdiv(dim, block_d))](
@@ -131,7 +133,7 @@ def selective_scan(
         ONE_GROUP=B.shape[0] == 1 or per_group % block_d == 0,
         BLOCK_D=block_d,
         BLOCK_N=triton.next_power_of_2(dstate),
-        BLOCK_T=cfg.block_t,
+        BLOCK_T=block_t,
         num_warps=cfg.num_warps,
     )
 
