@@ -181,16 +181,18 @@ def activation(call: dict[str, Any], name: str = "activation") -> None:
 
 
 def dt_limit(call: dict[str, Any], name: str = "dt_limit") -> None:
-    """``None``, or ``(lo, hi)`` floats with ``lo <= hi``: the clamp applied to the step size."""
+    """``None``, or ``(lo, hi)`` numbers with ``lo <= hi``: the clamp applied to the step size."""
     limit = call[name]
     if limit is None:
         return
-    try:
-        lo, hi = (float(v) for v in limit)
-    except (TypeError, ValueError):
+    if (
+        not isinstance(limit, (list, tuple))
+        or len(limit) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)
+    ):
         fail(name, "None or two floats (lo, hi)", repr(limit))
-    if not lo <= hi:
-        fail(name, "lo <= hi", repr(tuple(limit)))
+    if not limit[0] <= limit[1]:  # NaN fails too
+        fail(name, "lo <= hi", repr(limit))
 
 
 # -- the same rules on the device (checked mode of compiled graphs) ---------------------

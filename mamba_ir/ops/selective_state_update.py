@@ -116,7 +116,7 @@ def _check(call: dict) -> None:
         )
         checks.fail("B", f"shape {want}", tuple(b.shape))
     checks.tensor(call, "C", shape=b.shape)
-    _check_limit(call["dt_limit"])
+    checks.dt_limit(call)
 
     cu = checks.index(call, "cu_seqlens")
     if cu is not None and cu.shape[0] < 1:
@@ -139,17 +139,6 @@ def _check(call: dict) -> None:
         if spec and len(lead) == 2 and idx is not None and idx.shape[1] < lead[1]:
             checks.fail(name, f"at least {lead[1]} columns (one per token)", tuple(idx.shape))
     _check_values(call, state.shape[0], lead)
-
-
-def _check_limit(limit: object) -> None:
-    if limit is None:
-        return
-    if not isinstance(limit, (list, tuple)) or len(limit) != 2:
-        checks.fail("dt_limit", "None or two floats (lo, hi)", repr(limit))
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit):
-        checks.fail("dt_limit", "None or two floats (lo, hi)", repr(limit))
-    if not limit[0] <= limit[1]:  # NaN fails too
-        checks.fail("dt_limit", "lo <= hi", repr(limit))
 
 
 def _check_values(call: dict, nslots: int, lead: tuple[int, ...]) -> None:
