@@ -12,6 +12,14 @@ import torch.nn.functional as F
 
 from .. import checks
 from ..op import register_op
+from ._rows import (
+    CHECKPOINTS,
+    Checkpoints,
+    assert_checkpoints,
+    check_checkpoints,
+    computed,
+    store,
+)
 from ._tokens import token_layout
 
 # A chunked provider multiplies 16-bit operands on tensor cores (the state entering a
@@ -59,14 +67,13 @@ def mamba_chunk_scan(
                   checkpoint_state_indices)
     )
     src, dst = seq.rows(sbi, dsbi, None)
-    done = _computed(done, seq.count, x.device)
+    ckpts = Checkpoints(ckpt, computed(done, seq.count, x.device), block_size, pad_slot_id)
     A = A.float()[:, None, None]
     D = None if D is None else (D.float() if D.dim() == 2 else D.float()[:, None])
 
     h = torch.zeros((seq.count, *state.shape[1:]), dtype=torch.float32, device=state.device)
     has_src = checks.real_rows(src, state.shape[0], pad_slot_id)
     h[has_src] = state[src[has_src]].float()
-    boundary = torch.zeros(seq.count, dtype=torch.long, device=x.device)
     for t in range(seq.max_len):
         live, tok = seq.step(t)
         xt, dtt = seq.gather(x, tok).float(), seq.gather(dt, tok).float()
@@ -87,36 +94,8 @@ def mamba_chunk_scan(
         if z is not None:
             y = y * F.silu(seq.gather(z, tok).float())
         seq.scatter(out, tok[live], y[live])
-        if block_size:
-            at_boundary = live & ((done + t + 1) % block_size == 0)
-            if bool(at_boundary.any()):
-                rows = ckpt.long()
-                col = boundary.clamp(max=rows.shape[1] - 1)[:, None]
-                _store(state, rows.gather(1, col)[:, 0], h, at_boundary, pad_slot_id)
-                boundary += at_boundary.long()
-    _store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id)
-
-
-def _computed(num_computed_tokens: torch.Tensor | None, count: int, device) -> torch.Tensor:
-    if num_computed_tokens is None:
-        return torch.zeros(count, dtype=torch.long, device=device)
-    return num_computed_tokens.long()
-
-
-def _store(state: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
-    keep = live & checks.real_rows(rows, state.shape[0], pad)
-    state[rows[keep]] = h[keep].to(state.dtype)
-
-
-def checkpoint_columns(
-    lengths: torch.Tensor, num_computed_tokens: torch.Tensor | None, block_size: int
-) -> torch.Tensor:
-    """How many block boundaries each sequence crosses: the checkpoint columns it uses."""
-    done = _computed(checks.sequences(num_computed_tokens, lengths.shape[0]), lengths.shape[0],
-                     lengths.device)
-    if not block_size:
-        return torch.zeros_like(done)
-    return (done + lengths) // block_size - done // block_size
+        ckpts.after(t, live, state, h)
+    store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id)
 
 
 @mamba_chunk_scan.register_check
@@ -180,26 +159,14 @@ def _check_values(call: dict, nslots: int, ntok: int) -> None:
     for name, idx in (("state_batch_indices", sbi), ("dst_state_batch_indices", dsbi)):
         if idx is not None:
             checks.rows_in_range(name, idx, nslots, pad)
-    if done is not None and bool((done < 0).any()):
-        checks.fail("num_computed_tokens", "values >= 0", done.tolist())
     seq = token_layout((ntok,), cu, call["x"].device)
     src, dst = seq.rows(sbi, dsbi, None)
     lengths = seq.lengths.tolist()
     written = [row[:1] if n > 0 else [] for row, n in zip(dst.tolist(), lengths, strict=True)]
-    if bs:
-        checks.rows_in_range("checkpoint_state_indices", ckpt, nslots, pad)
-        used = checkpoint_columns(seq.lengths, done, bs)
-        if used.numel() and int(used.max()) > ckpt.shape[1]:
-            checks.fail(
-                "checkpoint_state_indices",
-                f"at least {int(used.max())} columns (block boundaries of the longest run)",
-                tuple(ckpt.shape),
-            )
-        for rows, k, cols in zip(written, used.tolist(), ckpt.tolist(), strict=True):
-            rows.extend(cols[:k])
+    check_checkpoints(ckpt, seq.lengths, done, bs, nslots, pad, written)
     dst_name = "dst_state_batch_indices" if dsbi is not None else "state_batch_indices"
     if bs:
-        dst_name += " / checkpoint_state_indices"
+        dst_name += f" / {CHECKPOINTS}"
     checks.disjoint_rows("state_batch_indices", src.tolist(), dst_name, written, pad)
 
 
@@ -218,20 +185,10 @@ def _device_check(call: dict) -> None:
         if idx is not None:
             checks.assert_rows_in_range(name, idx, nslots, pad)
     src, rows = seq.rows(sbi, dsbi, None)
-    written = (seq.lengths > 0)[:, None]
-    if done is not None:
-        checks.assert_within("num_computed_tokens", done, 0, 2**62, "values >= 0")
+    rows, written = assert_checkpoints(
+        ckpt, seq.lengths, done, bs, nslots, pad, rows, (seq.lengths > 0)[:, None]
+    )
     dst_name = "dst_state_batch_indices" if dsbi is not None else "state_batch_indices"
     if bs:
-        checks.assert_rows_in_range("checkpoint_state_indices", ckpt, nslots, pad)
-        used = checkpoint_columns(seq.lengths, done, bs)
-        ncols = ckpt.shape[1]
-        checks.assert_within(
-            "checkpoint_state_indices", used, 0, ncols,
-            f"at most {ncols} block boundaries per sequence (its columns)",
-        )
-        rows = torch.cat([rows, ckpt.to(rows.dtype)], dim=1)
-        cols = torch.arange(ncols, device=x.device)[None, :]
-        written = torch.cat([written, cols < used[:, None]], dim=1)
-        dst_name += " / checkpoint_state_indices"
+        dst_name += f" / {CHECKPOINTS}"
     checks.assert_row_rules("state_batch_indices", src, dst_name, rows, written, nslots, pad)

@@ -11,8 +11,15 @@ import torch.nn.functional as F
 
 from .. import checks
 from ..op import register_op
+from ._rows import (
+    CHECKPOINTS,
+    Checkpoints,
+    assert_checkpoints,
+    check_checkpoints,
+    computed,
+    store,
+)
 from ._tokens import token_layout
-from .mamba_chunk_scan import checkpoint_columns
 
 
 def _new_out(call: dict) -> torch.Tensor:
@@ -60,14 +67,13 @@ def selective_scan(
     # without has_initial_state no sequence has an initial state
     read = checks.real_rows(src, ssm_states.shape[0], pad_slot_id)
     read &= torch.zeros_like(read) if init is None else init.bool()
-    done = torch.zeros_like(dst) if done is None else done.long()
+    ckpts = Checkpoints(ckpt, computed(done, seq.count, u.device), block_size, pad_slot_id)
 
     h = torch.zeros((seq.count, *ssm_states.shape[1:]), dtype=torch.float32, device=u.device)
     h[read] = ssm_states[src[read]].float()
     A = A.float()
     u_t, delta_t, z_t, out_t = (None if t is None else t.t() for t in (u, delta, z, out))
     B_t, C_t = (t.permute(2, 0, 1) for t in (B, C))  # (tokens, ngroups, dstate)
-    boundary = torch.zeros_like(dst)
     for t in range(seq.max_len):
         live, tok = seq.step(t)
         x, dt = seq.gather(u_t, tok).float(), seq.gather(delta_t, tok).float()
@@ -85,20 +91,9 @@ def selective_scan(
         if z is not None:
             y = y * F.silu(seq.gather(z_t, tok).float())
         seq.scatter(out_t, tok[live], y[live])
-        if block_size:
-            ends_block = live & ((done + t + 1) % block_size == 0)
-            # an unchecked call's boundaries past the index columns are not stored
-            keep = ends_block & (boundary < ckpt.shape[1])
-            if bool(keep.any()):
-                col = boundary.clamp(max=ckpt.shape[1] - 1)[:, None]
-                _store(ssm_states, ckpt.long().gather(1, col)[:, 0], h, keep, pad_slot_id)
-            boundary += ends_block.long()
-    _store(ssm_states, dst, h, seq.lengths > 0, pad_slot_id)
+        ckpts.after(t, live, ssm_states, h)
+    store(ssm_states, dst, h, seq.lengths > 0, pad_slot_id)
 
-
-def _store(states: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
-    keep = live & checks.real_rows(rows, states.shape[0], pad)
-    states[rows[keep]] = h[keep].to(states.dtype)
 
 
 @selective_scan.register_check
@@ -161,25 +156,12 @@ def _check_values(call: dict, nslots: int, ntok: int) -> None:
     for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
         if idx is not None:
             checks.rows_in_range(name, idx, nslots, pad)
-    if done is not None and bool((done < 0).any()):
-        checks.fail("num_computed_tokens", "values >= 0", done.tolist())
     lengths = qsl[1:] - qsl[:-1]
     dst_rows = list(range(lengths.shape[0])) if dst is None else dst.tolist()
     src_rows = dst_rows if src is None else src.tolist()
     written = [[r] if n > 0 else [] for r, n in zip(dst_rows, lengths.tolist(), strict=True)]
-    dst_name = "cache_indices"
-    if bs:
-        checks.rows_in_range("checkpoint_state_indices", ckpt, nslots, pad)
-        used = checkpoint_columns(lengths.long(), done, bs)
-        if used.numel() and int(used.max()) > ckpt.shape[1]:
-            checks.fail(
-                "checkpoint_state_indices",
-                f"at least {int(used.max())} columns (block boundaries of the longest run)",
-                tuple(ckpt.shape),
-            )
-        for rows, k, cols in zip(written, used.tolist(), ckpt.tolist(), strict=True):
-            rows.extend(cols[:k])
-        dst_name += " / checkpoint_state_indices"
+    check_checkpoints(ckpt, lengths.long(), done, bs, nslots, pad, written)
+    dst_name = f"cache_indices / {CHECKPOINTS}" if bs else "cache_indices"
     checks.disjoint_rows("src_cache_indices", src_rows, dst_name, written, pad)
 
 
@@ -199,21 +181,8 @@ def _device_check(call: dict) -> None:
     dst = torch.arange(nseq, device=u.device) if dst is None else dst
     src = dst if src is None else src
     lengths = qsl[1:] - qsl[:-1]
-    rows, written = dst[:, None], (lengths > 0)[:, None]
-    if done is not None:
-        top = torch.iinfo(done.dtype).max
-        checks.assert_within("num_computed_tokens", done, 0, top, "values >= 0")
-    dst_name = "cache_indices"
-    if bs:
-        checks.assert_rows_in_range("checkpoint_state_indices", ckpt, nslots, pad)
-        used = checkpoint_columns(lengths.long(), done, bs)
-        ncols = ckpt.shape[1]
-        checks.assert_within(
-            "checkpoint_state_indices", used, 0, ncols,
-            f"at most {ncols} block boundaries per sequence (its columns)",
-        )
-        rows = torch.cat([rows, ckpt.to(rows.dtype)], dim=1)
-        cols = torch.arange(ncols, device=u.device)[None, :]
-        written = torch.cat([written, cols < used[:, None]], dim=1)
-        dst_name += " / checkpoint_state_indices"
+    rows, written = assert_checkpoints(
+        ckpt, lengths, done, bs, nslots, pad, dst[:, None], (lengths > 0)[:, None]
+    )
+    dst_name = f"cache_indices / {CHECKPOINTS}" if bs else "cache_indices"
     checks.assert_row_rules("src_cache_indices", src, dst_name, rows, written, nslots, pad)

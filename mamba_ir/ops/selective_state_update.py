@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .. import checks
 from ..op import register_op
+from ._rows import store
 from ._tokens import token_layout
 
 
@@ -66,9 +67,9 @@ def selective_state_update(
             y = y * F.silu(seq.gather(z, tok).float())
         seq.scatter(out, tok[live], y[live])
         if num_accepted_tokens is not None and t < dst.shape[1]:  # speculative: a slot per token
-            _store(state, dst[:, t], h, live, pad_slot_id)
+            store(state, dst[:, t], h, live, pad_slot_id)
     if num_accepted_tokens is None:
-        _store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id)
+        store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id)
 
 
 def one_head(*args: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -80,10 +81,6 @@ def one_head(*args: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     A, D, dt_bias = (t if t is None else t.unsqueeze(0) for t in (A, D, dt_bias))
     return state.unsqueeze(1), x, dt, A, B, C, D, z, dt_bias, out
 
-
-def _store(state: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
-    keep = live & checks.real_rows(rows, state.shape[0], pad)
-    state[rows[keep]] = h[keep].to(state.dtype)
 
 
 @selective_state_update.register_check

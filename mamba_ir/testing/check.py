@@ -89,7 +89,7 @@ def _copy_rows(call: dict[str, Any]) -> Rows:
 
 
 def _chunk_scan_rows(call: dict[str, Any]) -> Rows:
-    from ..ops.mamba_chunk_scan import checkpoint_columns
+    from ..ops._rows import checkpoint_columns
 
     seq = token_layout(call["x"].shape[:1], call["cu_seqlens"], call["x"].device)
     src, dst = seq.rows(call["state_batch_indices"], call["dst_state_batch_indices"], None)
@@ -113,7 +113,7 @@ STATE_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], Rows]]] = {
 
 
 def _selective_scan_rows(call: dict[str, Any]) -> Rows:
-    from ..ops.mamba_chunk_scan import checkpoint_columns
+    from ..ops._rows import checkpoint_columns
 
     qsl = call["query_start_loc"]
     lengths, n = qsl[1:] - qsl[:-1], qsl.shape[0] - 1
