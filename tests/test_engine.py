@@ -8,6 +8,7 @@ import torch
 
 from mamba_ir.models import Engine, HybridConfig, random_model
 from mamba_ir.models.cache import RESERVED_SLOTS
+from mamba_ir.models.engine import graph_sizes
 
 BLOCK = 8
 CONFIG = HybridConfig(vocab_size=61, hidden_size=32, num_layers=3, attn_layer_indices=(1,),
@@ -55,6 +56,28 @@ def test_any_token_budget_gives_the_same_completions(model, whole, budget):
         assert a.tokens == b.tokens
         torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits),
                                    atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("budget", [40, 11])
+def test_fixed_size_steps_give_the_same_completions(model, whole, budget):
+    # prefill_graphs pads every step to a captured size (empty sequences, a longer pad
+    # sequence, pad checkpoint entries); on a CPU the padded step runs as it is
+    engine = Engine(model, block_size=BLOCK, max_requests=3, max_len=40, prefill_tokens=budget,
+                    prefill_graphs=True)
+    for _ in range(2):  # cold, then from the checkpoints the padded steps wrote
+        done = engine.generate(_prompts(), 4)
+        for a, b in zip(done, whole, strict=True):
+            assert a.tokens == b.tokens
+            torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits),
+                                       atol=1e-5, rtol=0)
+    assert [c.cached_tokens for c in done] == [3 * BLOCK, 2 * BLOCK, 0]
+
+
+def test_graph_sizes_pad_at_most_one_and_a_half_times():
+    sizes = graph_sizes(8192)
+    assert sizes[0] == 16 and sizes[-1] == 8192
+    assert all(b <= 1.5 * a for a, b in zip(sizes, sizes[1:], strict=False))
+    assert graph_sizes(40) == [16, 24, 32, 40]
 
 
 def test_one_step_checkpoints_every_boundary(model, whole):

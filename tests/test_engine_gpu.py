@@ -38,6 +38,22 @@ def test_compiled_gpu_engine_matches_native_ops():
 
 
 @pytest.mark.gpu
+def test_prefill_cuda_graphs_match_launched_steps():
+    model = random_model(demo_config(), device="cuda", dtype=torch.bfloat16, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (700, 300, 90)]
+    kwargs = dict(block_size=BLOCK, max_requests=3, max_len=1024, compile=True,
+                  prefill_tokens=512)
+    launched = Engine(model, **kwargs).generate(prompts, 3)
+    engine = Engine(model, prefill_graphs=True, **kwargs)
+    for _ in range(2):  # cold (captures), then replays reading the graphs' checkpoints
+        graphed = engine.generate(prompts, 3)
+        for got, want in zip(graphed, launched, strict=True):
+            torch.testing.assert_close(got.logits[0], want.logits[0], atol=LOGIT_ATOL, rtol=0)
+    assert engine._graphs and engine.prefix.stats.hits == 2
+
+
+@pytest.mark.gpu
 def test_prefill_bench_writes_json_and_plot(tmp_path):
     import json
 
@@ -49,5 +65,6 @@ def test_prefill_bench_writes_json_and_plot(tmp_path):
     data = json.loads(out.read_text())
     assert [r["tokens"] for r in data["prefill"]] == [300, 600]
     assert all(r["gpu_ms_by_category"]["attention"] > 0 for r in data["prefill"])
+    assert all(r["graph_ttft_ms"] > 0 for r in data["prefill"])
     assert [(r["context"], r["batch"]) for r in data["decode"]] == [(300, 2)]
     assert out.with_suffix(".png").exists()

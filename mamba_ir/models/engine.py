@@ -36,6 +36,31 @@ DECODE_BUCKETS = (2, 4, 8, 16, 32, 64, 128, 256)
 # tokens per prefill step: an 8k-token prompt in one step (TTFT), a 32k one in four;
 # docs/prefill_bench.json has the per-length figures
 PREFILL_TOKENS = 8192
+_I64, _I32 = torch.int64, torch.int32
+# tokens, positions, cu_seqlens, kv_rows, context_lens, slots, src_slots, num_computed,
+# checkpoint columns, window slots, window inputs
+_PREFILL_DTYPES = (_I64, _I64, _I32, _I64, _I64, _I32, _I32, _I32, _I32, _I64, _I64)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The fixed sizes of a captured prefill step."""
+
+    tokens: int
+    seqs: int  # including the pad sequence
+    columns: int  # checkpoint columns per sequence
+    windows: int  # conv windows written
+
+
+def graph_sizes(limit: int, smallest: int = 16) -> list[int]:
+    """Token counts a prefill graph is captured for: powers of two and 1.5x powers of two
+    up to ``limit`` (a step runs in the smallest that holds it: at most 1.5x padding),
+    and ``limit`` itself."""
+    sizes, size = set(), smallest
+    while size < limit:
+        sizes.update(s for s in (size, size * 3 // 2) if s < limit)
+        size *= 2
+    return sorted(sizes | {limit})
 
 
 @dataclass
@@ -131,6 +156,7 @@ class Engine:
         record_logits: bool = True,
         state_dtype: torch.dtype | None = None,
         prefill_tokens: int = PREFILL_TOKENS,
+        prefill_graphs: bool = False,
     ) -> None:
         for name, value in (("block_size", block_size), ("max_requests", max_requests),
                             ("max_len", max_len), ("prefill_tokens", prefill_tokens)):
@@ -156,6 +182,15 @@ class Engine:
             self._prefill = compile_step(self.steps.prefill, priority, **kwargs)
             self._decode = compile_step(self.steps.decode, priority, **kwargs)
         self.stats = EngineStats()
+        # prefill steps padded to fixed sizes, replayed from CUDA graphs on a GPU (of the
+        # compiled step: eager native ops sync with the host); elsewhere the padded step runs
+        if prefill_graphs and self.device.type == "cuda" and not compile:
+            raise ValueError("prefill_graphs: needs compile=True on CUDA (graphs of the "
+                             "compiled step)")
+        self.prefill_graphs = prefill_graphs
+        self._buckets = graph_sizes(min(prefill_tokens, max_len))
+        self._graphs: dict[_Shape, tuple[Any, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self._pool: Any = None
 
     # -- public --------------------------------------------------------------------------
 
@@ -240,7 +275,7 @@ class Engine:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _tensor(self, values: Sequence[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    def _tensor(self, values: Sequence[Any], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _prefill_step(self, batch: list[_Live]) -> int:
@@ -267,9 +302,10 @@ class Engine:
         reserved: list[tuple[bytes, int]] = []
         done = 0
         try:
-            args, commits = self._prefill_args(plan, pinned, reserved)
-            torch._dynamo.maybe_mark_dynamic(args[8], 1)  # checkpoint columns
-            logits = self._prefill(*_dynamic(args))
+            n = sum(end - start for _, _, start, end in plan)
+            shape = self._graph_shape(n) if self.prefill_graphs else None
+            host, commits = self._prefill_args(plan, pinned, reserved, shape)
+            logits = self._run_prefill(host, shape)
             for (digest, slot), (r, boundary) in zip(reserved, commits, strict=True):
                 self.prefix.commit(digest, slot, r.row, boundary)
                 done += 1
@@ -292,8 +328,11 @@ class Engine:
         plan: list[tuple[_Live, int, int, int]],
         pinned: frozenset[int],
         reserved: list[tuple[bytes, int]],
-    ) -> tuple[tuple[torch.Tensor, ...], list[tuple[_Live, int]]]:
-        """The step's tensors; fills ``reserved`` with the checkpoint slots it writes."""
+        shape: _Shape | None = None,
+    ) -> tuple[list[list[Any]], list[tuple[_Live, int]]]:
+        """The step's arguments as lists; fills ``reserved`` with the checkpoint slots it
+        writes. With ``shape`` every size is padded to it (empty sequences, a longer pad
+        sequence, pad checkpoint entries)."""
         bs, pad = self.block_size, self.cache.pad_slot_id
         width = self.model.config.mamba_d_conv - 1
         tokens: list[int] = []
@@ -328,29 +367,71 @@ class Engine:
                                      else -1 - (b * width + width - (start - q))
                                      for q in range(boundary - width, boundary)])
             columns.append(cols)
-        # one pad sequence keeps every dynamic size >= 2 (no 0/1 specialisation)
-        tokens.append(0)
-        positions.append(0)
-        cu.append(len(tokens))
-        rows.append(self.cache.scratch_row)
-        lens.append(1)
-        slots.append(pad)
-        src.append(pad)
-        computed.append(0)
-        columns.append([])
-        ncols = max(2, *(len(c) for c in columns))
+        # one pad sequence keeps every dynamic size >= 2 (no 0/1 specialisation); with a
+        # fixed shape, empty sequences and the pad sequence's tokens fill it
+        n_pad = 1 if shape is None else shape.tokens - len(tokens)
+        seqs = len(cu) if shape is None else shape.seqs
+        while len(cu) < seqs + 1:
+            last = len(cu) == seqs
+            cu.append(len(tokens) + (n_pad if last else 0))
+            rows.append(self.cache.scratch_row)
+            lens.append(n_pad if last else 0)
+            slots.append(pad)
+            src.append(pad)
+            computed.append(0)
+            columns.append([])
+        tokens += [0] * n_pad
+        positions += range(n_pad)
+        ncols = max(2, *(len(c) for c in columns)) if shape is None else shape.columns
         columns = [c + [pad] * (ncols - len(c)) for c in columns]
-        while len(window_slots) < 2:
+        while len(window_slots) < (2 if shape is None else shape.windows):
             window_slots.append(SCRATCH_SLOT)
             window_index.append([0] * width)
-        i32 = torch.int32
-        args = (
-            self._tensor(tokens), self._tensor(positions), self._tensor(cu, i32),
-            self._tensor(rows), self._tensor(lens), self._tensor(slots, i32),
-            self._tensor(src, i32), self._tensor(computed, i32), self._tensor(columns, i32),
-            self._tensor(window_slots), self._tensor(window_index),
-        )
-        return args, commits
+        host = [tokens, positions, cu, rows, lens, slots, src, computed, columns, window_slots,
+                window_index]
+        return host, commits
+
+    def _run_prefill(self, host: list[list[Any]], shape: _Shape | None) -> torch.Tensor:
+        """One prefill step: the compiled step on these sizes, or the replay of the CUDA
+        graph captured for ``shape`` (its input buffers refilled)."""
+        if shape is None or self.device.type != "cuda":
+            args = tuple(self._tensor(v, dt) for v, dt in zip(host, _PREFILL_DTYPES, strict=True))
+            torch._dynamo.maybe_mark_dynamic(args[8], 1)  # checkpoint columns
+            return self._prefill(*_dynamic(args))
+        graph, static, out = self._graphs.get(shape) or self._capture(shape)
+        for buffer, values in zip(static, host, strict=True):
+            buffer.copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
+        graph.replay()
+        return out
+
+    def _graph_shape(self, tokens: int) -> _Shape | None:
+        """The smallest captured size holding ``tokens`` (None: larger than any)."""
+        size = next((b for b in self._buckets if b >= tokens), None)
+        if size is None:
+            return None
+        seqs = self.max_requests + 1
+        return _Shape(size, seqs, size // self.block_size + 2,
+                      size // self.block_size + seqs)
+
+    def _capture(self, shape: _Shape) -> tuple[torch.cuda.CUDAGraph, tuple, torch.Tensor]:
+        """Capture the compiled prefill for ``shape``; its first inputs are an all-pad
+        step (every sequence empty but the pad one), which writes no state."""
+        host, _ = self._prefill_args([], frozenset(), [], shape)
+        static = tuple(self._tensor(v, dt) for v, dt in zip(host, _PREFILL_DTYPES, strict=True))
+        _dynamic(static)
+        torch._dynamo.maybe_mark_dynamic(static[8], 1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compile and warm up outside the capture
+            self._prefill(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):  # one pool: replays never overlap
+            out = self._prefill(*static)
+        self._graphs[shape] = (graph, static, out)
+        return graph, static, out
 
     def _decode_step(self, batch: list[_Live]) -> int:
         n = len(batch)

@@ -2,8 +2,10 @@
 
 Prefill: one prompt at a time through the compiled :class:`Engine` (token-budget steps,
 align-mode checkpoints every block, cold prefix cache), timed from ``generate`` to the
-first token on the host; tokens/s is the prompt length over that time. One further run
-per length under the profiler gives the GPU time by kernel category.
+first token on the host; tokens/s is the prompt length over that time. Each length runs
+twice: launching the compiled step from Python, and replaying it from the CUDA graph
+captured for its padded size (``prefill_graphs``). One further run per length under the
+profiler gives the GPU time by kernel category.
 
 Decode: one compiled decode step replayed from a CUDA graph at each (context, batch),
 against the bytes roof of :func:`e2e_bench.step_bytes` (weights, states read and written,
@@ -71,15 +73,16 @@ def _prompt(length: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=g).tolist()
 
 
-def measure_prefill(engine: Engine, length: int, reps: int) -> dict[str, Any]:
-    prompt = _prompt(length, engine.model.config.vocab_size, length)
+def _ttft(engine: Engine, prompt: list[int], reps: int, graphs: bool) -> tuple[list, float]:
+    """Host times to the first token (s) and the time of the first (compiling) run."""
+    engine.prefill_graphs = graphs
 
     def first_token() -> None:
         engine.reset()  # cold: no checkpoint of an earlier run is reused
         engine.generate([prompt], 1)
 
     t0 = time.perf_counter()
-    first_token()  # compiles on first use; later lengths reuse the graph
+    first_token()  # compiles (or captures) on first use; later lengths reuse the graph
     warm_s = time.perf_counter() - t0
     times = []
     for _ in range(reps):
@@ -87,12 +90,30 @@ def measure_prefill(engine: Engine, length: int, reps: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         first_token()  # ends with the logits' argmax on the host
         times.append(time.perf_counter() - t0)
+    return times, warm_s
+
+
+def measure_prefill(engine: Engine, length: int, reps: int) -> dict[str, Any]:
+    """TTFT launching the compiled step from Python and replaying its CUDA graph (one
+    per padded size), and the GPU time by category of the former."""
+    prompt = _prompt(length, engine.model.config.vocab_size, length)
+    times, warm_s = _ttft(engine, prompt, reps, graphs=False)
     ttft = statistics.median(times)
-    steps = engine.stats.prefill_steps
     row = {"tokens": length, "ttft_ms": ttft * 1e3, "ttft_ms_all": [t * 1e3 for t in times],
-           "prefill_tok_s": length / ttft, "steps": steps,
+           "prefill_tok_s": length / ttft, "steps": engine.stats.prefill_steps,
            "checkpoints": engine.prefix.stats.saved, "first_call_s": warm_s}
+
+    def first_token() -> None:
+        engine.reset()
+        engine.generate([prompt], 1)
+
     row.update(gpu_time(first_token))
+    graph_times, capture_s = _ttft(engine, prompt, reps, graphs=True)
+    graph_ttft = statistics.median(graph_times)
+    row.update({"graph_ttft_ms": graph_ttft * 1e3,
+                "graph_ttft_ms_all": [t * 1e3 for t in graph_times],
+                "graph_prefill_tok_s": length / graph_ttft, "graph_first_call_s": capture_s})
+    engine.prefill_graphs = False
     return row
 
 
@@ -160,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
         common.write_json(out.name, payload, out.parent)
         cats = ", ".join(f"{c} {ms:.1f}" for c, ms in row["gpu_ms_by_category"].items())
         print(f"\nprefill {length:>6}: TTFT {row['ttft_ms']:8.1f} ms "
-              f"({row['prefill_tok_s']:9.0f} tok/s, {row['steps']} steps), GPU "
+              f"({row['prefill_tok_s']:9.0f} tok/s, {row['steps']} steps), with CUDA graphs "
+              f"{row['graph_ttft_ms']:8.1f} ms ({row['graph_prefill_tok_s']:9.0f} tok/s); GPU "
               f"{row['gpu_ms']:.1f} ms: {cats}", flush=True)
     for context in contexts:
         for batch in batches:
@@ -191,7 +213,8 @@ def plot(path: Path) -> Path:
     data = json.loads(Path(path).read_text())
     env, pre, dec = data.get("environment", {}), data["prefill"], data["decode"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r['tokens']}\nTTFT {r['ttft_ms']:.0f} ms\nGPU {r['gpu_ms']:.0f} ms" for r in pre]
+    labels = [f"{r['tokens']}\nTTFT {r['ttft_ms']:.0f} ms\n(graphs {r['graph_ttft_ms']:.0f} ms)"
+              f"\nGPU {r['gpu_ms']:.0f} ms" for r in pre]
     bottom = [0.0] * len(pre)
     for cat in [c for c, _ in CATEGORIES] + ["other"]:
         share = [100 * r["gpu_ms_by_category"].get(cat, 0.0) / r["gpu_ms"] for r in pre]
