@@ -152,21 +152,20 @@ def sweep_configs() -> list[Any]:
 
     base = Config()
     variants = [
-        dict(state_block_p=32),
-        dict(state_block_t=64, state_stages=2),
-        dict(state_block_p=32, state_block_n=64),
-        dict(state_heads=2),
-        dict(state_heads=4),
-        dict(pass_block_p=32, pass_warps=8),
-        dict(scan_block_k=16),
-        dict(scan_block_k=64),
-        dict(scan_block_m=128, scan_warps=8),
-        dict(scan_block_m=32),
+        # the previous design's launch: step sizes inside the chunk-state loop, fp32
+        # contributions, no register cap on the scan
+        dict(state_dt_fused=True, contrib_half=False, scan_maxnreg=0),
+        dict(state_dt_fused=True),
+        dict(contrib_half=False),
+        dict(scan_maxnreg=0),
+        dict(scan_maxnreg=96),
+        dict(scan_maxnreg=168),
         dict(scan_stages=2),
         dict(scan_heads=2),
-        dict(scan_heads=4),
-        dict(scan_heads=4, scan_warps=8),
-        dict(state_heads=2, scan_heads=2),
+        dict(scan_block_k=64),
+        dict(state_maxnreg=128),
+        dict(state_block_t=64),
+        dict(state_warps=8),
     ]
     return [base] + [Config(**{**asdict(base), **v}) for v in variants]
 
@@ -207,6 +206,8 @@ def measure(ntok: int, nseq: int, sweep: bool) -> dict[str, Any]:
         for c in sweep_configs():
             try:
                 row["sweep"][config_key(c)] = time_us(lambda c=c: scan(**call, config=c))
+                print(f"sweep {ntok}x{nseq} {config_key(c)}: {row['sweep'][config_key(c)]:.1f} us",
+                      flush=True)
             except Exception as exc:  # a config that does not compile: say so, go on
                 row.setdefault("sweep_errors", {})[config_key(c)] = f"{exc}"[:200]
     return row

@@ -161,14 +161,24 @@ def test_matches_native(name: str) -> None:
     check(build(CASES[name]))
 
 
-def test_loops_over_blocks() -> None:
+SMALL = Config(dt_block_h=2, state_block_p=16, state_block_n=16, state_block_t=16,
+               state_warps=1, pass_block_p=16, cb_block=16, scan_block_m=16,
+               scan_block_k=16, scan_block_p=16, scan_heads=2, scan_warps=1)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, dict(scan_all_rows=True), dict(state_dt_fused=True, state_heads=2)],
+    ids=["row-blocks", "all-rows", "fused-dt"],
+)
+def test_loops_over_blocks(variant: dict) -> None:
     """Chunks of several token blocks, headdim and dstate over several programs, several
-    output blocks per chunk, two heads per program: every loop runs more than once."""
+    output blocks per chunk (one program each, or one program walking them), two heads
+    per scan program, heads over several step-size (or fused chunk-state) programs: every
+    loop runs more than once."""
     from mamba_ir.impls.triton.mamba_chunk_scan import mamba_chunk_scan as scan
 
-    small = Config(state_block_p=16, state_block_n=16, state_block_t=16, state_heads=2,
-                   state_warps=1, pass_block_p=16, cb_block=16, scan_block_m=16,
-                   scan_block_k=16, scan_block_p=16, scan_heads=2, scan_warps=1)
+    small = replace(SMALL, **variant)
     call = build(Case(chunk=32, block=32, lengths=(40, 9, 1), done=(20, 0, 31), dim=20,
                       dstate=32, nheads=4, ngroups=2, redirect=True))
     call["out"] = torch.empty_like(call["x"])
@@ -178,6 +188,23 @@ def test_loops_over_blocks() -> None:
     scan(**got, config=small)
     torch.testing.assert_close(got["out"], ref["out"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got["state"], ref["state"], atol=1e-4, rtol=1e-4)
+
+
+def test_half_contributions_fp16() -> None:
+    """Chunk contributions stored in fp16 (the carried state stays fp32): within fp16
+    rounding of the native result, on a case of several chunks per sequence."""
+    from mamba_ir.impls.triton.mamba_chunk_scan import mamba_chunk_scan as scan
+
+    call = build(Case(in_dtype=torch.float16, chunk=4, lengths=(13, 6), done=(1, 0),
+                      block=4, redirect=True))
+    call["out"] = torch.empty_like(call["x"])
+    ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+                for _ in range(2))
+    OP.native(**ref)
+    scan(**got, config=replace(SMALL, contrib_half=True, scan_all_rows=True))
+    for a, b in ((got["out"], ref["out"]), (got["state"], ref["state"])):
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= 1e-2 * b.float().abs().max().item(), err
 
 
 def test_empty_calls_write_nothing() -> None:
@@ -235,6 +262,27 @@ def test_full_size_gpu(case: Case) -> None:
     """At Mamba2 size the chunked products round their operands to the 16-bit input dtype
     (as every chunked scan does), so results are compared against the scale of the native
     result rather than element by element; unwritten rows must still be bit-identical."""
+    _full_size(case)
+
+
+# launch variants the benchmark sweeps (benchmarks/chunk_scan.py), checked at full size
+VARIANTS = {
+    "fp32-contributions": dict(contrib_half=False),
+    "fused-dt": dict(state_dt_fused=True),
+    "all-rows": dict(scan_all_rows=True),
+    "no-register-cap": dict(scan_maxnreg=0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_full_size_gpu(variant: str) -> None:
+    case = Case(**FULL, lengths=(700, 1, 0, 300, 1100), done=(100, 0, 0, 256, 37),
+                block=512, redirect=True, pads=True, sliced=True)
+    _full_size(case, replace(Config(), **VARIANTS[variant]))
+
+
+def _full_size(case: Case, config: Config | None = None) -> None:
     call = build(replace(case, seed=1), device="cuda")
     call["out"] = torch.full_like(call["x"], float("nan"))
     assert OP.impls["triton"].refusal(call) is None
@@ -242,7 +290,7 @@ def test_full_size_gpu(case: Case) -> None:
     ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
                 for _ in range(2))
     OP.native(**ref)
-    OP.impls["triton"].fn(**got)
+    OP.impls["triton"].fn(**got, config=config)
     written = sorted(STATE_ROWS["mamba_chunk_scan"][1](call)[1])
     keep = sorted(set(range(call["state"].shape[0])) - set(written))
     assert torch.equal(got["state"][keep], call["state"][keep]), "rows not written changed"
@@ -275,11 +323,17 @@ def _float64_final_state(call: dict) -> torch.Tensor:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
-def test_state_carried_in_fp32_gpu(in_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("in_dtype", "variant"),
+    [(torch.float32, {}), (torch.float32, dict(state_dt_fused=True)),
+     (torch.bfloat16, {}), (torch.bfloat16, dict(contrib_half=False))],
+    ids=["fp32", "fp32-fused-dt", "bf16", "bf16-fp32-contributions"],
+)
+def test_state_carried_in_fp32_gpu(in_dtype: torch.dtype, variant: dict) -> None:
     """16 chunks of one sequence into an fp32 state: with fp32 inputs the result is as
     close to float64 as the fp32 native op (no rounding between chunks); with bf16 inputs
-    the error stays at the bf16 rounding of one chunk's products."""
+    the error stays at the bf16 rounding of one chunk's products, also when each chunk's
+    contribution is stored in bf16 before it joins the fp32 carry."""
     case = Case(lengths=(4096,), done=None, chunk=256, nheads=8, ngroups=2, dim=64,
                 dstate=128, in_dtype=in_dtype, d_shape=None, z=False)
     call = build(case, device="cuda")
@@ -289,7 +343,7 @@ def test_state_carried_in_fp32_gpu(in_dtype: torch.dtype) -> None:
     exact = _float64_final_state(call)
     scale = exact.abs().max()
     got, ref = dict(call), {**call, "state": call["state"].clone(), "out": call["out"].clone()}
-    OP.impls["triton"].fn(**got)
+    OP.impls["triton"].fn(**got, config=replace(Config(), **variant))
     OP.native(**ref)
     err = (got["state"][1].double() - exact).abs().max() / scale
     native_err = (ref["state"][1].double() - exact).abs().max() / scale

@@ -3,15 +3,19 @@
 Chunks belong to one sequence and start at every request position that is a multiple of
 the chunk size (position = tokens already computed + index in the call), so a sequence's
 first and last chunks may be short and every align-mode block boundary is a chunk end.
-Five launches, none of which waits on the host; grids are sized by an upper bound of the
+Six launches, none of which waits on the host; grids are sized by an upper bound of the
 chunk count read from shapes alone and surplus programs exit at once, so the call stays
 CUDA-graph capturable:
 
 1. ``chunk_plan_kernel`` (one program): the first global chunk of every sequence (a prefix
    sum of chunk counts), then each chunk's sequence, first token and length.
-2. ``chunk_state_kernel`` (chunk x head x state tile, all in parallel): the per-token step
-   sizes and within-chunk decay sums, and the chunk's own contribution to the state,
-   ``x^T (B * weights)`` on tensor cores, in fp32.
+2. ``chunk_dt_kernel`` (chunk x block of heads): the per-token step sizes, their decay
+   sums from the chunk's start and to its end, and each chunk's total decay; then
+   ``chunk_state_kernel`` (chunk x head x state tile, all in parallel): the chunk's own
+   contribution to the state, ``x^T (B * weights)``, a chain of tensor-core products into
+   one fp32 accumulator, stored in fp32 or (``Config.contrib_half``) in the 16-bit input
+   dtype. ``chunk_state_fused_kernel`` does both in one launch (``Config.state_dt_fused``,
+   slower: docs/bench-chunk-scan.md).
 3. ``state_pass_kernel`` (sequence x head x state tile): reads the source row once, walks
    the sequence's chunks in order carrying the state in fp32 registers (``h = h *
    decay(chunk) + contribution(chunk)``), stores the state entering each chunk (in the
@@ -20,9 +24,9 @@ CUDA-graph capturable:
    before its first store, so src == dst is safe.
 4. ``chunk_cb_kernel`` (chunk x group x causal block): ``C B^T`` once per group, shared by
    the group's heads.
-5. ``chunk_scan_kernel`` (chunk x block of its tokens x head x headdim block): ``y =
-   exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``, gated by
-   ``silu(z)``.
+5. ``chunk_scan_kernel`` (chunk x block of its tokens, or all of them, x head x headdim
+   block): ``y = exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``,
+   gated by ``silu(z)``.
 
 Offsets that can pass 2**31 (tokens x strides, rows x row stride, chunks x state size) are
 int64; matmul operands are the inputs' 16-bit dtype with fp32 accumulation, or fp32 with
@@ -84,6 +88,98 @@ if triton is not None:
             tl.store(table_ptr + 2 * bound + c, (last - first).to(tl.int32), mask=live)
 
     @triton.jit
+    def chunk_dt_kernel(
+        dt_ptr, A_ptr, bias_ptr, offs_ptr, table_ptr, decay_ptr, cum_ptr, dts_ptr, rest_ptr,
+        nseq, nheads, bound, dt_lo, dt_hi,
+        s_dt_tok, s_dt_head, s_A, s_bias,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """Step sizes, their within-chunk decay sums (from the chunk's start, and from
+        each token to the chunk's end) and the chunk's total decay, for ``BLOCK_H`` heads
+        of one chunk (the tokens' dt of neighbouring heads are adjacent)."""
+        c = tl.program_id(0).to(tl.int64)
+        if c >= tl.load(offs_ptr + nseq):
+            return
+        bos = tl.load(table_ptr + bound + c).to(tl.int64)
+        length = tl.load(table_ptr + 2 * bound + c)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        pos = tl.arange(0, BLOCK_L)
+        live_h = heads < nheads
+        live = (pos < length)[:, None] & live_h[None, :]
+        d = tl.load(dt_ptr + (bos + pos)[:, None] * s_dt_tok + heads[None, :] * s_dt_head,
+                    mask=live, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            d = d + tl.load(bias_ptr + heads * s_bias, mask=live_h, other=0.0)[None, :]
+        if SOFTPLUS:
+            # torch's softplus: linear above 20, where exp would lose the log1p term anyway
+            d = tl.where(d <= 20.0, tl.log(1.0 + tl.exp(d)), d)
+        if HAS_LIMIT:
+            d = tl.minimum(tl.maximum(d, dt_lo), dt_hi)
+        d = tl.where(live, d, 0.0)
+        a = tl.load(A_ptr + heads * s_A, mask=live_h, other=0.0).to(tl.float32)
+        da = d * a[None, :]
+        # the decay after each token is summed from the chunk's end rather than taken as
+        # total - cum: that difference of two sums of the whole chunk loses ~1e-5 of the
+        # weights in fp32 (the GPU test of the fp32 carry against float64 sees it)
+        rest = tl.cumsum(da, 0, reverse=True) - da
+        at = (c * nheads + heads)[None, :] * BLOCK_L + pos[:, None]
+        tl.store(cum_ptr + at, tl.cumsum(da, 0), mask=live)
+        tl.store(dts_ptr + at, d, mask=live)
+        tl.store(rest_ptr + at, rest, mask=live)
+        tl.store(decay_ptr + c * nheads + heads, tl.sum(da, 0), mask=live_h)
+
+    @triton.jit
+    def chunk_state_kernel(
+        x_ptr, B_ptr, offs_ptr, table_ptr, contrib_ptr, rest_ptr, dts_ptr,
+        nseq, nheads, dim, dstate, heads_per_group, bound,
+        s_x_tok, s_x_head, s_x_dim,
+        s_B_tok, s_B_group, s_B_n,
+        PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
+        BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr,
+    ):
+        """One chunk's own contribution to the state of one head, ``x^T (B * weights)``,
+        each token weighted by its step size and its decay to the chunk's end: a chain of
+        tensor-core products into one fp32 accumulator."""
+        c = tl.program_id(0).to(tl.int64)
+        if c >= tl.load(offs_ptr + nseq):
+            return
+        head = tl.program_id(1).to(tl.int64)
+        nblocks = WIDTH_N // BLOCK_N
+        pblk = tl.program_id(2) // nblocks
+        nblk = tl.program_id(2) % nblocks
+        group = head // heads_per_group
+        bos = tl.load(table_ptr + bound + c).to(tl.int64)
+        length = tl.load(table_ptr + 2 * bound + c)
+        slot = c * nheads + head
+
+        offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_t = tl.arange(0, BLOCK_T)
+        mask_p = offs_p < dim
+        mask_n = offs_n < dstate
+        h = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        for t0 in range(0, length, BLOCK_T):
+            pos = t0 + offs_t
+            live = pos < length
+            tok = bos + pos
+            rest = tl.load(rest_ptr + slot * BLOCK_L + pos, mask=live, other=0.0)
+            d = tl.load(dts_ptr + slot * BLOCK_L + pos, mask=live, other=0.0)
+            weight = tl.exp(rest) * d
+            xt = tl.load(x_ptr + tok[:, None] * s_x_tok + head * s_x_head
+                         + offs_p[None, :] * s_x_dim,
+                         mask=live[:, None] & mask_p[None, :], other=0.0)
+            bt = tl.load(B_ptr + tok[:, None] * s_B_tok + group * s_B_group
+                         + offs_n[None, :] * s_B_n,
+                         mask=live[:, None] & mask_n[None, :], other=0.0)
+            bw = (bt.to(tl.float32) * weight[:, None]).to(MM_DTYPE)
+            h = tl.dot(tl.trans(xt.to(MM_DTYPE)), bw, acc=h, input_precision=PREC)
+        tile = offs_p[:, None] * WIDTH_N + offs_n[None, :]
+        tl.store(contrib_ptr + slot * dim * WIDTH_N + tile,
+                 h.to(contrib_ptr.dtype.element_ty), mask=mask_p[:, None])
+
+    @triton.jit
     def _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, bias, lo, hi,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
         """dt of the given tokens after bias, softplus and clamp; 0 where not ``live``."""
@@ -99,7 +195,7 @@ if triton is not None:
         return tl.where(live, d, 0.0)
 
     @triton.jit
-    def chunk_state_kernel(
+    def chunk_state_fused_kernel(
         x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr,
         offs_ptr, table_ptr, contrib_ptr, decay_ptr, cum_ptr, dts_ptr,
         nseq, nheads, dim, dstate, heads_per_group, bound, dt_lo, dt_hi,
@@ -112,8 +208,10 @@ if triton is not None:
         BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr,
     ):
-        """One chunk's contribution for ``HEADS`` heads of one group (their B tiles are
-        the same: the second head onwards reads them from L1)."""
+        """``chunk_dt_kernel`` and ``chunk_state_kernel`` in one launch (``Config.
+        state_dt_fused``): the step sizes are computed in the product loop, which rescales
+        the accumulator by each block of tokens' decay; ``HEADS`` heads of one group per
+        program (their B tiles are the same: the second head onwards reads them from L1)."""
         c = tl.program_id(0).to(tl.int64)
         if c >= tl.load(offs_ptr + nseq):
             return
@@ -164,7 +262,8 @@ if triton is not None:
                 bw = (bt.to(tl.float32) * weight[:, None]).to(MM_DTYPE)
                 h = tl.dot(tl.trans(xt.to(MM_DTYPE)), bw, acc=h * tl.exp(total),
                            input_precision=PREC)
-            tl.store(contrib_ptr + slot * dim * WIDTH_N + tile, h, mask=mask_p[:, None])
+            tl.store(contrib_ptr + slot * dim * WIDTH_N + tile,
+                     h.to(contrib_ptr.dtype.element_ty), mask=mask_p[:, None])
             if owner:
                 tl.store(decay_ptr + slot, carry)
 
@@ -221,7 +320,7 @@ if triton is not None:
                           mask=tl.where(k + 1 < nchunks, mask_p[:, None], False), other=0.0)
             tl.store(hin_ptr + slot * size + scratch, h.to(hin_ptr.dtype.element_ty),
                      mask=mask_p[:, None])
-            h = h * tl.exp(tl.load(decay_ptr + slot)) + contrib
+            h = h * tl.exp(tl.load(decay_ptr + slot)) + contrib.to(tl.float32)
             if HAS_CKPT:
                 end = done + tl.minimum((k + 1) * chunk - lead, length)
                 if end % block_size == 0:
@@ -276,6 +375,59 @@ if triton is not None:
                  + offs_s[None, :], cb.to(cb_ptr.dtype.element_ty))
 
     @triton.jit
+    def _scan_rows(
+        x_ptr, D_ptr, z_ptr, out_ptr, cum_ptr, dts_ptr, cb_rows,
+        cm, hin, bos, length, m0, head, slot, offs_p, mask_p,
+        s_x_tok, s_x_head, s_x_dim,
+        s_z_tok, s_z_head, s_z_dim,
+        s_out_tok, s_out_head, s_out_dim,
+        s_D_head, s_D_dim,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
+        MM_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Outputs of the ``BLOCK_M`` tokens from ``m0`` of one chunk and head, given
+        their C rows ``cm``, the state entering the chunk ``hin`` as (dstate, headdim)
+        and the chunk's C B^T rows from ``m0`` (``cb_rows``, one per output token)."""
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < length
+        mask_mp = mask_m[:, None] & mask_p[None, :]
+        tok_m = bos + offs_m
+        end = tl.minimum(m0 + BLOCK_M, length)
+        cum_m = tl.load(cum_ptr + slot * BLOCK_L + offs_m, mask=mask_m, other=0.0)
+        acc = tl.dot(cm, hin, input_precision=PREC)
+        acc = acc * tl.exp(cum_m)[:, None]
+        for s0 in range(0, end, BLOCK_K):
+            offs_s = s0 + offs_k
+            mask_s = offs_s < length
+            causal = (offs_s[None, :] <= offs_m[:, None]) & mask_s[None, :]
+            cb = tl.load(cb_rows + offs_s[None, :], mask=causal & mask_m[:, None],
+                         other=0.0).to(tl.float32)
+            cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
+            d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
+            decay = tl.exp(tl.minimum(cum_m[:, None] - cum_s[None, :], 0.0))
+            w = tl.where(causal, cb * decay * d_s[None, :], 0.0)
+            xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
+                         + offs_p[None, :] * s_x_dim,
+                         mask=mask_s[:, None] & mask_p[None, :], other=0.0)
+            acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
+        if HAS_D:
+            xm = tl.load(x_ptr + tok_m[:, None] * s_x_tok + head * s_x_head
+                         + offs_p[None, :] * s_x_dim, mask=mask_mp, other=0.0)
+            dskip = tl.load(D_ptr + head * s_D_head + offs_p * s_D_dim, mask=mask_p,
+                            other=0.0)
+            acc += xm.to(tl.float32) * dskip.to(tl.float32)[None, :]
+        if HAS_Z:
+            zm = tl.load(z_ptr + tok_m[:, None] * s_z_tok + head * s_z_head
+                         + offs_p[None, :] * s_z_dim, mask=mask_mp, other=0.0)
+            zm = zm.to(tl.float32)
+            acc = acc * zm * tl.sigmoid(zm)
+        tl.store(out_ptr + tok_m[:, None] * s_out_tok + head * s_out_head
+                 + offs_p[None, :] * s_out_dim, acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_mp)
+
+    @triton.jit
     def chunk_scan_kernel(
         x_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
         offs_ptr, table_ptr, hin_ptr, cum_ptr, dts_ptr, cb_ptr,
@@ -286,17 +438,19 @@ if triton is not None:
         s_out_tok, s_out_head, s_out_dim,
         s_D_head, s_D_dim,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
-        MM_DTYPE: tl.constexpr, HEADS: tl.constexpr,
+        MM_DTYPE: tl.constexpr, HEADS: tl.constexpr, ALL_ROWS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """Outputs of ``BLOCK_M`` tokens of one chunk for ``HEADS`` heads of one group: the
-        C tile is loaded once, the C B^T blocks come from L1 after the first head."""
+        """Outputs of ``HEADS`` heads of one group for ``BLOCK_M`` tokens of one chunk
+        (the C tile is loaded once, the C B^T blocks come from L1 after the first head),
+        or with ``ALL_ROWS`` for every token of the chunk (the state entering the chunk
+        is loaded once per head rather than once per block of tokens)."""
         # head blocks vary fastest so one group's heads (one C B^T block) run side by side
         pid = tl.program_id(0)
         pblocks = tl.cdiv(dim, BLOCK_P)
         hblocks = nheads // HEADS
-        mblocks = BLOCK_L // BLOCK_M
+        mblocks = 1 if ALL_ROWS else BLOCK_L // BLOCK_M
         pblk = pid % pblocks
         hblk = (pid // pblocks) % hblocks
         mblk = (pid // pblocks // hblocks) % mblocks
@@ -312,55 +466,48 @@ if triton is not None:
         group = first_head // heads_per_group
         ngroups = nheads // heads_per_group
 
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
         offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_n = tl.arange(0, BLOCK_N)
-        mask_m = offs_m < length
         mask_p = offs_p < dim
         mask_n = offs_n < dstate
-        mask_mp = mask_m[:, None] & mask_p[None, :]
-        tok_m = bos + offs_m
-        cm = tl.load(C_ptr + tok_m[:, None] * s_C_tok + group * s_C_group
-                     + offs_n[None, :] * s_C_n,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(MM_DTYPE)
-        cb_rows = cb_ptr + ((c * ngroups + group) * BLOCK_L + offs_m[:, None]) * BLOCK_L
-        end = tl.minimum(m0 + BLOCK_M, length)
-
-        for i in range(HEADS):
-            head = first_head + i
-            slot = c * nheads + head
-            cum_m = tl.load(cum_ptr + slot * BLOCK_L + offs_m, mask=mask_m, other=0.0)
-            # the state entering the chunk, as (dstate, headdim)
-            hin = tl.load(hin_ptr + slot * dim * BLOCK_N + offs_p[None, :] * BLOCK_N
-                          + offs_n[:, None], mask=mask_p[None, :], other=0.0)
-            acc = tl.dot(cm, hin.to(MM_DTYPE), input_precision=PREC)
-            acc = acc * tl.exp(cum_m)[:, None]
-            for s0 in range(0, end, BLOCK_K):
-                offs_s = s0 + offs_k
-                mask_s = offs_s < length
-                causal = (offs_s[None, :] <= offs_m[:, None]) & mask_s[None, :]
-                cb = tl.load(cb_rows + offs_s[None, :], mask=causal & mask_m[:, None],
-                             other=0.0).to(tl.float32)
-                cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
-                d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
-                decay = tl.exp(tl.minimum(cum_m[:, None] - cum_s[None, :], 0.0))
-                w = tl.where(causal, cb * decay * d_s[None, :], 0.0)
-                xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
-                             + offs_p[None, :] * s_x_dim,
-                             mask=mask_s[:, None] & mask_p[None, :], other=0.0)
-                acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
-            if HAS_D:
-                xm = tl.load(x_ptr + tok_m[:, None] * s_x_tok + head * s_x_head
-                             + offs_p[None, :] * s_x_dim, mask=mask_mp, other=0.0)
-                dskip = tl.load(D_ptr + head * s_D_head + offs_p * s_D_dim, mask=mask_p,
-                                other=0.0)
-                acc += xm.to(tl.float32) * dskip.to(tl.float32)[None, :]
-            if HAS_Z:
-                zm = tl.load(z_ptr + tok_m[:, None] * s_z_tok + head * s_z_head
-                             + offs_p[None, :] * s_z_dim, mask=mask_mp, other=0.0)
-                zm = zm.to(tl.float32)
-                acc = acc * zm * tl.sigmoid(zm)
-            tl.store(out_ptr + tok_m[:, None] * s_out_tok + head * s_out_head
-                     + offs_p[None, :] * s_out_dim, acc.to(out_ptr.dtype.element_ty),
-                     mask=mask_mp)
+        c_tile = C_ptr + group * s_C_group + offs_n[None, :] * s_C_n
+        cb_base = cb_ptr + (c * ngroups + group) * BLOCK_L * BLOCK_L
+        # the state entering the chunk, as (dstate, headdim)
+        hin_tile = offs_p[None, :] * BLOCK_N + offs_n[:, None]
+        if ALL_ROWS:
+            for i in range(HEADS):
+                head = first_head + i
+                slot = c * nheads + head
+                hin = tl.load(hin_ptr + slot * dim * BLOCK_N + hin_tile,
+                              mask=mask_p[None, :], other=0.0).to(MM_DTYPE)
+                for r0 in range(0, length, BLOCK_M):
+                    offs_m = r0 + tl.arange(0, BLOCK_M)
+                    cm = tl.load(c_tile + (bos + offs_m)[:, None] * s_C_tok,
+                                 mask=(offs_m < length)[:, None] & mask_n[None, :],
+                                 other=0.0).to(MM_DTYPE)
+                    _scan_rows(
+                        x_ptr, D_ptr, z_ptr, out_ptr, cum_ptr, dts_ptr,
+                        cb_base + offs_m[:, None] * BLOCK_L,
+                        cm, hin, bos, length, r0, head, slot, offs_p, mask_p,
+                        s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
+                        s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
+                        HAS_D, HAS_Z, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K,
+                    )
+        else:
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            cm = tl.load(c_tile + (bos + offs_m)[:, None] * s_C_tok,
+                         mask=(offs_m < length)[:, None] & mask_n[None, :],
+                         other=0.0).to(MM_DTYPE)
+            for i in range(HEADS):
+                head = first_head + i
+                slot = c * nheads + head
+                hin = tl.load(hin_ptr + slot * dim * BLOCK_N + hin_tile,
+                              mask=mask_p[None, :], other=0.0).to(MM_DTYPE)
+                _scan_rows(
+                    x_ptr, D_ptr, z_ptr, out_ptr, cum_ptr, dts_ptr,
+                    cb_base + offs_m[:, None] * BLOCK_L,
+                    cm, hin, bos, length, m0, head, slot, offs_p, mask_p,
+                    s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
+                    s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
+                    HAS_D, HAS_Z, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K,
+                )

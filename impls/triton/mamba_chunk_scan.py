@@ -22,8 +22,10 @@ from ._common import runnable, tl, triton
 if triton is not None:
     from ._ssd_kernels import (
         chunk_cb_kernel,
+        chunk_dt_kernel,
         chunk_plan_kernel,
         chunk_scan_kernel,
+        chunk_state_fused_kernel,
         chunk_state_kernel,
         state_pass_kernel,
     )
@@ -38,14 +40,20 @@ _HALF = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class Config:
-    """Launch parameters of the kernels (see ``default_config``)."""
+    """Launch parameters of the kernels (see ``default_config``). The defaults and each
+    alternative's cost are measured in docs/bench-chunk-scan.md (H100, 2026-11-23)."""
 
+    dt_block_h: int = 16  # heads per step-size program
+    state_dt_fused: bool = False  # step sizes computed inside the chunk-state loop
+    state_heads: int = 1  # heads of one group per fused chunk-state program
     state_block_p: int = 64  # headdim rows per chunk-state program
     state_block_n: int = 256  # dstate columns per chunk-state program
     state_block_t: int = 32  # tokens per tensor-core step of the chunk-state program
-    state_heads: int = 1  # heads of one group per chunk-state program
     state_warps: int = 4
     state_stages: int = 3
+    state_maxnreg: int = 0  # registers per thread cap (0: the compiler's choice)
+    # chunk contributions stored in the 16-bit input dtype: -50 us at 8k tokens
+    contrib_half: bool = True
     pass_block_p: int = 16  # headdim rows per state-passing program (all of dstate)
     pass_warps: int = 4
     cb_block: int = 64  # C B^T block (square)
@@ -56,6 +64,8 @@ class Config:
     scan_heads: int = 1  # heads of one group per scan program
     scan_warps: int = 4
     scan_stages: int = 1
+    scan_maxnreg: int = 128  # more scan programs per SM: -104 us at 8k tokens (96, 168 slower)
+    scan_all_rows: bool = False  # one program walks every token block of its chunk
 
 
 def default_config(dim: int, dstate: int, chunk: int) -> Config:
@@ -157,9 +167,13 @@ def mamba_chunk_scan(
     # chunk offsets per sequence, then (sequence, first token, length) per chunk
     ints = torch.empty(nseq + 1 + 3 * bound, dtype=torch.int32, device=dev)
     offs, table = ints[: nseq + 1], ints[nseq + 1 :]
-    contrib = torch.empty(bound, nheads, dim, block_n, dtype=f32, device=dev)
+    # the carried state is fp32 in registers; a chunk's own contribution may be rounded
+    # once to the inputs' 16-bit dtype (it never carries another chunk's rounding)
+    contrib = torch.empty(bound, nheads, dim, block_n, dtype=mm if cfg.contrib_half else f32,
+                          device=dev)
     hin = torch.empty(bound, nheads, dim, block_n, dtype=mm, device=dev)
-    sums = torch.empty(2, bound, nheads, block_l, dtype=f32, device=dev)  # decay sums, dt
+    # per token: decay sum from the chunk's start, dt, decay sum to the chunk's end
+    sums = torch.empty(3, bound, nheads, block_l, dtype=f32, device=dev)
     decay = torch.empty(bound, nheads, dtype=f32, device=dev)
     cb = torch.empty(bound, ngroups, block_l, block_l, dtype=mm, device=dev)
     lo, hi = (float(v) for v in dt_limit) if dt_limit is not None else (0.0, 0.0)
@@ -176,27 +190,34 @@ def mamba_chunk_scan(
     block_p = min(cfg.state_block_p, _pow2(dim))
     block_sn = min(cfg.state_block_n, block_n)
     tiles = triton.cdiv(dim, block_p) * (block_n // block_sn)
-    heads = math.gcd(cfg.state_heads, nheads // ngroups)
-    chunk_state_kernel[(bound, nheads // heads, tiles)](
-        x, dt, A, B, dt_bias if dt_bias is not None else A,
-        offs, table, contrib, decay, sums[0], sums[1],
-        nseq, nheads, dim, dstate, nheads // ngroups, bound, lo, hi,
-        *x.stride(), *dt.stride(), *B.stride(), A.stride(0),
-        dt_bias.stride(0) if dt_bias is not None else 0,
-        HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=bool(dt_softplus),
-        HAS_LIMIT=dt_limit is not None,
-        PREC=prec,
-        MM_DTYPE=mm_tl,
-        HEADS=heads,
-        BLOCK_L=block_l,
-        BLOCK_T=min(cfg.state_block_t, block_l),
-        BLOCK_P=block_p,
-        BLOCK_N=block_sn,
-        WIDTH_N=block_n,
-        num_warps=cfg.state_warps,
-        num_stages=cfg.state_stages,
-    )
+    flags = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+                 HAS_LIMIT=dt_limit is not None)
+    blocks = dict(BLOCK_L=block_l, BLOCK_T=min(cfg.state_block_t, block_l), BLOCK_P=block_p,
+                  BLOCK_N=block_sn, WIDTH_N=block_n, num_warps=cfg.state_warps,
+                  num_stages=cfg.state_stages, maxnreg=cfg.state_maxnreg or None)
+    if cfg.state_dt_fused:
+        heads = math.gcd(cfg.state_heads, nheads // ngroups)
+        chunk_state_fused_kernel[(bound, nheads // heads, tiles)](
+            x, dt, A, B, dt_bias if dt_bias is not None else A,
+            offs, table, contrib, decay, sums[0], sums[1],
+            nseq, nheads, dim, dstate, nheads // ngroups, bound, lo, hi,
+            *x.stride(), *dt.stride(), *B.stride(), A.stride(0),
+            dt_bias.stride(0) if dt_bias is not None else 0,
+            **flags, PREC=prec, MM_DTYPE=mm_tl, HEADS=heads, **blocks,
+        )
+    else:
+        block_h = min(cfg.dt_block_h, triton.next_power_of_2(nheads))
+        chunk_dt_kernel[(bound, triton.cdiv(nheads, block_h))](
+            dt, A, dt_bias if dt_bias is not None else A, offs, table, decay, *sums,
+            nseq, nheads, bound, lo, hi, *dt.stride(), A.stride(0),
+            dt_bias.stride(0) if dt_bias is not None else 0,
+            **flags, BLOCK_L=block_l, BLOCK_H=block_h,
+        )
+        chunk_state_kernel[(bound, nheads, tiles)](
+            x, B, offs, table, contrib, sums[2], sums[1],
+            nseq, nheads, dim, dstate, nheads // ngroups, bound,
+            *x.stride(), *B.stride(), PREC=prec, MM_DTYPE=mm_tl, **blocks,
+        )
     pass_p = min(cfg.pass_block_p, _pow2(dim))
     tiles = triton.cdiv(dim, pass_p)
     state_pass_kernel[(nseq, nheads, tiles)](
@@ -233,7 +254,8 @@ def mamba_chunk_scan(
     block_m = min(cfg.scan_block_m, block_l)
     block_p = min(cfg.scan_block_p, _pow2(dim))
     heads = math.gcd(cfg.scan_heads, nheads // ngroups)
-    grid = (bound * (block_l // block_m) * (nheads // heads) * triton.cdiv(dim, block_p),)
+    mblocks = 1 if cfg.scan_all_rows else block_l // block_m
+    grid = (bound * mblocks * (nheads // heads) * triton.cdiv(dim, block_p),)
     chunk_scan_kernel[grid](
         x, C,
         D if D is not None else A,
@@ -251,6 +273,7 @@ def mamba_chunk_scan(
         PREC=prec,
         MM_DTYPE=mm_tl,
         HEADS=heads,
+        ALL_ROWS=cfg.scan_all_rows,
         BLOCK_L=block_l,
         BLOCK_M=block_m,
         BLOCK_K=min(cfg.scan_block_k, block_l),
@@ -258,6 +281,7 @@ def mamba_chunk_scan(
         BLOCK_N=block_n,
         num_warps=cfg.scan_warps,
         num_stages=cfg.scan_stages,
+        maxnreg=cfg.scan_maxnreg or None,
     )
 
 
