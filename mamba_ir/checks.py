@@ -241,7 +241,7 @@ def assert_row_rules(
     entry = torch.arange(n, device=device)[:, None].expand_as(dst).flatten()
     owner = torch.full((nslots + 1,), -1, dtype=torch.long, device=device)
     owner.scatter_(0, spare, entry)
-    owner[nslots] = -1
+    owner.narrow(0, nslots, 1).fill_(-1)  # a scalar fill, not a host copy: capture-safe
     src = sources.long()
     reads = real_rows(src, nslots, pad)
     by = owner[torch.where(reads, src, nslots)]
