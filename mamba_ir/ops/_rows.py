@@ -108,3 +108,14 @@ def assert_checkpoints(
         torch.cat([rows, ckpt.to(rows.dtype)], dim=1),
         torch.cat([written, cols < used[:, None]], dim=1),
     )
+
+
+def initial(state: torch.Tensor, src: torch.Tensor, pad: int, read: torch.Tensor | None = None):
+    """Each sequence's starting state in float32: its source row, zeros for a pad source (or
+    where ``read`` is False); rows outside the state are never read."""
+    h = torch.zeros((src.shape[0], *state.shape[1:]), dtype=torch.float32, device=state.device)
+    has_src = checks.real_rows(src, state.shape[0], pad)
+    if read is not None:
+        has_src &= read
+    h[has_src] = state[src[has_src]].float()
+    return h

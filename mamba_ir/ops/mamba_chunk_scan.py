@@ -18,8 +18,10 @@ from ._rows import (
     assert_checkpoints,
     check_checkpoints,
     computed,
+    initial,
     store,
 )
+from ._step import step_size
 from ._tokens import token_layout
 
 # A chunked provider multiplies 16-bit operands on tensor cores (the state entering a
@@ -71,18 +73,11 @@ def mamba_chunk_scan(
     A = A.float()[:, None, None]
     D = None if D is None else (D.float() if D.dim() == 2 else D.float()[:, None])
 
-    h = torch.zeros((seq.count, *state.shape[1:]), dtype=torch.float32, device=state.device)
-    has_src = checks.real_rows(src, state.shape[0], pad_slot_id)
-    h[has_src] = state[src[has_src]].float()
+    h = initial(state, src, pad_slot_id)
     for t in range(seq.max_len):
         live, tok = seq.step(t)
-        xt, dtt = seq.gather(x, tok).float(), seq.gather(dt, tok).float()
-        if dt_bias is not None:
-            dtt = dtt + dt_bias.float()
-        if dt_softplus:
-            dtt = F.softplus(dtt)
-        if dt_limit is not None:
-            dtt = dtt.clamp(dt_limit[0], dt_limit[1])
+        xt = seq.gather(x, tok).float()
+        dtt = step_size(seq.gather(dt, tok), dt_bias, dt_softplus, dt_limit)
         dtt = dtt[:, :, None, None]
         Bt = seq.gather(B, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
         Ct = seq.gather(C, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]

@@ -17,8 +17,10 @@ from ._rows import (
     assert_checkpoints,
     check_checkpoints,
     computed,
+    initial,
     store,
 )
+from ._step import step_size
 from ._tokens import token_layout
 
 
@@ -65,22 +67,17 @@ def selective_scan(
     dst = torch.arange(seq.count, device=u.device) if dst is None else dst.long()
     src = dst if src is None else src.long()
     # without has_initial_state no sequence has an initial state
-    read = checks.real_rows(src, ssm_states.shape[0], pad_slot_id)
-    read &= torch.zeros_like(read) if init is None else init.bool()
+    read = torch.zeros_like(src, dtype=torch.bool) if init is None else init.bool()
     ckpts = Checkpoints(ckpt, computed(done, seq.count, u.device), block_size, pad_slot_id)
 
-    h = torch.zeros((seq.count, *ssm_states.shape[1:]), dtype=torch.float32, device=u.device)
-    h[read] = ssm_states[src[read]].float()
+    h = initial(ssm_states, src, pad_slot_id, read)
     A = A.float()
     u_t, delta_t, z_t, out_t = (None if t is None else t.t() for t in (u, delta, z, out))
     B_t, C_t = (t.permute(2, 0, 1) for t in (B, C))  # (tokens, ngroups, dstate)
     for t in range(seq.max_len):
         live, tok = seq.step(t)
-        x, dt = seq.gather(u_t, tok).float(), seq.gather(delta_t, tok).float()
-        if delta_bias is not None:
-            dt = dt + delta_bias.float()
-        if delta_softplus:
-            dt = F.softplus(dt)
+        x = seq.gather(u_t, tok).float()
+        dt = step_size(seq.gather(delta_t, tok), delta_bias, delta_softplus)
         Bt = seq.gather(B_t, tok).float().repeat_interleave(per_group, dim=1)
         Ct = seq.gather(C_t, tok).float().repeat_interleave(per_group, dim=1)
         h_next = h * torch.exp(A * dt[..., None]) + (dt * x)[..., None] * Bt

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from .. import checks
 from ..op import register_op
-from ._rows import store
+from ._rows import initial, store
+from ._step import step_size
 from ._tokens import token_layout
 
 
@@ -43,18 +44,11 @@ def selective_state_update(
     seq = token_layout(x.shape[:-2], cu_seqlens, x.device)
     src, dst = seq.rows(state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
 
-    h = torch.zeros((seq.count, *state.shape[1:]), dtype=torch.float32, device=state.device)
-    has_src = checks.real_rows(src, state.shape[0], pad_slot_id)
-    h[has_src] = state[src[has_src]].float()
+    h = initial(state, src, pad_slot_id)
     for t in range(seq.max_len):
         live, tok = seq.step(t)
-        xt, dtt = seq.gather(x, tok).float(), seq.gather(dt, tok).float()
-        if dt_bias is not None:
-            dtt = dtt + dt_bias.float()
-        if dt_softplus:
-            dtt = F.softplus(dtt)
-        if dt_limit is not None:
-            dtt = dtt.clamp(dt_limit[0], dt_limit[1])
+        xt = seq.gather(x, tok).float()
+        dtt = step_size(seq.gather(dt, tok), dt_bias, dt_softplus, dt_limit)
         Bt = seq.gather(B, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
         Ct = seq.gather(C, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
         dtt = dtt[..., None]
