@@ -16,6 +16,7 @@ ROOT=$PWD
 PY=${PY:-$ROOT/.venv/bin/python}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+export TORCHINDUCTOR_CACHE_DIR=$WORK/inductor  # a first compile, as a new user's is
 
 echo "== wheel"
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$ROOT"
