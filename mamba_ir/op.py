@@ -102,17 +102,24 @@ class IrOp:
         *,
         supports: Predicate | None = None,
         platforms: Iterable[str] = ("cuda",),
+        replace: bool = False,
     ) -> Any:
         """Add ``provider``'s implementation; usable as a decorator.
 
-        ``fn`` takes the op's arguments by name. ``supports(**call)`` returns ``True``, or a
-        string saying why it refuses; it sees fake tensors at compile time, so it may read
-        shapes, strides, dtypes and devices but never values.
+        ``fn`` takes the op's arguments by name (extra parameters need defaults).
+        ``supports(**call)`` returns ``True``, or a string saying why it refuses; it sees
+        fake tensors at compile time, so it may read shapes, strides, dtypes and devices but
+        never values. A provider already registered is replaced only with ``replace=True``.
         """
         if not isinstance(provider, str) or not provider:
             raise ValueError(f"provider: expected a non-empty name, got {provider!r}")
         if provider == NATIVE:
             raise ValueError(f"provider name {NATIVE!r} is reserved for the reference")
+        if provider in self.impls and not replace:
+            raise ValueError(
+                f"provider {provider!r}: expected a name not yet registered for {self.name} "
+                f"(registered: {sorted(self.impls)}); pass replace=True to replace it"
+            )
         for other in self.impls:
             # compiled graphs call providers through ops named after them (passes/provider_ops)
             if other != provider and safe_name(other) == safe_name(provider):
@@ -123,10 +130,50 @@ class IrOp:
                 )
 
         def add(impl_fn: Callable[..., Any]) -> Callable[..., Any]:
+            why = self._signature_mismatch(impl_fn)
+            if why is not None:
+                raise ValueError(f"fn of provider {provider!r}: expected {why}")
             self.impls[provider] = Impl(provider, impl_fn, supports, tuple(platforms))
             return impl_fn
 
         return add if fn is None else add(fn)
+
+    def unregister_impl(self, provider: str) -> Impl:
+        """Remove ``provider``'s implementation and return it (``native`` stays)."""
+        if provider == NATIVE:
+            raise ValueError(f"provider name {NATIVE!r} is the reference and cannot be removed")
+        if provider not in self.impls:
+            raise ValueError(
+                f"provider {provider!r}: expected one registered for {self.name}, "
+                f"got none (registered: {sorted(self.impls)})"
+            )
+        return self.impls.pop(provider)
+
+    def _signature_mismatch(self, fn: Callable[..., Any]) -> str | None:
+        """Why ``fn`` cannot be called with the op's arguments by name, or None."""
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: cannot tell
+            return None
+        kinds = inspect.Parameter
+        by_name = (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+        takes_any = any(p.kind is kinds.VAR_KEYWORD for p in params.values())
+        missing = [
+            n for n in self.signature.parameters
+            if not takes_any and (n not in params or params[n].kind not in by_name)
+        ]
+        extra = [
+            n for n, p in params.items()
+            if n not in self.signature.parameters and p.kind in by_name and p.default is p.empty
+        ]
+        if not missing and not extra:
+            return None
+        parts = [f"missing {missing}"] if missing else []
+        parts += [f"extra parameters without defaults {extra}"] if extra else []
+        return (
+            f"a function taking {self.name}'s arguments by name "
+            f"({', '.join(self.signature.parameters)}); {'; '.join(parts)}"
+        )
 
     def register_check(self, fn: Callable[[dict[str, Any]], None]) -> Callable:
         """Set the argument validation run before every eager or traced call."""

@@ -165,3 +165,49 @@ def test_allocated_output_is_returned():
         out=given,
     )
     assert same is given
+
+
+def test_a_registered_provider_is_replaced_only_on_request(narrow):
+    op = ops.copy_state_blocks
+    first = op.impls["narrow"]
+    with pytest.raises(ValueError, match=r"provider 'narrow': .*not yet registered.*replace=True"):
+        op.register_impl("narrow", op.native, platforms=("cpu",))
+    assert op.impls["narrow"] is first
+    op.register_impl("narrow", op.native, platforms=("cpu",), replace=True)
+    assert op.impls["narrow"].fn is op.native
+
+
+def test_unregister_returns_the_implementation_and_keeps_native():
+    op = ops.copy_state_blocks
+    op.register_impl("gone", op.native, platforms=("cpu",))
+    removed = op.unregister_impl("gone")
+    assert removed.provider == "gone" and "gone" not in op.impls
+    with pytest.raises(ValueError, match="expected one registered"):
+        op.unregister_impl("gone")
+    with pytest.raises(ValueError, match="cannot be removed"):
+        op.unregister_impl("native")
+
+
+def test_implementations_must_take_the_ops_arguments_by_name():
+    op = ops.copy_state_blocks
+
+    def wrong_names(state, source, dst, pad_slot_id):
+        return None
+
+    def needs_more(state, src, dst, pad_slot_id, tile):
+        return None
+
+    def tunable(state, src, dst, pad_slot_id=-1, *, tile=4):
+        return None
+
+    def positional_only(state, src, dst, pad_slot_id, /):
+        return None
+
+    for fn, words in ((wrong_names, r"missing \['src'\]"),
+                      (needs_more, r"extra parameters without defaults \['tile'\]"),
+                      (positional_only, r"missing \['state', 'src', 'dst', 'pad_slot_id'\]")):
+        with pytest.raises(ValueError, match=r"fn of provider 'sig': expected .*" + words):
+            op.register_impl("sig", fn, platforms=("cpu",))
+        assert "sig" not in op.impls
+    op.register_impl("sig", tunable, platforms=("cpu",))  # keyword extras with defaults
+    op.unregister_impl("sig")
