@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .priority import NATIVE, priority_for
+from .priority import NATIVE, PrioritySpec, priority_for
 
 logger = logging.getLogger("mamba_ir")
 
@@ -200,15 +200,16 @@ class IrOp:
         bound.apply_defaults()
         return dict(bound.arguments)
 
-    def priority(self, device_type: str) -> tuple[str, ...]:
-        """Providers tried for a call on ``device_type``, best first."""
+    def priority(self, device_type: str, *, priority: PrioritySpec = None) -> tuple[str, ...]:
+        """Providers tried for a call on ``device_type``, best first; ``priority`` (as
+        :func:`set_priority` takes it) comes before the ``set_priority`` context."""
         default = [p for p, impl in self.impls.items() if device_type in impl.platforms]
-        return priority_for(self.name, default)
+        return priority_for(self.name, default, priority)
 
-    def decide(self, call: dict[str, Any]) -> Decision:
+    def decide(self, call: dict[str, Any], *, priority: PrioritySpec = None) -> Decision:
         """Choose the first provider, in priority order, that accepts ``call``."""
         skipped: list[tuple[str, str]] = []
-        for provider in self.priority(_device_type(call)):
+        for provider in self.priority(_device_type(call), priority=priority):
             impl = self.impls.get(provider)
             if impl is None:
                 skipped.append((provider, "not registered"))

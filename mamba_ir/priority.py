@@ -1,11 +1,13 @@
 """Provider priority: platform defaults, the ``set_priority`` context, ``MAMBA_IR_PRIORITY``.
 
 The order for one call is the first of these that names the op:
-1. the innermost :func:`set_priority` context;
-2. the environment variable ``MAMBA_IR_PRIORITY``
+1. a priority passed explicitly (``IrOp.decide(call, priority=...)``: the compile passes
+   hand over the priority they were set up with this way);
+2. the innermost :func:`set_priority` context (the eager, user-facing way);
+3. the environment variable ``MAMBA_IR_PRIORITY``
    (``"selective_state_update=flashinfer,triton;causal_conv1d_update=triton"``, or a bare
    ``"triton,flashinfer"`` for every op);
-3. the platform default: the providers registered for the call's device type, in
+4. the platform default: the providers registered for the call's device type, in
    registration order.
 
 ``native`` is always appended last and never needs naming. A spec is checked where it
@@ -115,9 +117,17 @@ def _lookup(table: PriorityMap, op: str) -> tuple[str, ...] | None:
     return table.get(ALL_OPS)
 
 
-def priority_for(op: str, default: Sequence[str]) -> tuple[str, ...]:
-    """Providers to try for ``op``, best first, ending with ``native``."""
-    for table in reversed(_override.get()):
+def priority_for(
+    op: str, default: Sequence[str], given: PrioritySpec = None
+) -> tuple[str, ...]:
+    """Providers to try for ``op``, best first, ending with ``native``.
+
+    ``given`` (a spec as :func:`set_priority` takes it) comes before every context: a
+    caller that holds its priority (the compile passes) hands it over instead of entering
+    a context. Ops it does not name fall through to the contexts, the environment and
+    the default."""
+    explicit = () if given is None else (parse_priority(given),)
+    for table in (*explicit, *reversed(_override.get())):
         found = _lookup(table, op)
         if found is not None:
             return (*found, NATIVE)

@@ -28,6 +28,9 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from mamba_ir.op import Decision
+from mamba_ir.priority import PrioritySpec
+
 from .callsite import CallSite, fake_mode_of, fake_value
 
 aten = torch.ops.aten
@@ -102,19 +105,25 @@ REDIRECTS["selective_scan"] = Redirect(
 
 @dataclass
 class Fusion:
-    """What the fusion pass decided about one copy: fused into ``op``, or kept and why."""
+    """What the fusion pass decided about one copy: fused into ``op``, or kept and why.
+
+    ``decision`` is the provider chosen for ``op`` where the pass asked (a fused ``op``'s
+    provider is the one its redirected call was validated against): lowering takes it
+    as it is, so a site is decided once."""
 
     copy: CallSite
     op: CallSite | None
     fused: bool
     reason: str
     residual: bool = False
+    decision: Decision | None = None
 
 
 def fuse_align_copies(
-    graph: fx.Graph, sites: list[CallSite], decide: Callable[[CallSite], Any]
+    graph: fx.Graph, sites: list[CallSite], *, priority: PrioritySpec = None
 ) -> list[Fusion]:
-    """Fold every foldable copy; ``decide(site)`` gives the provider chosen for a site."""
+    """Fold every foldable copy; ``priority`` orders the providers of the ops (as
+    :meth:`IrOp.decide` takes it)."""
     by_node = {site.node: site for site in sites}
     outcomes = []
     for copy in [s for s in sites if s.op.name == COPY]:
@@ -128,20 +137,21 @@ def fuse_align_copies(
         if why is not None:
             outcomes.append(Fusion(copy, op, False, f"kept: {why}"))
             continue
-        provider = decide(op)
+        decision = op.op.decide(call, priority=priority)  # for the unfused call, as lowered
+        provider = decision.provider
         fused_call = {**call, spec.read: _read_fake(copy),
                       spec.write: fake_value(copy.arg("dst"))}
         refusal = op.op.impls[provider].refusal(fused_call)
         if refusal is not None:
             why = f"kept: {provider} refuses redirect: {refusal}"
-            outcomes.append(Fusion(copy, op, False, why))
+            outcomes.append(Fusion(copy, op, False, why, decision=decision))
             continue
         residual = call[spec.bounds] is not None
         _rewrite(graph, copy, op, spec, residual)
         text = "fused: reads the copy's source rows"
         if residual:
             text += "; copy kept for empty sequences only"
-        outcomes.append(Fusion(copy, op, True, text, residual))
+        outcomes.append(Fusion(copy, op, True, text, residual, decision))
     return outcomes
 
 

@@ -9,11 +9,10 @@ exactly when the passes would lower it the same way.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from mamba_ir.op import REGISTRY
-from mamba_ir.priority import PrioritySpec, checked_priority, set_priority
+from mamba_ir.priority import PrioritySpec, checked_priority
 
 from . import lowering
 from .provider_ops import define_all
@@ -33,10 +32,11 @@ _SOURCES = tuple(sorted(Path(__file__).parent.glob("*.py")))
 class LoweringPass(CustomGraphPass):
     """Align fusion + lowering for one compile setup.
 
-    ``priority`` (as :func:`mamba_ir.set_priority` takes it) applies while the pass runs;
-    ``on_graph`` receives each graph's site reports. ``then`` is a pass that was installed
-    before (run first, its uuid folded into ours). ``validate`` lowers every call site to
-    the checked provider op (device-side index checks before the provider).
+    ``priority`` (as :func:`mamba_ir.set_priority` takes it) is handed to every decision
+    and comes before the priority in effect when a graph compiles; ``on_graph`` receives
+    each graph's site reports. ``then`` is a pass that was installed before (run first,
+    its uuid folded into ours). ``validate`` lowers every call site to the checked
+    provider op (device-side index checks before the provider).
     """
 
     def __init__(
@@ -47,8 +47,8 @@ class LoweringPass(CustomGraphPass):
         *,
         validate: bool = False,
     ) -> None:
-        checked_priority(priority, "priority")  # a misspelt name fails here, not silently later
-        self.priority = priority
+        # a misspelt name fails here, not silently later
+        self.priority = None if priority is None else checked_priority(priority, "priority")
         self.validate = bool(validate)
         self.on_graph = on_graph
         self.then = tuple(then) if isinstance(then, (list, tuple)) else (then,) if then else ()
@@ -58,19 +58,10 @@ class LoweringPass(CustomGraphPass):
         for earlier in self.then:
             earlier(graph)
         start = time.perf_counter()
-        with self.priority_scope():
-            reports = lowering.run(graph, validate=self.validate)
+        reports = lowering.run(graph, priority=self.priority, validate=self.validate)
         self.seconds += time.perf_counter() - start
         if self.on_graph is not None:
             self.on_graph(reports)
-
-    @contextlib.contextmanager
-    def priority_scope(self) -> Iterator[None]:
-        if self.priority is None:
-            yield
-        else:
-            with set_priority(self.priority):
-                yield
 
     def uuid(self) -> str | None:
         # The cache key is taken right before the cache lookup: a hit loads code naming
@@ -81,8 +72,7 @@ class LoweringPass(CustomGraphPass):
         for path in _SOURCES:
             digest.update(path.read_bytes())
         digest.update(f"validate={self.validate}".encode())
-        with self.priority_scope():
-            digest.update(registry_fingerprint().encode())
+        digest.update(registry_fingerprint(self.priority).encode())
         for earlier in self.then:
             if not hasattr(earlier, "uuid"):
                 return None  # a plain function cannot be keyed: Inductor skips its cache
@@ -91,9 +81,10 @@ class LoweringPass(CustomGraphPass):
         return digest.hexdigest()
 
 
-def registry_fingerprint() -> str:
+def registry_fingerprint(priority: PrioritySpec = None) -> str:
     """Everything the lowering of a graph depends on besides the graph: each op's
-    implementations (with their source) and its priority for every known device."""
+    implementations (with their source) and its priority for every known device, under
+    ``priority`` (the pass's own) and the priority in effect."""
     devices = sorted({"cpu", "cuda"} | {p for op in REGISTRY.values() for i in op.impls.values()
                                          for p in i.platforms})
     parts = []
@@ -102,7 +93,8 @@ def registry_fingerprint() -> str:
         for provider, impl in sorted(op.impls.items()):
             parts.append(f"{name}:{provider}:{_identity(impl.fn)}:{_identity(impl.supports)}")
         for device in devices:
-            parts.append(f"{name}@{device}={','.join(op.priority(device))}")
+            order = op.priority(device, priority=priority)
+            parts.append(f"{name}@{device}={','.join(order)}")
     return "\n".join(parts)
 
 
