@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: timing, the copy-rate roof, progress, JSON and plots.
+"""Shared benchmark plumbing: timing, the copy-rate roof, GPU time by kernel, progress,
+JSON and plots.
 
 Every benchmark measures a plain device-to-device copy of the same number of bytes in the
 same run, so achieved bandwidth is always reported against a roof measured on that GPU.
@@ -75,6 +76,42 @@ def roof_rate(nbytes: int, *, device: str = "cuda") -> dict[str, float]:
     return {"memcpy": memcpy, "kernel": kernel, "roof": max(memcpy, kernel)}
 
 
+def kernel_times(fn: Callable[[], Any], reps: int = 1) -> dict[str, float]:
+    """GPU time of one ``fn()`` per kernel name (us, mean over ``reps`` calls), from the
+    profiler: where a step's time goes, beside the wall time :func:`time_us` gives."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type == DeviceType.CUDA and evt.self_device_time_total > 0:
+            kernels[evt.key] = kernels.get(evt.key, 0.0) + evt.self_device_time_total / reps
+    return kernels
+
+
+Categories = Sequence[tuple[str, Sequence[str]]]
+
+
+def by_category(kernels: dict[str, float], categories: Categories) -> dict[str, float]:
+    """Kernel times summed per category: the first whose name fragments occur in the
+    kernel's name (lower case), else ``other``; every category present, zeros included."""
+    out = {name: 0.0 for name, _ in categories} | {"other": 0.0}
+    for kernel, t in kernels.items():
+        low = kernel.lower()
+        out[next((c for c, keys in categories if any(k in low for k in keys)), "other")] += t
+    return out
+
+
+def top(kernels: dict[str, float], n: int) -> dict[str, float]:
+    """The ``n`` kernels that take the most time, slowest first."""
+    return dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:n])
+
+
 def environment() -> dict[str, Any]:
     """Where and when a result was measured."""
     info: dict[str, Any] = {
@@ -131,12 +168,7 @@ def plot_series(
     logx: bool = True,
 ) -> Path:
     """Line plot of several series against ``x``, with the measured roof dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
     for label, ys in series.items():
         ax.plot(x, ys, marker="o", label=label)
     if roof is not None:
@@ -148,7 +180,31 @@ def plot_series(
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
+    return save_figure(fig, path)
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` drawing into files only (no display needed); ImportError
+    without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` and free it."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
+
+
+def plot_or_hint(plot: Callable[[Path], Path], path: Path) -> None:
+    """Draw the plot of the results in ``path``, or say how to draw it later."""
+    try:
+        print(f"wrote {plot(path)}")
+    except ImportError:
+        print("matplotlib missing: plot later with --plot-only (pip install 'mamba-ir[plot]')")

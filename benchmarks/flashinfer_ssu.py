@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import DOCS, copy_rate, time_us, write_json
-from benchmarks.ssu import _fi_args, _flashinfer, decode_call, state_bytes
+from benchmarks.ssu import decode_call, raw_flashinfer, raw_flashinfer_args, state_bytes
 from mamba_ir import get_op
 from mamba_ir.impls.flashinfer import selective_state_update as provider
 
@@ -23,7 +23,7 @@ BATCHES = (8, 64, 256)
 
 
 def measure() -> dict[str, Any]:
-    raw = _flashinfer()
+    raw = raw_flashinfer()
     if raw is None:
         raise SystemExit("flashinfer is not importable")
     rows: dict[str, Any] = {}
@@ -40,15 +40,12 @@ def measure() -> dict[str, Any]:
 def _times(raw: Any, batch: int, redirect: bool) -> dict[str, Any]:
     op = get_op("selective_state_update")
     call = op.bind(**decode_call(batch, redirect=redirect))
-    row: dict[str, Any] = {"flashinfer_raw_one_token": time_us(lambda: raw(**_fi_args(call)))}
+    raw_args = raw_flashinfer_args(call)
+    row: dict[str, Any] = {"flashinfer_raw_one_token": time_us(lambda: raw(**raw_args))}
     row["provider"] = time_us(lambda: provider.selective_state_update(**call))
     row["provider_plan"] = str(provider.plan(call, provider.device_info(0), True))
-    planned = provider._one_token_ok
-    provider._one_token_ok = lambda c: False
-    try:
-        row["provider_multi_token"] = time_us(lambda: provider.selective_state_update(**call))
-    finally:
-        provider._one_token_ok = planned
+    row["provider_multi_token"] = time_us(
+        lambda: provider.selective_state_update(**call, one_token=False))
     row["triton"] = time_us(lambda: op.impls["triton"].fn(**call))
     return row
 

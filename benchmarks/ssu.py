@@ -68,7 +68,8 @@ def decode_call(batch: int, *, redirect: bool, seed: int = 0) -> dict[str, Any]:
     )
 
 
-def _flashinfer() -> Any:
+def raw_flashinfer() -> Any:
+    """``flashinfer.mamba.selective_state_update`` itself, or None where it cannot be had."""
     try:
         from flashinfer.mamba import selective_state_update
     except Exception:  # not installed, or no kernel for this machine
@@ -76,7 +77,8 @@ def _flashinfer() -> Any:
     return selective_state_update
 
 
-def _fi_args(call: dict[str, Any]) -> dict[str, Any]:
+def raw_flashinfer_args(call: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of an op call that FlashInfer's own function takes."""
     keys = (
         "state",
         "x",
@@ -144,8 +146,8 @@ def measure(batch: int, fi: Any, sweep: bool) -> dict[str, Any]:
     row["copy_then_inplace_us"] = time_us(copy_then_inplace)
     if fi is not None:
         try:
-            row["flashinfer_us"] = time_us(lambda: fi(**_fi_args(inplace)))
-            row["flashinfer_redirect_us"] = time_us(lambda: fi(**_fi_args(redirect)))
+            row["flashinfer_us"] = time_us(lambda: fi(**raw_flashinfer_args(inplace)))
+            row["flashinfer_redirect_us"] = time_us(lambda: fi(**raw_flashinfer_args(redirect)))
         except Exception as exc:  # report and go on: the other columns still stand
             row["flashinfer_error"] = f"{type(exc).__name__}: {exc}"[:300]
     if batch <= NATIVE_MAX_BATCH:
@@ -178,7 +180,7 @@ def agreement(fi: Any) -> dict[str, float]:
     base = decode_call(64, redirect=True, seed=1)
     runs = {"native": get_op("selective_state_update").native, "triton": triton_ssu}
     if fi is not None:
-        runs["flashinfer"] = lambda **c: fi(**_fi_args(c))
+        runs["flashinfer"] = lambda **c: fi(**raw_flashinfer_args(c))
     got = {}
     for name, fn in runs.items():
         call = {
@@ -274,7 +276,7 @@ def main() -> None:
     if args.plot:
         print(plot(args.plot, args.plot_config))
         return
-    fi = _flashinfer()
+    fi = raw_flashinfer()
     rows = [measure(b, fi, args.sweep) for b in progress(BATCHES, "ssu decode")]
     print(table(rows))
     for row in rows:

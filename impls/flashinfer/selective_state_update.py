@@ -6,7 +6,9 @@ packed tokens with ``cu_seqlens``). Both are compiled on first use for each (dty
 dstate, tokens) and both assume the Mamba2 layout: dt, A, D and dt_bias hold one value
 per head. :func:`plan` says which kernel serves a call, or why none can; it reads only
 shapes, strides, dtypes and devices, so it answers the same for fake tensors. docs/flashinfer.md
-lists every rule with the source line or experiment behind it.
+lists every rule with the source line or experiment behind it. ``one_token=False`` (to
+:func:`plan` and :func:`selective_state_update`) keeps every call off the one-token
+kernel: the path of one-token calls that kernel cannot take, for tests and benchmarks.
 
 Where FlashInfer's meaning differs from the op's, the call is rewritten before launch:
 
@@ -114,8 +116,12 @@ def supports(**call: Any) -> bool | str:
     return found if isinstance(found, str) else True
 
 
-def plan(call: dict[str, Any], device: Device, can_fix_pads: bool) -> Plan | str:
-    """Which FlashInfer kernel serves ``call``, or why neither can."""
+def plan(
+    call: dict[str, Any], device: Device, can_fix_pads: bool, *, one_token: bool = True
+) -> Plan | str:
+    """Which FlashInfer kernel serves ``call``, or why neither can. ``one_token=False``
+    plans one-token calls on the multi-token kernel (T=1), as for those the one-token
+    kernel cannot take."""
     state, x = call["state"], call["x"]
     if device.capability[0] not in (8, 9):
         major, minor = device.capability
@@ -152,7 +158,8 @@ def plan(call: dict[str, Any], device: Device, can_fix_pads: bool) -> Plan | str
         return f"pad_slot_id={pad}: FlashInfer holds it as a 32-bit integer"
 
     dst = call["dst_state_batch_indices"]
-    if not varlen and len(lead) == 1 and not spec and dst is None and _one_token_ok(call):
+    single = not varlen and len(lead) == 1 and not spec and dst is None
+    if single and one_token and _one_token_ok(call):
         return Plan("one-token")
     if nheads // ngroups not in HEAD_RATIOS:
         return (
@@ -326,10 +333,15 @@ def selective_state_update(
     cu_seqlens: torch.Tensor | None = None,
     num_accepted_tokens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    *,
+    one_token: bool = True,
 ) -> None:
-    """The op on FlashInfer, for calls :func:`plan` accepts."""
+    """The op on FlashInfer, for calls :func:`plan` accepts; ``one_token`` as :func:`plan`
+    takes it."""
     call = dict(locals())
-    how = plan(call, device_info(state.device.index or 0), triton is not None)
+    del call["one_token"]  # not an argument of the op
+    how = plan(call, device_info(state.device.index or 0), triton is not None,
+               one_token=one_token)
     if isinstance(how, str):
         raise ValueError(f"flashinfer cannot run this call: {how}")
     if how.kernel == "none":

@@ -97,8 +97,9 @@ class _Live:
         return self.digests
 
 
-class _Steps(nn.Module):
-    """The two step functions bound to one model and one cache (what gets compiled)."""
+class Steps(nn.Module):
+    """The two step functions bound to one model and one cache: what :class:`Engine`
+    compiles, and, uncompiled, what it runs without ``compile`` (``Engine.steps``)."""
 
     def __init__(self, model: HybridModel, cache: StateCache, block_size: int = 16) -> None:
         super().__init__()
@@ -174,7 +175,7 @@ class Engine:
             device=param.device, dtype=param.dtype, state_dtype=state_dtype,
         )
         self.prefix = PrefixCache(self.cache, block_size, enabled=prefix_cache)
-        self.steps = _Steps(model, self.cache, block_size)
+        self.steps = Steps(model, self.cache, block_size)
         self._prefill: Callable[..., torch.Tensor] = self.steps.prefill
         self._decode: Callable[..., torch.Tensor] = self.steps.decode
         if compile:
@@ -207,6 +208,20 @@ class Engine:
         steps = (self._prefill, self._decode)
         return LoweringReport.merged(
             s.lowering_report for s in steps if hasattr(s, "lowering_report"))
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        kv_rows: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step as :meth:`generate` runs it (compiled when the engine is), on a
+        batch given directly: each sequence's last token, its position, its KV row and its
+        state slot (int32). Returns the next-token logits. For driving or capturing the
+        step outside :meth:`generate` (benchmarks, CUDA graphs); the rows and slots are the
+        caller's to keep apart."""
+        return self._decode(*_dynamic((tokens, positions, kv_rows, slots)))
 
     @torch.inference_mode()
     def generate(
@@ -444,7 +459,7 @@ class Engine:
             self._tensor([r.row for r in batch] + [self.cache.scratch_row] * pad),
             self._tensor([r.slot for r in batch] + [self.cache.pad_slot_id] * pad, torch.int32),
         )
-        logits = self._decode(*_dynamic(args))
+        logits = self.decode_step(*args)
         self.stats.decode_steps += 1
         self.stats.decode_tokens += n
         choice = logits.argmax(-1).tolist()

@@ -8,8 +8,10 @@ captured for its padded size (``prefill_graphs``). One further run per length un
 profiler gives the GPU time by kernel category.
 
 Decode: one compiled decode step replayed from a CUDA graph at each (context, batch),
-against the bytes roof of :func:`e2e_bench.step_bytes` (weights, states read and written,
-the KV of every context read), with its kernel-time breakdown.
+against the bytes roof of :func:`benchmarks.hybrid.step_bytes` (weights, states read and
+written, the KV of every context read), with its kernel-time breakdown.
+
+``mamba-ir bench --prefill`` (mamba_ir/cli.py) runs it from a clone of the repository.
 """
 
 from __future__ import annotations
@@ -23,11 +25,9 @@ from typing import Any
 
 import torch
 
-from .cache import RESERVED_SLOTS
-from .config import bench_config
-from .e2e_bench import _common, step_bytes
-from .engine import Engine
-from .loading import random_model
+from benchmarks import common, hybrid
+from mamba_ir.models import Engine
+from mamba_ir.models.cache import RESERVED_SLOTS
 
 # kernel name fragments -> category (first match wins)
 CATEGORIES = (
@@ -40,32 +40,14 @@ CATEGORIES = (
 )
 
 
-def category(kernel: str) -> str:
-    low = kernel.lower()
-    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
-
-
 def gpu_time(fn: Any) -> dict[str, Any]:
     """GPU time of one ``fn()`` (ms) by category and the top kernels, from the profiler."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels: dict[str, float] = {}
-    for evt in prof.key_averages():
-        if evt.device_type == DeviceType.CUDA and evt.self_device_time_total > 0:
-            kernels[evt.key] = kernels.get(evt.key, 0.0) + evt.self_device_time_total / 1e3
-    by_category = {c: 0.0 for c, _ in CATEGORIES} | {"other": 0.0}
-    for name, ms in kernels.items():
-        by_category[category(name)] += ms
+    kernels = {name: us / 1e3 for name, us in common.kernel_times(fn).items()}
+    by_category = common.by_category(kernels, CATEGORIES)
     total = sum(by_category.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
     return {"gpu_ms": total, "gpu_ms_by_category": by_category,
             "share_by_category": {c: ms / total for c, ms in by_category.items()} if total else {},
-            "top_kernels_ms": dict(top)}
+            "top_kernels_ms": common.top(kernels, 10)}
 
 
 def _prompt(length: int, vocab: int, seed: int) -> list[int]:
@@ -73,22 +55,22 @@ def _prompt(length: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=g).tolist()
 
 
+def _first_token(engine: Engine, prompt: list[int]) -> None:
+    engine.reset()  # cold: no checkpoint of an earlier run is reused
+    engine.generate([prompt], 1)  # ends with the logits' argmax on the host
+
+
 def _ttft(engine: Engine, prompt: list[int], reps: int, graphs: bool) -> tuple[list, float]:
     """Host times to the first token (s) and the time of the first (compiling) run."""
     engine.prefill_graphs = graphs
-
-    def first_token() -> None:
-        engine.reset()  # cold: no checkpoint of an earlier run is reused
-        engine.generate([prompt], 1)
-
     t0 = time.perf_counter()
-    first_token()  # compiles (or captures) on first use; later lengths reuse the graph
+    _first_token(engine, prompt)  # compiles (or captures) on first use; later lengths reuse
     warm_s = time.perf_counter() - t0
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        first_token()  # ends with the logits' argmax on the host
+        _first_token(engine, prompt)
         times.append(time.perf_counter() - t0)
     return times, warm_s
 
@@ -102,12 +84,7 @@ def measure_prefill(engine: Engine, length: int, reps: int) -> dict[str, Any]:
     row = {"tokens": length, "ttft_ms": ttft * 1e3, "ttft_ms_all": [t * 1e3 for t in times],
            "prefill_tok_s": length / ttft, "steps": engine.stats.prefill_steps,
            "checkpoints": engine.prefix.stats.saved, "first_call_s": warm_s}
-
-    def first_token() -> None:
-        engine.reset()
-        engine.generate([prompt], 1)
-
-    row.update(gpu_time(first_token))
+    row.update(gpu_time(lambda: _first_token(engine, prompt)))
     graph_times, capture_s = _ttft(engine, prompt, reps, graphs=True)
     graph_ttft = statistics.median(graph_times)
     row.update({"graph_ttft_ms": graph_ttft * 1e3,
@@ -118,29 +95,15 @@ def measure_prefill(engine: Engine, length: int, reps: int) -> dict[str, Any]:
 
 
 def measure_decode(engine: Engine, context: int, batch: int) -> dict[str, Any]:
-    common, cache = _common(), engine.cache
-    g = torch.Generator().manual_seed(batch)
-    device = engine.device
-    inputs = (
-        torch.randint(0, engine.model.config.vocab_size, (batch,), generator=g).to(device),
-        torch.full((batch,), context, dtype=torch.int64, device=device),
-        torch.arange(batch, device=device),
-        torch.arange(RESERVED_SLOTS, RESERVED_SLOTS + batch, dtype=torch.int32, device=device),
-    )
-    for t in inputs:
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-    nbytes = step_bytes(engine.model, cache, batch, context)
-    rates = common.roof_rate(nbytes)
-    roof_us = nbytes / rates["roof"] * 1e6
+    inputs = hybrid.decode_batch(engine.model, batch, context)
+    roof = hybrid.decode_roof(engine.model, engine.cache, batch, context)
+    step = lambda: engine.decode_step(*inputs)  # noqa: E731
     with torch.inference_mode():
-        engine._decode(*inputs)
-        us = common.time_us(lambda: engine._decode(*inputs), graph=True)
-        graph = common.capture(lambda: engine._decode(*inputs))
-        profile = gpu_time(graph.replay)
+        us = common.time_us(step, graph=True)
+        profile = gpu_time(common.capture(step).replay)
+    roof_us = roof["roof_us"]
     return {"context": context, "batch": batch, "step_us": us, "tok_s": batch / (us * 1e-6),
-            "bytes_per_step": nbytes, "roof_us": roof_us, "roof_tok_s": batch / (roof_us * 1e-6),
-            "x_roof": us / roof_us, "copy_rate_GBps": {k: v / 1e9 for k, v in rates.items()},
-            **profile}
+            **roof, "roof_tok_s": batch / (roof_us * 1e-6), "x_roof": us / roof_us, **profile}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,15 +111,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot_only:
         plot(out)
         return 0
-    common = _common()
-    device = torch.device(args.device or "cuda")
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16
-    config = bench_config()
-    if args.layers:
-        config = config.with_(num_layers=args.layers,
-                              attn_layer_indices=tuple(i for i in config.attn_layer_indices
-                                                       if i < args.layers))
-    model = random_model(config, device=device, dtype=dtype)
+    model = hybrid.model_from_args(args)
+    config, dtype = model.config, hybrid.dtype_name(model)
     lengths, contexts, batches = args.lengths, args.contexts, args.batches
     max_len = max(max(lengths), max(contexts)) + 8
     block = args.block_size
@@ -165,13 +121,12 @@ def run(args: argparse.Namespace) -> int:
         num_slots=RESERVED_SLOTS + max(batches) + max_len // block + 8, compile=True,
         priority=args.priority, record_logits=False, prefill_tokens=args.prefill_tokens,
     )
-    print(f"{config.describe()}: {model.num_parameters() / 1e9:.2f}B parameters, "
-          f"{str(dtype).removeprefix('torch.')}, block {block}, "
-          f"{args.prefill_tokens} tokens per prefill step")
+    print(f"{config.describe()}: {model.num_parameters() / 1e9:.2f}B parameters, {dtype}, "
+          f"block {block}, {args.prefill_tokens} tokens per prefill step")
     payload: dict[str, Any] = {
         "benchmark": "time to first token and decode, compiled random-init hybrid",
         "model": {"config": config.describe(), "parameters": model.num_parameters(),
-                  "dtype": str(dtype).removeprefix("torch."), "block_size": block,
+                  "dtype": dtype, "block_size": block,
                   "prefill_tokens_per_step": args.prefill_tokens},
         "prefill": [], "decode": [],
     }
@@ -196,20 +151,13 @@ def run(args: argparse.Namespace) -> int:
     payload["lowering"] = [s.to_dict() for s in engine.lowering_report()]
     path = common.write_json(out.name, payload, out.parent)
     print(f"wrote {path}")
-    try:
-        print(f"wrote {plot(path)}")
-    except ImportError:
-        print("matplotlib missing: plot later with --plot-only")
+    common.plot_or_hint(plot, path)
     return 0
 
 
 def plot(path: Path) -> Path:
     """TTFT with its GPU time by category per prompt length, and decode against the roof."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     data = json.loads(Path(path).read_text())
     env, pre, dec = data.get("environment", {}), data["prefill"], data["decode"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -245,8 +193,4 @@ def plot(path: Path) -> Path:
     model = data["model"]
     fig.suptitle(f"{model['parameters'] / 1e9:.2f}B hybrid ({model['dtype']}), "
                  f"{env.get('device', '?')}, {env.get('date', '')}", fontsize=10)
-    fig.tight_layout()
-    png = Path(path).with_suffix(".png")
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return common.save_figure(fig, Path(path).with_suffix(".png"))

@@ -1,0 +1,67 @@
+"""The benchmark hybrid shared by ``mamba-ir bench`` (benchmarks/e2e.py) and
+``mamba-ir bench --prefill`` (benchmarks/prefill.py): the model the command line asks
+for, a decode batch, and the bytes roof of one decode step."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from benchmarks import common
+from mamba_ir.models import HybridModel, StateCache, bench_config, random_model
+from mamba_ir.models.cache import RESERVED_SLOTS
+
+
+def model_from_args(args: argparse.Namespace) -> HybridModel:
+    """The random-init bench hybrid (``bench_config()``), cut to ``--layers`` when given,
+    on ``--device`` (default cuda) in ``--dtype`` (default bfloat16)."""
+    device = torch.device(args.device or "cuda")
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16
+    config = bench_config()
+    if args.layers:
+        config = config.with_(num_layers=args.layers,
+                              attn_layer_indices=tuple(i for i in config.attn_layer_indices
+                                                       if i < args.layers))
+    return random_model(config, device=device, dtype=dtype)
+
+
+def dtype_name(model: HybridModel) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def decode_batch(model: HybridModel, batch: int, context: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of one decode step (:meth:`Engine.decode_step`): ``batch`` sequences of
+    ``context`` tokens each, random next tokens (seeded by the batch size), KV rows from 0
+    and the running state slots after the reserved ones."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    return (
+        torch.randint(0, model.config.vocab_size, (batch,), generator=g).to(device),
+        torch.full((batch,), context, dtype=torch.int64, device=device),
+        torch.arange(batch, device=device),
+        torch.arange(RESERVED_SLOTS, RESERVED_SLOTS + batch, dtype=torch.int32, device=device),
+    )
+
+
+def step_bytes(model: torch.nn.Module, cache: StateCache, batch: int, context: int) -> int:
+    """Bytes one decode step must move at least (reads + writes)."""
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}
+                  .values())
+    states = 2 * batch * cache.state_bytes_per_slot()
+    kv = 0
+    for layer in cache.attention_layers:
+        k, v = cache.kv(layer)
+        per_token = k[0, 0].numel() * k.element_size() + v[0, 0].numel() * v.element_size()
+        kv += batch * per_token * (context + 1)  # read the context, write one token
+    return weights + states + kv
+
+
+def decode_roof(model: HybridModel, cache: StateCache, batch: int, context: int) -> dict[str, Any]:
+    """The bytes a decode step moves and how long the better copy roof, measured now on
+    this GPU, takes to move them."""
+    nbytes = step_bytes(model, cache, batch, context)
+    rates = common.roof_rate(nbytes)
+    return {"bytes_per_step": nbytes, "roof_us": nbytes / rates["roof"] * 1e6,
+            "copy_rate_GBps": {k: v / 1e9 for k, v in rates.items()}}

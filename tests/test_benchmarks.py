@@ -1,0 +1,156 @@
+"""The benchmarks' layering and their CPU-checkable parts.
+
+The GPU benchmarks live in benchmarks/, beside the package: the package imports them only
+in ``mamba-ir bench``, and they reach the engine and the providers through public names
+(``Engine.decode_step``, ``plan(..., one_token=False)``), never by patching a private."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamba_ir.models import Engine, HybridConfig, random_model
+from mamba_ir.models.cache import RESERVED_SLOTS
+
+ROOT = Path(__file__).resolve().parent.parent
+common = pytest.importorskip("benchmarks.common")  # from a clone's root, as `mamba-ir bench`
+hybrid = pytest.importorskip("benchmarks.hybrid")
+prefill = pytest.importorskip("benchmarks.prefill")
+
+CONFIG = HybridConfig(vocab_size=61, hidden_size=32, num_layers=3, attn_layer_indices=(1,),
+                      mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                      num_attention_heads=2, num_key_value_heads=1, attention_head_dim=16,
+                      intermediate_size=48)
+
+
+def _trees(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every absolute import in ``path``, inside functions too."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def test_only_the_bench_command_imports_the_benchmarks() -> None:
+    users = {path.relative_to(ROOT).as_posix() for path in _trees("mamba_ir", "passes", "impls")
+             if any(m.split(".")[0] == "benchmarks" for m, _ in _imports(path))}
+    assert users == {"mamba_ir/cli.py"}
+    assert not (ROOT / "mamba_ir" / "models" / "e2e_bench.py").exists()
+
+
+def test_benchmarks_and_tests_import_no_private_names() -> None:
+    for path in _trees("benchmarks", "tests"):
+        for module, names in _imports(path):
+            if module.split(".")[0] in ("mamba_ir", "benchmarks"):
+                private = [n for n in names if n.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {module}"
+
+
+def test_no_benchmark_or_test_patches_a_provider_private() -> None:
+    """Neither ``monkeypatch.setattr(provider, "_name", ...)`` nor ``provider._name = ...``
+    on a module of mamba_ir.impls."""
+    for path in _trees("benchmarks", "tests"):
+        tree = ast.parse(path.read_text())
+        providers = {alias.asname or alias.name for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                         "mamba_ir.impls") for alias in node.names}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "setattr" \
+                    and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) \
+                    and node.args[0].id in providers and isinstance(node.args[1], ast.Constant):
+                assert not str(node.args[1].value).startswith("_"), (path.name, node.lineno)
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name):
+                        assert not (target.value.id in providers and target.attr.startswith("_")
+                                    ), (path.name, node.lineno)
+
+
+def test_import_mamba_ir_leaves_hypothesis_to_the_testing_extra() -> None:
+    code = ("import sys, mamba_ir, mamba_ir.models, mamba_ir.passes; "
+            "assert 'hypothesis' not in sys.modules, 'imported hypothesis'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_testing_extra_installs_hypothesis(tmp_path: Path) -> None:
+    """The metadata a build of this tree gives pip (not the installed copy's, which may
+    predate it) names hypothesis under the ``testing`` extra."""
+    code = ("import sys; from setuptools import build_meta; "
+            "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    info = tmp_path / done.stdout.split()[-1] / "METADATA"
+    requires = Parser().parsestr(info.read_text()).get_all("Requires-Dist") or []
+    assert any(r.startswith("hypothesis") and 'extra == "testing"' in r for r in requires)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    model = random_model(CONFIG, seed=1, std=0.2)
+    return Engine(model, max_requests=4, max_len=16, num_slots=4 + RESERVED_SLOTS)
+
+
+def test_decode_step_runs_the_engine_step_on_a_given_batch(engine: Engine) -> None:
+    inputs = hybrid.decode_batch(engine.model, 3, 5)
+    tokens, positions, rows, slots = inputs
+    assert tokens.shape == (3,) and int(tokens.max()) < CONFIG.vocab_size
+    assert positions.tolist() == [5, 5, 5] and rows.tolist() == [0, 1, 2]
+    assert slots.dtype == torch.int32 and slots.tolist() == [RESERVED_SLOTS + i for i in range(3)]
+    before = [b.clone() for b in engine.cache.buffers()]
+    with torch.inference_mode():
+        got = engine.decode_step(*inputs)
+        written = [b.clone() for b in engine.cache.buffers()]
+        for buf, old in zip(engine.cache.buffers(), before, strict=True):
+            buf.copy_(old)
+        want = engine.steps.decode(*inputs)  # the step the engine was built with
+    assert got.shape == (3, CONFIG.vocab_size)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert any(not torch.equal(w, b) for w, b in zip(written, before, strict=True))
+
+
+def test_step_bytes_are_weights_plus_per_sequence_traffic(engine: Engine) -> None:
+    model, cache = engine.model, engine.cache
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert hybrid.step_bytes(model, cache, 0, 5) == weights
+    one, two = (hybrid.step_bytes(model, cache, b, 5) - weights for b in (1, 2))
+    assert two == 2 * one > 2 * cache.state_bytes_per_slot()  # states and KV, per sequence
+
+
+def test_kernel_categories() -> None:
+    kernels = {"flash_fwd_kernel": 5.0, "_ssu_kernel": 3.0, "nvjet_tst_gemm": 2.0,
+               "triton_poi_fused_add": 1.0}
+    got = common.by_category(kernels, prefill.CATEGORIES)
+    assert got == {"attention": 5.0, "scan": 3.0, "conv": 0.0, "GEMM": 2.0, "other": 1.0}
+    assert list(common.top(kernels, 2)) == ["flash_fwd_kernel", "_ssu_kernel"]
+
+
+def test_prefill_plot_from_json(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    cats = {"attention": 1.0, "scan": 2.0, "conv": 0.5, "GEMM": 3.0, "other": 0.5}
+    pre = [{"tokens": n, "ttft_ms": 10.0, "graph_ttft_ms": 8.0, "gpu_ms": 7.0,
+            "gpu_ms_by_category": cats} for n in (512, 2048)]
+    dec = [{"context": c, "batch": b, "tok_s": 100.0 * b, "roof_tok_s": 300.0 * b}
+           for c in (512, 8192) for b in (1, 16)]
+    path = tmp_path / "prefill.json"
+    path.write_text(json.dumps({"environment": {"device": "test", "date": "today"},
+                                "model": {"parameters": 1e9, "dtype": "bfloat16"},
+                                "prefill": pre, "decode": dec}))
+    png = prefill.plot(path)
+    assert png == path.with_suffix(".png") and png.stat().st_size > 0
