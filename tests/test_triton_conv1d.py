@@ -15,11 +15,11 @@ import mamba_ir
 from mamba_ir.impls.triton import causal_conv1d_fn as fn_impl
 from mamba_ir.impls.triton import causal_conv1d_update as update_impl
 from mamba_ir.impls.triton._common import MAX_CONV_WIDTH
+from mamba_ir.testing import tolerance
 
 FN = mamba_ir.get_op("causal_conv1d_fn")
 UPDATE = mamba_ir.get_op("causal_conv1d_update")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 try:
     from mamba_ir.testing import check_impl
@@ -38,15 +38,15 @@ def _compare(op: mamba_ir.IrOp, state_arg: str, call: dict[str, Any], run: Any =
     op.check(ref)
     ref_out = op.native(**ref)
     got_out = op.impls["triton"].fn(**got) if run is None else run(got)
-    tol = max(TOL[t.dtype] for t in call.values() if isinstance(t, torch.Tensor)
-              and t.is_floating_point())
-    torch.testing.assert_close(got_out.float(), ref_out.float(), atol=tol, rtol=tol)
+    atol, rtol = tolerance(*(t.dtype for t in call.values() if isinstance(t, torch.Tensor)
+                             and t.is_floating_point()), op=op)
+    torch.testing.assert_close(got_out.float(), ref_out.float(), atol=atol, rtol=rtol)
     # the state is only ever copied (through fp32), so on the GPU written rows match bit for
     # bit; the interpreter rounds fp32 -> bf16 by truncation, hence the tolerance on CPU
     if DEVICE == "cuda":
         assert torch.equal(got[state_arg], ref[state_arg])
     else:
-        torch.testing.assert_close(got[state_arg], ref[state_arg], atol=tol, rtol=tol)
+        torch.testing.assert_close(got[state_arg], ref[state_arg], atol=atol, rtol=rtol)
     assert got_out.stride() == ref_out.stride()
 
 

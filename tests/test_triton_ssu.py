@@ -16,12 +16,11 @@ import torch
 
 import mamba_ir
 from mamba_ir import get_op
-from mamba_ir.testing import STATE_ROWS
+from mamba_ir.testing import STATE_ROWS, tolerance
 
 pytest.importorskip("triton")
 
 OP = get_op("selective_state_update")
-TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 1.6e-2)}
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ def check(call: dict) -> None:
     with mamba_ir.set_priority({"selective_state_update": ["triton"]}):
         assert OP.decide(got).provider == "triton"
     OP.impls["triton"].fn(**got)
-    atol, rtol = TOL[max((call["state"].dtype, call["x"].dtype), key=lambda d: TOL[d][0])]
+    atol, rtol = tolerance(call["state"].dtype, call["x"].dtype, op=OP)
     written = sorted(written_rows(call))
     keep = sorted(set(range(call["state"].shape[0])) - set(written))
     if keep:

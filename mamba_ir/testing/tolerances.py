@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..op import IrOp, get_op
+
 # (atol, rtol). Providers accumulate in fp32 like the native op; the slack covers rounding
 # of the stored state / output to the narrower dtype and a different summation order.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -15,11 +17,16 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 
 
 def tolerance(
-    *dtypes: torch.dtype, table: dict[torch.dtype, tuple[float, float]] | None = None
+    *dtypes: torch.dtype,
+    op: IrOp | str | None = None,
+    table: dict[torch.dtype, tuple[float, float]] | None = None,
 ) -> tuple[float, float]:
     """The loosest (atol, rtol) among ``dtypes``: a result is as precise as its narrowest part.
 
-    ``table`` (an op's own ``tolerances``) overrides the entries it names."""
-    merged = {**TOLERANCES, **(table or {})}
+    ``op`` (an op or its name) applies what that op declares for its providers
+    (``register_op(tolerances=...)``) over this table; ``table`` overrides the entries it
+    names, last."""
+    own = {} if op is None else (get_op(op) if isinstance(op, str) else op).tolerances
+    merged = {**TOLERANCES, **own, **(table or {})}
     pairs = [merged[d] for d in dtypes if d in merged] or [merged[torch.float32]]
     return max(a for a, _ in pairs), max(r for _, r in pairs)
