@@ -2,9 +2,10 @@
 
 Each supported family as a tiny random-init model: the patched copy must give transformers'
 logits (1e-4) with and without a cache, continuing a cache over several tokens, and the same
-``generate()`` tokens, greedy and sampled, on a left-padded batch. The ops must run on the
-cache's own tensors. One compiled ``generate()`` (Mamba2: no attention, so one decode graph)
-keeps CI time low.
+``generate()`` tokens, greedy, sampled and beam search, on a left-padded batch. The ops must
+run on the cache's own tensors. One compiled ``generate()`` (Mamba2: no attention, so one
+decode graph) keeps CI time low; plain ``torch.compile`` is tested in
+test_transformers_compile.py.
 """
 
 from __future__ import annotations
@@ -172,6 +173,46 @@ def test_generate_matches_transformers(family):
         torch.manual_seed(7)
         sampled.append(m.generate(ids, do_sample=True, top_k=0, temperature=1.0, **kwargs))
     assert torch.equal(sampled[1], sampled[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_matches_transformers(family, monkeypatch):
+    """Between steps transformers reorders the cache (``Cache.reorder_cache``: each state
+    tensor is replaced by an ``index_select`` copy); the patched mixers must read the
+    reordered states, not the tensors they wrote."""
+    ref, model = pair(FAMILIES[family])
+    ids, mask = padded_batch()
+    reorders = []
+    reorder = transformers.cache_utils.Cache.reorder_cache
+
+    def recording(cache, beam_idx):
+        reorders.append(beam_idx.tolist())
+        return reorder(cache, beam_idx)
+
+    monkeypatch.setattr(transformers.cache_utils.Cache, "reorder_cache", recording)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=0, num_beams=3,
+                  num_return_sequences=3)
+    want = ref.generate(ids, do_sample=False, **kwargs)
+    # after the first step (every beam of a prompt starts from the same state), some beam
+    # took over another's state: the reorders matter
+    rows = list(range(9))
+    assert any(idx != rows for idx in reorders[1:])
+    assert torch.equal(model.generate(ids, do_sample=False, **kwargs), want)
+    sampled = []
+    for m in (ref, model):
+        torch.manual_seed(7)
+        sampled.append(m.generate(ids, do_sample=True, **{**kwargs, "num_beams": 2,
+                                                           "num_return_sequences": 2}))
+    assert torch.equal(sampled[1], sampled[0])
+
+
+def test_beam_search_on_a_static_cache():
+    # a StaticCache reorders its Mamba layers as a DynamicCache does (index_select copies)
+    ref, model = pair(bamba)
+    ids, mask = padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=0, do_sample=False,
+                  num_beams=3, cache_implementation="static", disable_compile=True)
+    assert torch.equal(model.generate(ids, **kwargs), ref.generate(ids, **kwargs))
 
 
 @torch.no_grad()

@@ -275,6 +275,10 @@ def _states(self: nn.Module, cache: Any, batch: int, xbc: torch.Tensor) -> _Stat
     previous = layer.has_previous_state[0]
     if not previous:
         _start(layer, xbc.new_empty(()).expand(batch, self.conv_dim, 0), width - 1, ssm_shape)
+    # read from the layer on every call, never kept: beam search's reorder_cache replaces
+    # these tensors by reordered copies between steps. A slice that keeps every dimension:
+    # torch 2.13's Inductor misplaces writes to views of fewer dimensions (cache[1]) under
+    # dynamic=True (integrations.md)
     conv = layer.conv_states[0][..., -(width - 1):]
     ssm = layer.recurrent_states[0]
     if previous:
