@@ -139,6 +139,19 @@ def rows_in_range(name: str, values: torch.Tensor, nslots: int, pad: int) -> Non
         fail(name, f"rows in [0, {nslots}) or pad_slot_id={pad}", f"index {first}")
 
 
+def indices_in_range(
+    call: dict[str, Any], names: Iterable[str], count: int, nslots: int, *, on_device: bool = False
+) -> None:
+    """The entries of each named index tensor (those given) that belong to the call's
+    ``count`` sequences are rows of the state or the pad: read eagerly, or asserted on the
+    device without a host sync (``on_device``)."""
+    check = assert_rows_in_range if on_device else rows_in_range
+    for name in names:
+        idx = sequences(call[name], count)
+        if idx is not None:
+            check(name, idx, nslots, call["pad_slot_id"])
+
+
 def disjoint_rows(
     src_name: str,
     sources: Sequence[int],

@@ -123,42 +123,14 @@ def _fusion_note(site: Any) -> str:
 
 
 def example_calls(device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, Any]]:
-    """A small decode/prefill batch per op, laid out as the hybrid model calls them."""
-    from mamba_ir import get_op
+    """Each op's example call (``register_example``), bound: a small decode/prefill batch
+    laid out as the hybrid model calls it. Ops without an example are left out."""
+    from mamba_ir import REGISTRY
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def rnd(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
-
-    batch, heads, head_dim, d_state, groups, width, slots = 4, 8, 64, 128, 1, 4, 9
-    dim = heads * head_dim + 2 * groups * d_state
-    idx = torch.arange(1, batch + 1, dtype=torch.int32, device=device)
-    src = torch.tensor([0, 5, 6, 0], dtype=torch.int32, device=device)
-    A = -torch.rand(heads, generator=g).to(device)[:, None, None].expand(heads, head_dim, d_state)
-    tokens = 4 * batch
-    qsl = torch.arange(0, tokens + 1, 4, dtype=torch.int32, device=device)
     return {
-        "selective_state_update": get_op("selective_state_update").bind(
-            rnd(slots, heads, head_dim, d_state), rnd(batch, heads, head_dim),
-            rnd(batch, heads)[..., None].expand(batch, heads, head_dim), A,
-            rnd(batch, groups, d_state), rnd(batch, groups, d_state),
-            D=rnd(heads)[:, None].expand(heads, head_dim),
-            dt_bias=rnd(heads)[:, None].expand(heads, head_dim), dt_softplus=True,
-            state_batch_indices=idx, out=rnd(batch, heads, head_dim),
-        ),
-        "causal_conv1d_update": get_op("causal_conv1d_update").bind(
-            rnd(batch, dim), rnd(slots, dim, width - 1), rnd(dim, width), rnd(dim),
-            conv_state_indices=idx,
-        ),
-        "causal_conv1d_fn": get_op("causal_conv1d_fn").bind(
-            rnd(tokens, dim).t(), rnd(dim, width), rnd(dim), rnd(slots, dim, width - 1), qsl,
-            cache_indices=idx, has_initial_state=torch.ones(batch, dtype=torch.bool,
-                                                            device=device),
-        ),
-        "copy_state_blocks": get_op("copy_state_blocks").bind(
-            rnd(slots, heads, head_dim, d_state), src, idx,
-        ),
+        name: op.bind(**op.example(device, dtype))
+        for name, op in REGISTRY.items()
+        if op.example is not None
     }
 
 

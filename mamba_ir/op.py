@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import checks
 from .priority import NATIVE, PrioritySpec, priority_for
 
 logger = logging.getLogger("mamba_ir")
@@ -65,6 +66,64 @@ class Decision:
         return f"{self.op} -> {self.provider}" + (f" (skipped {skipped})" if skipped else "")
 
 
+@dataclass(frozen=True)
+class Rows:
+    """The state rows one call addresses, per entry (a sequence, or one copy).
+
+    Tensors, computed without a host sync, so the eager check (after reading them), the
+    device check of the checked mode and ``check_impl`` share one computation."""
+
+    sources: torch.Tensor  # (n,) the row each entry names as its source
+    reads: torch.Tensor  # (n,) bool: whether the entry reads that row (no initial state: not)
+    destinations: torch.Tensor  # (n, k) the rows an entry may write
+    written: torch.Tensor  # (n, k) bool: which of them it writes
+
+    def read_rows(self, pad: int) -> set[int]:
+        """The rows read (host sync)."""
+        return set(self.sources[self.reads].tolist()) - {pad}
+
+    def written_rows(self, pad: int) -> set[int]:
+        """The rows written (host sync)."""
+        return set(self.destinations[self.written].tolist()) - {pad}
+
+    def written_lists(self) -> list[list[int]]:
+        """Per entry, the rows it writes, as :func:`checks.disjoint_rows` takes them."""
+        return [
+            [r for r, w in zip(rows, mask, strict=True) if w]
+            for rows, mask in zip(self.destinations.tolist(), self.written.tolist(), strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """Which rows of which state argument an op reads and writes: the row rules (checked
+    eagerly and in the checked mode), ``check_impl`` and align fusion all read it."""
+
+    state: str  # the mutated state argument whose rows the indices name
+    read: str  # the index argument naming source rows (src redirect)
+    write: str  # the index argument naming destination rows (``None``: ``read``'s rows)
+    rows: Callable[[dict[str, Any]], Rows]  # the rows of one bound call
+    checkpoints: str | None = None  # an index argument of extra rows written (align mode)
+    pad: str = "pad_slot_id"
+
+    def destination_name(self, call: dict[str, Any]) -> str:
+        """The argument(s) a row-rule failure of destination rows names."""
+        name = self.write if call[self.write] is not None else self.read
+        if self.checkpoints is not None and call[self.checkpoints] is not None:
+            name += f" / {self.checkpoints}"
+        return name
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """An op align fusion may fold a preceding ``copy_state_blocks`` into: the fused call
+    reads the copy's source rows through ``RowSpec.read`` and writes ``RowSpec.write``."""
+
+    bounds: str | None  # cumulative sequence starts of a variable-length call
+    # None when every destination row is rewritten entirely (else the copy must stay), or why
+    whole_rows: Callable[[dict[str, Any]], str | None] = lambda call: None
+
+
 class IrOp:
     """A declared op: its native semantics, its custom op, and its providers."""
 
@@ -73,6 +132,10 @@ class IrOp:
         native: Callable[..., Any],
         mutates_args: Iterable[str],
         allocate: dict[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
+        *,
+        tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+        rows: RowSpec | None = None,
+        redirect: Redirect | None = None,
     ) -> None:
         self.name = native.__name__
         self.native = native
@@ -80,10 +143,18 @@ class IrOp:
         self.signature = inspect.signature(native)
         self.mutates_args = tuple(mutates_args)
         self.allocate = dict(allocate or {})
-        self.tolerances: dict[torch.dtype, tuple[float, float]] = {}
+        self.tolerances = dict(tolerances or {})
+        self.rows = rows
+        self.redirect = redirect
+        self._check_facts()
         self.impls: dict[str, Impl] = {NATIVE: Impl(NATIVE, native, None, ("cpu", "cuda"))}
         self._check: Callable[[dict[str, Any]], None] | None = None
+        self._value_check: Callable[[dict[str, Any]], None] | None = None
         self._device_check: Callable[[dict[str, Any]], None] | None = None
+        # a small call for `mamba-ir ops`: example(device, dtype) -> arguments by name
+        self.example: Callable[[torch.device, torch.dtype], dict[str, Any]] | None = None
+        # hypothesis argument sets for check_impl: strategy(device, sizes) -> SearchStrategy
+        self.strategy: Callable[[str, Any], Any] | None = None
         self.custom_op = torch.library.custom_op(
             f"{NAMESPACE}::{self.name}",
             self._kernel,
@@ -175,16 +246,58 @@ class IrOp:
             f"({', '.join(self.signature.parameters)}); {'; '.join(parts)}"
         )
 
+    def _check_facts(self) -> None:
+        """The arguments the row spec and redirect name are the op's: a typo fails here,
+        at declaration, not inside a check or a compile."""
+        if self.redirect is not None and self.rows is None:
+            raise ValueError(f"{self.name}: redirect: expected rows= (a RowSpec) beside it")
+        names = [] if self.rows is None else [
+            self.rows.state, self.rows.read, self.rows.write, self.rows.pad,
+            *([self.rows.checkpoints] if self.rows.checkpoints else []),
+        ]
+        if self.redirect is not None and self.redirect.bounds is not None:
+            names.append(self.redirect.bounds)
+        unknown = [n for n in names if n not in self.signature.parameters]
+        if unknown:
+            raise ValueError(
+                f"{self.name}: rows/redirect: expected argument names of the op "
+                f"({', '.join(self.signature.parameters)}), got {unknown}"
+            )
+
     def register_check(self, fn: Callable[[dict[str, Any]], None]) -> Callable:
-        """Set the argument validation run before every eager or traced call."""
+        """Set the metadata validation (shapes, dtypes, devices, layouts: no tensor values)
+        run on every call, traced ones included."""
         self._check = fn
+        return fn
+
+    def register_value_check(self, fn: Callable[[dict[str, Any]], None]) -> Callable:
+        """Set the validation of index values (ranges, offsets), run after the metadata
+        check where values can be read: eager calls outside CUDA-graph capture. The row
+        rules of :class:`RowSpec` follow it; ``fn`` need not check them."""
+        self._value_check = fn
         return fn
 
     def register_device_check(self, fn: Callable[[dict[str, Any]], None]) -> Callable:
         """Set the checks of index values that run on the device, without a host sync: the
-        checked mode of compiled graphs (``mamba_ir.compile(..., validate=True)``) runs them
-        before the provider. ``fn`` asserts with ``torch._assert_async`` (see checks.py)."""
+        checked mode of compiled graphs (``mamba_ir.compile(..., validate=True)``) runs them,
+        then the row rules of :class:`RowSpec`, before the provider. ``fn`` asserts with
+        ``torch._assert_async`` (see checks.py)."""
         self._device_check = fn
+        return fn
+
+    def register_example(
+        self, fn: Callable[[torch.device, torch.dtype], dict[str, Any]]
+    ) -> Callable[[torch.device, torch.dtype], dict[str, Any]]:
+        """Set the small call ``mamba-ir ops`` decides on: ``fn(device, dtype)`` returns
+        arguments by name, laid out as a model calls the op."""
+        self.example = fn
+        return fn
+
+    def register_strategy(self, fn: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+        """Set the hypothesis argument sets of ``mamba_ir.testing.calls`` and ``check_impl``:
+        ``fn(device, sizes)`` returns a strategy of valid calls by name. Import hypothesis
+        inside ``fn``: it comes with the ``testing`` extra only."""
+        self.strategy = fn
         return fn
 
     def register_fake(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -221,7 +334,12 @@ class IrOp:
         raise AssertionError("native accepts every call")  # pragma: no cover
 
     def _kernel(self, *args: Any, **kwargs: Any) -> Any:
+        # what eager torch.ops.mamba_ir.<op> calls, and graphs compiled without the passes
+        # at run time: checked like mamba_ir.ops.<op>; an optional output left None gets
+        # scratch memory so the state still advances (the custom op returns nothing)
         call = self.bind(*args, **kwargs)
+        self.check(call)
+        self._allocate(call)
         decision = self.decide(call)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("eager %s", decision)
@@ -234,7 +352,20 @@ class IrOp:
         return self._fake_fn(**self.bind(*args, **kwargs))
 
     def check(self, call: dict[str, Any]) -> None:
-        """Validate a bound call; raises ``ValueError`` naming the bad argument."""
+        """Validate a bound call: its metadata, then, where they can be read, its index
+        values and row rules; raises ``ValueError`` naming the bad argument."""
+        self.check_metadata(call)
+        if checks.values_readable(*(v for v in call.values() if isinstance(v, torch.Tensor))):
+            if self._value_check is not None:
+                self._value_check(call)
+            if self.rows is not None:
+                spec, rows = self.rows, self.rows.rows(call)
+                checks.disjoint_rows(spec.read, rows.sources.tolist(),
+                                     spec.destination_name(call), rows.written_lists(),
+                                     call[spec.pad])
+
+    def check_metadata(self, call: dict[str, Any]) -> None:
+        """The part of :meth:`check` that reads no tensor values (no host sync)."""
         no_autograd(call)
         if self._check is not None:
             self._check(call)
@@ -244,13 +375,30 @@ class IrOp:
         only read in eager calls (index ranges, row rules, offsets)."""
         if self._device_check is not None:
             self._device_check(call)
+        if self.rows is not None:
+            spec, rows = self.rows, self.rows.rows(call)
+            checks.assert_row_rules(spec.read, rows.sources, spec.destination_name(call),
+                                    rows.destinations, rows.written,
+                                    call[spec.state].shape[0], call[spec.pad])
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        call = self.bind(*args, **kwargs)
-        self.check(call)  # before allocating: a bad argument must not fail inside `allocate`
+    def rows_of(self, call: dict[str, Any]) -> Rows:
+        """The state rows a bound call reads and writes (see :class:`RowSpec`)."""
+        if self.rows is None:
+            raise ValueError(f"{self.name}: declares no rows (register_op(rows=RowSpec(...)))")
+        return self.rows.rows(call)
+
+    def _allocate(self, call: dict[str, Any]) -> None:
         for name, make in self.allocate.items():
             if call[name] is None:
                 call[name] = make(call)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = self.bind(*args, **kwargs)
+        # Metadata here, before allocating (a bad argument must not fail inside `allocate`)
+        # and on the fake tensors of a traced call; values in the custom op's kernel, so an
+        # eager call reads them once.
+        self.check_metadata(call)
+        self._allocate(call)
         result = self.custom_op(**call)
         if self.allocate:
             outs = tuple(call[name] for name in self.allocate)
@@ -290,18 +438,25 @@ def register_op(
     mutates_args: Iterable[str] = (),
     allocate: dict[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
     tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+    rows: RowSpec | None = None,
+    redirect: Redirect | None = None,
 ) -> Callable[[Callable[..., Any]], IrOp]:
     """Declare an op from its native function.
 
     ``mutates_args`` names the tensors it writes in place; ``allocate`` maps an optional
     output argument to a function that creates it when the caller passes ``None`` (the
-    call then returns it); ``tolerances`` overrides, per dtype, the ``(atol, rtol)`` a
-    provider must meet against native (``mamba_ir.testing.TOLERANCES`` elsewhere).
+    call then returns it; a ``torch.ops`` call gets scratch memory instead); ``tolerances``
+    overrides, per dtype, the ``(atol, rtol)`` a provider must meet against native
+    (``mamba_ir.testing.TOLERANCES`` elsewhere); ``rows`` says which state rows a call
+    reads and writes (the row rules, ``check_impl``); ``redirect`` makes the op a target
+    of align fusion. Hooks of the op add the rest: ``register_check``,
+    ``register_value_check``, ``register_device_check``, ``register_fake``,
+    ``register_example``, ``register_strategy``.
     """
 
     def declare(native: Callable[..., Any]) -> IrOp:
-        op = IrOp(native, mutates_args, allocate)
-        op.tolerances = dict(tolerances or {})
+        op = IrOp(native, mutates_args, allocate, tolerances=tolerances, rows=rows,
+                  redirect=redirect)
         REGISTRY[op.name] = op
         return op
 

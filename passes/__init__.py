@@ -5,14 +5,14 @@
 See docs/passes.md.
 """
 
+from mamba_ir.op import Redirect
+
 from .compile import Backend, compile, inductor_options, use_passes
-from .fusion import REDIRECTS, Redirect
 from .graph_pass import LoweringPass
 from .provider_ops import provider_op
 from .report import LoweringReport, SiteReport
 
 __all__ = [
-    "REDIRECTS",
     "Backend",
     "LoweringPass",
     "LoweringReport",

@@ -3,7 +3,7 @@
 Pattern, on the functionalized post-grad graph::
 
     S1 = copy_state_blocks(S0, src, dst)          # S1 = S0 with rows dst <- rows src
-    S2 = op(S1, ..., reads dst, writes dst)        # SSU or a conv op
+    S2 = op(S1, ..., reads dst, writes dst)        # an op declaring register_op(redirect=)
 
 becomes, when the provider chosen for ``op`` accepts the redirected call::
 
@@ -11,22 +11,21 @@ becomes, when the provider chosen for ``op`` accepts the redirected call::
     S2 = op(S0, ..., reads read, writes dst)
 
 Both forms leave every row of ``S2`` identical when the op rewrites each destination row
-entirely (checked per op below): a copied row is overwritten by the op, and the op reads
-from the source row what the copy would have put there. A pad source in a copy means
-"no copy" (read ``dst`` as before) while a pad source in the op means "zero state", hence
-the ``where``. Variable-length calls may hold empty sequences, whose destination rows the
-op does not write: for those the copy stays, narrowed to the empty sequences' rows.
+entirely (each op's ``Redirect.whole_rows`` says when): a copied row is overwritten by the
+op, and the op reads from the source row what the copy would have put there. A pad source
+in a copy means "no copy" (read ``dst`` as before) while a pad source in the op means
+"zero state", hence the ``where``. Variable-length calls may hold empty sequences, whose
+destination rows the op does not write: for those the copy stays, narrowed to the empty
+sequences' rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from mamba_ir.op import Decision
 from mamba_ir.priority import PrioritySpec
@@ -37,70 +36,6 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 COPY = "copy_state_blocks"
-
-
-@dataclass(frozen=True)
-class Redirect:
-    """How an op reads one row and writes another (src redirect)."""
-
-    state: str  # the mutated state argument
-    read: str  # source-row indices
-    write: str  # destination-row indices
-    bounds: str  # cumulative sequence starts of a variable-length call
-    whole_rows: Callable[[dict[str, Any]], str | None]  # None, or why rows are not rewritten
-
-
-def _ssu_rows(call: dict[str, Any]) -> str | None:
-    if call["num_accepted_tokens"] is not None:
-        return "speculative decoding (num_accepted_tokens) writes one row per token"
-    lead = call["x"].dim() - (call["state"].dim() - 1)
-    if lead == 2 and not statically_known_true(call["x"].shape[1] >= 1):
-        return "tokens per sequence may be 0"
-    return None
-
-
-def _conv_rows(state: str) -> Callable[[dict[str, Any]], str | None]:
-    def whole_rows(call: dict[str, Any]) -> str | None:
-        if call.get("num_accepted_tokens") is not None:
-            return "speculative decoding (num_accepted_tokens) keeps extra columns"
-        state_len, width = call[state].shape[2], call["weight"].shape[1]
-        if not statically_known_true(state_len == width - 1):
-            return f"conv state holds {state_len} columns, the op writes width-1 = {width - 1}"
-        x = call["x"]
-        if state == "conv_state" and x.dim() == 3 and not statically_known_true(x.shape[2] >= 1):
-            return "tokens per sequence may be 0"
-        return None
-
-    return whole_rows
-
-
-REDIRECTS: dict[str, Redirect] = {
-    "selective_state_update": Redirect(
-        "state", "state_batch_indices", "dst_state_batch_indices", "cu_seqlens", _ssu_rows
-    ),
-    "causal_conv1d_update": Redirect(
-        "conv_state",
-        "src_conv_state_indices",
-        "conv_state_indices",
-        "query_start_loc",
-        _conv_rows("conv_state"),
-    ),
-    "causal_conv1d_fn": Redirect(
-        "conv_states", "src_cache_indices", "cache_indices", "query_start_loc",
-        _conv_rows("conv_states"),
-    ),
-    # every sequence with a token rewrites its destination row; checkpoints are extra rows
-    "mamba_chunk_scan": Redirect(
-        "state", "state_batch_indices", "dst_state_batch_indices", "cu_seqlens",
-        lambda call: None,
-    ),
-}
-
-# Mamba1 prefill: like mamba_chunk_scan, every sequence with a token rewrites its
-# destination row (from zeros without has_initial_state, as the copied row would give)
-REDIRECTS["selective_scan"] = Redirect(
-    "ssm_states", "src_cache_indices", "cache_indices", "query_start_loc", lambda call: None
-)
 
 
 @dataclass
@@ -131,7 +66,7 @@ def fuse_align_copies(
         if op is None:
             outcomes.append(Fusion(copy, None, False, reason))
             continue
-        spec = REDIRECTS[op.op.name]
+        rows, spec = op.op.rows, op.op.redirect
         call = op.fake_call()
         why = spec.whole_rows(call)
         if why is not None:
@@ -139,15 +74,15 @@ def fuse_align_copies(
             continue
         decision = op.op.decide(call, priority=priority)  # for the unfused call, as lowered
         provider = decision.provider
-        fused_call = {**call, spec.read: _read_fake(copy),
-                      spec.write: fake_value(copy.arg("dst"))}
+        fused_call = {**call, rows.read: _read_fake(copy),
+                      rows.write: fake_value(copy.arg("dst"))}
         refusal = op.op.impls[provider].refusal(fused_call)
         if refusal is not None:
             why = f"kept: {provider} refuses redirect: {refusal}"
             outcomes.append(Fusion(copy, op, False, why, decision=decision))
             continue
-        residual = call[spec.bounds] is not None
-        _rewrite(graph, copy, op, spec, residual)
+        residual = spec.bounds is not None and call[spec.bounds] is not None
+        _rewrite(graph, copy, op, residual)
         text = "fused: reads the copy's source rows"
         if residual:
             text += "; copy kept for empty sequences only"
@@ -167,19 +102,20 @@ def _partner(copy: CallSite, by_node: dict[fx.Node, CallSite]) -> tuple[CallSite
         names = ", ".join(u.name for u in users)
         return None, f"kept: the copied state is used by several nodes ({names})"
     op = by_node.get(users[0])
-    if op is None or op.op.name not in REDIRECTS:
-        return None, f"kept: the copied state is next used by {users[0].name}, not an SSU/conv op"
-    spec = REDIRECTS[op.op.name]
-    base, view = op.state_in(spec.state)
+    if op is None or op.op.redirect is None:
+        return None, (f"kept: the copied state is next used by {users[0].name}, not an op "
+                      "declaring a src redirect (register_op(redirect=...))")
+    rows = op.op.rows
+    base, view = op.state_in(rows.state)
     if base is not copied or view != copy.state_in("state")[1]:
         return None, f"kept: {op.node.name} uses the copied state through another view"
     dst = copy.arg("dst")
-    read, write = op.arg(spec.read), op.arg(spec.write)
+    read, write = op.arg(rows.read), op.arg(rows.write)
     if (read if read is not None else write) is not dst or (
         write if write is not None else read
     ) is not dst:
         return None, f"kept: {op.node.name} does not read and write the copy's dst rows"
-    if op.arg("pad_slot_id") != copy.arg("pad_slot_id"):
+    if op.arg(rows.pad) != copy.arg("pad_slot_id"):
         return None, f"kept: {op.node.name} has another pad_slot_id"
     return op, ""
 
@@ -191,7 +127,8 @@ def _read_fake(copy: CallSite) -> Any:
         return torch.where((src != pad) & (dst != pad), src.to(dst.dtype), dst)
 
 
-def _rewrite(graph: fx.Graph, copy: CallSite, op: CallSite, spec: Redirect, residual: bool):
+def _rewrite(graph: fx.Graph, copy: CallSite, op: CallSite, residual: bool):
+    rows, spec = op.op.rows, op.op.redirect
     src, dst, pad = copy.arg("src"), copy.arg("dst"), copy.arg("pad_slot_id")
     if residual:
         # the copy stays for the rows of empty sequences only, right before the op
@@ -213,10 +150,10 @@ def _rewrite(graph: fx.Graph, copy: CallSite, op: CallSite, spec: Redirect, resi
             _call(graph, aten.ne.Scalar, dst, pad),
         )
         read = _call(graph, aten.where.self, valid, src, dst)
-    op.set_arg(spec.read, read)
-    op.set_arg(spec.write, dst)
+    op.set_arg(rows.read, read)
+    op.set_arg(rows.write, dst)
     if not residual:
-        op.set_state_in(spec.state, copy.state_in("state")[0])
+        op.set_state_in(rows.state, copy.state_in("state")[0])
         for user in list(copy.node.users):
             graph.erase_node(user)
         graph.erase_node(copy.node)

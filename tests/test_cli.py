@@ -13,7 +13,8 @@ import torch
 import mamba_ir
 from mamba_ir.cli import build_parser, main
 
-OPS = ("selective_state_update", "causal_conv1d_update", "causal_conv1d_fn", "copy_state_blocks")
+OPS = ("selective_state_update", "causal_conv1d_update", "causal_conv1d_fn", "copy_state_blocks",
+       "mamba_chunk_scan", "selective_scan")
 
 
 @pytest.mark.parametrize("command", ["demo", "ops", "bench"])

@@ -16,7 +16,7 @@ import torch
 
 import mamba_ir
 from mamba_ir import get_op
-from mamba_ir.testing import STATE_ROWS, tolerance
+from mamba_ir.testing import tolerance, touched_rows
 
 pytest.importorskip("triton")
 
@@ -163,7 +163,7 @@ def _clone(call: dict) -> dict:
 
 
 def written_rows(call: dict) -> set[int]:
-    return STATE_ROWS["selective_state_update"][1](call)[1]
+    return touched_rows(OP, call)[1]
 
 
 def check(call: dict) -> None:

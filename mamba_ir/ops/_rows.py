@@ -1,10 +1,13 @@
-"""Writing a native op's carried states into state rows: final rows and align-mode checkpoints."""
+"""State rows: writing a native op's carried states into them (final rows, align-mode
+checkpoints), and the row facts the ops declare (checkpoint rows, whole conv windows)."""
 
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import checks
+from ..op import Rows
 
 
 def store(state: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
@@ -63,10 +66,8 @@ def check_checkpoints(
     block_size: int,
     nslots: int,
     pad: int,
-    written: list[list[int]],
 ) -> None:
-    """Eager value checks of ``num_computed_tokens`` and the checkpoint rows; adds the
-    columns each sequence uses to its ``written`` rows (they count as destinations)."""
+    """Eager value checks of ``num_computed_tokens`` and the checkpoint rows."""
     if done is not None and bool((done < 0).any()):
         checks.fail("num_computed_tokens", "values >= 0", done.tolist())
     if not block_size:
@@ -76,8 +77,6 @@ def check_checkpoints(
     if used.numel() and int(used.max()) > ckpt.shape[1]:
         want = f"at least {int(used.max())} columns (block boundaries of the longest run)"
         checks.fail(CHECKPOINTS, want, tuple(ckpt.shape))
-    for rows, k, cols in zip(written, used.tolist(), ckpt.tolist(), strict=True):
-        rows.extend(cols[:k])
 
 
 def assert_checkpoints(
@@ -87,26 +86,62 @@ def assert_checkpoints(
     block_size: int,
     nslots: int,
     pad: int,
-    rows: torch.Tensor,
-    written: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`check_checkpoints` on the device: returns ``rows`` (n, k) and ``written``
-    (n, k) extended by the checkpoint columns, for ``checks.assert_row_rules``."""
+) -> None:
+    """:func:`check_checkpoints` on the device."""
     if done is not None:
         top = torch.iinfo(done.dtype).max
         checks.assert_within("num_computed_tokens", done, 0, top, "values >= 0")
     if not block_size:
-        return rows, written
+        return
     checks.assert_rows_in_range(CHECKPOINTS, ckpt, nslots, pad)
     used = checkpoint_columns(lengths.long(), done, block_size)
     ncols = ckpt.shape[1]
     checks.assert_within(
         CHECKPOINTS, used, 0, ncols, f"at most {ncols} block boundaries per sequence (its columns)"
     )
-    cols = torch.arange(ncols, device=rows.device)[None, :]
-    return (
-        torch.cat([rows, ckpt.to(rows.dtype)], dim=1),
-        torch.cat([written, cols < used[:, None]], dim=1),
+
+
+def check_prefill_values(
+    call: dict,
+    offsets: str,
+    ntokens: int,
+    state: str,
+    indices: tuple[str, ...],
+    *,
+    checkpoints: bool = False,
+    on_device: bool = False,
+) -> None:
+    """The value checks the prefill ops share, eagerly or on the device (``on_device``):
+    sequence offsets over the ``ntokens`` tokens, each sequence's ``indices`` in range,
+    and with ``checkpoints`` the computed-token counts and checkpoint rows."""
+    qsl = call[offsets]
+    (checks.assert_cumulative if on_device else checks.cumulative)(offsets, qsl, ntokens)
+    nseq, nslots, pad = qsl.shape[0] - 1, call[state].shape[0], call["pad_slot_id"]
+    checks.indices_in_range(call, indices, nseq, nslots, on_device=on_device)
+    if checkpoints:
+        ckpt, done = (checks.sequences(call[k], nseq) for k in (CHECKPOINTS, "num_computed_tokens"))
+        check = assert_checkpoints if on_device else check_checkpoints
+        check(ckpt, (qsl[1:] - qsl[:-1]).long(), done, call["block_size"], nslots, pad)
+
+
+def with_checkpoints(
+    rows: Rows,
+    ckpt: torch.Tensor | None,
+    lengths: torch.Tensor,
+    done: torch.Tensor | None,
+    block_size: int,
+) -> Rows:
+    """``rows`` with the checkpoint columns each sequence uses added to its destinations:
+    they are written too."""
+    if not block_size:
+        return rows
+    used = checkpoint_columns(lengths.long(), done, block_size)
+    cols = torch.arange(ckpt.shape[1], device=ckpt.device)[None, :]
+    dst = rows.destinations
+    return Rows(
+        rows.sources, rows.reads,
+        torch.cat([dst, ckpt.to(dst.dtype)], dim=1),
+        torch.cat([rows.written, cols < used[:, None]], dim=1),
     )
 
 
@@ -119,3 +154,25 @@ def initial(state: torch.Tensor, src: torch.Tensor, pad: int, read: torch.Tensor
         has_src &= read
     h[has_src] = state[src[has_src]].float()
     return h
+
+
+def whole_window(conv_state: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """``None`` when a conv op rewrites every column of a destination row (the row holds
+    exactly the width-1 window), else why not: align fusion needs whole rows."""
+    state_len, width = conv_state.shape[2], weight.shape[1]
+    if not statically_known_true(state_len == width - 1):
+        return f"conv state holds {state_len} columns, the op writes width-1 = {width - 1}"
+    return None
+
+
+def per_sequence_rows(call: dict, dst: str, src: str, lengths: torch.Tensor) -> Rows:
+    """The rows of a prefill op: sequence b reads ``call[src][b]`` (when it has an initial
+    state) and writes ``call[dst][b]`` (when it has a token); missing indices mean row b."""
+    n = lengths.shape[0]
+    dst_rows = checks.sequences(call[dst], n)
+    if dst_rows is None:
+        dst_rows = torch.arange(n, device=lengths.device)
+    src_rows = dst_rows if call[src] is None else checks.sequences(call[src], n)
+    init = checks.sequences(call["has_initial_state"], n)
+    reads = torch.zeros(n, dtype=torch.bool, device=lengths.device) if init is None else init
+    return Rows(src_rows, reads, dst_rows[:, None], (lengths > 0)[:, None])

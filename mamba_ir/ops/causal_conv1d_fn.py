@@ -1,13 +1,29 @@
 """``causal_conv1d_fn``: varlen prefill of the depthwise causal conv, continuing cached windows."""
 
+from functools import partial
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from .. import checks
-from ..op import register_op
+from ..op import Redirect, Rows, RowSpec, register_op
+from . import _example
+from ._rows import check_prefill_values, per_sequence_rows, whole_window
 
 
-@register_op(mutates_args=("conv_states",))
+def _rows(call: dict) -> Rows:
+    qsl = call["query_start_loc"]
+    return per_sequence_rows(call, "cache_indices", "src_cache_indices", qsl[1:] - qsl[:-1])
+
+
+@register_op(
+    mutates_args=("conv_states",),
+    rows=RowSpec("conv_states", "src_cache_indices", "cache_indices", _rows),
+    redirect=Redirect(
+        "query_start_loc", lambda call: whole_window(call["conv_states"], call["weight"])
+    ),
+)
 def causal_conv1d_fn(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -81,42 +97,27 @@ def _check(call: dict) -> None:
             "conv_states", f"at least {nseq} rows (no cache_indices given)", tuple(states.shape)
         )
     checks.activation(call)
-    _check_values(call, states.shape[0], x.shape[1])
 
 
-def _check_values(call: dict, nslots: int, ntokens: int) -> None:
-    qsl, dst, src = call["query_start_loc"], call["cache_indices"], call["src_cache_indices"]
-    if not checks.values_readable(call["x"], qsl, dst, src, call["has_initial_state"]):
-        return
-    checks.cumulative("query_start_loc", qsl, ntokens)
-    nseq = qsl.shape[0] - 1
-    dst, src = checks.sequences(dst, nseq), checks.sequences(src, nseq)
-    for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
-        if idx is not None:
-            checks.rows_in_range(name, idx, nslots, call["pad_slot_id"])
-    lengths = (qsl[1:] - qsl[:-1]).tolist()
-    dst_rows = list(range(nseq)) if dst is None else dst.tolist()
-    src_rows = dst_rows if src is None else src.tolist()
-    written = [[r] if n > 0 else [] for r, n in zip(dst_rows, lengths, strict=True)]
-    checks.disjoint_rows(
-        "src_cache_indices", src_rows, "cache_indices", written, call["pad_slot_id"]
-    )
+@causal_conv1d_fn.register_value_check
+def _check_values(call: dict, on_device: bool = False) -> None:
+    check_prefill_values(call, "query_start_loc", call["x"].shape[1], "conv_states",
+                         ("cache_indices", "src_cache_indices"), on_device=on_device)
 
 
-@causal_conv1d_fn.register_device_check
-def _device_check(call: dict) -> None:
-    x, qsl, pad = call["x"], call["query_start_loc"], call["pad_slot_id"]
-    nslots, nseq = call["conv_states"].shape[0], qsl.shape[0] - 1
-    checks.assert_cumulative("query_start_loc", qsl, x.shape[1])
-    dst = checks.sequences(call["cache_indices"], nseq)
-    src = checks.sequences(call["src_cache_indices"], nseq)
-    for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
-        if idx is not None:
-            checks.assert_rows_in_range(name, idx, nslots, pad)
-    if dst is None:
-        dst = torch.arange(nseq, device=x.device)
-    src = dst if src is None else src
-    written = (qsl[1:] > qsl[:-1])[:, None]
-    checks.assert_row_rules(
-        "src_cache_indices", src, "cache_indices", dst[:, None], written, nslots, pad
-    )
+causal_conv1d_fn.register_device_check(partial(_check_values, on_device=True))
+
+
+@causal_conv1d_fn.register_example
+def _example_call(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    s, randn = _example.SIZES, _example.randn(device, dtype)
+    dim, tokens = s.conv_dim, s.batch * s.tokens_per_seq
+    return {
+        "x": randn(tokens, dim).t(), "weight": randn(dim, s.width), "bias": randn(dim),
+        "conv_states": randn(s.slots, dim, s.width - 1),
+        "query_start_loc": _example.offsets(device), "cache_indices": _example.rows(device),
+        "has_initial_state": torch.ones(s.batch, dtype=torch.bool, device=device),
+    }
+
+
+causal_conv1d_fn.register_strategy(_example.testing_strategy("causal_conv1d_fn_calls"))

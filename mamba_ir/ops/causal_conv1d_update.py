@@ -1,14 +1,51 @@
 """``causal_conv1d_update``: decode step of the depthwise causal conv, 1..T tokens per sequence."""
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import checks
-from ..op import register_op
+from ..op import Redirect, Rows, RowSpec, register_op
+from . import _example
+from ._rows import whole_window
 from ._tokens import token_layout
 
+INDICES = ("conv_state_indices", "src_conv_state_indices")
+NACC, OFFSET = "num_accepted_tokens", "src_token_offset"
 
-@register_op(mutates_args=("conv_state",))
+
+def _lead(x: torch.Tensor) -> tuple[int, ...]:
+    return (x.shape[0], x.shape[2]) if x.dim() == 3 else (x.shape[0],)
+
+
+def _rows(call: dict) -> Rows:
+    x = call["x"]
+    seq = token_layout(_lead(x), call["query_start_loc"], x.device)
+    dst, src = call["conv_state_indices"], call["src_conv_state_indices"]
+    if dst is None:  # row b for sequence b, also when only the sources are given
+        dst = torch.arange(seq.count, device=x.device)
+    src_rows, dst_rows = seq.rows(dst if src is None else src, dst, None)
+    reads = torch.ones_like(src_rows, dtype=torch.bool)
+    return Rows(src_rows, reads, dst_rows, (seq.lengths > 0)[:, None])
+
+
+def _whole_rows(call: dict) -> str | None:
+    if call["num_accepted_tokens"] is not None:
+        return "speculative decoding (num_accepted_tokens) keeps extra columns"
+    why = whole_window(call["conv_state"], call["weight"])
+    x = call["x"]
+    if why is None and x.dim() == 3 and not statically_known_true(x.shape[2] >= 1):
+        return "tokens per sequence may be 0"
+    return why
+
+
+@register_op(
+    mutates_args=("conv_state",),
+    rows=RowSpec("conv_state", "src_conv_state_indices", "conv_state_indices", _rows),
+    redirect=Redirect("query_start_loc", _whole_rows),
+)
 def causal_conv1d_update(
     x: torch.Tensor,
     conv_state: torch.Tensor,
@@ -122,30 +159,18 @@ def _check(call: dict) -> None:
             f"at least {width - 2 + per_seq} columns (width-2 + tokens)",
             tuple(state.shape),
         )
-    _check_values(call, state.shape[0], state_len, width, x.shape[0])
 
 
-def _lead(x: torch.Tensor) -> tuple[int, ...]:
-    return (x.shape[0], x.shape[2]) if x.dim() == 3 else (x.shape[0],)
-
-
-def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: int) -> None:
-    qsl, dst, src = (
-        call["query_start_loc"],
-        call["conv_state_indices"],
-        call["src_conv_state_indices"],
-    )
-    nacc, offset, pad = call["num_accepted_tokens"], call["src_token_offset"], call["pad_slot_id"]
-    if not checks.values_readable(call["x"], qsl, dst, src, nacc, offset):
-        return
+@causal_conv1d_update.register_value_check
+def _check_values(call: dict) -> None:
+    x, qsl = call["x"], call["query_start_loc"]
+    nslots, state_len = call["conv_state"].shape[0], call["conv_state"].shape[2]
+    width = call["weight"].shape[1]
     if qsl is not None:
-        checks.cumulative("query_start_loc", qsl, ntokens)
-    x = call["x"]
+        checks.cumulative("query_start_loc", qsl, x.shape[0])
     seq = token_layout(_lead(x), qsl, x.device)
-    dst, src, nacc, offset = (checks.sequences(t, seq.count) for t in (dst, src, nacc, offset))
-    for name, idx in (("conv_state_indices", dst), ("src_conv_state_indices", src)):
-        if idx is not None:
-            checks.rows_in_range(name, idx, nslots, pad)
+    nacc, offset = (checks.sequences(call[k], seq.count) for k in (NACC, OFFSET))
+    checks.indices_in_range(call, INDICES, seq.count, nslots)
     for name, start in (("src_token_offset", offset), ("num_accepted_tokens", nacc)):
         if start is not None:
             first = start if name == "src_token_offset" else (start - 1).clamp(min=0)
@@ -155,33 +180,18 @@ def _check_values(call: dict, nslots: int, state_len: int, width: int, ntokens: 
         checks.fail(
             "conv_state", "room for width-2 + tokens columns per sequence", seq.lengths.tolist()
         )
-    if dst is None:
-        dst = torch.arange(seq.count, device=x.device)
-    src_rows, dst_rows = seq.rows(src if src is not None else dst, dst, None)
-    written = [
-        r if n > 0 else [] for r, n in zip(dst_rows.tolist(), seq.lengths.tolist(), strict=True)
-    ]
-    checks.disjoint_rows(
-        "src_conv_state_indices", src_rows.tolist(), "conv_state_indices", written, pad
-    )
 
 
 @causal_conv1d_update.register_device_check
 def _device_check(call: dict) -> None:
-    x, state, qsl, pad = call["x"], call["conv_state"], call["query_start_loc"], call["pad_slot_id"]
+    x, state, qsl = call["x"], call["conv_state"], call["query_start_loc"]
     nslots, state_len = state.shape[0], state.shape[2]
     width = call["weight"].shape[1]
     if qsl is not None:
         checks.assert_cumulative("query_start_loc", qsl, x.shape[0])
     seq = token_layout(_lead(x), qsl, x.device)
-    dst, src, nacc, offset = (
-        checks.sequences(call[k], seq.count)
-        for k in ("conv_state_indices", "src_conv_state_indices", "num_accepted_tokens",
-                  "src_token_offset")
-    )
-    for name, idx in (("conv_state_indices", dst), ("src_conv_state_indices", src)):
-        if idx is not None:
-            checks.assert_rows_in_range(name, idx, nslots, pad)
+    nacc, offset = (checks.sequences(call[k], seq.count) for k in (NACC, OFFSET))
+    checks.indices_in_range(call, INDICES, seq.count, nslots, on_device=True)
     window = f"a window start in [0, {state_len - width + 1}]"
     if offset is not None:
         checks.assert_within("src_token_offset", offset, 0, state_len - width + 1, window)
@@ -191,10 +201,15 @@ def _device_check(call: dict) -> None:
             "conv_state", seq.lengths, 0, state_len - width + 2,
             "room for width-2 + tokens columns per sequence",
         )
-    if dst is None:
-        dst = torch.arange(seq.count, device=x.device)
-    src_rows, dst_rows = seq.rows(src if src is not None else dst, dst, None)
-    written = (seq.lengths > 0)[:, None]
-    checks.assert_row_rules(
-        "src_conv_state_indices", src_rows, "conv_state_indices", dst_rows, written, nslots, pad
-    )
+
+
+@causal_conv1d_update.register_example
+def _example_call(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    s, randn = _example.SIZES, _example.randn(device, dtype)
+    dim = s.conv_dim
+    return {"x": randn(s.batch, dim), "conv_state": randn(s.slots, dim, s.width - 1),
+            "weight": randn(dim, s.width), "bias": randn(dim),
+            "conv_state_indices": _example.rows(device)}
+
+
+causal_conv1d_update.register_strategy(_example.testing_strategy("causal_conv1d_update_calls"))

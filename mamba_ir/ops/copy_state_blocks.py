@@ -1,12 +1,22 @@
 """``copy_state_blocks``: align-mode pre-copy of cached state rows into running slots."""
 
+from functools import partial
+from typing import Any
+
 import torch
 
 from .. import checks
-from ..op import register_op
+from ..op import Rows, RowSpec, register_op
+from . import _example
 
 
-@register_op(mutates_args=("state",))
+def _rows(call: dict) -> Rows:
+    src, dst, pad = call["src"], call["dst"], call["pad_slot_id"]
+    # a pad source copies nothing; a pad destination reads nothing
+    return Rows(src, dst != pad, dst[:, None], (src != pad)[:, None])
+
+
+@register_op(mutates_args=("state",), rows=RowSpec("state", "src", "dst", _rows))
 def copy_state_blocks(
     state: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, pad_slot_id: int = -1
 ) -> None:
@@ -19,27 +29,29 @@ def copy_state_blocks(
 
 @copy_state_blocks.register_check
 def _check(call: dict) -> None:
-    state = checks.tensor(call, "state", ndim=range(2, 6), dtypes=None)
+    checks.tensor(call, "state", ndim=range(2, 6), dtypes=None)
     checks.writable(call, "state")
     checks.same_device(call, "state")
     src = checks.index(call, "src", optional=False)
     checks.index(call, "dst", rows=src.shape[0], optional=False)
-    if not checks.values_readable(call["src"], call["dst"]):
-        return
-    pad = call["pad_slot_id"]
-    for name in ("src", "dst"):
-        checks.rows_in_range(name, call[name], state.shape[0], pad)
-    pairs = [
-        (s, d) if s != pad else (pad, pad)
-        for s, d in zip(call["src"].tolist(), call["dst"].tolist(), strict=True)
-    ]
-    checks.disjoint_rows("src", [s for s, _ in pairs], "dst", [[d] for _, d in pairs], pad)
 
 
-@copy_state_blocks.register_device_check
-def _device_check(call: dict) -> None:
-    state, src, dst, pad = call["state"], call["src"], call["dst"], call["pad_slot_id"]
-    for name, idx in (("src", src), ("dst", dst)):
-        checks.assert_rows_in_range(name, idx, state.shape[0], pad)
-    checks.assert_row_rules("src", src, "dst", dst[:, None], (src != pad)[:, None],
-                            state.shape[0], pad)
+@copy_state_blocks.register_value_check
+def _check_values(call: dict, on_device: bool = False) -> None:
+    count, nslots = call["src"].shape[0], call["state"].shape[0]
+    checks.indices_in_range(call, ("src", "dst"), count, nslots, on_device=on_device)
+
+
+copy_state_blocks.register_device_check(partial(_check_values, on_device=True))
+
+
+@copy_state_blocks.register_example
+def _example_call(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    s = _example.SIZES
+    randn = _example.randn(device, dtype)
+    src = torch.tensor([0, 5, 6, 0], dtype=torch.int32, device=device)
+    return {"state": randn(s.slots, s.heads, s.head_dim, s.d_state), "src": src,
+            "dst": _example.rows(device)}
+
+
+copy_state_blocks.register_strategy(_example.testing_strategy("copy_state_blocks_calls"))

@@ -6,20 +6,23 @@ The native function is the recurrence itself, one token at a time: the chunked a
 """
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .. import checks
-from ..op import register_op
+from ..op import Redirect, Rows, RowSpec, register_op
+from . import _example
 from ._rows import (
     CHECKPOINTS,
     Checkpoints,
-    assert_checkpoints,
-    check_checkpoints,
+    check_prefill_values,
     computed,
     initial,
     store,
+    with_checkpoints,
 )
 from ._step import step_size
 from ._tokens import token_layout
@@ -31,10 +34,25 @@ from ._tokens import token_layout
 CHUNKED_TOLERANCES = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 3e-2)}
 
 
+
+
+def _rows(call: dict) -> Rows:
+    seq = token_layout(call["x"].shape[:1], call["cu_seqlens"], call["x"].device)
+    src, dst = seq.rows(call["state_batch_indices"], call["dst_state_batch_indices"], None)
+    rows = Rows(src, torch.ones_like(src, dtype=torch.bool), dst, (seq.lengths > 0)[:, None])
+    ckpt = checks.sequences(call[CHECKPOINTS], seq.count)
+    return with_checkpoints(rows, ckpt, seq.lengths, call["num_computed_tokens"],
+                            call["block_size"])
+
+
 @register_op(
     mutates_args=("state", "out"),
     allocate={"out": lambda call: torch.empty_like(call["x"])},
     tolerances=CHUNKED_TOLERANCES,
+    rows=RowSpec("state", "state_batch_indices", "dst_state_batch_indices", _rows,
+                 checkpoints=CHECKPOINTS),
+    # every sequence with a token rewrites its destination row; checkpoints are extra rows
+    redirect=Redirect("cu_seqlens"),
 )
 def mamba_chunk_scan(
     state: torch.Tensor,
@@ -139,51 +157,30 @@ def _check(call: dict) -> None:
         checks.fail("checkpoint_state_indices", "(nseq, ncols) slot indices with block_size", None)
     if not bs and ckpt is not None:
         checks.fail("block_size", "a positive block size with checkpoint_state_indices", bs)
-    _check_values(call, state.shape[0], ntok)
 
 
-def _check_values(call: dict, nslots: int, ntok: int) -> None:
-    cu, pad, bs = call["cu_seqlens"], call["pad_slot_id"], call["block_size"]
-    sbi, dsbi = call["state_batch_indices"], call["dst_state_batch_indices"]
-    done, ckpt = call["num_computed_tokens"], call["checkpoint_state_indices"]
-    if not checks.values_readable(call["x"], cu, sbi, dsbi, done, ckpt):
-        return
-    checks.cumulative("cu_seqlens", cu, ntok)
-    nseq = cu.shape[0] - 1
-    sbi, dsbi, done, ckpt = (checks.sequences(t, nseq) for t in (sbi, dsbi, done, ckpt))
-    for name, idx in (("state_batch_indices", sbi), ("dst_state_batch_indices", dsbi)):
-        if idx is not None:
-            checks.rows_in_range(name, idx, nslots, pad)
-    seq = token_layout((ntok,), cu, call["x"].device)
-    src, dst = seq.rows(sbi, dsbi, None)
-    lengths = seq.lengths.tolist()
-    written = [row[:1] if n > 0 else [] for row, n in zip(dst.tolist(), lengths, strict=True)]
-    check_checkpoints(ckpt, seq.lengths, done, bs, nslots, pad, written)
-    dst_name = "dst_state_batch_indices" if dsbi is not None else "state_batch_indices"
-    if bs:
-        dst_name += f" / {CHECKPOINTS}"
-    checks.disjoint_rows("state_batch_indices", src.tolist(), dst_name, written, pad)
+@mamba_chunk_scan.register_value_check
+def _check_values(call: dict, on_device: bool = False) -> None:
+    check_prefill_values(call, "cu_seqlens", call["x"].shape[0], "state",
+                         ("state_batch_indices", "dst_state_batch_indices"), checkpoints=True,
+                         on_device=on_device)
 
 
-@mamba_chunk_scan.register_device_check
-def _device_check(call: dict) -> None:
-    x, cu, pad, bs = call["x"], call["cu_seqlens"], call["pad_slot_id"], call["block_size"]
-    nslots, nseq = call["state"].shape[0], cu.shape[0] - 1
-    checks.assert_cumulative("cu_seqlens", cu, x.shape[0])
-    seq = token_layout(x.shape[:1], cu, x.device)
-    sbi, dsbi, done, ckpt = (
-        checks.sequences(call[k], nseq)
-        for k in ("state_batch_indices", "dst_state_batch_indices", "num_computed_tokens",
-                  "checkpoint_state_indices")
-    )
-    for name, idx in (("state_batch_indices", sbi), ("dst_state_batch_indices", dsbi)):
-        if idx is not None:
-            checks.assert_rows_in_range(name, idx, nslots, pad)
-    src, rows = seq.rows(sbi, dsbi, None)
-    rows, written = assert_checkpoints(
-        ckpt, seq.lengths, done, bs, nslots, pad, rows, (seq.lengths > 0)[:, None]
-    )
-    dst_name = "dst_state_batch_indices" if dsbi is not None else "state_batch_indices"
-    if bs:
-        dst_name += f" / {CHECKPOINTS}"
-    checks.assert_row_rules("state_batch_indices", src, dst_name, rows, written, nslots, pad)
+mamba_chunk_scan.register_device_check(partial(_check_values, on_device=True))
+
+
+@mamba_chunk_scan.register_example
+def _example_call(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    s, randn = _example.SIZES, _example.randn(device, dtype)
+    tokens, heads, dim = s.batch * s.tokens_per_seq, s.heads, s.head_dim
+    return {
+        "state": randn(s.slots, heads, dim, s.d_state), "x": randn(tokens, heads, dim),
+        "dt": randn(tokens, heads), "A": -randn(heads, dt=torch.float32).exp(),
+        "B": randn(tokens, s.groups, s.d_state), "C": randn(tokens, s.groups, s.d_state),
+        "chunk_size": s.chunk, "cu_seqlens": _example.offsets(device),
+        "D": randn(heads), "dt_bias": randn(heads), "dt_softplus": True,
+        "state_batch_indices": _example.rows(device),
+    }
+
+
+mamba_chunk_scan.register_strategy(_example.testing_strategy("mamba_chunk_scan_calls"))

@@ -6,19 +6,24 @@ over sequences of a flat, channel-first token axis, with src redirect and align-
 checkpoints as in ``mamba_chunk_scan``.
 """
 
+from functools import partial
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from .. import checks
-from ..op import register_op
+from ..op import Redirect, Rows, RowSpec, register_op
+from . import _example
 from ._rows import (
     CHECKPOINTS,
     Checkpoints,
-    assert_checkpoints,
-    check_checkpoints,
+    check_prefill_values,
     computed,
     initial,
+    per_sequence_rows,
     store,
+    with_checkpoints,
 )
 from ._step import step_size
 from ._tokens import token_layout
@@ -30,7 +35,23 @@ def _new_out(call: dict) -> torch.Tensor:
     return torch.empty(u.shape, dtype=u.dtype, device=u.device)
 
 
-@register_op(mutates_args=("ssm_states", "out"), allocate={"out": _new_out})
+def _rows(call: dict) -> Rows:
+    qsl = call["query_start_loc"]
+    lengths = qsl[1:] - qsl[:-1]
+    rows = per_sequence_rows(call, "cache_indices", "src_cache_indices", lengths)
+    ckpt = checks.sequences(call[CHECKPOINTS], lengths.shape[0])
+    return with_checkpoints(rows, ckpt, lengths, call["num_computed_tokens"], call["block_size"])
+
+
+@register_op(
+    mutates_args=("ssm_states", "out"),
+    allocate={"out": _new_out},
+    rows=RowSpec("ssm_states", "src_cache_indices", "cache_indices", _rows,
+                 checkpoints=CHECKPOINTS),
+    # like mamba_chunk_scan, every sequence with a token rewrites its destination row (from
+    # zeros without has_initial_state, as the copied row would give)
+    redirect=Redirect("query_start_loc"),
+)
 def selective_scan(
     u: torch.Tensor,
     ssm_states: torch.Tensor,
@@ -138,48 +159,31 @@ def _check(call: dict) -> None:
         checks.fail("checkpoint_state_indices", "(nseq, ncols) slot indices with block_size", None)
     if not bs and ckpt is not None:
         checks.fail("block_size", "a positive block size with checkpoint_state_indices", bs)
-    _check_values(call, states.shape[0], ntok)
 
 
-def _check_values(call: dict, nslots: int, ntok: int) -> None:
-    qsl, pad, bs = call["query_start_loc"], call["pad_slot_id"], call["block_size"]
-    dst, src = call["cache_indices"], call["src_cache_indices"]
-    done, ckpt = call["num_computed_tokens"], call["checkpoint_state_indices"]
-    if not checks.values_readable(call["u"], qsl, dst, src, done, ckpt, call["has_initial_state"]):
-        return
-    checks.cumulative("query_start_loc", qsl, ntok)
-    nseq = qsl.shape[0] - 1
-    dst, src, done, ckpt = (checks.sequences(t, nseq) for t in (dst, src, done, ckpt))
-    for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
-        if idx is not None:
-            checks.rows_in_range(name, idx, nslots, pad)
-    lengths = qsl[1:] - qsl[:-1]
-    dst_rows = list(range(lengths.shape[0])) if dst is None else dst.tolist()
-    src_rows = dst_rows if src is None else src.tolist()
-    written = [[r] if n > 0 else [] for r, n in zip(dst_rows, lengths.tolist(), strict=True)]
-    check_checkpoints(ckpt, lengths.long(), done, bs, nslots, pad, written)
-    dst_name = f"cache_indices / {CHECKPOINTS}" if bs else "cache_indices"
-    checks.disjoint_rows("src_cache_indices", src_rows, dst_name, written, pad)
+@selective_scan.register_value_check
+def _check_values(call: dict, on_device: bool = False) -> None:
+    check_prefill_values(call, "query_start_loc", call["u"].shape[1], "ssm_states",
+                         ("cache_indices", "src_cache_indices"), checkpoints=True,
+                         on_device=on_device)
 
 
-@selective_scan.register_device_check
-def _device_check(call: dict) -> None:
-    u, qsl, pad, bs = call["u"], call["query_start_loc"], call["pad_slot_id"], call["block_size"]
-    nslots, nseq = call["ssm_states"].shape[0], qsl.shape[0] - 1
-    checks.assert_cumulative("query_start_loc", qsl, u.shape[1])
-    dst, src, done, ckpt = (
-        checks.sequences(call[k], nseq)
-        for k in ("cache_indices", "src_cache_indices", "num_computed_tokens",
-                  "checkpoint_state_indices")
-    )
-    for name, idx in (("cache_indices", dst), ("src_cache_indices", src)):
-        if idx is not None:
-            checks.assert_rows_in_range(name, idx, nslots, pad)
-    dst = torch.arange(nseq, device=u.device) if dst is None else dst
-    src = dst if src is None else src
-    lengths = qsl[1:] - qsl[:-1]
-    rows, written = assert_checkpoints(
-        ckpt, lengths, done, bs, nslots, pad, dst[:, None], (lengths > 0)[:, None]
-    )
-    dst_name = f"cache_indices / {CHECKPOINTS}" if bs else "cache_indices"
-    checks.assert_row_rules("src_cache_indices", src, dst_name, rows, written, nslots, pad)
+selective_scan.register_device_check(partial(_check_values, on_device=True))
+
+
+@selective_scan.register_example
+def _example_call(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    s, randn = _example.SIZES, _example.randn(device, dtype)
+    dim, tokens, d_state = s.heads * s.head_dim, s.batch * s.tokens_per_seq, s.mamba1_d_state
+    return {
+        "u": randn(tokens, dim).t(), "ssm_states": randn(s.slots, dim, d_state),
+        "delta": randn(tokens, dim).t(), "A": -randn(dim, d_state, dt=torch.float32).exp(),
+        "B": randn(tokens, d_state).t(), "C": randn(tokens, d_state).t(),
+        "D": randn(dim, dt=torch.float32), "z": randn(tokens, dim).t(),
+        "delta_bias": randn(dim, dt=torch.float32), "delta_softplus": True,
+        "query_start_loc": _example.offsets(device), "cache_indices": _example.rows(device),
+        "has_initial_state": torch.ones(s.batch, dtype=torch.bool, device=device),
+    }
+
+
+selective_scan.register_strategy(_example.testing_strategy("selective_scan_calls"))

@@ -1,20 +1,55 @@
 """``selective_state_update``: the SSM recurrence for decode, one or more tokens per sequence."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import checks
-from ..op import register_op
+from ..op import Redirect, Rows, RowSpec, register_op
+from . import _example
 from ._rows import initial, store
 from ._step import step_size
 from ._tokens import token_layout
+
+INDICES = ("state_batch_indices", "dst_state_batch_indices")
+NACC = "num_accepted_tokens"
+
+
+def _layout(call: dict):
+    x, state = call["x"], call["state"]
+    lead = tuple(x.shape[: x.dim() - (state.dim() - 2)])  # (batch,), (batch, T) or (tokens,)
+    return lead, token_layout(lead, call["cu_seqlens"], x.device)
+
+
+def _rows(call: dict) -> Rows:
+    _, seq = _layout(call)
+    nacc = call["num_accepted_tokens"]
+    src, dst = seq.rows(call["state_batch_indices"], call["dst_state_batch_indices"], nacc)
+    cols = torch.arange(dst.shape[1], device=dst.device)[None, :]
+    if nacc is None:  # the final state, into the first column
+        written = (cols == 0) & (seq.lengths > 0)[:, None]
+    else:  # speculative: the state after each token, into its own column
+        written = cols < seq.lengths[:, None]
+    return Rows(src, torch.ones_like(src, dtype=torch.bool), dst, written)
+
+
+def _whole_rows(call: dict) -> str | None:
+    if call["num_accepted_tokens"] is not None:
+        return "speculative decoding (num_accepted_tokens) writes one row per token"
+    lead = call["x"].dim() - (call["state"].dim() - 1)
+    if lead == 2 and not statically_known_true(call["x"].shape[1] >= 1):
+        return "tokens per sequence may be 0"
+    return None
 
 
 @register_op(
     mutates_args=("state", "out"),
     allocate={"out": lambda call: torch.empty_like(call["x"])},
+    rows=RowSpec("state", "state_batch_indices", "dst_state_batch_indices", _rows),
+    redirect=Redirect("cu_seqlens", _whole_rows),
 )
 def selective_state_update(
     state: torch.Tensor,
@@ -129,23 +164,18 @@ def _check(call: dict) -> None:
             checks.fail(name, "2-D slot indices (one per token) with num_accepted_tokens", None)
         if spec and len(lead) == 2 and idx is not None and idx.shape[1] < lead[1]:
             checks.fail(name, f"at least {lead[1]} columns (one per token)", tuple(idx.shape))
-    _check_values(call, state.shape[0], lead)
 
 
-def _check_values(call: dict, nslots: int, lead: tuple[int, ...]) -> None:
-    cu, nacc, pad = call["cu_seqlens"], call["num_accepted_tokens"], call["pad_slot_id"]
-    sbi, dsbi = call["state_batch_indices"], call["dst_state_batch_indices"]
-    if not checks.values_readable(call["x"], cu, nacc, sbi, dsbi):
-        return
+@selective_state_update.register_value_check
+def _check_values(call: dict) -> None:
+    cu = call["cu_seqlens"]
+    lead, seq = _layout(call)
     if cu is not None:
         checks.cumulative("cu_seqlens", cu, lead[0])
-    seq = token_layout(lead, cu, call["x"].device)
-    sbi, dsbi, nacc = (checks.sequences(t, seq.count) for t in (sbi, dsbi, nacc))
-    for name, idx in (("state_batch_indices", sbi), ("dst_state_batch_indices", dsbi)):
-        if idx is None:
-            continue
-        checks.rows_in_range(name, idx, nslots, pad)
-        if nacc is not None and idx.shape[1] < seq.max_len:
+    checks.indices_in_range(call, INDICES, seq.count, call["state"].shape[0])
+    sbi, dsbi, nacc = (checks.sequences(call[k], seq.count) for k in (*INDICES, NACC))
+    for name, idx in zip(INDICES, (sbi, dsbi), strict=True):
+        if idx is not None and nacc is not None and idx.shape[1] < seq.max_len:
             checks.fail(
                 name, f"at least {seq.max_len} columns (longest sequence)", tuple(idx.shape)
             )
@@ -157,44 +187,42 @@ def _check_values(call: dict, nslots: int, lead: tuple[int, ...]) -> None:
             f"values in [0, {sbi.shape[1]}] (the columns of state_batch_indices)",
             nacc.tolist(),
         )
-    src, dst = seq.rows(sbi, dsbi, nacc)
-    lengths = seq.lengths.tolist()
-    if nacc is None:
-        written = [row[:1] if n > 0 else [] for row, n in zip(dst.tolist(), lengths, strict=True)]
-    else:
-        written = [row[:n] for row, n in zip(dst.tolist(), lengths, strict=True)]
-    dst_name = "dst_state_batch_indices" if dsbi is not None else "state_batch_indices"
-    checks.disjoint_rows("state_batch_indices", src.tolist(), dst_name, written, pad)
 
 
 @selective_state_update.register_device_check
 def _device_check(call: dict) -> None:
-    x, state, cu, pad = call["x"], call["state"], call["cu_seqlens"], call["pad_slot_id"]
-    lead = tuple(x.shape[: x.dim() - (state.dim() - 2)])
-    nslots = state.shape[0]
+    cu = call["cu_seqlens"]
+    lead, seq = _layout(call)
     if cu is not None:
         checks.assert_cumulative("cu_seqlens", cu, lead[0])
-    seq = token_layout(lead, cu, x.device)
-    sbi, dsbi, nacc = (
-        checks.sequences(call[k], seq.count)
-        for k in ("state_batch_indices", "dst_state_batch_indices", "num_accepted_tokens")
-    )
-    for name, idx in (("state_batch_indices", sbi), ("dst_state_batch_indices", dsbi)):
-        if idx is not None:
-            checks.assert_rows_in_range(name, idx, nslots, pad)
-    src, dst = seq.rows(sbi, dsbi, nacc)
-    cols = torch.arange(dst.shape[1], device=x.device)[None, :]
-    if nacc is None:
-        written = (cols == 0) & (seq.lengths > 0)[:, None]
-    else:
+    checks.indices_in_range(call, INDICES, seq.count, call["state"].shape[0], on_device=True)
+    sbi, dsbi, nacc = (checks.sequences(call[k], seq.count) for k in (*INDICES, NACC))
+    if nacc is not None:
         checks.assert_within(
             "num_accepted_tokens", nacc, 0, sbi.shape[1],
             f"values in [0, {sbi.shape[1]}] (the columns of state_batch_indices)",
         )
+        ncols = sbi.shape[1] if dsbi is None else dsbi.shape[1]
         checks.assert_within(
-            "cu_seqlens" if cu is not None else "x", seq.lengths, 0, dst.shape[1],
-            f"at most {dst.shape[1]} tokens per sequence (one index column per token)",
+            "cu_seqlens" if cu is not None else "x", seq.lengths, 0, ncols,
+            f"at most {ncols} tokens per sequence (one index column per token)",
         )
-        written = cols < seq.lengths[:, None]
-    dst_name = "dst_state_batch_indices" if dsbi is not None else "state_batch_indices"
-    checks.assert_row_rules("state_batch_indices", src, dst_name, dst, written, nslots, pad)
+
+
+@selective_state_update.register_example
+def _example_call(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    s, randn = _example.SIZES, _example.randn(device, dtype)
+    heads, dim, n = s.heads, s.head_dim, s.batch
+    A = -randn(heads, dt=torch.float32).exp()
+    return {
+        "state": randn(s.slots, heads, dim, s.d_state), "x": randn(n, heads, dim),
+        "dt": randn(n, heads)[..., None].expand(n, heads, dim),  # tied over headdim
+        "A": A[:, None, None].expand(heads, dim, s.d_state),
+        "B": randn(n, s.groups, s.d_state), "C": randn(n, s.groups, s.d_state),
+        "D": randn(heads)[:, None].expand(heads, dim),
+        "dt_bias": randn(heads)[:, None].expand(heads, dim), "dt_softplus": True,
+        "state_batch_indices": _example.rows(device), "out": randn(n, heads, dim),
+    }
+
+
+selective_state_update.register_strategy(_example.testing_strategy("selective_state_update_calls"))

@@ -4,13 +4,12 @@
 >>> check_impl("copy_state_blocks", "native", max_examples=5)  # doctest: +SKIP
 """
 
-from .check import STATE_ROWS, assert_matches_native, check_impl
+from .check import assert_matches_native, check_impl, touched_rows
 from .strategies import SMALL, Sizes, assign_rows, calls
 from .tolerances import TOLERANCES, tolerance
 
 __all__ = [
     "SMALL",
-    "STATE_ROWS",
     "TOLERANCES",
     "Sizes",
     "assert_matches_native",
@@ -18,4 +17,5 @@ __all__ = [
     "calls",
     "check_impl",
     "tolerance",
+    "touched_rows",
 ]

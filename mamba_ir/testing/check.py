@@ -17,7 +17,6 @@ provider's predicate accepts.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,113 +25,17 @@ from hypothesis.errors import Unsatisfiable
 from hypothesis.strategies import SearchStrategy
 
 from ..op import IrOp, get_op
-from ..ops._tokens import token_layout
 from .strategies import SMALL, Sizes, calls
 from .tolerances import tolerance
 
-Rows = tuple[set[int], set[int]]
 
-
-def _ssu_rows(call: dict[str, Any]) -> Rows:
-    x, state = call["x"], call["state"]
-    lead = x.shape[: x.dim() - (state.dim() - 2)]
-    seq = token_layout(lead, call["cu_seqlens"], x.device)
-    nacc = call["num_accepted_tokens"]
-    src, dst = seq.rows(call["state_batch_indices"], call["dst_state_batch_indices"], nacc)
-    written = set()
-    for rows, n in zip(dst.tolist(), seq.lengths.tolist(), strict=True):
-        written.update(rows[:n] if nacc is not None else rows[:1] if n > 0 else [])
-    return _real(set(src.tolist()), call), _real(written, call)
-
-
-def _real(rows: set[int], call: dict[str, Any]) -> set[int]:
-    return rows - {call["pad_slot_id"]}
-
-
-def _conv_rows(dst: Any, src: Any, lengths: list[int], reads: list[bool]) -> Rows:
-    # index tensors may be longer than the sequences: the tail is ignored
-    n = len(lengths)
-    dst = list(range(n)) if dst is None else dst.tolist()[:n]
-    src = dst if src is None else src.tolist()[:n]
-    reads = reads[:n]
-    read = {s for s, r in zip(src, reads, strict=True) if r}
-    return read, {d for d, n in zip(dst, lengths, strict=True) if n > 0}
-
-
-def _conv_fn_rows(call: dict[str, Any]) -> Rows:
-    qsl = call["query_start_loc"]
-    lengths = (qsl[1:] - qsl[:-1]).tolist()
-    init = call["has_initial_state"]
-    reads = [False] * len(lengths) if init is None else init.tolist()
-    read, written = _conv_rows(call["cache_indices"], call["src_cache_indices"], lengths, reads)
-    return _real(read, call), _real(written, call)
-
-
-def _conv_update_rows(call: dict[str, Any]) -> Rows:
-    x = call["x"]
-    lead = (x.shape[0], x.shape[2]) if x.dim() == 3 else (x.shape[0],)
-    lengths = token_layout(lead, call["query_start_loc"], x.device).lengths.tolist()
-    src = call["src_conv_state_indices"]
-    src = call["conv_state_indices"] if src is None else src
-    read, written = _conv_rows(call["conv_state_indices"], src, lengths, [True] * len(lengths))
-    return _real(read, call), _real(written, call)
-
-
-def _copy_rows(call: dict[str, Any]) -> Rows:
-    pad = call["pad_slot_id"]
-    pairs = [
-        (s, d)
-        for s, d in zip(call["src"].tolist(), call["dst"].tolist(), strict=True)
-        if s != pad and d != pad
-    ]
-    return {s for s, _ in pairs}, {d for _, d in pairs}
-
-
-def _chunk_scan_rows(call: dict[str, Any]) -> Rows:
-    from ..ops._rows import checkpoint_columns
-
-    seq = token_layout(call["x"].shape[:1], call["cu_seqlens"], call["x"].device)
-    src, dst = seq.rows(call["state_batch_indices"], call["dst_state_batch_indices"], None)
-    written = {d for d, n in zip(dst[:, 0].tolist(), seq.lengths.tolist(), strict=True) if n > 0}
-    if call["block_size"]:
-        used = checkpoint_columns(seq.lengths, call["num_computed_tokens"], call["block_size"])
-        ckpt = call["checkpoint_state_indices"][: seq.count]  # the tail is ignored
-        for cols, k in zip(ckpt.tolist(), used.tolist(), strict=True):
-            written.update(cols[:k])
-    return _real(set(src.tolist()), call), _real(written, call)
-
-
-# Which argument holds the state rows, and which rows a call reads and writes.
-STATE_ROWS: dict[str, tuple[str, Callable[[dict[str, Any]], Rows]]] = {
-    "selective_state_update": ("state", _ssu_rows),
-    "causal_conv1d_fn": ("conv_states", _conv_fn_rows),
-    "causal_conv1d_update": ("conv_state", _conv_update_rows),
-    "copy_state_blocks": ("state", _copy_rows),
-    "mamba_chunk_scan": ("state", _chunk_scan_rows),
-}
-
-
-def _selective_scan_rows(call: dict[str, Any]) -> Rows:
-    from ..ops._rows import checkpoint_columns
-
-    qsl = call["query_start_loc"]
-    lengths, n = qsl[1:] - qsl[:-1], qsl.shape[0] - 1
-    # per-sequence tensors may be longer than the sequences: the tail is ignored
-    dst, src, init, done, ckpt = (
-        None if call[k] is None else call[k][:n]
-        for k in ("cache_indices", "src_cache_indices", "has_initial_state",
-                  "num_computed_tokens", "checkpoint_state_indices")
-    )
-    reads = [False] * n if init is None else init.tolist()
-    read, written = _conv_rows(dst, src, lengths.tolist(), reads)
-    if call["block_size"]:
-        used = checkpoint_columns(lengths.long(), done, call["block_size"])
-        for cols, k in zip(ckpt.tolist(), used.tolist(), strict=True):
-            written.update(cols[:k])
-    return _real(read, call), _real(written, call)
-
-
-STATE_ROWS["selective_scan"] = ("ssm_states", _selective_scan_rows)
+def touched_rows(op: IrOp | str, call: dict[str, Any]) -> tuple[set[int], set[int]]:
+    """The state rows (of ``op.rows.state``) a valid bound call reads and writes, pads
+    excluded: what the op's row spec says."""
+    op = get_op(op) if isinstance(op, str) else op
+    rows = op.rows_of(call)
+    pad = call[op.rows.pad]
+    return rows.read_rows(pad), rows.written_rows(pad)
 
 
 def _clone(call: dict[str, Any]) -> dict[str, Any]:
@@ -157,13 +60,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def assert_matches_native(op: IrOp | str, provider: str, call: dict[str, Any]) -> None:
     """Run native and ``provider`` on copies of ``call``; assert they agree (see module doc)."""
     op = get_op(op) if isinstance(op, str) else op
-    state_arg, rows_of = STATE_ROWS[op.name]
+    state_arg = op.rows.state
     call = dict(call)
     for name, make in op.allocate.items():
         if call[name] is None:
             call[name] = make(call).fill_(float("nan"))
     op.check(call)
-    read, written = rows_of(call)
+    read, written = touched_rows(op, call)
     state = call[state_arg]
     untouched = [r for r in range(state.shape[0]) if r not in read | written]
     if untouched:

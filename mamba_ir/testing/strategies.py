@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
+from ..op import IrOp, get_op
+
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -492,18 +494,15 @@ def mamba_chunk_scan_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = 
     return call
 
 
-CALLS: dict[str, Callable[..., st.SearchStrategy[dict[str, Any]]]] = {
-    "selective_state_update": selective_state_update_calls,
-    "causal_conv1d_fn": causal_conv1d_fn_calls,
-    "causal_conv1d_update": causal_conv1d_update_calls,
-    "copy_state_blocks": copy_state_blocks_calls,
-    "mamba_chunk_scan": mamba_chunk_scan_calls,
-}
-
-
-def calls(op: str, device: str = "cpu", sizes: Sizes = SMALL) -> st.SearchStrategy[dict[str, Any]]:
-    """Valid argument sets for the op named ``op``."""
-    return CALLS[op](device=device, sizes=sizes)
+def calls(
+    op: IrOp | str, device: str = "cpu", sizes: Sizes = SMALL
+) -> st.SearchStrategy[dict[str, Any]]:
+    """Valid argument sets for ``op`` (or the op of that name): its registered strategy."""
+    op = get_op(op) if isinstance(op, str) else op
+    if op.strategy is None:
+        raise ValueError(f"op: {op.name} has no strategy (declare one with "
+                         f"{op.name}.register_strategy, or pass check_impl(strategy=...))")
+    return op.strategy(device=device, sizes=sizes)
 
 
 def _channel_first(randn, ntok: int, widths: list[int], dtype, layout: str) -> list[torch.Tensor]:
@@ -590,6 +589,3 @@ def selective_scan_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SM
                  "num_computed_tokens", "checkpoint_state_indices"):
         call[name] = per_seq(call[name])
     return call
-
-
-CALLS["selective_scan"] = selective_scan_calls
