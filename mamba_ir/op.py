@@ -141,6 +141,11 @@ class IrOp:
         self.native = native
         self.__doc__ = native.__doc__
         self.signature = inspect.signature(native)
+        # read once: binding with inspect at call time would make TorchDynamo stop tracing
+        # in any frame that has mutated a dict (transformers' forwards do, kwargs.pop)
+        self._names = tuple(self.signature.parameters)
+        self._defaults = {n: p.default for n, p in self.signature.parameters.items()
+                          if p.default is not p.empty}
         self.mutates_args = tuple(mutates_args)
         self.allocate = dict(allocate or {})
         self.tolerances = dict(tolerances or {})
@@ -309,9 +314,20 @@ class IrOp:
 
     def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """All arguments of a call by name, defaults filled in."""
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return dict(bound.arguments)
+        if len(args) > len(self._names):
+            raise TypeError(f"{self.name}() takes {len(self._names)} arguments, "
+                            f"got {len(args)} positional")
+        call = dict(zip(self._names, args, strict=False))  # the rest by name or default
+        for name, value in kwargs.items():
+            if name not in self.signature.parameters:
+                raise TypeError(f"{self.name}() got an unexpected keyword argument {name!r}")
+            if name in call:
+                raise TypeError(f"{self.name}() got multiple values for argument {name!r}")
+            call[name] = value
+        missing = [n for n in self._names if n not in call and n not in self._defaults]
+        if missing:
+            raise TypeError(f"{self.name}() missing required arguments: {missing}")
+        return {n: call[n] if n in call else self._defaults[n] for n in self._names}
 
     def priority(self, device_type: str, *, priority: PrioritySpec = None) -> tuple[str, ...]:
         """Providers tried for a call on ``device_type``, best first; ``priority`` (as

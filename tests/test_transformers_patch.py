@@ -11,6 +11,7 @@ test_transformers_compile.py.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,14 +103,19 @@ def cache_kwargs(model, out) -> dict:
 
 
 def op_calls(monkeypatch) -> list[str]:
+    """The names of the IR ops the patched layers call, in order."""
     calls: list[str] = []
-    run = hf._run
 
-    def counting(op, **arguments):
-        calls.append(op.name)
-        return run(op, **arguments)
+    def counting(op):
+        def call(*args, **kwargs):
+            calls.append(op.name)
+            return op(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(hf, "_run", counting)
+    names = ("causal_conv1d_fn", "causal_conv1d_update", "selective_state_update",
+             "mamba_chunk_scan")
+    counted = SimpleNamespace(**{n: counting(getattr(hf.ops, n)) for n in names})
+    monkeypatch.setattr(hf, "ops", counted)
     return calls
 
 

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..op import IrOp
 
 # Exact (module, class) of every mixer whose forward this file reproduces, tested with
 # transformers 5.23; a subclass may override anything, so it is not accepted.
@@ -43,35 +42,6 @@ MIXERS: dict[tuple[str, str], str] = {
 PREFILL_OPS = ("mamba_chunk_scan", "selective_state_update")
 _ACTIVATIONS = (None, "silu", "swish")
 _PAD = -1
-
-
-def _defaults(op: IrOp) -> dict[str, Any]:
-    return {name: p.default for name, p in op.signature.parameters.items()}
-
-
-# read once, here: see _run
-_DEFAULTS = {
-    op: _defaults(op)
-    for op in (ops.causal_conv1d_fn, ops.causal_conv1d_update, ops.selective_state_update,
-               ops.mamba_chunk_scan)
-}
-
-
-def _run(op: IrOp, **arguments: Any) -> Any:
-    """``op(**arguments)``, with the call bound from the defaults read at import instead of by
-    ``inspect.Signature.bind``: TorchDynamo stops tracing ``inspect`` in a frame that has
-    mutated a dict, and every transformers forward does (``kwargs.pop``), so binding there
-    would split the compiled graph at each op call. Checks and allocation as ``IrOp``."""
-    call = {**_DEFAULTS[op], **arguments}
-    op.check(call)
-    for name, make in op.allocate.items():
-        if call[name] is None:
-            call[name] = make(call)
-    result = op.custom_op(**call)
-    if op.allocate:
-        outs = tuple(call[name] for name in op.allocate)
-        return outs[0] if len(outs) == 1 else outs
-    return result
 
 
 @dataclass(frozen=True)
@@ -196,8 +166,8 @@ def _forward(
     gated_norm = not falcon or self.mamba_rms_norm
 
     if states.previous and seqlen == 1:
-        xbc = _run(
-            ops.causal_conv1d_update, x=xbc[:, 0], conv_state=states.conv, weight=weight,
+        xbc = ops.causal_conv1d_update(
+            x=xbc[:, 0], conv_state=states.conv, weight=weight,
             bias=self.conv1d.bias, activation=self.activation,
         )[:, None]
     else:
@@ -207,8 +177,8 @@ def _forward(
         has_initial = (
             torch.ones(batch, dtype=torch.bool, device=xbc.device) if states.previous else None
         )
-        xbc = _run(
-            ops.causal_conv1d_fn, x=flat.t(), weight=weight, bias=self.conv1d.bias,
+        xbc = ops.causal_conv1d_fn(
+            x=flat.t(), weight=weight, bias=self.conv1d.bias,
             conv_states=states.conv, query_start_loc=cu_seqlens, cache_indices=states.conv_rows,
             has_initial_state=has_initial, activation=self.activation,
         ).t().view(batch, seqlen, self.conv_dim)
@@ -223,23 +193,23 @@ def _forward(
 
     if states.previous and seqlen == 1:
         # transformers' decode step does not clamp dt (only its prefill does): neither do we
-        y = _run(
-            ops.selective_state_update, state=states.ssm, x=x,
+        y = ops.selective_state_update(
+            state=states.ssm, x=x,
             dt=dt[..., None].expand(tokens, heads, head_dim),
             A=A[:, None, None].expand(heads, head_dim, dstate), B=B, C=C,
             D=self.D[:, None].expand(heads, head_dim), z=z,
             dt_bias=self.dt_bias[:, None].expand(heads, head_dim), dt_softplus=True,
         )
     elif setup.prefill_op == "mamba_chunk_scan":
-        y = _run(
-            ops.mamba_chunk_scan, state=states.ssm, x=x, dt=dt, A=A, B=B, C=C,
+        y = ops.mamba_chunk_scan(
+            state=states.ssm, x=x, dt=dt, A=A, B=B, C=C,
             chunk_size=self.chunk_size, cu_seqlens=cu_seqlens, D=self.D, z=z,
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=tuple(self.time_step_limit),
             state_batch_indices=states.src, dst_state_batch_indices=states.dst,
         )
     else:
-        y = _run(
-            ops.selective_state_update, state=states.ssm, x=x,
+        y = ops.selective_state_update(
+            state=states.ssm, x=x,
             dt=dt[..., None].expand(tokens, heads, head_dim),
             A=A[:, None, None].expand(heads, head_dim, dstate), B=B, C=C,
             D=self.D[:, None].expand(heads, head_dim), z=z,
