@@ -34,8 +34,6 @@ from ._tokens import token_layout
 CHUNKED_TOLERANCES = {torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 3e-2)}
 
 
-
-
 def _rows(call: dict) -> Rows:
     seq = token_layout(call["x"].shape[:1], call["cu_seqlens"], call["x"].device)
     src, dst = seq.rows(call["state_batch_indices"], call["dst_state_batch_indices"], None)
