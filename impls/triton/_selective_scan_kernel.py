@@ -14,7 +14,8 @@ is uniform across the program).
 
 from __future__ import annotations
 
-from ._common import tl, triton
+from ._common import given, tl, triton
+from ._jit import only_if, real_row, step_size
 
 if triton is not None:
 
@@ -24,21 +25,34 @@ if triton is not None:
         offs = chans[:, None] * s_d + toks[None, :] * s_t
         return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
+    @triton.heuristics({
+        "HAS_D": given("D_ptr"), "HAS_Z": given("z_ptr"), "HAS_BIAS": given("bias_ptr"),
+        "HAS_DST": given("dst_ptr"), "HAS_SRC": given("src_ptr"), "HAS_INIT": given("init_ptr"),
+        "HAS_DONE": given("done_ptr"), "CHECKPOINTS": given("ckpt_ptr"),
+    })
     @triton.jit
     def scan_kernel(
         u_ptr, delta_ptr, z_ptr, out_ptr, state_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr,
         qsl_ptr, dst_ptr, src_ptr, init_ptr, done_ptr, ckpt_ptr,
         dim, dstate, per_group, pad_slot_id, block_size, nslots, ntok, ncols,
-        s_u_d, s_u_t, s_delta_d, s_delta_t, s_z_d, s_z_t, s_out_d, s_out_t,
-        s_state_row, s_state_d, s_state_n, s_A_d, s_A_n,
-        s_B_g, s_B_n, s_B_t, s_C_g, s_C_n, s_C_t, s_D, s_bias,
-        s_qsl, s_dst, s_src, s_init, s_done, s_ckpt_seq, s_ckpt_col,
+        s_u, s_delta, s_z, s_out, s_state, s_A, s_B, s_C, s_D, s_bias,
+        s_qsl, s_dst, s_src, s_init, s_done, s_ckpt,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr, HAS_DST: tl.constexpr, HAS_SRC: tl.constexpr,
         HAS_INIT: tl.constexpr, HAS_DONE: tl.constexpr, CHECKPOINTS: tl.constexpr,
         ONE_GROUP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_T: tl.constexpr,
     ):
+        # strides: one tuple per tensor
+        s_u_d, s_u_t = s_u
+        s_delta_d, s_delta_t = s_delta
+        s_z_d, s_z_t = s_z
+        s_out_d, s_out_t = s_out
+        s_state_row, s_state_d, s_state_n = s_state
+        s_A_d, s_A_n = s_A
+        s_B_g, s_B_n, s_B_t = s_B
+        s_C_g, s_C_n, s_C_t = s_C
+        s_ckpt_seq, s_ckpt_col = s_ckpt
         seq = tl.program_id(0).to(tl.int64)
         first_chan = tl.program_id(1) * BLOCK_D
         bos = tl.load(qsl_ptr + seq * s_qsl).to(tl.int64)
@@ -66,20 +80,19 @@ if triton is not None:
 
         if HAS_INIT:
             # without an initial state (or from a pad source) the masked load reads nothing
-            # (scalar conditions enter masks through tl.where: `&` with a scalar breaks the
-            # interpreter)
-            reads = ((src != pad_slot_id) & (src >= 0) & (src < nslots)
-                     & (tl.load(init_ptr + seq * s_init) != 0))
+            reads = real_row(src, pad_slot_id, nslots) & (tl.load(init_ptr + seq * s_init) != 0)
             h = tl.load(state_ptr + src * s_state_row + tile,
-                        mask=tl.where(reads, tile_mask, False), other=0.0).to(tl.float32)
+                        mask=only_if(reads, tile_mask), other=0.0).to(tl.float32)
         else:
             h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
         A = tl.load(A_ptr + chans[:, None] * s_A_d + offs_n[None, :] * s_A_n,
                     mask=tile_mask, other=0.0).to(tl.float32)
         if HAS_D:
             skip = tl.load(D_ptr + chans * s_D, mask=mask_d, other=0.0).to(tl.float32)
+        bias = 0.0
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + chans * s_bias, mask=mask_d, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + chans * s_bias, mask=mask_d,
+                           other=0.0).to(tl.float32)[:, None]
         # B and C rows of the sequence's first token: one group's vector, or each channel's
         if ONE_GROUP:
             B_rows = B_ptr + (first_chan // per_group) * s_B_g + offs_n * s_B_n + bos * s_B_t
@@ -94,11 +107,7 @@ if triton is not None:
             mask = mask_d[:, None] & (c0 + cols < length)[None, :]
             x = _tokens_tile(u_ptr, chans, toks, s_u_d, s_u_t, mask)
             dt = _tokens_tile(delta_ptr, chans, toks, s_delta_d, s_delta_t, mask)
-            if HAS_BIAS:
-                dt = dt + bias[:, None]
-            if SOFTPLUS:
-                # torch's softplus: linear above 20, where exp would lose the log1p term anyway
-                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+            dt = step_size(dt, bias, None, None, HAS_BIAS, SOFTPLUS, False)
             dtx = dt * x
             y = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
             for i in tl.static_range(BLOCK_T):
@@ -126,10 +135,10 @@ if triton is not None:
                         if (ends % block_size == 0) & (column < ncols):
                             row = tl.load(ckpt_ptr + seq * s_ckpt_seq + column * s_ckpt_col)
                             row = row.to(tl.int64)
-                            real = (row != pad_slot_id) & (row >= 0) & (row < nslots)
                             tl.store(state_ptr + row * s_state_row + tile,
                                      h.to(state_ptr.dtype.element_ty),
-                                     mask=tl.where(real, tile_mask, False))
+                                     mask=only_if(real_row(row, pad_slot_id, nslots),
+                                                  tile_mask))
             if HAS_D:
                 y = y + skip[:, None] * x
             if HAS_Z:
@@ -140,6 +149,6 @@ if triton is not None:
 
         # a pad destination (or a row outside the state), or a sequence without tokens,
         # writes nothing
-        writes = (dst != pad_slot_id) & (dst >= 0) & (dst < nslots) & (length > 0)
+        writes = real_row(dst, pad_slot_id, nslots) & (length > 0)
         tl.store(state_ptr + dst * s_state_row + tile, h.to(state_ptr.dtype.element_ty),
-                 mask=tl.where(writes, tile_mask, False))
+                 mask=only_if(writes, tile_mask))

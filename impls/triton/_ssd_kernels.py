@@ -35,10 +35,12 @@ IEEE products when the inputs are fp32 or of mixed dtypes.
 
 from __future__ import annotations
 
-from ._common import tl, triton
+from ._common import given, tl, triton
+from ._jit import only_if, step_size
 
 if triton is not None:
 
+    @triton.heuristics({"HAS_DONE": given("done_ptr")})
     @triton.jit
     def chunk_plan_kernel(
         cu_ptr, done_ptr, offs_ptr, table_ptr, nseq, chunk, bound,
@@ -87,17 +89,20 @@ if triton is not None:
             tl.store(table_ptr + bound + c, (bos + first).to(tl.int32), mask=live)
             tl.store(table_ptr + 2 * bound + c, (last - first).to(tl.int32), mask=live)
 
+    @triton.heuristics({"HAS_BIAS": given("bias_ptr"), "HAS_LIMIT": given("dt_lo")})
     @triton.jit
     def chunk_dt_kernel(
         dt_ptr, A_ptr, bias_ptr, offs_ptr, table_ptr, decay_ptr, cum_ptr, dts_ptr, rest_ptr,
         nseq, nheads, bound, dt_lo, dt_hi,
-        s_dt_tok, s_dt_head, s_A, s_bias,
+        s_dt, s_A, s_bias,
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         """Step sizes, their within-chunk decay sums (from the chunk's start, and from
         each token to the chunk's end) and the chunk's total decay, for ``BLOCK_H`` heads
         of one chunk (the tokens' dt of neighbouring heads are adjacent)."""
+        # strides: one tuple per tensor
+        s_dt_tok, s_dt_head = s_dt
         c = tl.program_id(0).to(tl.int64)
         if c >= tl.load(offs_ptr + nseq):
             return
@@ -109,13 +114,10 @@ if triton is not None:
         live = (pos < length)[:, None] & live_h[None, :]
         d = tl.load(dt_ptr + (bos + pos)[:, None] * s_dt_tok + heads[None, :] * s_dt_head,
                     mask=live, other=0.0).to(tl.float32)
+        bias = 0.0
         if HAS_BIAS:
-            d = d + tl.load(bias_ptr + heads * s_bias, mask=live_h, other=0.0)[None, :]
-        if SOFTPLUS:
-            # torch's softplus: linear above 20, where exp would lose the log1p term anyway
-            d = tl.where(d <= 20.0, tl.log(1.0 + tl.exp(d)), d)
-        if HAS_LIMIT:
-            d = tl.minimum(tl.maximum(d, dt_lo), dt_hi)
+            bias = tl.load(bias_ptr + heads * s_bias, mask=live_h, other=0.0)[None, :]
+        d = step_size(d, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
         d = tl.where(live, d, 0.0)
         a = tl.load(A_ptr + heads * s_A, mask=live_h, other=0.0).to(tl.float32)
         da = d * a[None, :]
@@ -130,11 +132,27 @@ if triton is not None:
         tl.store(decay_ptr + c * nheads + heads, tl.sum(da, 0), mask=live_h)
 
     @triton.jit
+    def _contribution(
+        acc, x_ptr, B_ptr, tok, live, head, group, weight, offs_p, offs_n, mask_p, mask_n,
+        s_x_tok, s_x_head, s_x_dim, s_B_tok, s_B_group, s_B_n,
+        PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
+    ):
+        """``acc + x^T (B * weight)`` over the ``live`` tokens ``tok`` of one head: a
+        (headdim block x dstate block) tensor-core product."""
+        xt = tl.load(x_ptr + tok[:, None] * s_x_tok + head * s_x_head
+                     + offs_p[None, :] * s_x_dim,
+                     mask=live[:, None] & mask_p[None, :], other=0.0)
+        bt = tl.load(B_ptr + tok[:, None] * s_B_tok + group * s_B_group
+                     + offs_n[None, :] * s_B_n,
+                     mask=live[:, None] & mask_n[None, :], other=0.0)
+        bw = (bt.to(tl.float32) * weight[:, None]).to(MM_DTYPE)
+        return tl.dot(tl.trans(xt.to(MM_DTYPE)), bw, acc=acc, input_precision=PREC)
+
+    @triton.jit
     def chunk_state_kernel(
         x_ptr, B_ptr, offs_ptr, table_ptr, contrib_ptr, rest_ptr, dts_ptr,
         nseq, nheads, dim, dstate, heads_per_group, bound,
-        s_x_tok, s_x_head, s_x_dim,
-        s_B_tok, s_B_group, s_B_n,
+        s_x, s_B,
         PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr,
@@ -142,6 +160,9 @@ if triton is not None:
         """One chunk's own contribution to the state of one head, ``x^T (B * weights)``,
         each token weighted by its step size and its decay to the chunk's end: a chain of
         tensor-core products into one fp32 accumulator."""
+        # strides: one tuple per tensor
+        s_x_tok, s_x_head, s_x_dim = s_x
+        s_B_tok, s_B_group, s_B_n = s_B
         c = tl.program_id(0).to(tl.int64)
         if c >= tl.load(offs_ptr + nseq):
             return
@@ -167,42 +188,28 @@ if triton is not None:
             rest = tl.load(rest_ptr + slot * BLOCK_L + pos, mask=live, other=0.0)
             d = tl.load(dts_ptr + slot * BLOCK_L + pos, mask=live, other=0.0)
             weight = tl.exp(rest) * d
-            xt = tl.load(x_ptr + tok[:, None] * s_x_tok + head * s_x_head
-                         + offs_p[None, :] * s_x_dim,
-                         mask=live[:, None] & mask_p[None, :], other=0.0)
-            bt = tl.load(B_ptr + tok[:, None] * s_B_tok + group * s_B_group
-                         + offs_n[None, :] * s_B_n,
-                         mask=live[:, None] & mask_n[None, :], other=0.0)
-            bw = (bt.to(tl.float32) * weight[:, None]).to(MM_DTYPE)
-            h = tl.dot(tl.trans(xt.to(MM_DTYPE)), bw, acc=h, input_precision=PREC)
+            h = _contribution(h, x_ptr, B_ptr, tok, live, head, group, weight,
+                              offs_p, offs_n, mask_p, mask_n, s_x_tok, s_x_head, s_x_dim,
+                              s_B_tok, s_B_group, s_B_n, PREC, MM_DTYPE)
         tile = offs_p[:, None] * WIDTH_N + offs_n[None, :]
         tl.store(contrib_ptr + slot * dim * WIDTH_N + tile,
                  h.to(contrib_ptr.dtype.element_ty), mask=mask_p[:, None])
 
     @triton.jit
-    def _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, bias, lo, hi,
+    def _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, bias, dt_lo, dt_hi,
                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
         """dt of the given tokens after bias, softplus and clamp; 0 where not ``live``."""
         d = tl.load(dt_ptr + tok * s_dt_tok + head * s_dt_head, mask=live, other=0.0)
-        d = d.to(tl.float32)
-        if HAS_BIAS:
-            d = d + bias
-        if SOFTPLUS:
-            # torch's softplus: linear above 20, where exp would lose the log1p term anyway
-            d = tl.where(d <= 20.0, tl.log(1.0 + tl.exp(d)), d)
-        if HAS_LIMIT:
-            d = tl.minimum(tl.maximum(d, lo), hi)
+        d = step_size(d.to(tl.float32), bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
         return tl.where(live, d, 0.0)
 
+    @triton.heuristics({"HAS_BIAS": given("bias_ptr"), "HAS_LIMIT": given("dt_lo")})
     @triton.jit
     def chunk_state_fused_kernel(
         x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr,
         offs_ptr, table_ptr, contrib_ptr, decay_ptr, cum_ptr, dts_ptr,
         nseq, nheads, dim, dstate, heads_per_group, bound, dt_lo, dt_hi,
-        s_x_tok, s_x_head, s_x_dim,
-        s_dt_tok, s_dt_head,
-        s_B_tok, s_B_group, s_B_n,
-        s_A, s_bias,
+        s_x, s_dt, s_B, s_A, s_bias,
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
         PREC: tl.constexpr, MM_DTYPE: tl.constexpr, HEADS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -212,6 +219,10 @@ if triton is not None:
         state_dt_fused``): the step sizes are computed in the product loop, which rescales
         the accumulator by each block of tokens' decay; ``HEADS`` heads of one group per
         program (their B tiles are the same: the second head onwards reads them from L1)."""
+        # strides: one tuple per tensor
+        s_x_tok, s_x_head, s_x_dim = s_x
+        s_dt_tok, s_dt_head = s_dt
+        s_B_tok, s_B_group, s_B_n = s_B
         c = tl.program_id(0).to(tl.int64)
         if c >= tl.load(offs_ptr + nseq):
             return
@@ -253,31 +264,32 @@ if triton is not None:
                 carry += total
                 # each token's contribution decays to the end of this block of tokens
                 weight = tl.exp(total - cum) * d
-                xt = tl.load(x_ptr + tok[:, None] * s_x_tok + head * s_x_head
-                             + offs_p[None, :] * s_x_dim,
-                             mask=live[:, None] & mask_p[None, :], other=0.0)
-                bt = tl.load(B_ptr + tok[:, None] * s_B_tok + group * s_B_group
-                             + offs_n[None, :] * s_B_n,
-                             mask=live[:, None] & mask_n[None, :], other=0.0)
-                bw = (bt.to(tl.float32) * weight[:, None]).to(MM_DTYPE)
-                h = tl.dot(tl.trans(xt.to(MM_DTYPE)), bw, acc=h * tl.exp(total),
-                           input_precision=PREC)
+                h = _contribution(h * tl.exp(total), x_ptr, B_ptr, tok, live, head, group,
+                                  weight, offs_p, offs_n, mask_p, mask_n,
+                                  s_x_tok, s_x_head, s_x_dim, s_B_tok, s_B_group, s_B_n,
+                                  PREC, MM_DTYPE)
             tl.store(contrib_ptr + slot * dim * WIDTH_N + tile,
                      h.to(contrib_ptr.dtype.element_ty), mask=mask_p[:, None])
             if owner:
                 tl.store(decay_ptr + slot, carry)
 
+    @triton.heuristics({
+        "HAS_DONE": given("done_ptr"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
+        "HAS_CKPT": given("ckpt_ptr"),
+    })
     @triton.jit
     def state_pass_kernel(
         state_ptr, contrib_ptr, decay_ptr, hin_ptr,
         cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
         pad_slot_id, nheads, dim, dstate, chunk, block_size,
-        s_state_row, s_state_head, s_state_dim, s_state_n,
-        s_cu, s_done, s_src, s_dst, s_ckpt_seq, s_ckpt_col,
+        s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
         HAS_CKPT: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr,
     ):
+        # strides: one tuple per tensor
+        s_state_row, s_state_head, s_state_dim, s_state_n = s_state
+        s_ckpt_seq, s_ckpt_col = s_ckpt
         seq = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
         nblocks = WIDTH_N // BLOCK_N
@@ -306,18 +318,18 @@ if triton is not None:
         tile_mask = mask_p[:, None] & (offs_n < dstate)[None, :]
         head_off = head * s_state_head
         h = tl.load(state_ptr + src * s_state_row + head_off + tile,
-                    mask=tl.where(src != pad_slot_id, tile_mask, False), other=0.0)
+                    mask=only_if(src != pad_slot_id, tile_mask), other=0.0)
         h = h.to(tl.float32)
         scratch = offs_p[:, None] * WIDTH_N + offs_n[None, :]
         size = dim * WIDTH_N
         # the next chunk's contribution is loaded one step ahead: it does not depend on h
         nxt = tl.load(contrib_ptr + (first * nheads + head) * size + scratch,
-                      mask=tl.where(nchunks > 0, mask_p[:, None], False), other=0.0)
+                      mask=only_if(nchunks > 0, mask_p[:, None]), other=0.0)
         for k in range(nchunks):
             slot = (first + k) * nheads + head
             contrib = nxt
             nxt = tl.load(contrib_ptr + (slot + nheads) * size + scratch,
-                          mask=tl.where(k + 1 < nchunks, mask_p[:, None], False), other=0.0)
+                          mask=only_if(k + 1 < nchunks, mask_p[:, None]), other=0.0)
             tl.store(hin_ptr + slot * size + scratch, h.to(hin_ptr.dtype.element_ty),
                      mask=mask_p[:, None])
             h = h * tl.exp(tl.load(decay_ptr + slot)) + contrib.to(tl.float32)
@@ -328,23 +340,25 @@ if triton is not None:
                     row = tl.load(ckpt_ptr + seq * s_ckpt_seq + col * s_ckpt_col).to(tl.int64)
                     tl.store(state_ptr + row * s_state_row + head_off + tile,
                              h.to(state_ptr.dtype.element_ty),
-                             mask=tl.where(row != pad_slot_id, tile_mask, False))
+                             mask=only_if(row != pad_slot_id, tile_mask))
         tl.store(state_ptr + dst * s_state_row + head_off + tile,
                  h.to(state_ptr.dtype.element_ty),
-                 mask=tl.where((dst != pad_slot_id) & (length > 0), tile_mask, False))
+                 mask=only_if((dst != pad_slot_id) & (length > 0), tile_mask))
 
     @triton.jit
     def chunk_cb_kernel(
         B_ptr, C_ptr, offs_ptr, table_ptr, cb_ptr,
         nseq, ngroups, dstate, bound,
-        s_B_tok, s_B_group, s_B_n,
-        s_C_tok, s_C_group, s_C_n,
+        s_B, s_C,
         PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         """``cb[c, g, t, s] = C[t] . B[s]`` for the blocks of chunk c on or below the
         diagonal (the scan reads no others)."""
+        # strides: one tuple per tensor
+        s_B_tok, s_B_group, s_B_n = s_B
+        s_C_tok, s_C_group, s_C_n = s_C
         pid = tl.program_id(0)
         kblocks = BLOCK_L // BLOCK_K
         mblocks = BLOCK_L // BLOCK_M
@@ -427,16 +441,13 @@ if triton is not None:
                  + offs_p[None, :] * s_out_dim, acc.to(out_ptr.dtype.element_ty),
                  mask=mask_mp)
 
+    @triton.heuristics({"HAS_D": given("D_ptr"), "HAS_Z": given("z_ptr")})
     @triton.jit
     def chunk_scan_kernel(
         x_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
         offs_ptr, table_ptr, hin_ptr, cum_ptr, dts_ptr, cb_ptr,
         nseq, nheads, dim, dstate, heads_per_group, bound,
-        s_x_tok, s_x_head, s_x_dim,
-        s_C_tok, s_C_group, s_C_n,
-        s_z_tok, s_z_head, s_z_dim,
-        s_out_tok, s_out_head, s_out_dim,
-        s_D_head, s_D_dim,
+        s_x, s_C, s_z, s_out, s_D,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
         MM_DTYPE: tl.constexpr, HEADS: tl.constexpr, ALL_ROWS: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -446,6 +457,12 @@ if triton is not None:
         (the C tile is loaded once, the C B^T blocks come from L1 after the first head),
         or with ``ALL_ROWS`` for every token of the chunk (the state entering the chunk
         is loaded once per head rather than once per block of tokens)."""
+        # strides: one tuple per tensor
+        s_x_tok, s_x_head, s_x_dim = s_x
+        s_C_tok, s_C_group, s_C_n = s_C
+        s_z_tok, s_z_head, s_z_dim = s_z
+        s_out_tok, s_out_head, s_out_dim = s_out
+        s_D_head, s_D_dim = s_D
         # head blocks vary fastest so one group's heads (one C B^T block) run side by side
         pid = tl.program_id(0)
         pblocks = tl.cdiv(dim, BLOCK_P)

@@ -17,15 +17,27 @@ is a view of a larger one).
 
 from __future__ import annotations
 
-from ._common import tl, triton
+from ._common import given, tl, triton
+from ._jit import only_if, real_row, step_size, token_range
 
 if triton is not None:
+
+    @triton.jit
+    def _per_head(ptr, head, s_head, offs_d, s_dim, mask_d, TIED: tl.constexpr):
+        """A per-head parameter (D, dt_bias) in fp32: a scalar when tied over headdim, else
+        one value per row of the tile."""
+        if TIED:
+            value = tl.load(ptr + head * s_head).to(tl.float32)
+        else:
+            value = tl.load(ptr + head * s_head + offs_d * s_dim, mask=mask_d,
+                            other=0.0).to(tl.float32)
+        return value
 
     @triton.jit
     def _token(
         h, t, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
         x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr,
-        a, d_skip, bias, lo, hi,
+        a, d_skip, bias, dt_lo, dt_hi,
         s_x_seq, s_x_tok, s_x_head, s_x_dim,
         s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
         s_z_seq, s_z_tok, s_z_head, s_z_dim,
@@ -45,13 +57,7 @@ if triton is not None:
             dt = tl.load(dt_base).to(tl.float32)
         else:
             dt = tl.load(dt_base + offs_d * s_dt_dim, mask=mask_d, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt = dt + bias
-        if SOFTPLUS:
-            # torch's softplus: linear above 20, where exp would lose the log1p term anyway
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        if HAS_LIMIT:
-            dt = tl.minimum(tl.maximum(dt, lo), hi)
+        dt = step_size(dt, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
         b = tl.load(B_ptr + seq * s_B_seq + tok * s_B_tok + group * s_B_group + offs_n * s_B_n,
                     mask=mask_n, other=0.0).to(tl.float32)
         c = tl.load(C_ptr + seq * s_C_seq + tok * s_C_tok + group * s_C_group + offs_n * s_C_n,
@@ -74,24 +80,18 @@ if triton is not None:
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_d)
         return h
 
+    @triton.heuristics({
+        "HAS_D": given("D_ptr"), "HAS_Z": given("z_ptr"), "HAS_BIAS": given("bias_ptr"),
+        "HAS_LIMIT": given("dt_lo"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
+        "VARLEN": given("cu_ptr"), "SPEC": given("nacc_ptr"),
+    })
     @triton.jit
     def ssu_kernel(
         state_ptr, x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
         src_ptr, dst_ptr, cu_ptr, nacc_ptr,
         pad_slot_id, nheads, dim, dstate, heads_per_group, tokens_per_seq,
-        nslots, ntokens, src_cols, dst_cols, lo, hi, s_cu, s_nacc,
-        s_state_row, s_state_head, s_state_dim, s_state_n,
-        s_x_seq, s_x_tok, s_x_head, s_x_dim,
-        s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
-        s_z_seq, s_z_tok, s_z_head, s_z_dim,
-        s_out_seq, s_out_tok, s_out_head, s_out_dim,
-        s_B_seq, s_B_tok, s_B_group, s_B_n,
-        s_C_seq, s_C_tok, s_C_group, s_C_n,
-        s_A_head, s_A_dim, s_A_n,
-        s_D_head, s_D_dim,
-        s_bias_head, s_bias_dim,
-        s_src_seq, s_src_col,
-        s_dst_seq, s_dst_col,
+        nslots, ntokens, src_cols, dst_cols, dt_lo, dt_hi, s_cu, s_nacc,
+        s_state, s_x, s_dt, s_z, s_out, s_B, s_C, s_A, s_D, s_bias, s_src, s_dst,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
         HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
@@ -100,6 +100,20 @@ if triton is not None:
         BIAS_TIED: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STREAM: tl.constexpr,
     ):
+        # one stride tuple per tensor; per-token tensors: (sequence, token, inner dims)
+        s_state_row, s_state_head, s_state_dim, s_state_n = s_state
+        s_x_seq, s_x_tok, s_x_head, s_x_dim = s_x
+        s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim = s_dt
+        s_z_seq, s_z_tok, s_z_head, s_z_dim = s_z
+        s_out_seq, s_out_tok, s_out_head, s_out_dim = s_out
+        s_B_seq, s_B_tok, s_B_group, s_B_n = s_B
+        s_C_seq, s_C_tok, s_C_group, s_C_n = s_C
+        s_A_head, s_A_dim, s_A_n = s_A
+        s_D_head, s_D_dim = s_D
+        s_bias_head, s_bias_dim = s_bias
+        s_src_seq, s_src_col = s_src
+        s_dst_seq, s_dst_col = s_dst
+
         # programs run head-major within a sequence so the heads of one group (one B/C
         # vector) are neighbours and the state they stream is contiguous
         pid = tl.program_id(0)
@@ -111,12 +125,7 @@ if triton is not None:
         head = head.to(tl.int64)
 
         if VARLEN:
-            bos = tl.load(cu_ptr + seq * s_cu).to(tl.int64)
-            eos = tl.load(cu_ptr + (seq + 1) * s_cu).to(tl.int64)
-            # offsets outside [0, ntokens] (unchecked, compiled) shorten the sequence
-            eos = tl.minimum(eos, ntokens)
-            bos = tl.maximum(bos, 0)
-            length = tl.maximum(eos - bos, 0)
+            bos, length = token_range(cu_ptr, seq, s_cu, ntokens)
         else:
             bos = seq * 0
             length = tokens_per_seq
@@ -146,10 +155,8 @@ if triton is not None:
         tile_mask = mask_d[:, None] & mask_n[None, :]
         head_off = head * s_state_head
 
-        # a pad source means a zero initial state: the masked load reads nothing (scalar
-        # conditions enter masks through tl.where: `&` with a scalar breaks the interpreter)
-        src_ok = (src != pad_slot_id) & (src >= 0) & (src < nslots)
-        src_mask = tl.where(src_ok, tile_mask, False)
+        # a pad source means a zero initial state: the masked load reads nothing
+        src_mask = only_if(real_row(src, pad_slot_id, nslots), tile_mask)
         src_tile = state_ptr + src * s_state_row + head_off + tile
         if STREAM:
             h = tl.load(src_tile, mask=src_mask, other=0.0, eviction_policy="evict_first")
@@ -164,23 +171,20 @@ if triton is not None:
                         + offs_n[None, :] * s_A_n, mask=tile_mask, other=0.0).to(tl.float32)
         d_skip = 0.0
         if HAS_D:
-            if D_TIED:
-                d_skip = tl.load(D_ptr + head * s_D_head).to(tl.float32)
-            else:
-                d_skip = tl.load(D_ptr + head * s_D_head + offs_d * s_D_dim,
-                                 mask=mask_d, other=0.0).to(tl.float32)
+            d_skip = _per_head(D_ptr, head, s_D_head, offs_d, s_D_dim, mask_d, D_TIED)
         bias = 0.0
         if HAS_BIAS:
-            if BIAS_TIED:
-                bias = tl.load(bias_ptr + head * s_bias_head).to(tl.float32)
-            else:
-                bias = tl.load(bias_ptr + head * s_bias_head + offs_d * s_bias_dim,
-                               mask=mask_d, other=0.0).to(tl.float32)
+            bias = _per_head(bias_ptr, head, s_bias_head, offs_d, s_bias_dim, mask_d, BIAS_TIED)
 
+        # plain decode (one token) is a loop of one constant step, which compiles to
+        # straight-line code
+        steps = length
         if ONE_TOKEN:
+            steps = 1
+        for t in range(steps):
             h = _token(
-                h, 0, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
-                x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr, a, d_skip, bias, lo, hi,
+                h, t, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
+                x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr, a, d_skip, bias, dt_lo, dt_hi,
                 s_x_seq, s_x_tok, s_x_head, s_x_dim,
                 s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
                 s_z_seq, s_z_tok, s_z_head, s_z_dim,
@@ -189,35 +193,20 @@ if triton is not None:
                 s_C_seq, s_C_tok, s_C_group, s_C_n,
                 HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_TIED, A_TIED, HAS_LIMIT,
             )
-        else:
-            for t in range(length):
-                h = _token(
-                    h, t, seq, bos, head, group, offs_d, offs_n, mask_d, mask_n,
-                    x_ptr, dt_ptr, z_ptr, out_ptr, B_ptr, C_ptr, a, d_skip, bias, lo, hi,
-                    s_x_seq, s_x_tok, s_x_head, s_x_dim,
-                    s_dt_seq, s_dt_tok, s_dt_head, s_dt_dim,
-                    s_z_seq, s_z_tok, s_z_head, s_z_dim,
-                    s_out_seq, s_out_tok, s_out_head, s_out_dim,
-                    s_B_seq, s_B_tok, s_B_group, s_B_n,
-                    s_C_seq, s_C_tok, s_C_group, s_C_n,
-                    HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, DT_TIED, A_TIED, HAS_LIMIT,
-                )
-                if SPEC:  # every token's state has its own slot (columns past the index: none)
-                    if HAS_DST:
-                        row = tl.load(dst_ptr + seq * s_dst_seq + t * s_dst_col,
-                                      mask=t < dst_cols, other=pad_slot_id).to(tl.int64)
-                    else:
-                        row = tl.load(src_ptr + seq * s_src_seq + t * s_src_col,
-                                      mask=t < src_cols, other=pad_slot_id).to(tl.int64)
-                    row_ok = (row != pad_slot_id) & (row >= 0) & (row < nslots)
-                    tl.store(state_ptr + row * s_state_row + head_off + tile,
-                             h.to(state_ptr.dtype.element_ty),
-                             mask=tl.where(row_ok, tile_mask, False))
+            if SPEC:  # every token's state has its own slot (columns past the index: none)
+                if HAS_DST:
+                    row = tl.load(dst_ptr + seq * s_dst_seq + t * s_dst_col,
+                                  mask=t < dst_cols, other=pad_slot_id).to(tl.int64)
+                else:
+                    row = tl.load(src_ptr + seq * s_src_seq + t * s_src_col,
+                                  mask=t < src_cols, other=pad_slot_id).to(tl.int64)
+                tl.store(state_ptr + row * s_state_row + head_off + tile,
+                         h.to(state_ptr.dtype.element_ty),
+                         mask=only_if(real_row(row, pad_slot_id, nslots), tile_mask))
 
         if not SPEC:
             # a pad destination, or a sequence without tokens, writes nothing
-            dst_ok = (dst != pad_slot_id) & (dst >= 0) & (dst < nslots) & (length > 0)
-            dst_mask = tl.where(dst_ok, tile_mask, False)
+            dst_mask = only_if(real_row(dst, pad_slot_id, nslots) & (length > 0), tile_mask)
             dst_tile = state_ptr + dst * s_state_row + head_off + tile
             if STREAM:
                 tl.store(dst_tile, h.to(state_ptr.dtype.element_ty), mask=dst_mask,

@@ -12,50 +12,21 @@ entry writes, so no read can observe an earlier write.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from mamba_ir.ops.copy_state_blocks import copy_state_blocks as _op
 
-from ._common import runnable, tl, triton
+from ._common import call_kernel, register, runnable, triton
+
+if triton is not None:
+    from ._copy_kernel import copy_rows_kernel
 
 _WORDS = (torch.int32, torch.int16, torch.int8)
 _SAME_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 BLOCK = 4096  # words per program: 16 KiB in flight per program for int32 words
-
-if triton is not None:
-
-    @triton.jit
-    def _copy_rows_kernel(
-        state_ptr, src_ptr, dst_ptr, pad_slot_id, nslots, row_len, nchunks,
-        s_row, s_src, s_dst,
-        n1, n2, n3, s0, s1, s2, s3,
-        BLOCK: tl.constexpr, FLAT: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        chunk = pid % nchunks
-        entry = pid // nchunks
-        src = tl.load(src_ptr + entry * s_src).to(tl.int64)
-        dst = tl.load(dst_ptr + entry * s_dst).to(tl.int64)
-        # pads are skipped; a row copied onto itself costs nothing; rows outside the state
-        # (unchecked, compiled) are never touched
-        ok = (src != pad_slot_id) & (dst != pad_slot_id) & (src != dst)
-        ok = ok & (src >= 0) & (src < nslots) & (dst >= 0) & (dst < nslots)
-        offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = tl.where(ok, offs < row_len, False)
-        if FLAT:
-            where = offs
-        else:  # inner index (i0, i1, i2, i3) of a row with inner sizes (., n1, n2, n3)
-            i3 = offs % n3
-            rest = offs // n3
-            i2 = rest % n2
-            rest = rest // n2
-            i1 = rest % n1
-            i0 = rest // n1
-            where = i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3
-        vals = tl.load(state_ptr + src * s_row + where, mask=mask)
-        tl.store(state_ptr + dst * s_row + where, vals, mask=mask)
 
 
 def _rows_contiguous(t: torch.Tensor) -> bool:
@@ -69,7 +40,7 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
 
 def _flat_words(state: torch.Tensor) -> torch.Tensor | None:
     """The state as (slots, words) in the widest integer word its rows allow, or None."""
-    row_len = state[0].numel() if state.shape[0] else 0
+    row_len = math.prod(state.shape[1:]) if state.shape[0] else 0
     flat = state.as_strided((state.shape[0], row_len), (state.stride(0), 1))
     for word in _WORDS:
         try:
@@ -89,35 +60,30 @@ def supports(**call: Any) -> bool | str:
     return True
 
 
-def copy_state_blocks(
-    state: torch.Tensor,
-    src: torch.Tensor,
-    dst: torch.Tensor,
-    pad_slot_id: int = -1,
-    *,
-    block: int = BLOCK,
-    num_warps: int | None = None,
-) -> None:
-    """The op on Triton; ``block`` (words per program) and ``num_warps`` are for tuning."""
+def launch(call: dict[str, Any], *, block: int = BLOCK, num_warps: int | None = None) -> None:
+    """Run the kernel on a bound call; ``block`` (words per program) and ``num_warps`` are
+    for tuning."""
+    state, src, dst = call["state"], call["src"], call["dst"]
     if src.shape[0] == 0 or state.numel() == 0:
         return
     words = _flat_words(state) if _rows_contiguous(state) else None
     if words is not None:
-        view, inner, strides, flat = words, (1, 1, 1), (0, 0, 0, 1), True
+        view, inner, inner_strides, flat = words, (1, 1, 1), (0, 0, 0, 1), True
     else:
         view = state.view(_SAME_SIZE[state.element_size()])
         inner = (*(1,) * (5 - state.dim()), *view.shape[1:])[-3:]
-        strides = (*(0,) * (5 - state.dim()), *view.stride()[1:])[-4:]
+        inner_strides = (*(0,) * (5 - state.dim()), *view.stride()[1:])[-4:]
         flat = False
-    row_len = view[0].numel()
+    row_len = math.prod(view.shape[1:])
     block = min(block, triton.next_power_of_2(row_len))
     nchunks = triton.cdiv(row_len, block)
-    _copy_rows_kernel[(src.shape[0] * nchunks,)](
-        view, src, dst, pad_slot_id, state.shape[0], row_len, nchunks,
-        view.stride(0), src.stride(0), dst.stride(0),
-        *inner, *strides,
+    call_kernel(copy_rows_kernel, (src.shape[0] * nchunks,),
+        state_ptr=view, src_ptr=src, dst_ptr=dst, pad_slot_id=call["pad_slot_id"],
+        nslots=state.shape[0], row_len=row_len, nchunks=nchunks,
+        s_row=view.stride(0), s_src=src.stride(0), s_dst=dst.stride(0),
+        inner=inner, s_inner=inner_strides,
         BLOCK=block, FLAT=flat, num_warps=num_warps or max(1, min(8, block // 512)),
     )
 
 
-_op.register_impl("triton", copy_state_blocks, supports=supports)
+copy_state_blocks = register(_op, launch, supports)

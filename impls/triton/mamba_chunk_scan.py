@@ -17,7 +17,7 @@ import torch
 
 from mamba_ir.ops.mamba_chunk_scan import mamba_chunk_scan as _op
 
-from ._common import runnable, tl, triton
+from ._common import call_kernel, register, runnable, stride0, strides, tl, triton
 
 if triton is not None:
     from ._ssd_kernels import (
@@ -124,38 +124,17 @@ def chunk_bound(ntok: int, nseq: int, chunk: int) -> int:
     return min(ntok, ntok // chunk + 2 * nseq)
 
 
-def mamba_chunk_scan(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    chunk_size: int,
-    cu_seqlens: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: Any = None,
-    state_batch_indices: torch.Tensor | None = None,
-    dst_state_batch_indices: torch.Tensor | None = None,
-    pad_slot_id: int = -1,
-    block_size: int = 0,
-    num_computed_tokens: torch.Tensor | None = None,
-    checkpoint_state_indices: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    *,
-    config: Config | None = None,
-) -> None:
-    """The op on Triton (``out`` given: the op allocates it); ``config`` overrides the
-    launch parameters (benchmarks)."""
+def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
+    """Run the kernels on a bound call (``out`` given: the op allocates it); ``config``
+    overrides the launch parameters."""
+    state, x, dt, A, B, C, D, z, dt_bias, cu_seqlens, out = (call[k] for k in (
+        "state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "cu_seqlens", "out"))
     ntok, nheads, dim = x.shape
     dstate = state.shape[-1]
     nseq = cu_seqlens.shape[0] - 1
     if nseq == 0 or ntok == 0:  # no tokens: nothing is read or written
         return
-    chunk = int(chunk_size)
+    chunk, block_size = int(call["chunk_size"]), call["block_size"]
     cfg = config or default_config(dim, dstate, chunk)
     block_l, block_n = _pow2(chunk), _pow2(dstate)
     bound = chunk_bound(ntok, nseq, chunk)
@@ -166,88 +145,73 @@ def mamba_chunk_scan(
     f32 = torch.float32
     # chunk offsets per sequence, then (sequence, first token, length) per chunk
     ints = torch.empty(nseq + 1 + 3 * bound, dtype=torch.int32, device=dev)
-    offs, table = ints[: nseq + 1], ints[nseq + 1 :]
+    offs, table = ints.split([nseq + 1, 3 * bound])
     # the carried state is fp32 in registers; a chunk's own contribution may be rounded
     # once to the inputs' 16-bit dtype (it never carries another chunk's rounding)
     contrib = torch.empty(bound, nheads, dim, block_n, dtype=mm if cfg.contrib_half else f32,
                           device=dev)
     hin = torch.empty(bound, nheads, dim, block_n, dtype=mm, device=dev)
     # per token: decay sum from the chunk's start, dt, decay sum to the chunk's end
-    sums = torch.empty(3, bound, nheads, block_l, dtype=f32, device=dev)
+    cum, dts, rest = torch.empty(3, bound, nheads, block_l, dtype=f32, device=dev).unbind(0)
     decay = torch.empty(bound, nheads, dtype=f32, device=dev)
     cb = torch.empty(bound, ngroups, block_l, block_l, dtype=mm, device=dev)
-    lo, hi = (float(v) for v in dt_limit) if dt_limit is not None else (0.0, 0.0)
-    ckpt = checkpoint_state_indices if block_size else None
-    done = num_computed_tokens
-    any_index = cu_seqlens  # pointer for absent index tensors; never dereferenced
+    dt_limit = call["dt_limit"]
+    limit = dict(dt_lo=None, dt_hi=None) if dt_limit is None else dict(
+        dt_lo=float(dt_limit[0]), dt_hi=float(dt_limit[1]))
+    ckpt = call["checkpoint_state_indices"] if block_size else None
+    done = call["num_computed_tokens"]
+    # the chunk table, read by every launch after it
+    plan = dict(offs_ptr=offs, table_ptr=table, nseq=nseq, bound=bound)
 
-    block = min(1024, triton.next_power_of_2(max(nseq, bound)))
-    chunk_plan_kernel[(1,)](
-        cu_seqlens, done if done is not None else any_index, offs, table,
-        nseq, chunk, bound, cu_seqlens.stride(0), done.stride(0) if done is not None else 0,
-        HAS_DONE=done is not None, BLOCK=block, SEARCH_STEPS=max(1, nseq.bit_length()),
+    call_kernel(chunk_plan_kernel, (1,),
+        cu_ptr=cu_seqlens, done_ptr=done, **plan, chunk=chunk,
+        s_cu=stride0(cu_seqlens), s_done=stride0(done),
+        BLOCK=min(1024, triton.next_power_of_2(max(nseq, bound))),
+        SEARCH_STEPS=max(1, nseq.bit_length()),
     )
     block_p = min(cfg.state_block_p, _pow2(dim))
     block_sn = min(cfg.state_block_n, block_n)
     tiles = triton.cdiv(dim, block_p) * (block_n // block_sn)
-    flags = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-                 HAS_LIMIT=dt_limit is not None)
+    step = dict(bias_ptr=dt_bias, s_bias=stride0(dt_bias), **limit,
+                SOFTPLUS=bool(call["dt_softplus"]))
     blocks = dict(BLOCK_L=block_l, BLOCK_T=min(cfg.state_block_t, block_l), BLOCK_P=block_p,
                   BLOCK_N=block_sn, WIDTH_N=block_n, num_warps=cfg.state_warps,
                   num_stages=cfg.state_stages, maxnreg=cfg.state_maxnreg or None)
+    shape = dict(nheads=nheads, dim=dim, dstate=dstate, heads_per_group=nheads // ngroups)
     if cfg.state_dt_fused:
         heads = math.gcd(cfg.state_heads, nheads // ngroups)
-        chunk_state_fused_kernel[(bound, nheads // heads, tiles)](
-            x, dt, A, B, dt_bias if dt_bias is not None else A,
-            offs, table, contrib, decay, sums[0], sums[1],
-            nseq, nheads, dim, dstate, nheads // ngroups, bound, lo, hi,
-            *x.stride(), *dt.stride(), *B.stride(), A.stride(0),
-            dt_bias.stride(0) if dt_bias is not None else 0,
-            **flags, PREC=prec, MM_DTYPE=mm_tl, HEADS=heads, **blocks,
+        call_kernel(chunk_state_fused_kernel, (bound, nheads // heads, tiles),
+            x_ptr=x, dt_ptr=dt, A_ptr=A, B_ptr=B, **plan, contrib_ptr=contrib,
+            decay_ptr=decay, cum_ptr=cum, dts_ptr=dts, **shape, **step,
+            s_x=x.stride(), s_dt=dt.stride(), s_B=B.stride(),
+            s_A=A.stride(0), PREC=prec, MM_DTYPE=mm_tl, HEADS=heads, **blocks,
         )
     else:
         block_h = min(cfg.dt_block_h, triton.next_power_of_2(nheads))
-        chunk_dt_kernel[(bound, triton.cdiv(nheads, block_h))](
-            dt, A, dt_bias if dt_bias is not None else A, offs, table, decay, *sums,
-            nseq, nheads, bound, lo, hi, *dt.stride(), A.stride(0),
-            dt_bias.stride(0) if dt_bias is not None else 0,
-            **flags, BLOCK_L=block_l, BLOCK_H=block_h,
+        call_kernel(chunk_dt_kernel, (bound, triton.cdiv(nheads, block_h)),
+            dt_ptr=dt, A_ptr=A, **plan, decay_ptr=decay, cum_ptr=cum, dts_ptr=dts,
+            rest_ptr=rest, nheads=nheads, **step, s_dt=dt.stride(),
+            s_A=A.stride(0), BLOCK_L=block_l, BLOCK_H=block_h,
         )
-        chunk_state_kernel[(bound, nheads, tiles)](
-            x, B, offs, table, contrib, sums[2], sums[1],
-            nseq, nheads, dim, dstate, nheads // ngroups, bound,
-            *x.stride(), *B.stride(), PREC=prec, MM_DTYPE=mm_tl, **blocks,
+        call_kernel(chunk_state_kernel, (bound, nheads, tiles),
+            x_ptr=x, B_ptr=B, **plan, contrib_ptr=contrib, rest_ptr=rest, dts_ptr=dts,
+            **shape, s_x=x.stride(), s_B=B.stride(), PREC=prec, MM_DTYPE=mm_tl, **blocks,
         )
     pass_p = min(cfg.pass_block_p, _pow2(dim))
-    tiles = triton.cdiv(dim, pass_p)
-    state_pass_kernel[(nseq, nheads, tiles)](
-        state, contrib, decay, hin,
-        cu_seqlens,
-        done if done is not None else any_index,
-        state_batch_indices if state_batch_indices is not None else any_index,
-        dst_state_batch_indices if dst_state_batch_indices is not None else any_index,
-        ckpt if ckpt is not None else any_index,
-        offs,
-        pad_slot_id, nheads, dim, dstate, chunk, block_size,
-        *state.stride(),
-        cu_seqlens.stride(0),
-        done.stride(0) if done is not None else 0,
-        state_batch_indices.stride(0) if state_batch_indices is not None else 0,
-        dst_state_batch_indices.stride(0) if dst_state_batch_indices is not None else 0,
-        *(ckpt.stride() if ckpt is not None else (0, 0)),
-        HAS_DONE=done is not None,
-        HAS_SRC=state_batch_indices is not None,
-        HAS_DST=dst_state_batch_indices is not None,
-        HAS_CKPT=ckpt is not None,
-        BLOCK_P=pass_p,
-        BLOCK_N=block_n,
-        WIDTH_N=block_n,
-        num_warps=cfg.pass_warps,
+    src, dst = call["state_batch_indices"], call["dst_state_batch_indices"]
+    call_kernel(state_pass_kernel, (nseq, nheads, triton.cdiv(dim, pass_p)),
+        state_ptr=state, contrib_ptr=contrib, decay_ptr=decay, hin_ptr=hin, cu_ptr=cu_seqlens,
+        done_ptr=done, src_ptr=src, dst_ptr=dst, ckpt_ptr=ckpt, offs_ptr=offs,
+        pad_slot_id=call["pad_slot_id"], nheads=nheads, dim=dim, dstate=dstate, chunk=chunk,
+        block_size=block_size, s_state=state.stride(),
+        s_cu=stride0(cu_seqlens), s_done=stride0(done), s_src=stride0(src),
+        s_dst=stride0(dst), s_ckpt=strides(ckpt, 2),
+        BLOCK_P=pass_p, BLOCK_N=block_n, WIDTH_N=block_n, num_warps=cfg.pass_warps,
     )
     cb_m = min(cfg.cb_block, block_l)
-    grid = (bound * ngroups * (block_l // cb_m) ** 2,)
-    chunk_cb_kernel[grid](
-        B, C, offs, table, cb, nseq, ngroups, dstate, bound, *B.stride(), *C.stride(),
+    call_kernel(chunk_cb_kernel, (bound * ngroups * (block_l // cb_m) ** 2,),
+        B_ptr=B, C_ptr=C, **plan, cb_ptr=cb, ngroups=ngroups, dstate=dstate,
+        s_B=B.stride(), s_C=C.stride(),
         PREC=prec, MM_DTYPE=mm_tl, BLOCK_L=block_l, BLOCK_M=cb_m, BLOCK_K=cb_m,
         BLOCK_N=block_n, num_warps=cfg.cb_warps,
     )
@@ -256,33 +220,16 @@ def mamba_chunk_scan(
     heads = math.gcd(cfg.scan_heads, nheads // ngroups)
     mblocks = 1 if cfg.scan_all_rows else block_l // block_m
     grid = (bound * mblocks * (nheads // heads) * triton.cdiv(dim, block_p),)
-    chunk_scan_kernel[grid](
-        x, C,
-        D if D is not None else A,
-        z if z is not None else x,
-        out, offs, table, hin, sums[0], sums[1], cb,
-        nseq, nheads, dim, dstate, nheads // ngroups, bound,
-        *x.stride(),
-        *C.stride(),
-        *(z.stride() if z is not None else (0, 0, 0)),
-        *out.stride(),
-        D.stride(0) if D is not None else 0,
-        D.stride(1) if D is not None and D.dim() == 2 else 0,
-        HAS_D=D is not None,
-        HAS_Z=z is not None,
-        PREC=prec,
-        MM_DTYPE=mm_tl,
-        HEADS=heads,
-        ALL_ROWS=cfg.scan_all_rows,
-        BLOCK_L=block_l,
-        BLOCK_M=block_m,
-        BLOCK_K=min(cfg.scan_block_k, block_l),
-        BLOCK_P=block_p,
-        BLOCK_N=block_n,
-        num_warps=cfg.scan_warps,
-        num_stages=cfg.scan_stages,
-        maxnreg=cfg.scan_maxnreg or None,
+    call_kernel(chunk_scan_kernel, grid,
+        x_ptr=x, C_ptr=C, D_ptr=D, z_ptr=z, out_ptr=out, **plan, hin_ptr=hin, cum_ptr=cum,
+        dts_ptr=dts, cb_ptr=cb, **shape,
+        s_x=x.stride(), s_C=C.stride(), s_z=strides(z, 3), s_out=out.stride(),
+        s_D=(stride0(D), D.stride(1) if D is not None and D.dim() == 2 else 0),
+        PREC=prec, MM_DTYPE=mm_tl, HEADS=heads, ALL_ROWS=cfg.scan_all_rows,
+        BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=min(cfg.scan_block_k, block_l),
+        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=cfg.scan_warps,
+        num_stages=cfg.scan_stages, maxnreg=cfg.scan_maxnreg or None,
     )
 
 
-_op.register_impl("triton", mamba_chunk_scan, supports=supports)
+mamba_chunk_scan = register(_op, launch, supports)

@@ -14,11 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from mamba_ir.ops.selective_scan import selective_scan as _op
 
-from ._common import PROVIDER, runnable, triton
+from ._common import call_kernel, register, runnable, stride0, strides, triton
 
 if triton is not None:
     from ._selective_scan_kernel import scan_kernel
@@ -64,72 +62,38 @@ def supports(**call: Any) -> bool | str:
     return True
 
 
-def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
-    return (0,) * n if t is None else tuple(t.stride())
-
-
-def selective_scan(
-    u: torch.Tensor,
-    ssm_states: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    query_start_loc: torch.Tensor | None = None,
-    cache_indices: torch.Tensor | None = None,
-    has_initial_state: torch.Tensor | None = None,
-    pad_slot_id: int = -1,
-    block_size: int = 0,
-    src_cache_indices: torch.Tensor | None = None,
-    num_computed_tokens: torch.Tensor | None = None,
-    checkpoint_state_indices: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    *,
-    config: Config | None = None,
-) -> None:
-    """The op on Triton; ``config`` overrides the launch parameters (benchmarks)."""
-    nseq = query_start_loc.shape[0] - 1
+def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
+    """Run the kernel on a bound call; ``config`` overrides the launch parameters."""
+    u, states, delta, A, B, C, D, z, bias, qsl, out = (call[k] for k in (
+        "u", "ssm_states", "delta", "A", "B", "C", "D", "z", "delta_bias", "query_start_loc",
+        "out"))
+    nseq = qsl.shape[0] - 1
     if nseq == 0 or u.shape[1] == 0:  # no tokens: every sequence is empty, nothing is written
         return
-    B, C = (t if t.dim() == 3 else t[None] for t in (B, C))
-    dim, dstate = u.shape[0], ssm_states.shape[2]
+    B, C = (t if t.dim() == 3 else t.unsqueeze(0) for t in (B, C))
+    dim, dstate = u.shape[0], states.shape[2]
     per_group = dim // B.shape[0]
     cfg = config or default_config(dim, dstate)
     block_d = min(cfg.block_d, triton.next_power_of_2(dim))
     # no chunk longer than the call's tokens: a short call steps no padding tokens
     block_t = min(cfg.block_t, triton.next_power_of_2(u.shape[1]))
-    dummy = ssm_states  # pointer for absent tensors; never dereferenced (constexpr flags)
-    checkpoints = bool(block_size)
-    scan_kernel[(nseq, triton.cdiv(dim, block_d))](
-        u, delta, dummy if z is None else z, out, ssm_states, A, B, C,
-        dummy if D is None else D, dummy if delta_bias is None else delta_bias,
-        query_start_loc,
-        dummy if cache_indices is None else cache_indices,
-        dummy if src_cache_indices is None else src_cache_indices,
-        dummy if has_initial_state is None else has_initial_state,
-        dummy if num_computed_tokens is None else num_computed_tokens,
-        dummy if checkpoint_state_indices is None else checkpoint_state_indices,
-        dim, dstate, per_group, pad_slot_id, max(1, block_size), ssm_states.shape[0], u.shape[1],
-        0 if checkpoint_state_indices is None else checkpoint_state_indices.shape[1],
-        *u.stride(), *delta.stride(), *_strides(z, 2), *out.stride(),
-        *ssm_states.stride(), *A.stride(), *B.stride(), *C.stride(),
-        *_strides(D, 1), *_strides(delta_bias, 1),
-        *query_start_loc.stride(), *_strides(cache_indices, 1),
-        *_strides(src_cache_indices, 1), *_strides(has_initial_state, 1),
-        *_strides(num_computed_tokens, 1), *_strides(checkpoint_state_indices, 2),
-        HAS_D=D is not None,
-        HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus),
-        HAS_DST=cache_indices is not None,
-        HAS_SRC=src_cache_indices is not None,
-        HAS_INIT=has_initial_state is not None,
-        HAS_DONE=num_computed_tokens is not None,
-        CHECKPOINTS=checkpoints,
+    block_size = call["block_size"]
+    ckpt = call["checkpoint_state_indices"] if block_size else None
+    dst, src, init, done = (call[k] for k in (
+        "cache_indices", "src_cache_indices", "has_initial_state", "num_computed_tokens"))
+    call_kernel(scan_kernel, (nseq, triton.cdiv(dim, block_d)),
+        u_ptr=u, delta_ptr=delta, z_ptr=z, out_ptr=out, state_ptr=states, A_ptr=A, B_ptr=B,
+        C_ptr=C, D_ptr=D, bias_ptr=bias, qsl_ptr=qsl, dst_ptr=dst, src_ptr=src,
+        init_ptr=init, done_ptr=done, ckpt_ptr=ckpt,
+        dim=dim, dstate=dstate, per_group=per_group, pad_slot_id=call["pad_slot_id"],
+        block_size=max(1, block_size), nslots=states.shape[0], ntok=u.shape[1],
+        ncols=0 if ckpt is None else ckpt.shape[1],
+        s_u=u.stride(), s_delta=delta.stride(), s_z=strides(z, 2), s_out=out.stride(),
+        s_state=states.stride(), s_A=A.stride(), s_B=B.stride(), s_C=C.stride(),
+        s_D=stride0(D), s_bias=stride0(bias), s_qsl=stride0(qsl), s_dst=stride0(dst),
+        s_src=stride0(src), s_init=stride0(init), s_done=stride0(done),
+        s_ckpt=strides(ckpt, 2),
+        SOFTPLUS=bool(call["delta_softplus"]),
         ONE_GROUP=B.shape[0] == 1 or per_group % block_d == 0,
         BLOCK_D=block_d,
         BLOCK_N=triton.next_power_of_2(dstate),
@@ -138,4 +102,4 @@ def selective_scan(
     )
 
 
-_op.register_impl(PROVIDER, selective_scan, supports=supports)
+selective_scan = register(_op, launch, supports)

@@ -10,7 +10,6 @@ tensor is read through its strides, index tensors and ``cu_seqlens`` included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from mamba_ir.ops.selective_state_update import one_head
 from mamba_ir.ops.selective_state_update import selective_state_update as _op
 
-from ._common import runnable, stride0, triton
+from ._common import call_kernel, register, runnable, stride0, strides, triton
 
 if triton is not None:
     from ._ssu_kernel import ssu_kernel
@@ -72,15 +71,17 @@ def _tied(t: torch.Tensor, dims: tuple[int, ...]) -> bool:
     return all(t.stride(d) == 0 or t.shape[d] == 1 for d in dims)
 
 
-def _token_strides(t: torch.Tensor | None, lead: int, varlen: bool) -> tuple[int, int]:
-    """(per-sequence, per-token) strides of a per-token tensor with ``lead`` leading dims."""
+def _per_token(t: torch.Tensor | None, lead: int, varlen: bool) -> tuple[int, ...]:
+    """Strides of a per-token tensor with ``lead`` leading dims: per sequence, per token
+    (varlen: tokens are the first dimension, sequences have no stride of their own), then
+    its two inner dimensions."""
     if t is None:
-        return 0, 0
+        return 0, 0, 0, 0
     if varlen:
-        return 0, t.stride(0)
+        return 0, *t.stride()
     if lead == 2:
-        return t.stride(0), t.stride(1)
-    return t.stride(0), 0
+        return t.stride()
+    return t.stride(0), 0, *t.stride()[1:]
 
 
 def _index_strides(t: torch.Tensor | None) -> tuple[int, int]:
@@ -93,28 +94,12 @@ def _columns(t: torch.Tensor | None) -> int:
     return 1 if t is None or t.dim() == 1 else t.shape[1]
 
 
-def selective_state_update(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    dt_bias: torch.Tensor | None = None,
-    dt_softplus: bool = False,
-    dt_limit: Sequence[float] | None = None,
-    state_batch_indices: torch.Tensor | None = None,
-    dst_state_batch_indices: torch.Tensor | None = None,
-    pad_slot_id: int = -1,
-    cu_seqlens: torch.Tensor | None = None,
-    num_accepted_tokens: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    *,
-    config: Config | None = None,
-) -> None:
-    """The op on Triton; ``config`` overrides the tuned launch parameters (benchmarks)."""
+def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
+    """Run the kernel on a bound call; ``config`` overrides the tuned launch parameters."""
+    state, x, dt, A, B, C, D, z, dt_bias, out = (call[k] for k in (
+        "state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "out"))
+    cu_seqlens, nacc, dt_limit = call["cu_seqlens"], call["num_accepted_tokens"], call["dt_limit"]
+    src, dst = call["state_batch_indices"], call["dst_state_batch_indices"]
     if state.dim() == 3:
         state, x, dt, A, B, C, D, z, dt_bias, out = one_head(
             state, x, dt, A, B, C, D, z, dt_bias, out
@@ -126,71 +111,28 @@ def selective_state_update(
     per_seq = x.shape[1] if lead == 2 and not varlen else 1
     if nseq == 0 or x.numel() == 0:  # no tokens: nothing is read or written
         return
-    spec = num_accepted_tokens is not None
-    one_token = not varlen and per_seq == 1 and not spec
 
     block_n = triton.next_power_of_2(dstate)
     cfg = config or default_config(dim, block_n, state.element_size(), nseq * nheads)
     block_d = min(cfg.block_d, triton.next_power_of_2(dim))
-    grid = (nseq * nheads * triton.cdiv(dim, block_d),)
-    dummy = state  # pointer for absent tensors; never dereferenced (constexpr flags)
-    ssu_kernel[grid](
-        state,
-        x,
-        dt,
-        dummy if dt_bias is None else dt_bias,
-        A,
-        B,
-        C,
-        dummy if D is None else D,
-        dummy if z is None else z,
-        out,
-        dummy if state_batch_indices is None else state_batch_indices,
-        dummy if dst_state_batch_indices is None else dst_state_batch_indices,
-        dummy if cu_seqlens is None else cu_seqlens,
-        dummy if num_accepted_tokens is None else num_accepted_tokens,
-        pad_slot_id,
-        nheads,
-        dim,
-        dstate,
-        nheads // B.shape[-2],
-        per_seq,
-        state.shape[0],
-        x.shape[0],
-        _columns(state_batch_indices),
-        _columns(dst_state_batch_indices),
-        float(dt_limit[0]) if dt_limit is not None else 0.0,
-        float(dt_limit[1]) if dt_limit is not None else 0.0,
-        stride0(cu_seqlens),
-        stride0(num_accepted_tokens),
-        *state.stride(),
-        *_token_strides(x, lead, varlen),
-        *x.stride()[-2:],
-        *_token_strides(dt, lead, varlen),
-        *dt.stride()[-2:],
-        *_token_strides(z, lead, varlen),
-        *(z.stride()[-2:] if z is not None else (0, 0)),
-        *_token_strides(out, lead, varlen),
-        *out.stride()[-2:],
-        *_token_strides(B, lead, varlen),
-        *B.stride()[-2:],
-        *_token_strides(C, lead, varlen),
-        *C.stride()[-2:],
-        *A.stride(),
-        *(D.stride() if D is not None else (0, 0)),
-        *(dt_bias.stride() if dt_bias is not None else (0, 0)),
-        *_index_strides(state_batch_indices),
-        *_index_strides(dst_state_batch_indices),
-        HAS_D=D is not None,
-        HAS_Z=z is not None,
-        HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=bool(dt_softplus),
-        HAS_LIMIT=dt_limit is not None,
-        HAS_SRC=state_batch_indices is not None,
-        HAS_DST=dst_state_batch_indices is not None,
-        VARLEN=varlen,
-        SPEC=spec,
-        ONE_TOKEN=one_token,
+    call_kernel(ssu_kernel, (nseq * nheads * triton.cdiv(dim, block_d),),
+        state_ptr=state, x_ptr=x, dt_ptr=dt, bias_ptr=dt_bias, A_ptr=A, B_ptr=B, C_ptr=C,
+        D_ptr=D, z_ptr=z, out_ptr=out, src_ptr=src, dst_ptr=dst, cu_ptr=cu_seqlens,
+        nacc_ptr=nacc,
+        pad_slot_id=call["pad_slot_id"], nheads=nheads, dim=dim, dstate=dstate,
+        heads_per_group=nheads // B.shape[-2], tokens_per_seq=per_seq,
+        nslots=state.shape[0], ntokens=x.shape[0],
+        src_cols=_columns(src), dst_cols=_columns(dst),
+        dt_lo=None if dt_limit is None else float(dt_limit[0]),
+        dt_hi=None if dt_limit is None else float(dt_limit[1]),
+        s_cu=stride0(cu_seqlens), s_nacc=stride0(nacc),
+        s_state=state.stride(), s_x=_per_token(x, lead, varlen),
+        s_dt=_per_token(dt, lead, varlen), s_z=_per_token(z, lead, varlen),
+        s_out=_per_token(out, lead, varlen), s_B=_per_token(B, lead, varlen),
+        s_C=_per_token(C, lead, varlen), s_A=A.stride(), s_D=strides(D, 2),
+        s_bias=strides(dt_bias, 2), s_src=_index_strides(src), s_dst=_index_strides(dst),
+        SOFTPLUS=bool(call["dt_softplus"]),
+        ONE_TOKEN=not varlen and per_seq == 1 and nacc is None,
         DT_TIED=_tied(dt, (-1,)) and (dt_bias is None or _tied(dt_bias, (-1,))),
         A_TIED=_tied(A, (-1, -2)),
         D_TIED=D is not None and _tied(D, (-1,)),
@@ -203,4 +145,4 @@ def selective_state_update(
     )
 
 
-_op.register_impl("triton", selective_state_update, supports=supports)
+selective_state_update = register(_op, launch, supports)
