@@ -170,6 +170,31 @@ def test_unchecked_bad_indices_never_touch_memory_beside_the_state(provider):
     assert torch.equal(state, before)
 
 
+
+@pytest.mark.parametrize("provider", ["native", "triton"])
+def test_unchecked_bad_rows_of_the_chunk_scan_never_touch_memory_beside_the_state(provider):
+    """The chunk scan's source, destination and checkpoint rows, unchecked: a negative and a
+    too-large row are skipped like pads; the other layer of the cache and every row but the
+    valid destinations stay as they were."""
+    torch.manual_seed(0)
+    cache = torch.randn(2, 6, 2, 4, 8)
+    layer1, before = cache[1].clone(), cache[0].clone()
+    tokens, nseq = 50, 3  # sequences of 20, 10 and 20 tokens; checkpoints at 16
+    call = get_op("mamba_chunk_scan").bind(
+        state=cache[0], x=torch.randn(tokens, 2, 4), dt=torch.rand(tokens, 2),
+        A=-torch.rand(2), B=torch.randn(tokens, 1, 8), C=torch.randn(tokens, 1, 8),
+        chunk_size=16, cu_seqlens=torch.tensor([0, 20, 30, tokens], dtype=torch.int32),
+        state_batch_indices=torch.tensor([-2, 6, 1]),
+        dst_state_batch_indices=torch.tensor([9, -3, 2]),
+        block_size=16, num_computed_tokens=torch.zeros(nseq, dtype=torch.int32),
+        checkpoint_state_indices=torch.tensor([[4, -1], [-5, -1], [7, -1]]),
+        out=torch.empty(tokens, 2, 4),
+    )
+    get_op("mamba_chunk_scan").impls[provider].fn(**call)
+    assert torch.equal(cache[1], layer1)
+    changed = [r for r in range(6) if not torch.equal(cache[0, r], before[r])]
+    assert changed == [2, 4]
+
 def _ssu_step(S, idx, x, dt, A, B, C):
     return ops.selective_state_update(S, x, dt, A, B, C, state_batch_indices=idx)
 

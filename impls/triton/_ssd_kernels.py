@@ -36,7 +36,7 @@ IEEE products when the inputs are fp32 or of mixed dtypes.
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import only_if, step_size
+from ._jit import and_real_row, only_if, real_row, step_size
 
 if triton is not None:
 
@@ -281,7 +281,7 @@ if triton is not None:
     def state_pass_kernel(
         state_ptr, contrib_ptr, decay_ptr, hin_ptr,
         cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
-        pad_slot_id, nheads, dim, dstate, chunk, block_size,
+        pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size,
         s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
         HAS_CKPT: tl.constexpr,
@@ -318,7 +318,7 @@ if triton is not None:
         tile_mask = mask_p[:, None] & (offs_n < dstate)[None, :]
         head_off = head * s_state_head
         h = tl.load(state_ptr + src * s_state_row + head_off + tile,
-                    mask=only_if(src != pad_slot_id, tile_mask), other=0.0)
+                    mask=only_if(real_row(src, pad_slot_id, nslots), tile_mask), other=0.0)
         h = h.to(tl.float32)
         scratch = offs_p[:, None] * WIDTH_N + offs_n[None, :]
         size = dim * WIDTH_N
@@ -340,10 +340,10 @@ if triton is not None:
                     row = tl.load(ckpt_ptr + seq * s_ckpt_seq + col * s_ckpt_col).to(tl.int64)
                     tl.store(state_ptr + row * s_state_row + head_off + tile,
                              h.to(state_ptr.dtype.element_ty),
-                             mask=only_if(row != pad_slot_id, tile_mask))
+                             mask=only_if(real_row(row, pad_slot_id, nslots), tile_mask))
         tl.store(state_ptr + dst * s_state_row + head_off + tile,
                  h.to(state_ptr.dtype.element_ty),
-                 mask=only_if((dst != pad_slot_id) & (length > 0), tile_mask))
+                 mask=only_if(and_real_row(length > 0, dst, pad_slot_id, nslots), tile_mask))
 
     @triton.jit
     def chunk_cb_kernel(
