@@ -307,3 +307,20 @@ def test_declaring_the_ops_imports_no_hypothesis():
             "mamba_ir.get_op('copy_state_blocks').strategy('cpu', None); "
             "assert 'hypothesis' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_fusion_table_in_passes_md_names_every_redirect_ops_indices():
+    """docs/passes.md summarises the ops' declared redirects; a new or changed declaration
+    without its row there fails here."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "passes.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in text.splitlines()
+            if line.startswith("| `")}
+    declared = [op for op in REGISTRY.values()
+                if op.redirect is not None and op.native.__module__.startswith("mamba_ir.ops.")]
+    assert len(declared) >= 5
+    for op in declared:
+        assert op.name in rows, f"docs/passes.md: no row for {op.name}"
+        cells = [c.strip(" `") for c in rows[op.name].split("|")]
+        assert cells[2:4] == [op.rows.read, op.rows.write], op.name
