@@ -101,6 +101,19 @@ def assert_checkpoints(
     )
 
 
+def check_checkpoint_args(call: dict, nseq: int) -> None:
+    """The align-mode arguments of a prefill op: ``block_size`` >= 0, and
+    ``checkpoint_state_indices`` (nseq, ncols) given exactly when it is positive."""
+    bs = call["block_size"]
+    if not isinstance(bs, (int, torch.SymInt)) or bs < 0:
+        checks.fail("block_size", "an int >= 0 (0: no checkpoints)", repr(bs))
+    ckpt = checks.index(call, CHECKPOINTS, ndim=2, rows=nseq, padded=True)
+    if bs and ckpt is None:
+        checks.fail(CHECKPOINTS, "(nseq, ncols) slot indices with block_size", None)
+    if not bs and ckpt is not None:
+        checks.fail("block_size", "a positive block size with checkpoint_state_indices", bs)
+
+
 def check_prefill_values(
     call: dict,
     offsets: str,

@@ -18,6 +18,7 @@ from . import _example
 from ._rows import (
     CHECKPOINTS,
     Checkpoints,
+    check_checkpoint_args,
     check_prefill_values,
     computed,
     initial,
@@ -147,14 +148,7 @@ def _check(call: dict) -> None:
         checks.fail("state", want, tuple(state.shape))
     for name in ("state_batch_indices", "dst_state_batch_indices", "num_computed_tokens"):
         checks.index(call, name, rows=nseq, padded=True)
-    bs = call["block_size"]
-    if not isinstance(bs, (int, torch.SymInt)) or bs < 0:
-        checks.fail("block_size", "an int >= 0 (0: no checkpoints)", repr(bs))
-    ckpt = checks.index(call, "checkpoint_state_indices", ndim=2, rows=nseq, padded=True)
-    if bs and ckpt is None:
-        checks.fail("checkpoint_state_indices", "(nseq, ncols) slot indices with block_size", None)
-    if not bs and ckpt is not None:
-        checks.fail("block_size", "a positive block size with checkpoint_state_indices", bs)
+    check_checkpoint_args(call, nseq)
 
 
 @mamba_chunk_scan.register_value_check

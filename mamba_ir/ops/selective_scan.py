@@ -18,6 +18,7 @@ from . import _example
 from ._rows import (
     CHECKPOINTS,
     Checkpoints,
+    check_checkpoint_args,
     check_prefill_values,
     computed,
     initial,
@@ -151,14 +152,7 @@ def _check(call: dict) -> None:
     if call["cache_indices"] is None and nseq > states.shape[0]:
         want = f"at least {nseq} rows (one per sequence, no cache_indices given)"
         checks.fail("ssm_states", want, tuple(states.shape))
-    bs = call["block_size"]
-    if not isinstance(bs, (int, torch.SymInt)) or bs < 0:
-        checks.fail("block_size", "an int >= 0 (0: no checkpoints)", repr(bs))
-    ckpt = checks.index(call, "checkpoint_state_indices", ndim=2, rows=nseq, padded=True)
-    if bs and ckpt is None:
-        checks.fail("checkpoint_state_indices", "(nseq, ncols) slot indices with block_size", None)
-    if not bs and ckpt is not None:
-        checks.fail("block_size", "a positive block size with checkpoint_state_indices", bs)
+    check_checkpoint_args(call, nseq)
 
 
 @selective_scan.register_value_check
