@@ -17,7 +17,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_transformers_patch import VOCAB, mamba2, padded_batch, pair  # noqa: E402
+from test_transformers_patch import (  # noqa: E402
+    VOCAB,
+    mamba2,
+    padded_batch,
+    pair,
+    record_reorders,
+)
 from torch._dynamo.utils import counters  # noqa: E402
 
 from mamba_ir.integrations import transformers as hf  # noqa: E402
@@ -63,14 +69,7 @@ def test_generate_on_the_compiled_forward_greedy_and_beam_search(monkeypatch):
     ref, model = pair(one_layer)
     eager = hf.patch(copy.deepcopy(ref))
     model.forward = torch.compile(model.forward)
-    reorders = []
-    reorder = transformers.cache_utils.Cache.reorder_cache
-
-    def recording(cache, beam_idx):
-        reorders.append(beam_idx.tolist())
-        return reorder(cache, beam_idx)
-
-    monkeypatch.setattr(transformers.cache_utils.Cache, "reorder_cache", recording)
+    reorders = record_reorders(monkeypatch)
 
     # six rows: the shape beam search over three prompts with two beams runs
     torch.manual_seed(2)

@@ -102,6 +102,19 @@ def cache_kwargs(model, out) -> dict:
     return {"past_key_values": out.past_key_values}
 
 
+def record_reorders(monkeypatch) -> list[list[int]]:
+    """The beam indices of every ``Cache.reorder_cache`` call from now on, in order."""
+    reorders: list[list[int]] = []
+    reorder = transformers.cache_utils.Cache.reorder_cache
+
+    def recording(cache, beam_idx):
+        reorders.append(beam_idx.tolist())
+        return reorder(cache, beam_idx)
+
+    monkeypatch.setattr(transformers.cache_utils.Cache, "reorder_cache", recording)
+    return reorders
+
+
 def op_calls(monkeypatch) -> list[str]:
     """The names of the IR ops the patched layers call, in order."""
     calls: list[str] = []
@@ -188,14 +201,7 @@ def test_beam_search_matches_transformers(family, monkeypatch):
     reordered states, not the tensors they wrote."""
     ref, model = pair(FAMILIES[family])
     ids, mask = padded_batch()
-    reorders = []
-    reorder = transformers.cache_utils.Cache.reorder_cache
-
-    def recording(cache, beam_idx):
-        reorders.append(beam_idx.tolist())
-        return reorder(cache, beam_idx)
-
-    monkeypatch.setattr(transformers.cache_utils.Cache, "reorder_cache", recording)
+    reorders = record_reorders(monkeypatch)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=0, num_beams=3,
                   num_return_sequences=3)
     want = ref.generate(ids, do_sample=False, **kwargs)
