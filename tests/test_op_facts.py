@@ -324,3 +324,27 @@ def test_the_fusion_table_in_passes_md_names_every_redirect_ops_indices():
         assert op.name in rows, f"docs/passes.md: no row for {op.name}"
         cells = [c.strip(" `") for c in rows[op.name].split("|")]
         assert cells[2:4] == [op.rows.read, op.rows.write], op.name
+
+
+def test_calls_bind_without_the_signature(monkeypatch):
+    # inspect's parameters are a mappingproxy: TorchDynamo (torch 2.11) stops tracing at one
+    # in any frame that mutated a dict, which split a compiled transformers model into a
+    # graph per op and a recompile per layer. Binding reads only plain tuples and dicts.
+    op = get_op("copy_state_blocks")
+
+    class Unreadable:
+        def __getattr__(self, name: str) -> None:
+            raise AssertionError(f"signature.{name} read while binding a call")
+
+    monkeypatch.setattr(op, "signature", Unreadable())
+
+    def step(state: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        op(state, src=src, dst=dst, pad_slot_id=-1)
+
+    state = torch.arange(12.0).view(4, 3)
+    step(state, torch.tensor([0]), torch.tensor([1]))
+    torch.compile(step, fullgraph=True, backend="eager")(
+        state, torch.tensor([0]), torch.tensor([2]))
+    assert torch.equal(state[1], state[0]) and torch.equal(state[2], state[0])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rows'"):
+        op(state, rows=1)
