@@ -271,6 +271,8 @@ VARIANTS = {
     "fused-dt": dict(state_dt_fused=True),
     "all-rows": dict(scan_all_rows=True),
     "no-register-cap": dict(scan_maxnreg=0),
+    "previous-default": dict(scan_block_k=32, state_maxnreg=0),
+    "rows-128": dict(scan_block_m=128, scan_warps=8),
 }
 
 

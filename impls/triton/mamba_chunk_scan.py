@@ -51,7 +51,9 @@ class Config:
     state_block_t: int = 32  # tokens per tensor-core step of the chunk-state program
     state_warps: int = 4
     state_stages: int = 3
-    state_maxnreg: int = 0  # registers per thread cap (0: the compiler's choice)
+    # registers per thread cap (0: the compiler's choice); with scan_block_k=64 -2 to -3 %
+    # at every swept size (docs/bench-chunk-scan.md)
+    state_maxnreg: int = 128
     # chunk contributions stored in the 16-bit input dtype: -50 us at 8k tokens
     contrib_half: bool = True
     pass_block_p: int = 16  # headdim rows per state-passing program (all of dstate)
@@ -59,7 +61,7 @@ class Config:
     cb_block: int = 64  # C B^T block (square)
     cb_warps: int = 4
     scan_block_m: int = 64  # output tokens per scan program
-    scan_block_k: int = 32  # source tokens per tensor-core step of the scan
+    scan_block_k: int = 64  # source tokens per tensor-core step of the scan
     scan_block_p: int = 64
     scan_heads: int = 1  # heads of one group per scan program
     scan_warps: int = 4
@@ -76,7 +78,7 @@ def default_config(dim: int, dstate: int, chunk: int) -> Config:
         state_block_p=block_p,
         state_block_t=min(32, block_l),
         scan_block_m=min(64, block_l),
-        scan_block_k=min(32, block_l),
+        scan_block_k=min(64, block_l),
         scan_block_p=block_p,
     )
 
