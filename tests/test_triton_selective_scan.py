@@ -178,8 +178,9 @@ def test_default_config_fills_a_tile():
 
 @pytest.mark.gpu
 def test_gpu_matches_native_hypothesis():
-    sizes = Sizes(max_seqs=8, max_channels=512, max_scan_tokens=300, dstates=(1, 16, 64, 256))
-    check_impl(OP, "triton", device="cuda", sizes=sizes, max_examples=100)
+    # the native op walks tokens one by one: a few dozen calls keep this under a minute
+    sizes = Sizes(max_seqs=8, max_channels=512, max_scan_tokens=120, dstates=(1, 16, 64, 256))
+    check_impl(OP, "triton", device="cuda", sizes=sizes, max_examples=25)
 
 
 @pytest.mark.gpu
