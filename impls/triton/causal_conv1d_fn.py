@@ -45,15 +45,16 @@ def _stream_blocks(ntokens: int, dim: int, nseq: int) -> tuple[int, int, int, in
     """(chunk, block_d, num_warps, queue depth) of the streaming kernel. H100 sweep
     (docs/bench-conv1d.md): 256 channels on 2 warps beat 512 on 2; 8-token chunks win below
     16k tokens (the most programs in flight: 10-15 % at 2k tokens, up to 6 % at 8k),
-    128-token chunks at 32k with several sequences (fewer rows loaded twice before chunk
-    starts). With one sequence a program has no binary search ahead of its work, and 8-token
-    chunks with all 8 rows loaded up front win at every size (5 % at 32k); with 8 and 64
-    sequences that deeper queue loses 1-5 %."""
+    16-token chunks at 32k with several sequences (fewer rows loaded twice before chunk
+    starts; since the kernel reads indices through their strides, 3 % faster there than
+    the 128-token chunks that won before). With one sequence a program has no binary
+    search ahead of its work, and 8-token chunks with all 8 rows loaded up front win at
+    every size (5 % at 32k); with 8 and 64 sequences that deeper queue loses 1-5 %."""
     block_d = min(256, triton.next_power_of_2(dim))
     warps = 2 if block_d >= 128 else 1
     if nseq == 1:
         return 8, block_d, warps, 8
-    return (8 if ntokens < 16384 else 128), block_d, warps, 4
+    return (8 if ntokens < 16384 else 16), block_d, warps, 4
 
 
 def supports(**call: Any) -> bool | str:
