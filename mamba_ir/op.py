@@ -319,7 +319,7 @@ class IrOp:
                             f"got {len(args)} positional")
         call = dict(zip(self._names, args, strict=False))  # the rest by name or default
         for name, value in kwargs.items():
-            if name not in self._defaults and name not in self._names:
+            if name not in self._names:
                 raise TypeError(f"{self.name}() got an unexpected keyword argument {name!r}")
             if name in call:
                 raise TypeError(f"{self.name}() got multiple values for argument {name!r}")
