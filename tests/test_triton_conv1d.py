@@ -298,7 +298,9 @@ def test_update_full_size(batch: int) -> None:
                                      "num_warps": 2},
                                     {"kernel": "stream", "block_t": 16, "block_d": 128,
                                      "num_warps": 1, "depth": 8},
-                                    {"kernel": "stream", "block_t": 64, "depth": 8}])
+                                    {"kernel": "stream", "block_t": 64, "depth": 8},
+                                    {"kernel": "stream", "block_t": 16, "block_d": 256,
+                                     "num_warps": 2, "depth": 4}])
 def test_fn_full_size(config: dict[str, Any]) -> None:
     dim = 8192 + 2 * 8 * 128
     torch.manual_seed(0)
