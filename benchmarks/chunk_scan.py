@@ -152,21 +152,17 @@ def sweep_configs() -> list[Any]:
 
     base = Config()
     variants = [
-        # the previous design's launch: step sizes inside the chunk-state loop, fp32
-        # contributions, no register caps, 32-token scan steps
-        dict(state_dt_fused=True, contrib_half=False, scan_maxnreg=0, state_maxnreg=0,
-             scan_block_k=32),
-        # the previous defaults: 32-token scan steps, no cap on the chunk-state program
-        dict(scan_block_k=32, state_maxnreg=0),
+        # the previous default: an exp per pair of tokens in every source block
+        dict(scan_split=False),
+        # measured around the split form (2026-11-23): each slower, or (dt_block_h) the
+        # previous step-size launch
+        dict(scan_maxnreg=168),
         dict(scan_block_k=32),
-        dict(state_maxnreg=0),
-        dict(contrib_half=False),
-        dict(scan_maxnreg=0),
-        # 128-token scan blocks: the chunk's entering state and the x tiles of the rows
-        # before are read half as often, the C B^T tiles a fifth more (slower: 2026-11-23)
+        dict(scan_stages=2),
+        dict(scan_all_rows=True),
         dict(scan_block_m=128, scan_warps=8),
-        dict(state_block_t=64),
-        dict(state_warps=8),
+        dict(dt_block_h=16),
+        dict(dt_block_h=8),
     ]
     return [base] + [Config(**{**asdict(base), **v}) for v in variants]
 

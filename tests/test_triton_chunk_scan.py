@@ -168,8 +168,9 @@ SMALL = Config(dt_block_h=2, state_block_p=16, state_block_n=16, state_block_t=1
 
 @pytest.mark.parametrize(
     "variant",
-    [{}, dict(scan_all_rows=True), dict(state_dt_fused=True, state_heads=2)],
-    ids=["row-blocks", "all-rows", "fused-dt"],
+    [{}, dict(scan_all_rows=True), dict(state_dt_fused=True, state_heads=2),
+     dict(scan_split=False)],
+    ids=["row-blocks", "all-rows", "fused-dt", "unsplit"],
 )
 def test_loops_over_blocks(variant: dict) -> None:
     """Chunks of several token blocks, headdim and dstate over several programs, several
@@ -273,6 +274,7 @@ VARIANTS = {
     "no-register-cap": dict(scan_maxnreg=0),
     "previous-default": dict(scan_block_k=32, state_maxnreg=0),
     "rows-128": dict(scan_block_m=128, scan_warps=8),
+    "unsplit": dict(scan_split=False),
 }
 
 

@@ -26,7 +26,9 @@ CUDA-graph capturable:
    the group's heads.
 5. ``chunk_scan_kernel`` (chunk x block of its tokens, or all of them, x head x headdim
    block): ``y = exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``,
-   gated by ``silu(z)``.
+   gated by ``silu(z)``. The decay of the source blocks before the output rows factors
+   into a weight per source token and one per output row (``Config.scan_split``): an exp
+   per pair of tokens only on the diagonal block.
 
 Offsets that can pass 2**31 (tokens x strides, rows x row stride, chunks x state size) are
 int64; matmul operands are the inputs' 16-bit dtype with fp32 accumulation, or fp32 with
@@ -397,8 +399,8 @@ if triton is not None:
         s_out_tok, s_out_head, s_out_dim,
         s_D_head, s_D_dim,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
-        MM_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        MM_DTYPE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_L: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Outputs of the ``BLOCK_M`` tokens from ``m0`` of one chunk and head, given
         their C rows ``cm``, the state entering the chunk ``hin`` as (dstate, headdim)
@@ -408,11 +410,33 @@ if triton is not None:
         mask_m = offs_m < length
         mask_mp = mask_m[:, None] & mask_p[None, :]
         tok_m = bos + offs_m
-        end = tl.minimum(m0 + BLOCK_M, length)
         cum_m = tl.load(cum_ptr + slot * BLOCK_L + offs_m, mask=mask_m, other=0.0)
         acc = tl.dot(cm, hin, input_precision=PREC)
-        acc = acc * tl.exp(cum_m)[:, None]
-        for s0 in range(0, end, BLOCK_K):
+        if SPLIT:
+            # from a source token s before the rows' first token m0 to an output token m,
+            # exp(cum_m - cum_s) = exp(cum_m - cum_m0) * exp(cum_m0 - cum_s), both factors
+            # at most 1 (decay sums never grow: A <= 0): those blocks weigh their columns
+            # (one exp per source token, no causal mask), the rows are scaled once after
+            cum_0 = tl.load(cum_ptr + slot * BLOCK_L + m0)
+            acc = acc * tl.exp(cum_0)
+            for s0 in range(0, m0, BLOCK_K):
+                offs_s = s0 + offs_k
+                # rows past the chunk's end may read garbage: they are never stored
+                cb = tl.load(cb_rows + offs_s[None, :]).to(tl.float32)
+                cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s)
+                d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s)
+                w = cb * (tl.exp(cum_0 - cum_s) * d_s)[None, :]
+                xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
+                             + offs_p[None, :] * s_x_dim, mask=mask_p[None, :], other=0.0)
+                acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
+            acc = acc * tl.exp(tl.where(mask_m, cum_m - cum_0, 0.0))[:, None]
+            first = m0
+        else:
+            acc = acc * tl.exp(cum_m)[:, None]
+            first = 0
+        # the blocks from ``first`` (with SPLIT, the diagonal's): an exp per pair of
+        # tokens, masked causally
+        for s0 in range(first, tl.minimum(m0 + BLOCK_M, length), BLOCK_K):
             offs_s = s0 + offs_k
             mask_s = offs_s < length
             causal = (offs_s[None, :] <= offs_m[:, None]) & mask_s[None, :]
@@ -450,6 +474,7 @@ if triton is not None:
         s_x, s_C, s_z, s_out, s_D,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
         MM_DTYPE: tl.constexpr, HEADS: tl.constexpr, ALL_ROWS: tl.constexpr,
+        SPLIT: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -508,7 +533,7 @@ if triton is not None:
                         cm, hin, bos, length, r0, head, slot, offs_p, mask_p,
                         s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
                         s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
-                        HAS_D, HAS_Z, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K,
+                        HAS_D, HAS_Z, PREC, MM_DTYPE, SPLIT, BLOCK_L, BLOCK_M, BLOCK_K,
                     )
         else:
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -526,5 +551,5 @@ if triton is not None:
                     cm, hin, bos, length, m0, head, slot, offs_p, mask_p,
                     s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
                     s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
-                    HAS_D, HAS_Z, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K,
+                    HAS_D, HAS_Z, PREC, MM_DTYPE, SPLIT, BLOCK_L, BLOCK_M, BLOCK_K,
                 )

@@ -43,7 +43,8 @@ class Config:
     """Launch parameters of the kernels (see ``default_config``). The defaults and each
     alternative's cost are measured in docs/bench-chunk-scan.md (H100, 2026-11-23)."""
 
-    dt_block_h: int = 16  # heads per step-size program
+    # heads per step-size program: 4 is 4 us faster than 16 at 2k tokens, equal at 8k+
+    dt_block_h: int = 4
     state_dt_fused: bool = False  # step sizes computed inside the chunk-state loop
     state_heads: int = 1  # heads of one group per fused chunk-state program
     state_block_p: int = 64  # headdim rows per chunk-state program
@@ -68,6 +69,9 @@ class Config:
     scan_stages: int = 1
     scan_maxnreg: int = 128  # more scan programs per SM: -104 us at 8k tokens (96, 168 slower)
     scan_all_rows: bool = False  # one program walks every token block of its chunk
+    # the source blocks before the output rows weighed per column (one exp per token
+    # rather than per pair): -48 us at 8k tokens (docs/bench-chunk-scan.md)
+    scan_split: bool = True
 
 
 def default_config(dim: int, dstate: int, chunk: int) -> Config:
@@ -229,7 +233,8 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         s_x=x.stride(), s_C=C.stride(), s_z=strides(z, 3), s_out=out.stride(),
         s_D=(stride0(D), D.stride(1) if D is not None and D.dim() == 2 else 0),
         PREC=prec, MM_DTYPE=mm_tl, HEADS=heads, ALL_ROWS=cfg.scan_all_rows,
-        BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=min(cfg.scan_block_k, block_l),
+        SPLIT=cfg.scan_split, BLOCK_L=block_l, BLOCK_M=block_m,
+        BLOCK_K=min(cfg.scan_block_k, block_l),
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=cfg.scan_warps,
         num_stages=cfg.scan_stages, maxnreg=cfg.scan_maxnreg or None,
     )
