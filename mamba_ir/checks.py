@@ -188,6 +188,13 @@ def cumulative(name: str, offsets: torch.Tensor, ntokens: int) -> None:
         fail(name, f"non-decreasing offsets from 0 to {ntokens} (the number of tokens)", v)
 
 
+def decay_rates(name: str, values: torch.Tensor) -> None:
+    """Decay rates ``A`` (``-exp(A_log)`` in every Mamba checkpoint): no value above 0."""
+    above = values[values > 0]
+    if above.numel():
+        fail(name, "decay rates <= 0 (A = -exp(A_log))", f"{above.max().item():g}")
+
+
 def activation(call: dict[str, Any], name: str = "activation") -> None:
     if call[name] not in (None, "silu", "swish"):
         fail(name, "None, 'silu' or 'swish'", repr(call[name]))
@@ -219,6 +226,11 @@ def assert_rows_in_range(name: str, values: torch.Tensor, nslots: int, pad: int)
 def assert_within(name: str, values: torch.Tensor, lo: int, hi: int, what: str) -> None:
     """Every entry in ``[lo, hi]``."""
     torch._assert_async(((values >= lo) & (values <= hi)).all(), f"{name}: expected {what}")
+
+
+def assert_decay_rates(name: str, values: torch.Tensor) -> None:
+    torch._assert_async(~(values > 0).any(),
+                        f"{name}: expected decay rates <= 0 (A = -exp(A_log))")
 
 
 def assert_cumulative(name: str, offsets: torch.Tensor, ntokens: int) -> None:

@@ -461,3 +461,21 @@ def test_gpu_checked_mode_runs_in_cuda_graphs():
         y1, y2 = checked(S1, *args).clone(), plain(S2, *args)
         torch.testing.assert_close(y1, y2)
         torch.testing.assert_close(S1, S2)
+
+
+def test_chunk_scan_refuses_growing_decays_eagerly_and_on_the_device():
+    """A chunked scan factors decays through a chunk's tokens; A > 0 is refused by name
+    (eagerly before anything is written, and by the checked mode's device assert)."""
+    op = get_op("mamba_chunk_scan")
+    call = op.bind(**op.example(torch.device("cpu"), torch.float32))
+    op.check(call)
+    op.device_check(call)
+    A = call["A"].clone()
+    A[1] = 0.25
+    bad = {**call, "A": A}
+    before = call["state"].clone()
+    with pytest.raises(ValueError, match=r"^A: expected decay rates <= 0 .*got 0\.25"):
+        mamba_ir.ops.mamba_chunk_scan(**bad)
+    assert torch.equal(call["state"], before)
+    with pytest.raises(RuntimeError, match="A: expected decay rates <= 0"):
+        op.device_check(bad)

@@ -153,6 +153,8 @@ def _check(call: dict) -> None:
 
 @mamba_chunk_scan.register_value_check
 def _check_values(call: dict, on_device: bool = False) -> None:
+    # a chunked scan factors decays through a chunk's tokens, bounded only if none grows
+    (checks.assert_decay_rates if on_device else checks.decay_rates)("A", call["A"])
     check_prefill_values(call, "cu_seqlens", call["x"].shape[0], "state",
                          ("state_batch_indices", "dst_state_batch_indices"), checkpoints=True,
                          on_device=on_device)
