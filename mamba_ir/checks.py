@@ -92,6 +92,13 @@ def sequences(t: torch.Tensor | None, count: int) -> torch.Tensor | None:
     return None if t is None else t[:count]
 
 
+def enough_rows(call: dict[str, Any], state: str, indices: str, count: int) -> None:
+    """Without ``indices``, entry ``i`` uses row ``i`` of ``state``: it needs ``count`` rows."""
+    if call[indices] is None and count > call[state].shape[0]:
+        fail(state, f"at least {count} rows (one per entry: no {indices} given)",
+             tuple(call[state].shape))
+
+
 def same_device(call: dict[str, Any], anchor: str) -> None:
     """Every tensor argument lies on the device of ``anchor``."""
     device = call[anchor].device

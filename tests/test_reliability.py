@@ -479,3 +479,23 @@ def test_chunk_scan_refuses_growing_decays_eagerly_and_on_the_device():
     assert torch.equal(call["state"], before)
     with pytest.raises(RuntimeError, match="A: expected decay rates <= 0"):
         op.device_check(bad)
+
+
+@pytest.mark.parametrize(("name", "state", "indices"), [
+    ("selective_state_update", "state", "state_batch_indices"),
+    ("mamba_chunk_scan", "state", "state_batch_indices"),
+    ("selective_scan", "ssm_states", "cache_indices"),
+    ("causal_conv1d_fn", "conv_states", "cache_indices"),
+    ("causal_conv1d_update", "conv_state", "conv_state_indices"),
+])
+def test_without_indices_every_entry_needs_its_own_row(name, state, indices):
+    """With no row indices, entry i uses row i: a state of fewer rows than entries is
+    refused by name before anything is written (four entries, three rows)."""
+    op = get_op(name)
+    call = op.bind(**op.example(torch.device("cpu"), torch.float32))
+    op.check({**call, indices: None})
+    short = {**call, indices: None, state: call[state][:3]}
+    before = short[state].clone()
+    with pytest.raises(ValueError, match=rf"^{state}: expected at least 4 rows .*no {indices}"):
+        getattr(mamba_ir.ops, name)(**short)
+    assert torch.equal(short[state], before)

@@ -92,10 +92,7 @@ def _check(call: dict) -> None:
     for name in ("cache_indices", "src_cache_indices"):
         checks.index(call, name, rows=nseq, padded=True)
     checks.index(call, "has_initial_state", rows=nseq, padded=True, dtypes=(torch.bool,))
-    if call["cache_indices"] is None and nseq > states.shape[0]:
-        checks.fail(
-            "conv_states", f"at least {nseq} rows (no cache_indices given)", tuple(states.shape)
-        )
+    checks.enough_rows(call, "conv_states", "cache_indices", nseq)
     checks.activation(call)
 
 

@@ -148,10 +148,7 @@ def _check(call: dict) -> None:
         "src_token_offset",
     ):
         checks.index(call, name, rows=nseq, padded=True)
-    if call["conv_state_indices"] is None and nseq > state.shape[0]:
-        checks.fail(
-            "conv_state", f"at least {nseq} rows (no conv_state_indices given)", tuple(state.shape)
-        )
+    checks.enough_rows(call, "conv_state", "conv_state_indices", nseq)
     per_seq = x.shape[2] if x.dim() == 3 else 1
     if call["num_accepted_tokens"] is not None and not varlen and width - 2 + per_seq > state_len:
         checks.fail(

@@ -143,9 +143,7 @@ def _check(call: dict) -> None:
     if cu.shape[0] < 1:
         checks.fail("cu_seqlens", "at least one entry", tuple(cu.shape))
     nseq = cu.shape[0] - 1
-    if call["state_batch_indices"] is None and nseq > state.shape[0]:
-        want = f"at least {nseq} rows (one per sequence, no indices given)"
-        checks.fail("state", want, tuple(state.shape))
+    checks.enough_rows(call, "state", "state_batch_indices", nseq)
     for name in ("state_batch_indices", "dst_state_batch_indices", "num_computed_tokens"):
         checks.index(call, name, rows=nseq, padded=True)
     check_checkpoint_args(call, nseq)

@@ -149,9 +149,7 @@ def _check(call: dict) -> None:
     for name in ("cache_indices", "src_cache_indices", "num_computed_tokens"):
         checks.index(call, name, rows=nseq, padded=True)
     checks.index(call, "has_initial_state", rows=nseq, padded=True, dtypes=(torch.bool,))
-    if call["cache_indices"] is None and nseq > states.shape[0]:
-        want = f"at least {nseq} rows (one per sequence, no cache_indices given)"
-        checks.fail("ssm_states", want, tuple(states.shape))
+    checks.enough_rows(call, "ssm_states", "cache_indices", nseq)
     check_checkpoint_args(call, nseq)
 
 

@@ -151,12 +151,7 @@ def _check(call: dict) -> None:
     if cu is not None and cu.shape[0] < 1:
         checks.fail("cu_seqlens", "at least one entry", tuple(cu.shape))
     nseq = cu.shape[0] - 1 if varlen else lead[0]
-    if call["state_batch_indices"] is None and nseq > state.shape[0]:
-        checks.fail(
-            "state",
-            f"at least {nseq} rows (one per sequence, no indices given)",
-            tuple(state.shape),
-        )
+    checks.enough_rows(call, "state", "state_batch_indices", nseq)
     spec = call["num_accepted_tokens"] is not None
     checks.index(call, "num_accepted_tokens", rows=nseq, padded=True)
     for name in ("state_batch_indices", "dst_state_batch_indices"):
