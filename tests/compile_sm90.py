@@ -1,0 +1,92 @@
+"""Compile the Triton providers' kernels for an H100 (sm_90) on a machine without a GPU.
+
+The interpreter runs a kernel as Python, so what only the compiler rejects (a name bound
+in one branch of a runtime ``if`` and read after it, a type that differs between the
+branches, a shape a ``tl.dot`` refuses) passes every CPU test and fails on the GPU. This
+script runs each provider's launch on its op's example calls with a driver that targets
+sm_90 and launches nothing: every kernel goes through Triton's whole pipeline to a cubin.
+It prints one JSON object, {op: [compiled kernel names]}. Run without TRITON_INTERPRET
+(``tests/test_triton_compile.py`` does): Triton decides at definition time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Heuristics
+
+
+class CompileOnly:
+    """The driver calls a launch makes, answered for an H100 that is not there."""
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+def main() -> None:
+    driver.set_active(CompileOnly())
+    import mamba_ir.impls.triton as providers
+    from mamba_ir import get_op
+    from mamba_ir.impls.triton.mamba_chunk_scan import Config as ScanConfig
+
+    compiled: dict[str, list[str]] = {}
+    current: list[str] = []
+
+    def compile_only(kernel: Any, grid: tuple[int, ...], **args: Any) -> None:
+        if isinstance(kernel, Heuristics):
+            for flag, rule in kernel.values.items():
+                args[flag] = rule(args)
+            kernel = kernel.fn
+        kernel.warmup(grid=grid, **args)
+        current.append(kernel.fn.__name__)
+
+    for module in list(sys.modules.values()):
+        if module and module.__name__.startswith(providers.__name__) and hasattr(
+                module, "call_kernel"):
+            module.call_kernel = compile_only
+
+    # each launch form a provider has, beyond its default
+    forms: dict[str, list[dict[str, Any]]] = {
+        "selective_state_update": [{}],
+        "mamba_chunk_scan": [{}, {"config": ScanConfig(scan_split=False)},
+                             {"config": ScanConfig(scan_all_rows=True)},
+                             {"config": ScanConfig(state_dt_fused=True, contrib_half=False)}],
+        "selective_scan": [{}],
+        "causal_conv1d_fn": [{}, {"kernel": "tile"}, {"kernel": "stream", "depth": 8}],
+        "causal_conv1d_update": [{}],
+        "copy_state_blocks": [{}],
+    }
+    for name, tunings in forms.items():
+        op = get_op(name)
+        launch = op.impls["triton"].fn.__wrapped__
+        for dtype in (torch.bfloat16, torch.float32):
+            call = op.bind(**op.example(torch.device("cpu"), dtype))
+            for arg, make in op.allocate.items():
+                if call[arg] is None:
+                    call[arg] = make(call)
+            for tuning in tunings:
+                launch(call, **tuning)
+        compiled[name] = sorted(set(current))
+        current.clear()
+    print(json.dumps(compiled))
+
+
+if __name__ == "__main__":
+    if triton.knobs.runtime.interpret:
+        sys.exit("run without TRITON_INTERPRET: interpreted kernels do not compile")
+    main()
