@@ -19,7 +19,6 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
-from triton.runtime.autotuner import Heuristics
 
 
 class CompileOnly:
@@ -42,18 +41,16 @@ def main() -> None:
     driver.set_active(CompileOnly())
     import mamba_ir.impls.triton as providers
     from mamba_ir import get_op
+    from mamba_ir.impls.triton._common import positional
     from mamba_ir.impls.triton.mamba_chunk_scan import Config as ScanConfig
 
     compiled: dict[str, list[str]] = {}
     current: list[str] = []
 
     def compile_only(kernel: Any, grid: tuple[int, ...], **args: Any) -> None:
-        if isinstance(kernel, Heuristics):
-            for flag, rule in kernel.values.items():
-                args[flag] = rule(args)
-            kernel = kernel.fn
-        kernel.warmup(grid=grid, **args)
-        current.append(kernel.fn.__name__)
+        fn, ordered, options = positional(kernel, args)
+        fn.warmup(*ordered, grid=grid, **options)
+        current.append(fn.fn.__name__)
 
     for module in list(sys.modules.values()):
         if module and module.__name__.startswith(providers.__name__) and hasattr(

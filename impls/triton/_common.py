@@ -109,12 +109,19 @@ def call_kernel(kernel: Any, grid: tuple[int, ...], **args: Any) -> None:
     pass over ``args`` and the kernel's arguments go over in its order; the others
     (``num_warps``, ...) stay keywords.
     """
+    fn, ordered, options = positional(kernel, args)
+    fn[grid](*ordered, **options)
+
+
+def positional(kernel: Any, args: dict[str, Any]) -> tuple[Any, list[Any], dict[str, Any]]:
+    """(the jitted function, its arguments in order, the launch options) of ``kernel`` on
+    ``args`` (consumed), its ``@triton.heuristics`` flags computed: what
+    :func:`call_kernel` launches, for a caller that compiles without launching."""
     if isinstance(kernel, Heuristics):
         for flag, rule in kernel.values.items():
             args[flag] = rule(args)
         kernel = kernel.fn
-    ordered = [args.pop(name) for name in kernel.arg_names]
-    kernel[grid](*ordered, **args)
+    return kernel, [args.pop(name) for name in kernel.arg_names], args
 
 
 def given(arg: str) -> Callable[[dict[str, Any]], bool]:
