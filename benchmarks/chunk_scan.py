@@ -152,17 +152,19 @@ def sweep_configs() -> list[Any]:
 
     base = Config()
     variants = [
-        # the previous default: an exp per pair of tokens in every source block
+        # the two launch choices of this version, each undone: C B^T in its own launch,
+        # 64-token steps on the diagonal block
+        dict(pass_cb_fused=False),
+        dict(scan_diag_k=64),
+        # the scan form before the split: an exp per pair of tokens in every source block
         dict(scan_split=False),
-        # measured around the split form (2026-11-23): each slower, or (dt_block_h) the
-        # previous step-size launch
+        # measured around the split form (2026-11-23): each slower
         dict(scan_maxnreg=168),
         dict(scan_block_k=32),
         dict(scan_stages=2),
         dict(scan_all_rows=True),
         dict(scan_block_m=128, scan_warps=8),
         dict(dt_block_h=16),
-        dict(dt_block_h=8),
     ]
     return [base] + [Config(**{**asdict(base), **v}) for v in variants]
 

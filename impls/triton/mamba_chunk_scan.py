@@ -27,6 +27,7 @@ if triton is not None:
         chunk_scan_kernel,
         chunk_state_fused_kernel,
         chunk_state_kernel,
+        pass_cb_kernel,
         state_pass_kernel,
     )
 
@@ -59,6 +60,8 @@ class Config:
     contrib_half: bool = True
     pass_block_p: int = 16  # headdim rows per state-passing program (all of dstate)
     pass_warps: int = 4
+    # C B^T computed in the state-passing launch, beside its serial walks (warps: pass_warps)
+    pass_cb_fused: bool = True
     cb_block: int = 64  # C B^T block (square)
     cb_warps: int = 4
     scan_block_m: int = 64  # output tokens per scan program
@@ -72,6 +75,9 @@ class Config:
     # the source blocks before the output rows weighed per column (one exp per token
     # rather than per pair): -48 us at 8k tokens (docs/bench-chunk-scan.md)
     scan_split: bool = True
+    # source tokens per step on the diagonal block with scan_split (0: scan_block_k): 32
+    # keeps the exp per pair's temporaries within the register cap, -2 % at 8k tokens
+    scan_diag_k: int = 32
 
 
 def default_config(dim: int, dstate: int, chunk: int) -> Config:
@@ -167,10 +173,10 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     ckpt = call["checkpoint_state_indices"] if block_size else None
     done = call["num_computed_tokens"]
     # the chunk table, read by every launch after it
-    plan = dict(offs_ptr=offs, table_ptr=table, nseq=nseq, bound=bound)
+    plan = dict(table_ptr=table, bound=bound)
 
     call_kernel(chunk_plan_kernel, (1,),
-        cu_ptr=cu_seqlens, done_ptr=done, **plan, chunk=chunk,
+        cu_ptr=cu_seqlens, done_ptr=done, offs_ptr=offs, nseq=nseq, **plan, chunk=chunk,
         s_cu=stride0(cu_seqlens), s_done=stride0(done),
         BLOCK=min(1024, triton.next_power_of_2(max(nseq, bound))),
         SEARCH_STEPS=max(1, nseq.bit_length()),
@@ -205,26 +211,34 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         )
     pass_p = min(cfg.pass_block_p, _pow2(dim))
     src, dst = call["state_batch_indices"], call["dst_state_batch_indices"]
-    call_kernel(state_pass_kernel, (nseq, nheads, triton.cdiv(dim, pass_p)),
+    passing = dict(
         state_ptr=state, contrib_ptr=contrib, decay_ptr=decay, hin_ptr=hin, cu_ptr=cu_seqlens,
         done_ptr=done, src_ptr=src, dst_ptr=dst, ckpt_ptr=ckpt, offs_ptr=offs,
         pad_slot_id=call["pad_slot_id"], nslots=state.shape[0], nheads=nheads, dim=dim,
-        dstate=dstate, chunk=chunk,
-        block_size=block_size, s_state=state.stride(),
+        dstate=dstate, chunk=chunk, block_size=block_size, s_state=state.stride(),
         s_cu=stride0(cu_seqlens), s_done=stride0(done), s_src=stride0(src),
-        s_dst=stride0(dst), s_ckpt=strides(ckpt, 2),
-        BLOCK_P=pass_p, BLOCK_N=block_n, WIDTH_N=block_n, num_warps=cfg.pass_warps,
+        s_dst=stride0(dst), s_ckpt=strides(ckpt, 2), WIDTH_N=block_n,
     )
     cb_m = min(cfg.cb_block, block_l)
-    call_kernel(chunk_cb_kernel, (bound * ngroups * (block_l // cb_m) ** 2,),
-        B_ptr=B, C_ptr=C, **plan, cb_ptr=cb, ngroups=ngroups, dstate=dstate,
-        s_B=B.stride(), s_C=C.stride(),
+    cb_programs = bound * ngroups * (block_l // cb_m) ** 2
+    products = dict(
+        B_ptr=B, C_ptr=C, **plan, cb_ptr=cb, ngroups=ngroups, s_B=B.stride(), s_C=C.stride(),
         PREC=prec, MM_DTYPE=mm_tl, BLOCK_L=block_l, BLOCK_M=cb_m, BLOCK_K=cb_m,
-        BLOCK_N=block_n, num_warps=cfg.cb_warps,
+        BLOCK_N=block_n,
     )
+    if cfg.pass_cb_fused:
+        npass = nseq * nheads * triton.cdiv(dim, pass_p)
+        call_kernel(pass_cb_kernel, (npass + cb_programs,), **passing, **products,
+                    npass=npass, PASS_P=pass_p, num_warps=cfg.pass_warps)
+    else:
+        call_kernel(state_pass_kernel, (nseq, nheads, triton.cdiv(dim, pass_p)), **passing,
+                    BLOCK_P=pass_p, num_warps=cfg.pass_warps)
+        call_kernel(chunk_cb_kernel, (cb_programs,), **products, dstate=dstate,
+                    num_warps=cfg.cb_warps)
     block_m = min(cfg.scan_block_m, block_l)
     block_p = min(cfg.scan_block_p, _pow2(dim))
     heads = math.gcd(cfg.scan_heads, nheads // ngroups)
+    block_k = min(cfg.scan_block_k, block_l)
     mblocks = 1 if cfg.scan_all_rows else block_l // block_m
     grid = (bound * mblocks * (nheads // heads) * triton.cdiv(dim, block_p),)
     call_kernel(chunk_scan_kernel, grid,
@@ -233,8 +247,9 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         s_x=x.stride(), s_C=C.stride(), s_z=strides(z, 3), s_out=out.stride(),
         s_D=(stride0(D), D.stride(1) if D is not None and D.dim() == 2 else 0),
         PREC=prec, MM_DTYPE=mm_tl, HEADS=heads, ALL_ROWS=cfg.scan_all_rows,
-        SPLIT=cfg.scan_split, BLOCK_L=block_l, BLOCK_M=block_m,
-        BLOCK_K=min(cfg.scan_block_k, block_l),
+        SPLIT=cfg.scan_split,
+        BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_D=min(cfg.scan_diag_k or block_k, block_m) if cfg.scan_split else block_k,
         BLOCK_P=block_p, BLOCK_N=block_n, num_warps=cfg.scan_warps,
         num_stages=cfg.scan_stages, maxnreg=cfg.scan_maxnreg or None,
     )
