@@ -152,10 +152,11 @@ def sweep_configs() -> list[Any]:
 
     base = Config()
     variants = [
-        # the two launch choices of this version, each undone: C B^T in its own launch,
-        # 64-token steps on the diagonal block
+        # the launch choices of this version, each undone: C B^T in its own launch,
+        # 64-token steps on the diagonal block, one-chunk sequences through the state pass
         dict(pass_cb_fused=False),
         dict(scan_diag_k=64),
+        dict(single_chunk_pass=False),
         # the scan form before the split: an exp per pair of tokens in every source block
         dict(scan_split=False),
         # measured around the split form (2026-11-23): each slower

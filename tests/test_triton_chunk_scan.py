@@ -170,8 +170,9 @@ SMALL = Config(dt_block_h=2, state_block_p=16, state_block_n=16, state_block_t=1
     "variant",
     [{}, dict(scan_all_rows=True), dict(state_dt_fused=True, state_heads=2),
      dict(scan_split=False),
-     dict(pass_cb_fused=False, scan_block_m=32, scan_block_k=32, scan_diag_k=16)],
-    ids=["row-blocks", "all-rows", "fused-dt", "unsplit", "separate-cb-diagonal-steps"],
+     dict(pass_cb_fused=False, scan_block_m=32, scan_block_k=32, scan_diag_k=16,
+          single_chunk_pass=False)],
+    ids=["row-blocks", "all-rows", "fused-dt", "unsplit", "separate-cb-diagonal-steps-no-single"],
 )
 def test_loops_over_blocks(variant: dict) -> None:
     """Chunks of several token blocks, headdim and dstate over several programs, several
@@ -278,6 +279,7 @@ VARIANTS = {
     "unsplit": dict(scan_split=False),
     "separate-cb": dict(pass_cb_fused=False),
     "diagonal-steps-64": dict(scan_diag_k=64),
+    "no-single-chunk-pass": dict(single_chunk_pass=False),
 }
 
 

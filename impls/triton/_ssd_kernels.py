@@ -3,19 +3,22 @@
 Chunks belong to one sequence and start at every request position that is a multiple of
 the chunk size (position = tokens already computed + index in the call), so a sequence's
 first and last chunks may be short and every align-mode block boundary is a chunk end.
-Six launches, none of which waits on the host; grids are sized by an upper bound of the
-chunk count read from shapes alone and surplus programs exit at once, so the call stays
-CUDA-graph capturable:
+Five launches (six with ``Config.pass_cb_fused`` off), none of which waits on the host;
+grids are sized by an upper bound of the chunk count read from shapes alone and surplus
+programs exit at once (their chunks have length 0 in the plan), so the call stays CUDA-graph
+capturable:
 
 1. ``chunk_plan_kernel`` (one program): the first global chunk of every sequence (a prefix
-   sum of chunk counts), then each chunk's sequence, first token and length.
+   sum of chunk counts), then each chunk's sequence, first token and length (0 for the
+   chunks of the bound past the count).
 2. ``chunk_dt_kernel`` (chunk x block of heads): the per-token step sizes, their decay
    sums from the chunk's start and to its end, and each chunk's total decay; then
    ``chunk_state_kernel`` (chunk x head x state tile, all in parallel): the chunk's own
    contribution to the state, ``x^T (B * weights)``, a chain of tensor-core products into
    one fp32 accumulator, stored in fp32 or (``Config.contrib_half``) in the 16-bit input
-   dtype. ``chunk_state_fused_kernel`` does both in one launch (``Config.state_dt_fused``,
-   slower: docs/bench-chunk-scan.md).
+   dtype; for a sequence's only chunk (``Config.single_chunk_pass``) the program passes
+   the state itself instead (step 3 for that sequence). ``chunk_state_fused_kernel``
+   does both in one launch (``Config.state_dt_fused``, slower: docs/bench-chunk-scan.md).
 3. ``state_pass_kernel`` (sequence x head x state tile): reads the source row once, walks
    the sequence's chunks in order carrying the state in fp32 registers (``h = h *
    decay(chunk) + contribution(chunk)``), stores the state entering each chunk (in the
@@ -23,12 +26,12 @@ CUDA-graph capturable:
    boundaries and the final state to the destination row. It reads the whole source tile
    before its first store, so src == dst is safe.
 4. ``chunk_cb_kernel`` (chunk x group x causal block): ``C B^T`` once per group, shared by
-   the group's heads.
+   the group's heads; ``pass_cb_kernel`` runs 3 and 4 as one launch.
 5. ``chunk_scan_kernel`` (chunk x block of its tokens, or all of them, x head x headdim
    block): ``y = exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``,
    gated by ``silu(z)``. The decay of the source blocks before the output rows factors
    into a weight per source token and one per output row (``Config.scan_split``): an exp
-   per pair of tokens only on the diagonal block.
+   per pair of tokens only on the diagonal block. A chunk's last row blocks start first.
 
 Offsets that can pass 2**31 (tokens x strides, rows x row stride, chunks x state size) are
 int64; matmul operands are the inputs' 16-bit dtype with fp32 accumulation, or fp32 with
@@ -157,18 +160,28 @@ if triton is not None:
         bw = (bt.to(tl.float32) * weight[:, None]).to(MM_DTYPE)
         return tl.dot(tl.trans(xt.to(MM_DTYPE)), bw, acc=acc, input_precision=PREC)
 
+    @triton.heuristics({
+        "HAS_DONE": given("done_ptr"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
+        "HAS_CKPT": given("ckpt_ptr"),
+    })
     @triton.jit
     def chunk_state_kernel(
         x_ptr, B_ptr, table_ptr, contrib_ptr, rest_ptr, dts_ptr,
+        state_ptr, decay_ptr, hin_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
         nheads, dim, dstate, heads_per_group, bound,
-        s_x, s_B,
+        pad_slot_id, nslots, chunk, block_size,
+        s_x, s_B, s_state, s_done, s_src, s_dst, s_ckpt,
+        HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
+        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr,
         PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr,
     ):
         """One chunk's own contribution to the state of one head, ``x^T (B * weights)``,
         each token weighted by its step size and its decay to the chunk's end: a chain of
-        tensor-core products into one fp32 accumulator."""
+        tensor-core products into one fp32 accumulator. With ``SINGLE``, the chunk that is
+        its sequence's only one also passes the state (``_pass_single``) instead of storing
+        the contribution, and the state passing skips that sequence."""
         # strides: one tuple per tensor
         s_x_tok, s_x_head, s_x_dim = s_x
         s_B_tok, s_B_group, s_B_n = s_B
@@ -201,8 +214,81 @@ if triton is not None:
                               offs_p, offs_n, mask_p, mask_n, s_x_tok, s_x_head, s_x_dim,
                               s_B_tok, s_B_group, s_B_n, PREC, MM_DTYPE)
         tile = offs_p[:, None] * WIDTH_N + offs_n[None, :]
-        tl.store(contrib_ptr + slot * dim * WIDTH_N + tile,
-                 h.to(contrib_ptr.dtype.element_ty), mask=mask_p[:, None])
+        if SINGLE:
+            seq = tl.load(table_ptr + c).to(tl.int64)
+            if tl.load(offs_ptr + seq + 1) - tl.load(offs_ptr + seq) == 1:
+                _pass_single(
+                    h, seq, slot, head, length, offs_p, offs_n, mask_p, mask_n, tile,
+                    state_ptr, decay_ptr, hin_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr,
+                    dim, pad_slot_id, nslots, chunk, block_size,
+                    s_state, s_done, s_src, s_dst, s_ckpt,
+                    HAS_DONE, HAS_SRC, HAS_DST, HAS_CKPT, WIDTH_N,
+                )
+            else:
+                tl.store(contrib_ptr + slot * dim * WIDTH_N + tile,
+                         h.to(contrib_ptr.dtype.element_ty), mask=mask_p[:, None])
+        else:
+            tl.store(contrib_ptr + slot * dim * WIDTH_N + tile,
+                     h.to(contrib_ptr.dtype.element_ty), mask=mask_p[:, None])
+
+    @triton.jit
+    def _pass_single(
+        contrib, seq, slot, head, length, offs_p, offs_n, mask_p, mask_n, scratch,
+        state_ptr, decay_ptr, hin_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr,
+        dim, pad_slot_id, nslots, chunk, block_size,
+        s_state, s_done, s_src, s_dst, s_ckpt,
+        HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
+        HAS_CKPT: tl.constexpr, WIDTH_N: tl.constexpr,
+    ):
+        """The state passing of a sequence of one chunk, for the tile of the chunk-state
+        program that holds its contribution in fp32: the source row in, the state
+        entering the chunk to the scan, the checkpoint and the destination row out. Its
+        contribution never goes through memory (2 MiB per sequence at Mamba2 sizes)."""
+        s_state_row, s_state_head, s_state_dim, s_state_n = s_state
+        done = seq * 0
+        if HAS_DONE:
+            done = tl.load(done_ptr + seq * s_done).to(tl.int64)
+        src, dst = _seq_rows(seq, src_ptr, dst_ptr, s_src, s_dst, HAS_SRC, HAS_DST)
+        head_off = head * s_state_head
+        tile = offs_p[:, None] * s_state_dim + offs_n[None, :] * s_state_n
+        tile_mask = mask_p[:, None] & mask_n[None, :]
+        h = tl.load(state_ptr + src * s_state_row + head_off + tile,
+                    mask=only_if(real_row(src, pad_slot_id, nslots), tile_mask),
+                    other=0.0).to(tl.float32)
+        tl.store(hin_ptr + slot * dim * WIDTH_N + scratch, h.to(hin_ptr.dtype.element_ty),
+                 mask=mask_p[:, None])
+        h = h * tl.exp(tl.load(decay_ptr + slot)) + contrib
+        if HAS_CKPT:
+            _checkpoint(h, state_ptr, ckpt_ptr, seq, done + length, done, block_size,
+                        head_off + tile, tile_mask, pad_slot_id, nslots, s_state_row, s_ckpt)
+        tl.store(state_ptr + dst * s_state_row + head_off + tile,
+                 h.to(state_ptr.dtype.element_ty),
+                 mask=only_if(real_row(dst, pad_slot_id, nslots), tile_mask))
+
+    @triton.jit
+    def _seq_rows(seq, src_ptr, dst_ptr, s_src, s_dst,
+                  HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr):
+        """(source row, destination row) of sequence ``seq``: its own index without source
+        indices, the source row without destination indices."""
+        src = seq
+        if HAS_SRC:
+            src = tl.load(src_ptr + seq * s_src).to(tl.int64)
+        dst = src
+        if HAS_DST:
+            dst = tl.load(dst_ptr + seq * s_dst).to(tl.int64)
+        return src, dst
+
+    @triton.jit
+    def _checkpoint(h, state_ptr, ckpt_ptr, seq, end, done, block_size, at, tile_mask,
+                    pad_slot_id, nslots, s_state_row, s_ckpt):
+        """``h`` stored at ``at`` in the checkpoint row of request position ``end`` (of a
+        sequence ``done`` tokens in) when ``end`` is a block boundary."""
+        s_ckpt_seq, s_ckpt_col = s_ckpt
+        if end % block_size == 0:
+            col = end // block_size - done // block_size - 1
+            row = tl.load(ckpt_ptr + seq * s_ckpt_seq + col * s_ckpt_col).to(tl.int64)
+            tl.store(state_ptr + row * s_state_row + at, h.to(state_ptr.dtype.element_ty),
+                     mask=only_if(real_row(row, pad_slot_id, nslots), tile_mask))
 
     @triton.jit
     def _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, bias, dt_lo, dt_hi,
@@ -293,7 +379,8 @@ if triton is not None:
         pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size,
         s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
-        HAS_CKPT: tl.constexpr, BLOCK_P: tl.constexpr, WIDTH_N: tl.constexpr,
+        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr, BLOCK_P: tl.constexpr,
+        WIDTH_N: tl.constexpr,
     ):
         """The states of one sequence, head and block of headdim rows (grid: sequence x
         head x row block)."""
@@ -303,7 +390,7 @@ if triton is not None:
             cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
             pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size,
             s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
-            HAS_DONE, HAS_SRC, HAS_DST, HAS_CKPT, BLOCK_P, WIDTH_N,
+            HAS_DONE, HAS_SRC, HAS_DST, HAS_CKPT, SINGLE, BLOCK_P, WIDTH_N,
         )
 
     @triton.jit
@@ -313,13 +400,14 @@ if triton is not None:
         pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size,
         s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
-        HAS_CKPT: tl.constexpr, BLOCK_P: tl.constexpr, WIDTH_N: tl.constexpr,
+        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr, BLOCK_P: tl.constexpr,
+        WIDTH_N: tl.constexpr,
     ):
         """Walks the chunks of sequence ``seq`` for one head and block of headdim rows (all
-        of dstate), carrying the state in fp32 registers."""
+        of dstate), carrying the state in fp32 registers; with ``SINGLE``, a sequence of
+        one chunk was passed by its chunk-state programs and is skipped."""
         # strides: one tuple per tensor
         s_state_row, s_state_head, s_state_dim, s_state_n = s_state
-        s_ckpt_seq, s_ckpt_col = s_ckpt
         bos = tl.load(cu_ptr + seq * s_cu).to(tl.int64)
         length = tl.load(cu_ptr + (seq + 1) * s_cu).to(tl.int64) - bos
         done = seq * 0
@@ -327,14 +415,11 @@ if triton is not None:
             done = tl.load(done_ptr + seq * s_done).to(tl.int64)
         lead = done % chunk
         nchunks = tl.where(length > 0, (lead + length + chunk - 1) // chunk, 0)
+        if SINGLE:
+            nchunks = tl.where(nchunks == 1, 0, nchunks)
         first = tl.load(offs_ptr + seq).to(tl.int64)
         # both row indices up front: the destination may be the source row
-        src = seq
-        if HAS_SRC:
-            src = tl.load(src_ptr + seq * s_src).to(tl.int64)
-        dst = src
-        if HAS_DST:
-            dst = tl.load(dst_ptr + seq * s_dst).to(tl.int64)
+        src, dst = _seq_rows(seq, src_ptr, dst_ptr, s_src, s_dst, HAS_SRC, HAS_DST)
 
         offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_n = tl.arange(0, WIDTH_N)
@@ -343,7 +428,8 @@ if triton is not None:
         tile_mask = mask_p[:, None] & (offs_n < dstate)[None, :]
         head_off = head * s_state_head
         h = tl.load(state_ptr + src * s_state_row + head_off + tile,
-                    mask=only_if(real_row(src, pad_slot_id, nslots), tile_mask), other=0.0)
+                    mask=only_if(and_real_row(nchunks > 0, src, pad_slot_id, nslots),
+                                 tile_mask), other=0.0)
         h = h.to(tl.float32)
         scratch = offs_p[:, None] * WIDTH_N + offs_n[None, :]
         size = dim * WIDTH_N
@@ -364,16 +450,13 @@ if triton is not None:
                      mask=mask_p[:, None])
             h = h * tl.exp(decay) + contrib.to(tl.float32)
             if HAS_CKPT:
-                end = done + tl.minimum((k + 1) * chunk - lead, length)
-                if end % block_size == 0:
-                    col = end // block_size - done // block_size - 1
-                    row = tl.load(ckpt_ptr + seq * s_ckpt_seq + col * s_ckpt_col).to(tl.int64)
-                    tl.store(state_ptr + row * s_state_row + head_off + tile,
-                             h.to(state_ptr.dtype.element_ty),
-                             mask=only_if(real_row(row, pad_slot_id, nslots), tile_mask))
+                _checkpoint(h, state_ptr, ckpt_ptr, seq,
+                            done + tl.minimum((k + 1) * chunk - lead, length), done,
+                            block_size, head_off + tile, tile_mask, pad_slot_id, nslots,
+                            s_state_row, s_ckpt)
         tl.store(state_ptr + dst * s_state_row + head_off + tile,
                  h.to(state_ptr.dtype.element_ty),
-                 mask=only_if(and_real_row(length > 0, dst, pad_slot_id, nslots), tile_mask))
+                 mask=only_if(and_real_row(nchunks > 0, dst, pad_slot_id, nslots), tile_mask))
 
     @triton.jit
     def chunk_cb_kernel(
@@ -440,8 +523,8 @@ if triton is not None:
         pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size, ngroups, bound, npass,
         s_state, s_cu, s_done, s_src, s_dst, s_ckpt, s_B, s_C,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
-        HAS_CKPT: tl.constexpr, PASS_P: tl.constexpr, WIDTH_N: tl.constexpr,
-        PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
+        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr, PASS_P: tl.constexpr,
+        WIDTH_N: tl.constexpr, PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -459,7 +542,7 @@ if triton is not None:
                 cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
                 pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size,
                 s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
-                HAS_DONE, HAS_SRC, HAS_DST, HAS_CKPT, PASS_P, WIDTH_N,
+                HAS_DONE, HAS_SRC, HAS_DST, HAS_CKPT, SINGLE, PASS_P, WIDTH_N,
             )
         else:
             _cb_block(pid - npass, B_ptr, C_ptr, table_ptr, cb_ptr, ngroups, dstate, bound,

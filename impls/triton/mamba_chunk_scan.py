@@ -60,6 +60,9 @@ class Config:
     contrib_half: bool = True
     pass_block_p: int = 16  # headdim rows per state-passing program (all of dstate)
     pass_warps: int = 4
+    # a sequence of one chunk passed by its chunk-state programs, its contribution never
+    # stored (many short sequences: every one is a 2 MiB contribution at Mamba2 sizes)
+    single_chunk_pass: bool = True
     # C B^T computed in the state-passing launch, beside its serial walks (warps: pass_warps)
     pass_cb_fused: bool = True
     cb_block: int = 64  # C B^T block (square)
@@ -190,6 +193,17 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
                   BLOCK_N=block_sn, WIDTH_N=block_n, num_warps=cfg.state_warps,
                   num_stages=cfg.state_stages, maxnreg=cfg.state_maxnreg or None)
     shape = dict(nheads=nheads, dim=dim, dstate=dstate, heads_per_group=nheads // ngroups)
+    src, dst = call["state_batch_indices"], call["dst_state_batch_indices"]
+    # what passing a state takes: the rows, the decays, where entering states go
+    rows = dict(
+        state_ptr=state, decay_ptr=decay, hin_ptr=hin, done_ptr=done, src_ptr=src,
+        dst_ptr=dst, ckpt_ptr=ckpt, offs_ptr=offs, pad_slot_id=call["pad_slot_id"],
+        nslots=state.shape[0], chunk=chunk, block_size=block_size, s_state=state.stride(),
+        s_done=stride0(done), s_src=stride0(src), s_dst=stride0(dst), s_ckpt=strides(ckpt, 2),
+    )
+    # the fused chunk-state kernel computes each chunk's decay in the same launch, so only
+    # the separate one can pass a one-chunk sequence's state
+    single = cfg.single_chunk_pass and not cfg.state_dt_fused
     if cfg.state_dt_fused:
         heads = math.gcd(cfg.state_heads, nheads // ngroups)
         call_kernel(chunk_state_fused_kernel, (bound, nheads // heads, tiles),
@@ -207,17 +221,13 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         )
         call_kernel(chunk_state_kernel, (bound, nheads, tiles),
             x_ptr=x, B_ptr=B, **plan, contrib_ptr=contrib, rest_ptr=rest, dts_ptr=dts,
-            **shape, s_x=x.stride(), s_B=B.stride(), PREC=prec, MM_DTYPE=mm_tl, **blocks,
+            **rows, **shape, s_x=x.stride(), s_B=B.stride(), SINGLE=single, PREC=prec,
+            MM_DTYPE=mm_tl, **blocks,
         )
     pass_p = min(cfg.pass_block_p, _pow2(dim))
-    src, dst = call["state_batch_indices"], call["dst_state_batch_indices"]
     passing = dict(
-        state_ptr=state, contrib_ptr=contrib, decay_ptr=decay, hin_ptr=hin, cu_ptr=cu_seqlens,
-        done_ptr=done, src_ptr=src, dst_ptr=dst, ckpt_ptr=ckpt, offs_ptr=offs,
-        pad_slot_id=call["pad_slot_id"], nslots=state.shape[0], nheads=nheads, dim=dim,
-        dstate=dstate, chunk=chunk, block_size=block_size, s_state=state.stride(),
-        s_cu=stride0(cu_seqlens), s_done=stride0(done), s_src=stride0(src),
-        s_dst=stride0(dst), s_ckpt=strides(ckpt, 2), WIDTH_N=block_n,
+        **rows, contrib_ptr=contrib, cu_ptr=cu_seqlens, nheads=nheads, dim=dim,
+        dstate=dstate, s_cu=stride0(cu_seqlens), WIDTH_N=block_n, SINGLE=single,
     )
     cb_m = min(cfg.cb_block, block_l)
     cb_programs = bound * ngroups * (block_l // cb_m) ** 2
