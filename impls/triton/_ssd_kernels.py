@@ -44,6 +44,11 @@ from ._common import given, tl, triton
 from ._jit import and_real_row, only_if, real_row, step_size
 
 if triton is not None:
+    # the optional row indices of the kernels that read and write state rows
+    _ROW_FLAGS = {
+        "HAS_DONE": given("done_ptr"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
+        "HAS_CKPT": given("ckpt_ptr"),
+    }
 
     @triton.heuristics({"HAS_DONE": given("done_ptr")})
     @triton.jit
@@ -160,10 +165,7 @@ if triton is not None:
         bw = (bt.to(tl.float32) * weight[:, None]).to(MM_DTYPE)
         return tl.dot(tl.trans(xt.to(MM_DTYPE)), bw, acc=acc, input_precision=PREC)
 
-    @triton.heuristics({
-        "HAS_DONE": given("done_ptr"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
-        "HAS_CKPT": given("ckpt_ptr"),
-    })
+    @triton.heuristics(_ROW_FLAGS)
     @triton.jit
     def chunk_state_kernel(
         x_ptr, B_ptr, table_ptr, contrib_ptr, rest_ptr, dts_ptr,
@@ -214,6 +216,9 @@ if triton is not None:
                               offs_p, offs_n, mask_p, mask_n, s_x_tok, s_x_head, s_x_dim,
                               s_B_tok, s_B_group, s_B_n, PREC, MM_DTYPE)
         tile = offs_p[:, None] * WIDTH_N + offs_n[None, :]
+        # the whole one-chunk branch sits inside ``if SINGLE``, the contribution store
+        # written in both ``else``s: a flag set under it and tested after would leave
+        # ``seq`` unbound where SINGLE is off, which Triton rejects
         if SINGLE:
             seq = tl.load(table_ptr + c).to(tl.int64)
             if tl.load(offs_ptr + seq + 1) - tl.load(offs_ptr + seq) == 1:
@@ -368,10 +373,7 @@ if triton is not None:
             if owner:
                 tl.store(decay_ptr + slot, carry)
 
-    @triton.heuristics({
-        "HAS_DONE": given("done_ptr"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
-        "HAS_CKPT": given("ckpt_ptr"),
-    })
+    @triton.heuristics(_ROW_FLAGS)
     @triton.jit
     def state_pass_kernel(
         state_ptr, contrib_ptr, decay_ptr, hin_ptr,
@@ -511,10 +513,7 @@ if triton is not None:
             tl.store(cb_ptr + ((c * ngroups + group) * BLOCK_L + offs_m[:, None]) * BLOCK_L
                      + offs_s[None, :], cb.to(cb_ptr.dtype.element_ty))
 
-    @triton.heuristics({
-        "HAS_DONE": given("done_ptr"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
-        "HAS_CKPT": given("ckpt_ptr"),
-    })
+    @triton.heuristics(_ROW_FLAGS)
     @triton.jit
     def pass_cb_kernel(
         state_ptr, contrib_ptr, decay_ptr, hin_ptr,
