@@ -157,13 +157,10 @@ def sweep_configs() -> list[Any]:
         dict(pass_cb_fused=False),
         dict(scan_diag_k=64),
         dict(single_chunk_pass=False),
-        # the scan form before the split: an exp per pair of tokens in every source block
-        dict(scan_split=False),
         # measured around the split form (2026-11-23): each slower
         dict(scan_maxnreg=168),
         dict(scan_block_k=32),
         dict(scan_stages=2),
-        dict(scan_all_rows=True),
         dict(scan_block_m=128, scan_warps=8),
         dict(dt_block_h=16),
     ]

@@ -60,9 +60,7 @@ def main() -> None:
     # each launch form a provider has, beyond its default
     forms: dict[str, list[dict[str, Any]]] = {
         "selective_state_update": [{}],
-        "mamba_chunk_scan": [{}, {"config": ScanConfig(scan_split=False)},
-                             {"config": ScanConfig(scan_all_rows=True)},
-                             {"config": ScanConfig(state_dt_fused=True, contrib_half=False)},
+        "mamba_chunk_scan": [{}, {"config": ScanConfig(contrib_half=False)},
                              {"config": ScanConfig(pass_cb_fused=False, scan_diag_k=64,
                                                    single_chunk_pass=False)}],
         "selective_scan": [{}],

@@ -163,22 +163,19 @@ def test_matches_native(name: str) -> None:
 
 SMALL = Config(dt_block_h=2, state_block_p=16, state_block_n=16, state_block_t=16,
                state_warps=1, pass_block_p=16, cb_block=16, scan_block_m=16,
-               scan_block_k=16, scan_block_p=16, scan_heads=2, scan_warps=1)
+               scan_block_k=16, scan_block_p=16, scan_warps=1)
 
 
 @pytest.mark.parametrize(
     "variant",
-    [{}, dict(scan_all_rows=True), dict(state_dt_fused=True, state_heads=2),
-     dict(scan_split=False),
-     dict(pass_cb_fused=False, scan_block_m=32, scan_block_k=32, scan_diag_k=16,
+    [{}, dict(pass_cb_fused=False, scan_block_m=32, scan_block_k=32, scan_diag_k=16,
           single_chunk_pass=False)],
-    ids=["row-blocks", "all-rows", "fused-dt", "unsplit", "separate-cb-diagonal-steps-no-single"],
+    ids=["row-blocks", "separate-cb-diagonal-steps-no-single"],
 )
 def test_loops_over_blocks(variant: dict) -> None:
     """Chunks of several token blocks, headdim and dstate over several programs, several
-    output blocks per chunk (one program each, or one program walking them), two heads
-    per scan program, heads over several step-size (or fused chunk-state) programs: every
-    loop runs more than once."""
+    output blocks per chunk, heads over several step-size programs: every loop runs more
+    than once."""
     from mamba_ir.impls.triton.mamba_chunk_scan import mamba_chunk_scan as scan
 
     small = replace(SMALL, **variant)
@@ -204,7 +201,7 @@ def test_half_contributions_fp16() -> None:
     ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
                 for _ in range(2))
     OP.native(**ref)
-    scan(**got, config=replace(SMALL, contrib_half=True, scan_all_rows=True))
+    scan(**got, config=replace(SMALL, contrib_half=True))
     for a, b in ((got["out"], ref["out"]), (got["state"], ref["state"])):
         err = (a.float() - b.float()).abs().max().item()
         assert err <= 1e-2 * b.float().abs().max().item(), err
@@ -271,12 +268,9 @@ def test_full_size_gpu(case: Case) -> None:
 # launch variants the benchmark sweeps (benchmarks/chunk_scan.py), checked at full size
 VARIANTS = {
     "fp32-contributions": dict(contrib_half=False),
-    "fused-dt": dict(state_dt_fused=True),
-    "all-rows": dict(scan_all_rows=True),
     "no-register-cap": dict(scan_maxnreg=0),
     "previous-default": dict(scan_block_k=32, state_maxnreg=0),
     "rows-128": dict(scan_block_m=128, scan_warps=8),
-    "unsplit": dict(scan_split=False),
     "separate-cb": dict(pass_cb_fused=False),
     "diagonal-steps-64": dict(scan_diag_k=64),
     "no-single-chunk-pass": dict(single_chunk_pass=False),
@@ -334,9 +328,8 @@ def _float64_final_state(call: dict) -> torch.Tensor:
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("in_dtype", "variant"),
-    [(torch.float32, {}), (torch.float32, dict(state_dt_fused=True)),
-     (torch.bfloat16, {}), (torch.bfloat16, dict(contrib_half=False))],
-    ids=["fp32", "fp32-fused-dt", "bf16", "bf16-fp32-contributions"],
+    [(torch.float32, {}), (torch.bfloat16, {}), (torch.bfloat16, dict(contrib_half=False))],
+    ids=["fp32", "bf16", "bf16-fp32-contributions"],
 )
 def test_state_carried_in_fp32_gpu(in_dtype: torch.dtype, variant: dict) -> None:
     """16 chunks of one sequence into an fp32 state: with fp32 inputs the result is as

@@ -17,8 +17,7 @@ capturable:
    contribution to the state, ``x^T (B * weights)``, a chain of tensor-core products into
    one fp32 accumulator, stored in fp32 or (``Config.contrib_half``) in the 16-bit input
    dtype; for a sequence's only chunk (``Config.single_chunk_pass``) the program passes
-   the state itself instead (step 3 for that sequence). ``chunk_state_fused_kernel``
-   does both in one launch (``Config.state_dt_fused``, slower: docs/bench-chunk-scan.md).
+   the state itself instead (step 3 for that sequence).
 3. ``state_pass_kernel`` (sequence x head x state tile): reads the source row once, walks
    the sequence's chunks in order carrying the state in fp32 registers (``h = h *
    decay(chunk) + contribution(chunk)``), stores the state entering each chunk (in the
@@ -27,11 +26,11 @@ capturable:
    before its first store, so src == dst is safe.
 4. ``chunk_cb_kernel`` (chunk x group x causal block): ``C B^T`` once per group, shared by
    the group's heads; ``pass_cb_kernel`` runs 3 and 4 as one launch.
-5. ``chunk_scan_kernel`` (chunk x block of its tokens, or all of them, x head x headdim
-   block): ``y = exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``,
-   gated by ``silu(z)``. The decay of the source blocks before the output rows factors
-   into a weight per source token and one per output row (``Config.scan_split``): an exp
-   per pair of tokens only on the diagonal block. A chunk's last row blocks start first.
+5. ``chunk_scan_kernel`` (chunk x block of its tokens x head x headdim block):
+   ``y = exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``, gated by
+   ``silu(z)``. The decay of the source blocks before the output rows factors into a
+   weight per source token and one per output row: an exp per pair of tokens only on the
+   diagonal block. A chunk's last row blocks start first.
 
 Offsets that can pass 2**31 (tokens x strides, rows x row stride, chunks x state size) are
 int64; matmul operands are the inputs' 16-bit dtype with fp32 accumulation, or fp32 with
@@ -295,84 +294,6 @@ if triton is not None:
             tl.store(state_ptr + row * s_state_row + at, h.to(state_ptr.dtype.element_ty),
                      mask=only_if(real_row(row, pad_slot_id, nslots), tile_mask))
 
-    @triton.jit
-    def _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, bias, dt_lo, dt_hi,
-                    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
-        """dt of the given tokens after bias, softplus and clamp; 0 where not ``live``."""
-        d = tl.load(dt_ptr + tok * s_dt_tok + head * s_dt_head, mask=live, other=0.0)
-        d = step_size(d.to(tl.float32), bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
-        return tl.where(live, d, 0.0)
-
-    @triton.heuristics({"HAS_BIAS": given("bias_ptr"), "HAS_LIMIT": given("dt_lo")})
-    @triton.jit
-    def chunk_state_fused_kernel(
-        x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr,
-        table_ptr, contrib_ptr, decay_ptr, cum_ptr, dts_ptr,
-        nheads, dim, dstate, heads_per_group, bound, dt_lo, dt_hi,
-        s_x, s_dt, s_B, s_A, s_bias,
-        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-        PREC: tl.constexpr, MM_DTYPE: tl.constexpr, HEADS: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr,
-    ):
-        """``chunk_dt_kernel`` and ``chunk_state_kernel`` in one launch (``Config.
-        state_dt_fused``): the step sizes are computed in the product loop, which rescales
-        the accumulator by each block of tokens' decay; ``HEADS`` heads of one group per
-        program (their B tiles are the same: the second head onwards reads them from L1)."""
-        # strides: one tuple per tensor
-        s_x_tok, s_x_head, s_x_dim = s_x
-        s_dt_tok, s_dt_head = s_dt
-        s_B_tok, s_B_group, s_B_n = s_B
-        c = tl.program_id(0).to(tl.int64)
-        bos = tl.load(table_ptr + bound + c).to(tl.int64)
-        length = tl.load(table_ptr + 2 * bound + c)
-        if length == 0:  # past the chunk count
-            return
-        nblocks = WIDTH_N // BLOCK_N
-        pblk = tl.program_id(2) // nblocks
-        nblk = tl.program_id(2) % nblocks
-        offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_t = tl.arange(0, BLOCK_T)
-        mask_p = offs_p < dim
-        mask_n = offs_n < dstate
-        # one program per (chunk, head) writes the per-token scratch
-        owner = (pblk == 0) & (nblk == 0)
-        tile = offs_p[:, None] * WIDTH_N + offs_n[None, :]
-        first_head = tl.program_id(1).to(tl.int64) * HEADS
-        group = first_head // heads_per_group
-        for i in range(HEADS):
-            head = first_head + i
-            slot = c * nheads + head
-            a = tl.load(A_ptr + head * s_A).to(tl.float32)
-            bias = 0.0
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + head * s_bias).to(tl.float32)
-            h = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-            carry = 0.0
-            for t0 in range(0, length, BLOCK_T):
-                pos = t0 + offs_t
-                live = pos < length
-                tok = bos + pos
-                d = _step_sizes(dt_ptr, tok, head, live, s_dt_tok, s_dt_head, bias,
-                                dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
-                cum = tl.cumsum(d * a, 0)
-                total = tl.sum(d * a, 0)
-                if owner:
-                    tl.store(cum_ptr + slot * BLOCK_L + pos, cum + carry, mask=live)
-                    tl.store(dts_ptr + slot * BLOCK_L + pos, d, mask=live)
-                carry += total
-                # each token's contribution decays to the end of this block of tokens
-                weight = tl.exp(total - cum) * d
-                h = _contribution(h * tl.exp(total), x_ptr, B_ptr, tok, live, head, group,
-                                  weight, offs_p, offs_n, mask_p, mask_n,
-                                  s_x_tok, s_x_head, s_x_dim, s_B_tok, s_B_group, s_B_n,
-                                  PREC, MM_DTYPE)
-            tl.store(contrib_ptr + slot * dim * WIDTH_N + tile,
-                     h.to(contrib_ptr.dtype.element_ty), mask=mask_p[:, None])
-            if owner:
-                tl.store(decay_ptr + slot, carry)
-
     @triton.heuristics(_ROW_FLAGS)
     @triton.jit
     def state_pass_kernel(
@@ -556,8 +477,8 @@ if triton is not None:
         s_out_tok, s_out_head, s_out_dim,
         s_D_head, s_D_dim,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
-        MM_DTYPE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_L: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        MM_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Outputs of the ``BLOCK_M`` tokens from ``m0`` of one chunk and head, given
         their C rows ``cm``, the state entering the chunk ``hin`` as (dstate, headdim)
@@ -569,32 +490,26 @@ if triton is not None:
         tok_m = bos + offs_m
         cum_m = tl.load(cum_ptr + slot * BLOCK_L + offs_m, mask=mask_m, other=0.0)
         acc = tl.dot(cm, hin, input_precision=PREC)
-        if SPLIT:
-            # from a source token s before the rows' first token m0 to an output token m,
-            # exp(cum_m - cum_s) = exp(cum_m - cum_m0) * exp(cum_m0 - cum_s), both factors
-            # at most 1 (decay sums never grow: A <= 0): those blocks weigh their columns
-            # (one exp per source token, no causal mask), the rows are scaled once after
-            cum_0 = tl.load(cum_ptr + slot * BLOCK_L + m0)
-            acc = acc * tl.exp(cum_0)
-            for s0 in range(0, m0, BLOCK_K):
-                offs_s = s0 + offs_k
-                # rows past the chunk's end may read garbage: they are never stored
-                cb = tl.load(cb_rows + offs_s[None, :]).to(tl.float32)
-                cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s)
-                d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s)
-                w = cb * (tl.exp(cum_0 - cum_s) * d_s)[None, :]
-                xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
-                             + offs_p[None, :] * s_x_dim, mask=mask_p[None, :], other=0.0)
-                acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
-            acc = acc * tl.exp(tl.where(mask_m, cum_m - cum_0, 0.0))[:, None]
-            first = m0
-        else:
-            acc = acc * tl.exp(cum_m)[:, None]
-            first = 0
-        # the blocks from ``first`` (with SPLIT, the diagonal's) in steps of BLOCK_D: an
-        # exp per pair of tokens, masked causally
+        # from a source token s before the rows' first token m0 to an output token m,
+        # exp(cum_m - cum_s) = exp(cum_m - cum_m0) * exp(cum_m0 - cum_s), both factors at
+        # most 1 (decay sums never grow: A <= 0): those blocks weigh their columns (one exp
+        # per source token, no causal mask), the rows are scaled once after
+        cum_0 = tl.load(cum_ptr + slot * BLOCK_L + m0)
+        acc = acc * tl.exp(cum_0)
+        for s0 in range(0, m0, BLOCK_K):
+            offs_s = s0 + offs_k
+            # rows past the chunk's end may read garbage: they are never stored
+            cb = tl.load(cb_rows + offs_s[None, :]).to(tl.float32)
+            cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s)
+            d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s)
+            w = cb * (tl.exp(cum_0 - cum_s) * d_s)[None, :]
+            xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
+                         + offs_p[None, :] * s_x_dim, mask=mask_p[None, :], other=0.0)
+            acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
+        acc = acc * tl.exp(tl.where(mask_m, cum_m - cum_0, 0.0))[:, None]
+        # the diagonal block in steps of BLOCK_D: an exp per pair of tokens, masked causally
         offs_d = tl.arange(0, BLOCK_D)
-        for s0 in range(first, tl.minimum(m0 + BLOCK_M, length), BLOCK_D):
+        for s0 in range(m0, tl.minimum(m0 + BLOCK_M, length), BLOCK_D):
             offs_s = s0 + offs_d
             mask_s = offs_s < length
             causal = (offs_s[None, :] <= offs_m[:, None]) & mask_s[None, :]
@@ -633,86 +548,54 @@ if triton is not None:
         nheads, dim, dstate, heads_per_group, bound,
         s_x, s_C, s_z, s_out, s_D,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
-        MM_DTYPE: tl.constexpr, HEADS: tl.constexpr, ALL_ROWS: tl.constexpr,
-        SPLIT: tl.constexpr,
+        MM_DTYPE: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """Outputs of ``HEADS`` heads of one group for ``BLOCK_M`` tokens of one chunk
-        (the C tile is loaded once, the C B^T blocks come from L1 after the first head),
-        or with ``ALL_ROWS`` for every token of the chunk (the state entering the chunk
-        is loaded once per head rather than once per block of tokens)."""
+        """Outputs of one head for ``BLOCK_M`` tokens of one chunk and a block of headdim
+        columns (grid: chunk x row block x head x headdim block, flattened)."""
         # strides: one tuple per tensor
         s_x_tok, s_x_head, s_x_dim = s_x
         s_C_tok, s_C_group, s_C_n = s_C
         s_z_tok, s_z_head, s_z_dim = s_z
         s_out_tok, s_out_head, s_out_dim = s_out
         s_D_head, s_D_dim = s_D
-        # head blocks vary fastest so one group's heads (one C B^T block) run side by side
+        # heads vary fastest so one group's heads (one C B^T block) run side by side
         pid = tl.program_id(0)
         pblocks = tl.cdiv(dim, BLOCK_P)
-        hblocks = nheads // HEADS
-        mblocks = 1 if ALL_ROWS else BLOCK_L // BLOCK_M
+        mblocks = BLOCK_L // BLOCK_M
         pblk = pid % pblocks
-        hblk = (pid // pblocks) % hblocks
+        head = ((pid // pblocks) % nheads).to(tl.int64)
         # the row blocks with the most source blocks start first and the light ones fill
         # the tail: -8 % at every swept size (H100, 2026-11-23); ordering all chunks' last
         # row blocks first instead lost 19-29 % (the chunk's x tiles leave L2 between uses)
-        mblk = mblocks - 1 - (pid // pblocks // hblocks) % mblocks
-        c = (pid // pblocks // hblocks // mblocks).to(tl.int64)
+        mblk = mblocks - 1 - (pid // pblocks // nheads) % mblocks
+        c = (pid // pblocks // nheads // mblocks).to(tl.int64)
         length = tl.load(table_ptr + 2 * bound + c)  # 0 past the chunk count
         bos = tl.load(table_ptr + bound + c).to(tl.int64)
         m0 = mblk * BLOCK_M
         if m0 >= length:
             return
-        first_head = hblk.to(tl.int64) * HEADS
-        group = first_head // heads_per_group
+        group = head // heads_per_group
         ngroups = nheads // heads_per_group
+        slot = c * nheads + head
 
         offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_n = tl.arange(0, BLOCK_N)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_p = offs_p < dim
         mask_n = offs_n < dstate
-        c_tile = C_ptr + group * s_C_group + offs_n[None, :] * s_C_n
-        cb_base = cb_ptr + (c * ngroups + group) * BLOCK_L * BLOCK_L
+        cm = tl.load(C_ptr + group * s_C_group + (bos + offs_m)[:, None] * s_C_tok
+                     + offs_n[None, :] * s_C_n,
+                     mask=(offs_m < length)[:, None] & mask_n[None, :], other=0.0)
         # the state entering the chunk, as (dstate, headdim)
-        hin_tile = offs_p[None, :] * BLOCK_N + offs_n[:, None]
-        # two call sites, not one loop over row blocks for both forms: that loop (one trip
-        # per program by default) made the default launch 4 % slower (H100, 2026-11-23)
-        if ALL_ROWS:
-            for i in range(HEADS):
-                head = first_head + i
-                slot = c * nheads + head
-                hin = tl.load(hin_ptr + slot * dim * BLOCK_N + hin_tile,
-                              mask=mask_p[None, :], other=0.0).to(MM_DTYPE)
-                for r0 in range(0, length, BLOCK_M):
-                    offs_m = r0 + tl.arange(0, BLOCK_M)
-                    cm = tl.load(c_tile + (bos + offs_m)[:, None] * s_C_tok,
-                                 mask=(offs_m < length)[:, None] & mask_n[None, :],
-                                 other=0.0).to(MM_DTYPE)
-                    _scan_rows(
-                        x_ptr, D_ptr, z_ptr, out_ptr, cum_ptr, dts_ptr,
-                        cb_base + offs_m[:, None] * BLOCK_L,
-                        cm, hin, bos, length, r0, head, slot, offs_p, mask_p,
-                        s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
-                        s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
-                        HAS_D, HAS_Z, PREC, MM_DTYPE, SPLIT, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_D,
-                    )
-        else:
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            cm = tl.load(c_tile + (bos + offs_m)[:, None] * s_C_tok,
-                         mask=(offs_m < length)[:, None] & mask_n[None, :],
-                         other=0.0).to(MM_DTYPE)
-            for i in range(HEADS):
-                head = first_head + i
-                slot = c * nheads + head
-                hin = tl.load(hin_ptr + slot * dim * BLOCK_N + hin_tile,
-                              mask=mask_p[None, :], other=0.0).to(MM_DTYPE)
-                _scan_rows(
-                    x_ptr, D_ptr, z_ptr, out_ptr, cum_ptr, dts_ptr,
-                    cb_base + offs_m[:, None] * BLOCK_L,
-                    cm, hin, bos, length, m0, head, slot, offs_p, mask_p,
-                    s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
-                    s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
-                    HAS_D, HAS_Z, PREC, MM_DTYPE, SPLIT, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_D,
-                )
+        hin = tl.load(hin_ptr + slot * dim * BLOCK_N + offs_p[None, :] * BLOCK_N
+                      + offs_n[:, None], mask=mask_p[None, :], other=0.0)
+        cb_rows = cb_ptr + ((c * ngroups + group) * BLOCK_L + offs_m[:, None]) * BLOCK_L
+        _scan_rows(
+            x_ptr, D_ptr, z_ptr, out_ptr, cum_ptr, dts_ptr, cb_rows,
+            cm.to(MM_DTYPE), hin.to(MM_DTYPE), bos, length, m0, head, slot, offs_p, mask_p,
+            s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
+            s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
+            HAS_D, HAS_Z, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_D,
+        )

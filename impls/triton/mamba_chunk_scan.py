@@ -8,7 +8,6 @@ bound and surplus programs exit at once, so the launch never syncs and graphs ca
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,6 @@ if triton is not None:
         chunk_dt_kernel,
         chunk_plan_kernel,
         chunk_scan_kernel,
-        chunk_state_fused_kernel,
         chunk_state_kernel,
         pass_cb_kernel,
         state_pass_kernel,
@@ -46,8 +44,6 @@ class Config:
 
     # heads per step-size program: 4 is 4 us faster than 16 at 2k tokens, equal at 8k+
     dt_block_h: int = 4
-    state_dt_fused: bool = False  # step sizes computed inside the chunk-state loop
-    state_heads: int = 1  # heads of one group per fused chunk-state program
     state_block_p: int = 64  # headdim rows per chunk-state program
     state_block_n: int = 256  # dstate columns per chunk-state program
     state_block_t: int = 32  # tokens per tensor-core step of the chunk-state program
@@ -70,16 +66,11 @@ class Config:
     scan_block_m: int = 64  # output tokens per scan program
     scan_block_k: int = 64  # source tokens per tensor-core step of the scan
     scan_block_p: int = 64
-    scan_heads: int = 1  # heads of one group per scan program
     scan_warps: int = 4
     scan_stages: int = 1
     scan_maxnreg: int = 128  # more scan programs per SM: -104 us at 8k tokens (96, 168 slower)
-    scan_all_rows: bool = False  # one program walks every token block of its chunk
-    # the source blocks before the output rows weighed per column (one exp per token
-    # rather than per pair): -48 us at 8k tokens (docs/bench-chunk-scan.md)
-    scan_split: bool = True
-    # source tokens per step on the diagonal block with scan_split (0: scan_block_k): 32
-    # keeps the exp per pair's temporaries within the register cap, -2 % at 8k tokens
+    # source tokens per step on the diagonal block (0: scan_block_k): 32 keeps the exp
+    # per pair's temporaries within the register cap, -2 % at 8k tokens
     scan_diag_k: int = 32
 
 
@@ -201,29 +192,18 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         nslots=state.shape[0], chunk=chunk, block_size=block_size, s_state=state.stride(),
         s_done=stride0(done), s_src=stride0(src), s_dst=stride0(dst), s_ckpt=strides(ckpt, 2),
     )
-    # the fused chunk-state kernel computes each chunk's decay in the same launch, so only
-    # the separate one can pass a one-chunk sequence's state
-    single = cfg.single_chunk_pass and not cfg.state_dt_fused
-    if cfg.state_dt_fused:
-        heads = math.gcd(cfg.state_heads, nheads // ngroups)
-        call_kernel(chunk_state_fused_kernel, (bound, nheads // heads, tiles),
-            x_ptr=x, dt_ptr=dt, A_ptr=A, B_ptr=B, **plan, contrib_ptr=contrib,
-            decay_ptr=decay, cum_ptr=cum, dts_ptr=dts, **shape, **step,
-            s_x=x.stride(), s_dt=dt.stride(), s_B=B.stride(),
-            s_A=A.stride(0), PREC=prec, MM_DTYPE=mm_tl, HEADS=heads, **blocks,
-        )
-    else:
-        block_h = min(cfg.dt_block_h, triton.next_power_of_2(nheads))
-        call_kernel(chunk_dt_kernel, (bound, triton.cdiv(nheads, block_h)),
-            dt_ptr=dt, A_ptr=A, **plan, decay_ptr=decay, cum_ptr=cum, dts_ptr=dts,
-            rest_ptr=rest, nheads=nheads, **step, s_dt=dt.stride(),
-            s_A=A.stride(0), BLOCK_L=block_l, BLOCK_H=block_h,
-        )
-        call_kernel(chunk_state_kernel, (bound, nheads, tiles),
-            x_ptr=x, B_ptr=B, **plan, contrib_ptr=contrib, rest_ptr=rest, dts_ptr=dts,
-            **rows, **shape, s_x=x.stride(), s_B=B.stride(), SINGLE=single, PREC=prec,
-            MM_DTYPE=mm_tl, **blocks,
-        )
+    single = cfg.single_chunk_pass
+    block_h = min(cfg.dt_block_h, triton.next_power_of_2(nheads))
+    call_kernel(chunk_dt_kernel, (bound, triton.cdiv(nheads, block_h)),
+        dt_ptr=dt, A_ptr=A, **plan, decay_ptr=decay, cum_ptr=cum, dts_ptr=dts,
+        rest_ptr=rest, nheads=nheads, **step, s_dt=dt.stride(),
+        s_A=A.stride(0), BLOCK_L=block_l, BLOCK_H=block_h,
+    )
+    call_kernel(chunk_state_kernel, (bound, nheads, tiles),
+        x_ptr=x, B_ptr=B, **plan, contrib_ptr=contrib, rest_ptr=rest, dts_ptr=dts,
+        **rows, **shape, s_x=x.stride(), s_B=B.stride(), SINGLE=single, PREC=prec,
+        MM_DTYPE=mm_tl, **blocks,
+    )
     pass_p = min(cfg.pass_block_p, _pow2(dim))
     passing = dict(
         **rows, contrib_ptr=contrib, cu_ptr=cu_seqlens, nheads=nheads, dim=dim,
@@ -247,22 +227,17 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
                     num_warps=cfg.cb_warps)
     block_m = min(cfg.scan_block_m, block_l)
     block_p = min(cfg.scan_block_p, _pow2(dim))
-    heads = math.gcd(cfg.scan_heads, nheads // ngroups)
     block_k = min(cfg.scan_block_k, block_l)
-    mblocks = 1 if cfg.scan_all_rows else block_l // block_m
-    grid = (bound * mblocks * (nheads // heads) * triton.cdiv(dim, block_p),)
+    grid = (bound * (block_l // block_m) * nheads * triton.cdiv(dim, block_p),)
     call_kernel(chunk_scan_kernel, grid,
         x_ptr=x, C_ptr=C, D_ptr=D, z_ptr=z, out_ptr=out, **plan, hin_ptr=hin, cum_ptr=cum,
         dts_ptr=dts, cb_ptr=cb, **shape,
         s_x=x.stride(), s_C=C.stride(), s_z=strides(z, 3), s_out=out.stride(),
         s_D=(stride0(D), D.stride(1) if D is not None and D.dim() == 2 else 0),
-        PREC=prec, MM_DTYPE=mm_tl, HEADS=heads, ALL_ROWS=cfg.scan_all_rows,
-        SPLIT=cfg.scan_split,
-        BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=block_k,
-        BLOCK_D=min(cfg.scan_diag_k or block_k, block_m) if cfg.scan_split else block_k,
-        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=cfg.scan_warps,
-        num_stages=cfg.scan_stages, maxnreg=cfg.scan_maxnreg or None,
+        PREC=prec, MM_DTYPE=mm_tl, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_D=min(cfg.scan_diag_k or block_k, block_m), BLOCK_P=block_p, BLOCK_N=block_n,
+        num_warps=cfg.scan_warps, num_stages=cfg.scan_stages,
+        maxnreg=cfg.scan_maxnreg or None,
     )
-
 
 mamba_chunk_scan = register(_op, launch, supports)
