@@ -192,7 +192,6 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         nslots=state.shape[0], chunk=chunk, block_size=block_size, s_state=state.stride(),
         s_done=stride0(done), s_src=stride0(src), s_dst=stride0(dst), s_ckpt=strides(ckpt, 2),
     )
-    single = cfg.single_chunk_pass
     block_h = min(cfg.dt_block_h, triton.next_power_of_2(nheads))
     call_kernel(chunk_dt_kernel, (bound, triton.cdiv(nheads, block_h)),
         dt_ptr=dt, A_ptr=A, **plan, decay_ptr=decay, cum_ptr=cum, dts_ptr=dts,
@@ -201,13 +200,14 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     )
     call_kernel(chunk_state_kernel, (bound, nheads, tiles),
         x_ptr=x, B_ptr=B, **plan, contrib_ptr=contrib, rest_ptr=rest, dts_ptr=dts,
-        **rows, **shape, s_x=x.stride(), s_B=B.stride(), SINGLE=single, PREC=prec,
-        MM_DTYPE=mm_tl, **blocks,
+        **rows, **shape, s_x=x.stride(), s_B=B.stride(), SINGLE=cfg.single_chunk_pass,
+        PREC=prec, MM_DTYPE=mm_tl, **blocks,
     )
     pass_p = min(cfg.pass_block_p, _pow2(dim))
     passing = dict(
         **rows, contrib_ptr=contrib, cu_ptr=cu_seqlens, nheads=nheads, dim=dim,
-        dstate=dstate, s_cu=stride0(cu_seqlens), WIDTH_N=block_n, SINGLE=single,
+        dstate=dstate, s_cu=stride0(cu_seqlens), WIDTH_N=block_n,
+        SINGLE=cfg.single_chunk_pass,
     )
     cb_m = min(cfg.cb_block, block_l)
     cb_programs = bound * ngroups * (block_l // cb_m) ** 2
