@@ -169,7 +169,7 @@ SMALL = Config(dt_block_h=2, state_block_p=16, state_block_n=16, state_block_t=1
 @pytest.mark.parametrize(
     "variant",
     [{}, dict(pass_cb_fused=False, scan_block_m=32, scan_block_k=32, scan_diag_k=16,
-          single_chunk_pass=False)],
+          single_chunk_pass=False, scan_d_diag=False)],
     ids=["row-blocks", "separate-cb-diagonal-steps-no-single"],
 )
 def test_loops_over_blocks(variant: dict) -> None:
@@ -274,6 +274,7 @@ VARIANTS = {
     "separate-cb": dict(pass_cb_fused=False),
     "diagonal-steps-64": dict(scan_diag_k=64),
     "no-single-chunk-pass": dict(single_chunk_pass=False),
+    "d-in-epilogue": dict(scan_d_diag=False),
 }
 
 

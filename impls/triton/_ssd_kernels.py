@@ -476,7 +476,7 @@ if triton is not None:
         s_z_tok, s_z_head, s_z_dim,
         s_out_tok, s_out_head, s_out_dim,
         s_D_head, s_D_dim,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, D_DIAG: tl.constexpr, PREC: tl.constexpr,
         MM_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -507,7 +507,14 @@ if triton is not None:
                          + offs_p[None, :] * s_x_dim, mask=mask_p[None, :], other=0.0)
             acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
         acc = acc * tl.exp(tl.where(mask_m, cum_m - cum_0, 0.0))[:, None]
-        # the diagonal block in steps of BLOCK_D: an exp per pair of tokens, masked causally
+        # the diagonal block in steps of BLOCK_D: an exp per pair of tokens, masked causally.
+        # With D_DIAG a per-head D joins the weights on the diagonal, so the product adds
+        # D x with the x tile it already holds: no epilogue x tile and no fp32 layout
+        # conversion, -2 % at 8k tokens (H100, 2026-11-23); D enters the product rounded
+        # to the matmul dtype, like the weights beside it
+        d_head = 0.0
+        if D_DIAG:
+            d_head = tl.load(D_ptr + head * s_D_head).to(tl.float32)
         offs_d = tl.arange(0, BLOCK_D)
         for s0 in range(m0, tl.minimum(m0 + BLOCK_M, length), BLOCK_D):
             offs_s = s0 + offs_d
@@ -519,13 +526,15 @@ if triton is not None:
             d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
             decay = tl.exp(tl.minimum(cum_m[:, None] - cum_s[None, :], 0.0))
             w = tl.where(causal, cb * decay * d_s[None, :], 0.0)
+            if D_DIAG:
+                w = tl.where(offs_s[None, :] == offs_m[:, None], w + d_head, w)
             xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
                          + offs_p[None, :] * s_x_dim,
                          mask=mask_s[:, None] & mask_p[None, :], other=0.0)
             acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
         # the epilogue's tiles are loaded late: loaded before the diagonal block (or all the
         # blocks) they held registers through it, 7-10 % slower (H100, 2026-11-23)
-        if HAS_D:
+        if HAS_D and not D_DIAG:
             xm = tl.load(x_ptr + tok_m[:, None] * s_x_tok + head * s_x_head
                          + offs_p[None, :] * s_x_dim, mask=mask_mp, other=0.0)
             dskip = tl.load(D_ptr + head * s_D_head + offs_p * s_D_dim, mask=mask_p,
@@ -547,7 +556,7 @@ if triton is not None:
         table_ptr, hin_ptr, cum_ptr, dts_ptr, cb_ptr,
         nheads, dim, dstate, heads_per_group, bound,
         s_x, s_C, s_z, s_out, s_D,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PREC: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, D_DIAG: tl.constexpr, PREC: tl.constexpr,
         MM_DTYPE: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -597,5 +606,5 @@ if triton is not None:
             cm.to(MM_DTYPE), hin.to(MM_DTYPE), bos, length, m0, head, slot, offs_p, mask_p,
             s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
             s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
-            HAS_D, HAS_Z, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_D,
+            HAS_D, HAS_Z, D_DIAG, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_D,
         )

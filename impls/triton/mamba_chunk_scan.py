@@ -72,6 +72,9 @@ class Config:
     # source tokens per step on the diagonal block (0: scan_block_k): 32 keeps the exp
     # per pair's temporaries within the register cap, -2 % at 8k tokens
     scan_diag_k: int = 32
+    # a per-head D enters the diagonal block's weights instead of an epilogue D x: -2 % at
+    # 8k tokens (D of shape (nheads, headdim) keeps the epilogue)
+    scan_d_diag: bool = True
 
 
 def default_config(dim: int, dstate: int, chunk: int) -> Config:
@@ -122,6 +125,11 @@ def _matmul_dtype(x: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.dt
             return torch.float32
         return x.dtype
     return torch.float32
+
+
+def _per_head(D: torch.Tensor | None) -> bool:
+    """Whether ``D`` holds one value per head: ``(nheads,)`` or tied over headdim."""
+    return D is not None and (D.dim() == 1 or D.stride(1) == 0)
 
 
 def chunk_bound(ntok: int, nseq: int, chunk: int) -> int:
@@ -237,7 +245,7 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         PREC=prec, MM_DTYPE=mm_tl, BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=block_k,
         BLOCK_D=min(cfg.scan_diag_k or block_k, block_m), BLOCK_P=block_p, BLOCK_N=block_n,
         num_warps=cfg.scan_warps, num_stages=cfg.scan_stages,
-        maxnreg=cfg.scan_maxnreg or None,
+        maxnreg=cfg.scan_maxnreg or None, D_DIAG=cfg.scan_d_diag and _per_head(D),
     )
 
 mamba_chunk_scan = register(_op, launch, supports)
