@@ -3,9 +3,11 @@
 Mamba2 shapes (nheads=128, headdim=64, dstate=128, ngroups=8, chunk 256, bf16 inputs and
 state; x, B, C, z and dt are column slices of one projection, as the model passes them),
 2,048 / 8,192 / 32,768 tokens split evenly over 1, 8 and 64 sequences, timed as CUDA-graph
-replays. The path it replaces is the multi-token varlen ``selective_state_update`` (Triton
-provider) with dt, A, D and dt_bias tied over headdim as ``mamba_ir/models/mixer.py``
-passes them.
+replays, in two forms: gated by ``silu(z)`` inside the op, and without ``z`` as the hybrid
+model (``mamba_ir/models/mixer.py``) and vLLM's Mamba2 mixer call it (their gated RMSNorm
+applies the gate after the scan). The path it replaces is the multi-token varlen
+``selective_state_update`` (Triton provider) with dt, A, D and dt_bias tied over headdim,
+gated.
 
 Achieved rates are against peaks measured in the same run: TFLOP/s counts the tensor-core
 products the kernels execute (causal blocks skipped), against a dense bf16 GEMM
@@ -41,9 +43,9 @@ SWEEP_CASES = ((2048, 1), (2048, 8), (8192, 1), (8192, 8), (32768, 64))
 GOAL_US = {(2048, 1): 146.0, (8192, 1): 472.0, (2048, 8): 188.0, (8192, 8): 514.0}
 
 
-def make_call(ntok: int, nseq: int, *, seed: int = 0) -> dict[str, Any]:
+def make_call(ntok: int, nseq: int, *, seed: int = 0, gated: bool = True) -> dict[str, Any]:
     """A prefill call in the model's layout: slices of one in_proj output, a state cache of
-    2 x nseq rows read and written in place at random rows."""
+    2 x nseq rows read and written in place at random rows; ``gated``: z passed."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     bf16, dev = torch.bfloat16, "cuda"
     inner, conv = NHEADS * HEADDIM, NHEADS * HEADDIM + 2 * NGROUPS * DSTATE
@@ -66,7 +68,7 @@ def make_call(ntok: int, nseq: int, *, seed: int = 0) -> dict[str, Any]:
         chunk_size=CHUNK,
         cu_seqlens=cu,
         D=torch.randn(NHEADS, generator=g, device=dev),
-        z=z.unflatten(-1, (NHEADS, HEADDIM)),
+        z=z.unflatten(-1, (NHEADS, HEADDIM)) if gated else None,
         dt_bias=torch.rand(NHEADS, generator=g, device=dev) - 4.0,
         dt_softplus=True,
         state_batch_indices=rows,
@@ -116,9 +118,10 @@ def executed_flops(ntok: int, nseq: int, cfg: Any) -> float:
     return total * NHEADS
 
 
-def op_bytes(ntok: int, nseq: int) -> int:
+def op_bytes(ntok: int, nseq: int, gated: bool = True) -> int:
     """Bytes the op must move: inputs read once, output written, state rows read + written."""
-    per_tok = 2 * (3 * NHEADS * HEADDIM + 2 * NGROUPS * DSTATE + NHEADS)  # x, z, out, B, C, dt
+    tiles = 3 if gated else 2  # x, out (and z)
+    per_tok = 2 * (tiles * NHEADS * HEADDIM + 2 * NGROUPS * DSTATE + NHEADS)  # + B, C, dt
     return ntok * per_tok + 2 * nseq * NHEADS * HEADDIM * DSTATE * 2
 
 
@@ -152,8 +155,10 @@ def sweep_configs() -> list[Any]:
 
     base = Config()
     variants = [
-        # the launch choices of this version, each undone: C B^T in its own launch,
-        # 64-token steps on the diagonal block, one-chunk sequences through the state pass
+        # the launch choices of this version and the one before, each undone: D x in the
+        # epilogue, C B^T in its own launch, 64-token steps on the diagonal block,
+        # one-chunk sequences through the state pass
+        dict(scan_d_diag=False),
         dict(pass_cb_fused=False),
         dict(scan_diag_k=64),
         dict(single_chunk_pass=False),
@@ -198,6 +203,10 @@ def measure(ntok: int, nseq: int, sweep: bool) -> dict[str, Any]:
     if (ntok, nseq) in GOAL_US:
         row["goal_us"] = GOAL_US[(ntok, nseq)]
     row["kernels_us"] = kernel_times(lambda: scan(**call))
+    plain = make_call(ntok, nseq, gated=False)
+    row["model_us"] = time_us(lambda: scan(**plain))
+    row["model_tbs"] = op_bytes(ntok, nseq, gated=False) / (row["model_us"] * 1e-6) / 1e12
+    row["model_kernels_us"] = kernel_times(lambda: scan(**plain))
     if sweep and (ntok, nseq) in SWEEP_CASES:
         row["sweep"] = {}
         for c in sweep_configs():
@@ -233,6 +242,7 @@ COLUMNS = [
     ("tokens", "tokens", "{:>6}"),
     ("seqs", "seqs", "{:>4}"),
     ("triton_us", "triton us", "{:>9.1f}"),
+    ("model_us", "no-z us", "{:>7.1f}"),
     ("goal_us", "goal us", "{:>7.0f}"),
     ("vllm_quoted_us", "vLLM us*", "{:>8.0f}"),
     ("ssu_us", "ssu us", "{:>8.0f}"),
@@ -270,6 +280,9 @@ def plot(json_path: Path) -> Path:
         x = [r["tokens"] for r in sel]
         ax.plot(x, [r["triton_us"] for r in sel], marker=marker, color="tab:blue",
                 label=f"triton mamba_chunk_scan, {nseq} seq")
+        if all("model_us" in r for r in sel):
+            ax.plot(x, [r["model_us"] for r in sel], marker=marker, color="tab:cyan",
+                    linestyle="--", label=f"the same without z (the model's call), {nseq} seq")
         ax.plot(x, [r["ssu_us"] for r in sel], marker=marker, color="tab:red", alpha=0.6,
                 linestyle=":", label=f"multi-token SSU (today), {nseq} seq")
     vx = sorted(VLLM_US)
@@ -323,7 +336,8 @@ def main() -> None:
         "shapes": dict(nheads=NHEADS, headdim=HEADDIM, dstate=DSTATE, ngroups=NGROUPS,
                        chunk_size=CHUNK, inputs="bfloat16 column slices of one projection",
                        state="bfloat16", A="float32 (nheads,)", D="float32 (nheads,)",
-                       dt_bias="float32 (nheads,)", dt_softplus=True, z=True),
+                       dt_bias="float32 (nheads,)", dt_softplus=True,
+                       z="triton_us: given; model_us: None (the model's call)"),
         "gemm_bf16_tflops": peak,
         "vllm_quoted_us": {f"{t}x{s}": v for (t, s), v in VLLM_US.items()},
         "goal_us": {f"{t}x{s}": v for (t, s), v in GOAL_US.items()},
