@@ -170,7 +170,7 @@ SMALL = Config(dt_block_h=2, state_block_p=16, state_block_n=16, state_block_t=1
     "variant",
     [{}, dict(pass_cb_fused=False, scan_block_m=32, scan_block_k=32, scan_diag_k=16,
           single_chunk_pass=False, scan_d_diag=False)],
-    ids=["row-blocks", "separate-cb-diagonal-steps-no-single"],
+    ids=["row-blocks", "separate-cb-diagonal-steps-no-single-d-epilogue"],
 )
 def test_loops_over_blocks(variant: dict) -> None:
     """Chunks of several token blocks, headdim and dstate over several programs, several
