@@ -155,11 +155,11 @@ def sweep_configs() -> list[Any]:
 
     base = Config()
     variants = [
-        # the launch choices of this version and the one before, each undone: D x in the
-        # epilogue, C B^T in its own launch, 64-token steps on the diagonal block,
-        # one-chunk sequences through the state pass
+        # the launch choices of this version and the ones before, each undone: C B^T in its
+        # own launch, D x in the epilogue, 64-token steps on the diagonal block, one-chunk
+        # sequences through the state pass
+        dict(cb_in_state=False),
         dict(scan_d_diag=False),
-        dict(pass_cb_fused=False),
         dict(scan_diag_k=64),
         dict(single_chunk_pass=False),
         # measured around the split form (2026-11-23): each slower

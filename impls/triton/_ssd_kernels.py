@@ -3,7 +3,7 @@
 Chunks belong to one sequence and start at every request position that is a multiple of
 the chunk size (position = tokens already computed + index in the call), so a sequence's
 first and last chunks may be short and every align-mode block boundary is a chunk end.
-Five launches (six with ``Config.pass_cb_fused`` off), none of which waits on the host;
+Five launches (six with ``Config.cb_in_state`` off), none of which waits on the host;
 grids are sized by an upper bound of the chunk count read from shapes alone and surplus
 programs exit at once (their chunks have length 0 in the plan), so the call stays CUDA-graph
 capturable:
@@ -17,15 +17,17 @@ capturable:
    contribution to the state, ``x^T (B * weights)``, a chain of tensor-core products into
    one fp32 accumulator, stored in fp32 or (``Config.contrib_half``) in the 16-bit input
    dtype; for a sequence's only chunk (``Config.single_chunk_pass``) the program passes
-   the state itself instead (step 3 for that sequence).
+   the state itself instead (step 3 for that sequence). The same launch computes ``C B^T``
+   (step 4) in programs after the chunk-state ones.
 3. ``state_pass_kernel`` (sequence x head x state tile): reads the source row once, walks
    the sequence's chunks in order carrying the state in fp32 registers (``h = h *
    decay(chunk) + contribution(chunk)``), stores the state entering each chunk (in the
    matmul input dtype: it only feeds the scan's tensor-core product), checkpoints at block
    boundaries and the final state to the destination row. It reads the whole source tile
    before its first store, so src == dst is safe.
-4. ``chunk_cb_kernel`` (chunk x group x causal block): ``C B^T`` once per group, shared by
-   the group's heads; ``pass_cb_kernel`` runs 3 and 4 as one launch.
+4. ``C B^T`` once per chunk and group, shared by the group's heads, in blocks on or below
+   the diagonal (``_cb_block``): in the chunk-state launch, or in ``chunk_cb_kernel`` of
+   its own.
 5. ``chunk_scan_kernel`` (chunk x block of its tokens x head x headdim block):
    ``y = exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``, gated by
    ``silu(z)``. The decay of the source blocks before the output rows factors into a
@@ -167,25 +169,35 @@ if triton is not None:
     @triton.heuristics(_ROW_FLAGS)
     @triton.jit
     def chunk_state_kernel(
-        x_ptr, B_ptr, table_ptr, contrib_ptr, rest_ptr, dts_ptr,
+        x_ptr, B_ptr, C_ptr, table_ptr, contrib_ptr, rest_ptr, dts_ptr, cb_ptr,
         state_ptr, decay_ptr, hin_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
-        nheads, dim, dstate, heads_per_group, bound,
+        nheads, dim, dstate, heads_per_group, ngroups, bound,
         pad_slot_id, nslots, chunk, block_size,
-        s_x, s_B, s_state, s_done, s_src, s_dst, s_ckpt,
+        s_x, s_B, s_C, s_state, s_done, s_src, s_dst, s_ckpt,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
-        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr,
+        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr, CB: tl.constexpr,
         PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr,
+        BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr, CB_M: tl.constexpr,
     ):
         """One chunk's own contribution to the state of one head, ``x^T (B * weights)``,
         each token weighted by its step size and its decay to the chunk's end: a chain of
         tensor-core products into one fp32 accumulator. With ``SINGLE``, the chunk that is
         its sequence's only one also passes the state (``_pass_single``) instead of storing
-        the contribution, and the state passing skips that sequence."""
+        the contribution, and the state passing skips that sequence. With ``CB``, the head
+        axis of the grid goes on past ``nheads``: those programs (of the first state tile)
+        compute the chunk's ``C B^T`` blocks, ``CB_M`` square, after the heads' programs."""
         # strides: one tuple per tensor
         s_x_tok, s_x_head, s_x_dim = s_x
         s_B_tok, s_B_group, s_B_n = s_B
+        if CB:
+            if tl.program_id(1) >= nheads:
+                if tl.program_id(2) == 0:
+                    per_chunk = ngroups * (BLOCK_L // CB_M) * (BLOCK_L // CB_M)
+                    _cb_block(tl.program_id(0) * per_chunk + tl.program_id(1) - nheads,
+                              B_ptr, C_ptr, table_ptr, cb_ptr, ngroups, dstate, bound,
+                              s_B, s_C, PREC, MM_DTYPE, BLOCK_L, CB_M, CB_M, WIDTH_N)
+                return
         c = tl.program_id(0).to(tl.int64)
         bos = tl.load(table_ptr + bound + c).to(tl.int64)
         length = tl.load(table_ptr + 2 * bound + c)
@@ -305,30 +317,13 @@ if triton is not None:
         HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr, BLOCK_P: tl.constexpr,
         WIDTH_N: tl.constexpr,
     ):
-        """The states of one sequence, head and block of headdim rows (grid: sequence x
-        head x row block)."""
-        _pass_rows(
-            tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2),
-            state_ptr, contrib_ptr, decay_ptr, hin_ptr,
-            cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
-            pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size,
-            s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
-            HAS_DONE, HAS_SRC, HAS_DST, HAS_CKPT, SINGLE, BLOCK_P, WIDTH_N,
-        )
-
-    @triton.jit
-    def _pass_rows(
-        seq, head, pblk, state_ptr, contrib_ptr, decay_ptr, hin_ptr,
-        cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
-        pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size,
-        s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
-        HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
-        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr, BLOCK_P: tl.constexpr,
-        WIDTH_N: tl.constexpr,
-    ):
-        """Walks the chunks of sequence ``seq`` for one head and block of headdim rows (all
-        of dstate), carrying the state in fp32 registers; with ``SINGLE``, a sequence of
-        one chunk was passed by its chunk-state programs and is skipped."""
+        """Walks the chunks of one sequence for one head and block of headdim rows (all of
+        dstate; grid: sequence x head x row block), carrying the state in fp32 registers;
+        with ``SINGLE``, a sequence of one chunk was passed by its chunk-state programs
+        and is skipped."""
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        pblk = tl.program_id(2)
         # strides: one tuple per tensor
         s_state_row, s_state_head, s_state_dim, s_state_n = s_state
         bos = tl.load(cu_ptr + seq * s_cu).to(tl.int64)
@@ -433,40 +428,6 @@ if triton is not None:
             cb = tl.dot(cm.to(MM_DTYPE), tl.trans(bs.to(MM_DTYPE)), input_precision=PREC)
             tl.store(cb_ptr + ((c * ngroups + group) * BLOCK_L + offs_m[:, None]) * BLOCK_L
                      + offs_s[None, :], cb.to(cb_ptr.dtype.element_ty))
-
-    @triton.heuristics(_ROW_FLAGS)
-    @triton.jit
-    def pass_cb_kernel(
-        state_ptr, contrib_ptr, decay_ptr, hin_ptr,
-        cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
-        B_ptr, C_ptr, table_ptr, cb_ptr,
-        pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size, ngroups, bound, npass,
-        s_state, s_cu, s_done, s_src, s_dst, s_ckpt, s_B, s_C,
-        HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
-        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr, PASS_P: tl.constexpr,
-        WIDTH_N: tl.constexpr, PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        """``state_pass_kernel`` and ``chunk_cb_kernel`` in one launch (``Config.
-        pass_cb_fused``): the first ``npass`` programs pass states (sequence-major, then
-        head, then row block), the rest compute C B^T blocks in the slots the state
-        passing's serial walks leave idle."""
-        pid = tl.program_id(0)
-        if pid < npass:
-            pblocks = tl.cdiv(dim, PASS_P)
-            _pass_rows(
-                (pid // pblocks // nheads).to(tl.int64), ((pid // pblocks) % nheads).to(tl.int64),
-                pid % pblocks,
-                state_ptr, contrib_ptr, decay_ptr, hin_ptr,
-                cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
-                pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size,
-                s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
-                HAS_DONE, HAS_SRC, HAS_DST, HAS_CKPT, SINGLE, PASS_P, WIDTH_N,
-            )
-        else:
-            _cb_block(pid - npass, B_ptr, C_ptr, table_ptr, cb_ptr, ngroups, dstate, bound,
-                      s_B, s_C, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_N)
 
     @triton.jit
     def _scan_rows(
