@@ -268,12 +268,17 @@ if triton is not None:
         head_off = head * s_state_head
         tile = offs_p[:, None] * s_state_dim + offs_n[None, :] * s_state_n
         tile_mask = mask_p[:, None] & mask_n[None, :]
-        h = tl.load(state_ptr + src * s_state_row + head_off + tile,
-                    mask=only_if(real_row(src, pad_slot_id, nslots), tile_mask),
-                    other=0.0).to(tl.float32)
+        # a source that is no row reads row 0 (a state of no rows: nothing) and is
+        # zeroed after: a row condition in the load's mask made ptxas spill this branch
+        # (50 bytes under the 128-register cap on the H100), which slowed every call
+        # with one-chunk sequences by 5-12 %
+        real = real_row(src, pad_slot_id, nslots)
+        h = tl.load(state_ptr + tl.where(real, src, 0) * s_state_row + head_off + tile,
+                    mask=only_if(nslots > 0, tile_mask), other=0.0)
+        h = tl.where(real, h, 0.0)
         tl.store(hin_ptr + slot * dim * WIDTH_N + scratch, h.to(hin_ptr.dtype.element_ty),
                  mask=mask_p[:, None])
-        h = h * tl.exp(tl.load(decay_ptr + slot)) + contrib
+        h = h.to(tl.float32) * tl.exp(tl.load(decay_ptr + slot)) + contrib
         if HAS_CKPT:
             _checkpoint(h, state_ptr, ckpt_ptr, seq, done + length, done, block_size,
                         head_off + tile, tile_mask, pad_slot_id, nslots, s_state_row, s_ckpt)
