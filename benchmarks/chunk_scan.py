@@ -43,11 +43,11 @@ SWEEP_CASES = ((2048, 1), (2048, 8), (8192, 1), (8192, 8), (32768, 64))
 GOAL_US = {(2048, 1): 146.0, (8192, 1): 472.0, (2048, 8): 188.0, (8192, 8): 514.0}
 
 
-def make_call(ntok: int, nseq: int, *, seed: int = 0) -> dict[str, Any]:
+def make_call(ntok: int, nseq: int, *, seed: int = 0, device: str = "cuda") -> dict[str, Any]:
     """A prefill call in the model's layout: slices of one in_proj output, a state cache of
     2 x nseq rows read and written in place at random rows."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    bf16, dev = torch.bfloat16, "cuda"
+    g = torch.Generator(device=device).manual_seed(seed)
+    bf16, dev = torch.bfloat16, device
     inner, conv = NHEADS * HEADDIM, NHEADS * HEADDIM + 2 * NGROUPS * DSTATE
     proj = (torch.randn(ntok, inner + conv + NHEADS, generator=g, device=dev)).to(bf16)
     z, xbc, dt = proj.split([inner, conv, NHEADS], dim=-1)

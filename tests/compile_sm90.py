@@ -12,13 +12,28 @@ It prints one JSON object, {op: [compiled kernel names]}. Run without TRITON_INT
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
+
+
+def run(script: str) -> Any:
+    """Run ``script`` (a file beside this one that compiles without launching) in a fresh
+    process without TRITON_INTERPRET, and return the JSON object of its last line."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default, said explicitly
+    path = Path(__file__).with_name(script)
+    done = subprocess.run([sys.executable, str(path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 class CompileOnly:

@@ -3,11 +3,12 @@
 The scan and chunk-state kernels are tuned to a 128-register cap (``Config.scan_maxnreg``,
 ``Config.state_maxnreg``) at which they do not spill; a change that makes them spill costs
 10-40 % on the GPU (docs/bench-chunk-scan.md) and shows nowhere else on a machine without
-one. This script compiles each launch of one call (nheads 128, headdim 64, dstate 128,
+one. This script compiles each launch of the benchmark's call
+(``benchmarks.chunk_scan.make_call`` on the CPU: nheads 128, headdim 64, dstate 128,
 ngroups 8, chunk 256, bf16; with and without z) for sm_90 through ``compile_sm90``'s
 driver, runs ptxas with ``-v`` on each kernel's PTX and prints one JSON object,
 {form: {kernel: [registers, spill store bytes, spill load bytes]}}. Run without
-TRITON_INTERPRET (``tests/test_triton_registers.py`` does).
+TRITON_INTERPRET (``tests/test_triton_registers.py`` does, through ``compile_sm90.run``).
 """
 
 from __future__ import annotations
@@ -20,32 +21,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import triton
 from compile_sm90 import CompileOnly
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.runtime import driver
 
-NHEADS, HEADDIM, DSTATE, NGROUPS, CHUNK = 128, 64, 128, 8, 256
-
-
-def mamba2_call(gated: bool) -> dict[str, Any]:
-    """A call shaped like the benchmark's: x, z, B, C, dt as column slices of one
-    projection (the strides the model passes), per-head D, two sequences."""
-    ntok, bf16 = 2 * CHUNK + 40, torch.bfloat16
-    inner, groups = NHEADS * HEADDIM, NGROUPS * DSTATE
-    proj = torch.zeros(ntok, 2 * inner + 2 * groups + NHEADS, dtype=bf16)
-    z, x, B, C, dt = proj.split([inner, inner, groups, groups, NHEADS], dim=-1)
-    return dict(
-        state=torch.zeros(4, NHEADS, HEADDIM, DSTATE, dtype=bf16),
-        x=x.unflatten(-1, (NHEADS, HEADDIM)), dt=dt, A=-torch.ones(NHEADS),
-        B=B.unflatten(-1, (NGROUPS, DSTATE)), C=C.unflatten(-1, (NGROUPS, DSTATE)),
-        chunk_size=CHUNK, cu_seqlens=torch.tensor([0, CHUNK + 7, ntok], dtype=torch.int32),
-        D=torch.ones(NHEADS), z=z.unflatten(-1, (NHEADS, HEADDIM)) if gated else None,
-        dt_bias=torch.zeros(NHEADS), dt_softplus=True,
-        state_batch_indices=torch.tensor([1, 3], dtype=torch.int32), pad_slot_id=-1,
-        out=torch.empty(ntok, NHEADS, HEADDIM, dtype=bf16),
-    )
+# the benchmark's call: its folder is not installed with the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.chunk_scan import CHUNK, make_call  # noqa: E402
 
 
 def ptxas_usage(ptx: str, work: Path, name: str) -> list[int]:
@@ -72,6 +55,8 @@ def main() -> None:
     from mamba_ir import get_op
     from mamba_ir.impls.triton._common import positional
 
+    call = make_call(2 * CHUNK + 40, 2, device="cpu")  # a short and a long sequence
+
     op = get_op("mamba_chunk_scan")
     usage: dict[str, dict[str, list[int]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +70,7 @@ def main() -> None:
         provider.call_kernel = compile_only
         for form in ("gated", "no-z"):
             ptx.clear()
-            provider.launch(op.bind(**mamba2_call(form == "gated")))
+            provider.launch(op.bind(**{**call, "z": call["z"] if form == "gated" else None}))
             usage[form] = {name: ptxas_usage(text, work, name) for name, text in ptx.items()}
     print(json.dumps(usage))
 
