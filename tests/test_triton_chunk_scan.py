@@ -190,6 +190,31 @@ def test_loops_over_blocks(variant: dict) -> None:
     torch.testing.assert_close(got["state"], ref["state"], atol=1e-4, rtol=1e-4)
 
 
+def test_unwritten_scratch_never_reaches_a_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan loads decay sums, step sizes and C B^T blocks without masks, past a chunk's
+    end and above the diagonal (C B^T blocks smaller than the scan's row blocks): with every
+    float of scratch starting as NaN, outputs and states still match native."""
+    from mamba_ir.impls.triton.mamba_chunk_scan import mamba_chunk_scan as scan
+
+    call = build(Case(chunk=32, block=32, lengths=(40, 9, 1), done=(20, 0, 31), dim=20,
+                      dstate=32, nheads=4, ngroups=2, redirect=True))
+    call["out"] = torch.empty_like(call["x"])
+    ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+                for _ in range(2))
+    OP.native(**ref)
+    empty = torch.empty
+
+    def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    scan(**got, config=replace(SMALL, scan_block_m=32, scan_block_k=32, scan_diag_k=16))
+    monkeypatch.undo()
+    torch.testing.assert_close(got["out"], ref["out"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got["state"], ref["state"], atol=1e-4, rtol=1e-4)
+
+
 def test_half_contributions_fp16() -> None:
     """Chunk contributions stored in fp16 (the carried state stays fp32): within fp16
     rounding of the native result, on a case of several chunks per sequence."""

@@ -45,6 +45,8 @@ from ._common import given, tl, triton
 from ._jit import and_real_row, only_if, real_row, step_size
 
 if triton is not None:
+    LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
     # the optional row indices of the kernels that read and write state rows
     _ROW_FLAGS = {
         "HAS_DONE": given("done_ptr"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
@@ -136,7 +138,9 @@ if triton is not None:
         d = step_size(d, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
         d = tl.where(live, d, 0.0)
         a = tl.load(A_ptr + heads * s_A, mask=live_h, other=0.0).to(tl.float32)
-        da = d * a[None, :]
+        # decay sums in base 2: every exp of them is then one ex2 instruction (the
+        # base-e exp adds a multiply and a subnormal fix-up around it)
+        da = d * a[None, :] * LOG2E
         # the decay after each token is summed from the chunk's end rather than taken as
         # total - cum: that difference of two sums of the whole chunk loses ~1e-5 of the
         # weights in fp32 (the GPU test of the fp32 carry against float64 sees it)
@@ -222,7 +226,7 @@ if triton is not None:
             tok = bos + pos
             rest = tl.load(rest_ptr + slot * BLOCK_L + pos, mask=live, other=0.0)
             d = tl.load(dts_ptr + slot * BLOCK_L + pos, mask=live, other=0.0)
-            weight = tl.exp(rest) * d
+            weight = tl.exp2(rest) * d
             h = _contribution(h, x_ptr, B_ptr, tok, live, head, group, weight,
                               offs_p, offs_n, mask_p, mask_n, s_x_tok, s_x_head, s_x_dim,
                               s_B_tok, s_B_group, s_B_n, PREC, MM_DTYPE)
@@ -278,7 +282,7 @@ if triton is not None:
         h = tl.where(real, h, 0.0)
         tl.store(hin_ptr + slot * dim * WIDTH_N + scratch, h.to(hin_ptr.dtype.element_ty),
                  mask=mask_p[:, None])
-        h = h.to(tl.float32) * tl.exp(tl.load(decay_ptr + slot)) + contrib
+        h = h.to(tl.float32) * tl.exp2(tl.load(decay_ptr + slot)) + contrib
         if HAS_CKPT:
             _checkpoint(h, state_ptr, ckpt_ptr, seq, done + length, done, block_size,
                         head_off + tile, tile_mask, pad_slot_id, nslots, s_state_row, s_ckpt)
@@ -371,7 +375,7 @@ if triton is not None:
             nxt_decay = tl.load(decay_ptr + slot + nheads, mask=more, other=0.0)
             tl.store(hin_ptr + slot * size + scratch, h.to(hin_ptr.dtype.element_ty),
                      mask=mask_p[:, None])
-            h = h * tl.exp(decay) + contrib.to(tl.float32)
+            h = h * tl.exp2(decay) + contrib.to(tl.float32)
             if HAS_CKPT:
                 _checkpoint(h, state_ptr, ckpt_ptr, seq,
                             done + tl.minimum((k + 1) * chunk - lead, length), done,
@@ -454,26 +458,32 @@ if triton is not None:
         mask_m = offs_m < length
         mask_mp = mask_m[:, None] & mask_p[None, :]
         tok_m = bos + offs_m
-        cum_m = tl.load(cum_ptr + slot * BLOCK_L + offs_m, mask=mask_m, other=0.0)
+        # rows past the chunk's end read unwritten decay sums: they are never stored
+        cum_m = tl.load(cum_ptr + slot * BLOCK_L + offs_m)
         acc = tl.dot(cm, hin, input_precision=PREC)
         # from a source token s before the rows' first token m0 to an output token m,
-        # exp(cum_m - cum_s) = exp(cum_m - cum_m0) * exp(cum_m0 - cum_s), both factors at
-        # most 1 (decay sums never grow: A <= 0): those blocks weigh their columns (one exp
-        # per source token, no causal mask), the rows are scaled once after
+        # 2^(cum_m - cum_s) = 2^(cum_m - cum_m0) * 2^(cum_m0 - cum_s), both factors at most
+        # 1 (decay sums never grow: A <= 0): those blocks weigh their columns (one exp per
+        # source token, no causal mask), the rows are scaled once after
         cum_0 = tl.load(cum_ptr + slot * BLOCK_L + m0)
-        acc = acc * tl.exp(cum_0)
+        acc = acc * tl.exp2(cum_0)
         for s0 in range(0, m0, BLOCK_K):
             offs_s = s0 + offs_k
             # rows past the chunk's end may read garbage: they are never stored
             cb = tl.load(cb_rows + offs_s[None, :]).to(tl.float32)
             cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s)
             d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s)
-            w = cb * (tl.exp(cum_0 - cum_s) * d_s)[None, :]
+            w = cb * (tl.exp2(cum_0 - cum_s) * d_s)[None, :]
             xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
                          + offs_p[None, :] * s_x_dim, mask=mask_p[None, :], other=0.0)
             acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
-        acc = acc * tl.exp(tl.where(mask_m, cum_m - cum_0, 0.0))[:, None]
-        # the diagonal block in steps of BLOCK_D: an exp per pair of tokens, masked causally.
+        acc = acc * tl.exp2(cum_m - cum_0)[:, None]
+        # the diagonal block in steps of BLOCK_D: an exp per pair of tokens. Only the x rows
+        # are loaded with a mask: a source past the chunk's end (unwritten decay sums and
+        # step sizes) or above the diagonal (an exp that may overflow, C B^T blocks left
+        # unwritten when they are smaller than BLOCK_M) reaches only rows that are never
+        # stored or weights the causal select replaces by 0. Masked loads of these tiles
+        # were element by element, the kernel's longest stretch of instructions.
         # With D_DIAG a per-head D joins the weights on the diagonal, so the product adds
         # D x with the x tile it already holds: no epilogue x tile and no fp32 layout
         # conversion, -2 % at 8k tokens (H100, 2026-11-23); D enters the product rounded
@@ -484,19 +494,16 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         for s0 in range(m0, tl.minimum(m0 + BLOCK_M, length), BLOCK_D):
             offs_s = s0 + offs_d
-            mask_s = offs_s < length
-            causal = (offs_s[None, :] <= offs_m[:, None]) & mask_s[None, :]
-            cb = tl.load(cb_rows + offs_s[None, :], mask=causal & mask_m[:, None],
-                         other=0.0).to(tl.float32)
-            cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
-            d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s, mask=mask_s, other=0.0)
-            decay = tl.exp(tl.minimum(cum_m[:, None] - cum_s[None, :], 0.0))
-            w = tl.where(causal, cb * decay * d_s[None, :], 0.0)
+            cb = tl.load(cb_rows + offs_s[None, :]).to(tl.float32)
+            cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s)
+            d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s)
+            w = cb * tl.exp2(cum_m[:, None] - cum_s[None, :]) * d_s[None, :]
+            w = tl.where(offs_s[None, :] <= offs_m[:, None], w, 0.0)
             if D_DIAG:
                 w = tl.where(offs_s[None, :] == offs_m[:, None], w + d_head, w)
             xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
                          + offs_p[None, :] * s_x_dim,
-                         mask=mask_s[:, None] & mask_p[None, :], other=0.0)
+                         mask=(offs_s < length)[:, None] & mask_p[None, :], other=0.0)
             acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
         # the epilogue's tiles are loaded late: loaded before the diagonal block (or all the
         # blocks) they held registers through it, 7-10 % slower (H100, 2026-11-23)
