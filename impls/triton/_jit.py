@@ -6,6 +6,15 @@ from __future__ import annotations
 from ._common import tl, triton
 
 if triton is not None:
+    LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+    @triton.jit
+    def silu(x):
+        """``x * sigmoid(x)`` (fp32) in two special-function instructions: ``exp2`` compiles
+        to one ex2 (flushing subnormal results, which only ever multiply), ``fdiv`` to the
+        approximate full-range division. ``tl.sigmoid`` adds a subnormal fix-up around its
+        ex2 and a multiply: 15 instructions per element against 9."""
+        return tl.fdiv(x, 1.0 + tl.exp2(x * -LOG2E))
 
     @triton.jit
     def softplus(x):

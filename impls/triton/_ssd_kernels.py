@@ -42,11 +42,9 @@ IEEE products when the inputs are fp32 or of mixed dtypes.
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import and_real_row, only_if, real_row, step_size
+from ._jit import LOG2E, and_real_row, only_if, real_row, silu, step_size
 
 if triton is not None:
-    LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-
     # the optional row indices of the kernels that read and write state rows
     _ROW_FLAGS = {
         "HAS_DONE": given("done_ptr"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
@@ -516,8 +514,7 @@ if triton is not None:
         if HAS_Z:
             zm = tl.load(z_ptr + tok_m[:, None] * s_z_tok + head * s_z_head
                          + offs_p[None, :] * s_z_dim, mask=mask_mp, other=0.0)
-            zm = zm.to(tl.float32)
-            acc = acc * zm * tl.sigmoid(zm)
+            acc = acc * silu(zm.to(tl.float32))
         tl.store(out_ptr + tok_m[:, None] * s_out_tok + head * s_out_head
                  + offs_p[None, :] * s_out_dim, acc.to(out_ptr.dtype.element_ty),
                  mask=mask_mp)
