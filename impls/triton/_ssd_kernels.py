@@ -476,12 +476,12 @@ if triton is not None:
                          + offs_p[None, :] * s_x_dim, mask=mask_p[None, :], other=0.0)
             acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
         acc = acc * tl.exp2(cum_m - cum_0)[:, None]
-        # the diagonal block in steps of BLOCK_D: an exp per pair of tokens. Only the x rows
-        # are loaded with a mask: a source past the chunk's end (unwritten decay sums and
-        # step sizes) or above the diagonal (an exp that may overflow, C B^T blocks left
-        # unwritten when they are smaller than BLOCK_M) reaches only rows that are never
-        # stored or weights the causal select replaces by 0. Masked loads of these tiles
-        # were element by element, the kernel's longest stretch of instructions.
+        # the diagonal block in unrolled steps of BLOCK_D: an exp per pair of tokens. Only
+        # the x rows are loaded with a mask: a source past the chunk's end (unwritten decay
+        # sums and step sizes) or above the diagonal (an exp that may overflow, C B^T blocks
+        # left unwritten when they are smaller than BLOCK_M) reaches only rows that are
+        # never stored or weights the causal select replaces by 0. Masked loads of these
+        # tiles were element by element, the kernel's longest stretch of instructions.
         # With D_DIAG a per-head D joins the weights on the diagonal, so the product adds
         # D x with the x tile it already holds: no epilogue x tile and no fp32 layout
         # conversion, -2 % at 8k tokens (H100, 2026-11-23); D enters the product rounded
@@ -489,20 +489,24 @@ if triton is not None:
         d_head = 0.0
         if D_DIAG:
             d_head = tl.load(D_ptr + head * s_D_head).to(tl.float32)
-        offs_d = tl.arange(0, BLOCK_D)
-        for s0 in range(m0, tl.minimum(m0 + BLOCK_M, length), BLOCK_D):
-            offs_s = s0 + offs_d
-            cb = tl.load(cb_rows + offs_s[None, :]).to(tl.float32)
-            cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s)
-            d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s)
-            w = cb * tl.exp2(cum_m[:, None] - cum_s[None, :]) * d_s[None, :]
-            w = tl.where(offs_s[None, :] <= offs_m[:, None], w, 0.0)
-            if D_DIAG:
-                w = tl.where(offs_s[None, :] == offs_m[:, None], w + d_head, w)
-            xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
-                         + offs_p[None, :] * s_x_dim,
-                         mask=(offs_s < length)[:, None] & mask_p[None, :], other=0.0)
-            acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
+        rows = tl.arange(0, BLOCK_M)
+        for k in tl.static_range(BLOCK_M // BLOCK_D):
+            if m0 + k * BLOCK_D < length:
+                offs_s = m0 + k * BLOCK_D + tl.arange(0, BLOCK_D)
+                cb = tl.load(cb_rows + offs_s[None, :]).to(tl.float32)
+                cum_s = tl.load(cum_ptr + slot * BLOCK_L + offs_s)
+                d_s = tl.load(dts_ptr + slot * BLOCK_L + offs_s)
+                w = cb * tl.exp2(cum_m[:, None] - cum_s[None, :]) * d_s[None, :]
+                # m - s from constants alone, so the compares stay 32-bit (from token
+                # indices, which address memory, the compiler widened them to 64-bit pairs)
+                lag = rows[:, None] - (k * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
+                w = tl.where(lag >= 0, w, 0.0)
+                if D_DIAG:
+                    w = tl.where(lag == 0, w + d_head, w)
+                xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
+                             + offs_p[None, :] * s_x_dim,
+                             mask=(offs_s < length)[:, None] & mask_p[None, :], other=0.0)
+                acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
         # the epilogue's tiles are loaded late: loaded before the diagonal block (or all the
         # blocks) they held registers through it, 7-10 % slower (H100, 2026-11-23)
         if HAS_D and not D_DIAG:
