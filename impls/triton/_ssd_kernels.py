@@ -528,7 +528,7 @@ if triton is not None:
     def chunk_scan_kernel(
         x_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
         table_ptr, hin_ptr, cum_ptr, dts_ptr, cb_ptr,
-        nheads, dim, dstate, heads_per_group, bound,
+        nheads: tl.constexpr, dim: tl.constexpr, dstate, heads_per_group: tl.constexpr, bound,
         s_x, s_C, s_z, s_out, s_D,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, D_DIAG: tl.constexpr, PREC: tl.constexpr,
         MM_DTYPE: tl.constexpr,
