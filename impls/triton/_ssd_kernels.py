@@ -12,7 +12,7 @@ capturable:
    sum of chunk counts), then each chunk's sequence, first token and length (0 for the
    chunks of the bound past the count).
 2. ``chunk_dt_kernel`` (chunk x block of heads): the per-token step sizes, their decay
-   sums from the chunk's start and to its end, and each chunk's total decay; then
+   sums (in base 2) from the chunk's start and to its end, and each chunk's total decay; then
    ``chunk_state_kernel`` (chunk x head x state tile, all in parallel): the chunk's own
    contribution to the state, ``x^T (B * weights)``, a chain of tensor-core products into
    one fp32 accumulator, stored in fp32 or (``Config.contrib_half``) in the 16-bit input
@@ -536,7 +536,10 @@ if triton is not None:
         BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Outputs of one head for ``BLOCK_M`` tokens of one chunk and a block of headdim
-        columns (grid: chunk x row block x head x headdim block, flattened)."""
+        columns (grid: chunk x row block x head x headdim block, flattened). The head
+        count, headdim and heads per group are compile-time constants (one compile per
+        model shape): the program's place in the grid comes from constant divisions, -2 %
+        at 8k tokens against runtime ones (H100, 2026-11-23)."""
         # strides: one tuple per tensor
         s_x_tok, s_x_head, s_x_dim = s_x
         s_C_tok, s_C_group, s_C_n = s_C
