@@ -191,9 +191,10 @@ def test_loops_over_blocks(variant: dict) -> None:
 
 
 def test_unwritten_scratch_never_reaches_a_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The scan loads decay sums, step sizes and C B^T blocks without masks, past a chunk's
-    end and above the diagonal (C B^T blocks smaller than the scan's row blocks): with every
-    float of scratch starting as NaN, outputs and states still match native."""
+    """The kernels load scratch without masks: the scan its decay sums, step sizes and C B^T
+    blocks past a chunk's end and above the diagonal (C B^T blocks smaller than the scan's
+    row blocks), the chunk states their token weights past a chunk's end. With every float
+    of scratch starting as NaN, outputs and states still match native."""
     from mamba_ir.impls.triton.mamba_chunk_scan import mamba_chunk_scan as scan
 
     call = build(Case(chunk=32, block=32, lengths=(40, 9, 1), done=(20, 0, 31), dim=20,

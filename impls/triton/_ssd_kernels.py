@@ -12,7 +12,8 @@ capturable:
    sum of chunk counts), then each chunk's sequence, first token and length (0 for the
    chunks of the bound past the count).
 2. ``chunk_dt_kernel`` (chunk x block of heads): the per-token step sizes, their decay
-   sums (in base 2) from the chunk's start and to its end, and each chunk's total decay; then
+   sums (in base 2) from the chunk's start, each token's weight in its chunk's state (step
+   size times decay to the chunk's end) and each chunk's total decay; then
    ``chunk_state_kernel`` (chunk x head x state tile, all in parallel): the chunk's own
    contribution to the state, ``x^T (B * weights)``, a chain of tensor-core products into
    one fp32 accumulator, stored in fp32 or (``Config.contrib_half``) in the 16-bit input
@@ -108,15 +109,16 @@ if triton is not None:
     @triton.heuristics({"HAS_BIAS": given("bias_ptr"), "HAS_LIMIT": given("dt_lo")})
     @triton.jit
     def chunk_dt_kernel(
-        dt_ptr, A_ptr, bias_ptr, table_ptr, decay_ptr, cum_ptr, dts_ptr, rest_ptr,
+        dt_ptr, A_ptr, bias_ptr, table_ptr, decay_ptr, cum_ptr, dts_ptr, wts_ptr,
         nheads, bound, dt_lo, dt_hi,
         s_dt, s_A, s_bias,
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
-        """Step sizes, their within-chunk decay sums (from the chunk's start, and from
-        each token to the chunk's end) and the chunk's total decay, for ``BLOCK_H`` heads
-        of one chunk (the tokens' dt of neighbouring heads are adjacent)."""
+        """Step sizes, their within-chunk decay sums from the chunk's start, each token's
+        weight in the chunk's state (its step size times its decay to the chunk's end) and
+        the chunk's total decay, for ``BLOCK_H`` heads of one chunk (the tokens' dt of
+        neighbouring heads are adjacent)."""
         # strides: one tuple per tensor
         s_dt_tok, s_dt_head = s_dt
         c = tl.program_id(0).to(tl.int64)
@@ -146,7 +148,9 @@ if triton is not None:
         at = (c * nheads + heads)[None, :] * BLOCK_L + pos[:, None]
         tl.store(cum_ptr + at, tl.cumsum(da, 0), mask=live)
         tl.store(dts_ptr + at, d, mask=live)
-        tl.store(rest_ptr + at, rest, mask=live)
+        # each token's weight in its chunk's state, stored for every position of the block
+        # (0 past the chunk's end): the chunk-state programs load it without a mask
+        tl.store(wts_ptr + at, tl.exp2(rest) * d, mask=live_h[None, :])
         tl.store(decay_ptr + c * nheads + heads, tl.sum(da, 0), mask=live_h)
 
     @triton.jit
@@ -171,7 +175,7 @@ if triton is not None:
     @triton.heuristics(_ROW_FLAGS)
     @triton.jit
     def chunk_state_kernel(
-        x_ptr, B_ptr, C_ptr, table_ptr, contrib_ptr, rest_ptr, dts_ptr, cb_ptr,
+        x_ptr, B_ptr, C_ptr, table_ptr, contrib_ptr, wts_ptr, cb_ptr,
         state_ptr, decay_ptr, hin_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
         nheads, dim, dstate, heads_per_group, ngroups, bound,
         pad_slot_id, nslots, chunk, block_size,
@@ -222,9 +226,7 @@ if triton is not None:
             pos = t0 + offs_t
             live = pos < length
             tok = bos + pos
-            rest = tl.load(rest_ptr + slot * BLOCK_L + pos, mask=live, other=0.0)
-            d = tl.load(dts_ptr + slot * BLOCK_L + pos, mask=live, other=0.0)
-            weight = tl.exp2(rest) * d
+            weight = tl.load(wts_ptr + slot * BLOCK_L + pos)
             h = _contribution(h, x_ptr, B_ptr, tok, live, head, group, weight,
                               offs_p, offs_n, mask_p, mask_n, s_x_tok, s_x_head, s_x_dim,
                               s_B_tok, s_B_group, s_B_n, PREC, MM_DTYPE)

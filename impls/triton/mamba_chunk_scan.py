@@ -166,8 +166,8 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     contrib = torch.empty(bound, nheads, dim, block_n, dtype=mm if cfg.contrib_half else f32,
                           device=dev)
     hin = torch.empty(bound, nheads, dim, block_n, dtype=mm, device=dev)
-    # per token: decay sum from the chunk's start, dt, decay sum to the chunk's end
-    cum, dts, rest = torch.empty(3, bound, nheads, block_l, dtype=f32, device=dev).unbind(0)
+    # per token: decay sum from the chunk's start, dt, weight in the chunk's state
+    cum, dts, wts = torch.empty(3, bound, nheads, block_l, dtype=f32, device=dev).unbind(0)
     decay = torch.empty(bound, nheads, dtype=f32, device=dev)
     cb = torch.empty(bound, ngroups, block_l, block_l, dtype=mm, device=dev)
     dt_limit = call["dt_limit"]
@@ -204,14 +204,14 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     block_h = min(cfg.dt_block_h, triton.next_power_of_2(nheads))
     call_kernel(chunk_dt_kernel, (bound, triton.cdiv(nheads, block_h)),
         dt_ptr=dt, A_ptr=A, **plan, decay_ptr=decay, cum_ptr=cum, dts_ptr=dts,
-        rest_ptr=rest, nheads=nheads, **step, s_dt=dt.stride(),
+        wts_ptr=wts, nheads=nheads, **step, s_dt=dt.stride(),
         s_A=A.stride(0), BLOCK_L=block_l, BLOCK_H=block_h,
     )
     cb_m = min(cfg.cb_block, block_l)
     cb_per_chunk = ngroups * (block_l // cb_m) ** 2
     call_kernel(chunk_state_kernel,
         (bound, nheads + (cb_per_chunk if cfg.cb_in_state else 0), tiles),
-        x_ptr=x, B_ptr=B, C_ptr=C, **plan, contrib_ptr=contrib, rest_ptr=rest, dts_ptr=dts,
+        x_ptr=x, B_ptr=B, C_ptr=C, **plan, contrib_ptr=contrib, wts_ptr=wts,
         cb_ptr=cb, **rows, **shape, ngroups=ngroups, s_x=x.stride(), s_B=B.stride(),
         s_C=C.stride(), SINGLE=cfg.single_chunk_pass, CB=cfg.cb_in_state, PREC=prec,
         MM_DTYPE=mm_tl, **blocks, CB_M=cb_m,
