@@ -30,7 +30,7 @@ logger = logging.getLogger("mamba_ir")
 # kernel name fragments -> what the time is spent on (first match wins)
 CATEGORIES = (
     ("selective_state_update", ("selective_state", "ssu")),
-    ("causal_conv1d", ("conv1d", "conv_", "_update_kernel")),
+    ("causal_conv1d", ("conv1d", "conv_", "update_kernel")),
     ("copy_state_blocks", ("copy_state",)),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
     ("matmul", ("gemm", "cutlass", "nvjet", "sm90", "sm80", "cublas", "splitk", "gemv")),

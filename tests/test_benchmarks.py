@@ -7,6 +7,7 @@ in ``mamba-ir bench``, and they reach the engine and the providers through publi
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import subprocess
 import sys
@@ -139,6 +140,21 @@ def test_kernel_categories() -> None:
     got = common.by_category(kernels, prefill.CATEGORIES)
     assert got == {"attention": 5.0, "scan": 3.0, "conv": 0.0, "GEMM": 2.0, "other": 1.0}
     assert list(common.top(kernels, 2)) == ["flash_fwd_kernel", "_ssu_kernel"]
+
+
+@pytest.mark.parametrize(("module", "category"), [
+    ("_ssd_kernels", "scan"), ("_ssu_kernel", "scan"), ("_selective_scan_kernel", "scan"),
+    ("_conv_fn_kernels", "conv"), ("_conv_update_kernel", "conv"),
+])
+def test_provider_kernels_land_in_their_category(module: str, category: str) -> None:
+    """The profiler names a Triton kernel by its function: every kernel of the providers'
+    modules counts in its category (renamed kernels once fell into ``other``)."""
+    pytest.importorskip("triton")
+    mod = importlib.import_module(f"mamba_ir.impls.triton.{module}")
+    names = [name for name in vars(mod) if name.endswith("_kernel")]
+    assert names
+    for name in names:
+        assert common.by_category({name: 1.0}, prefill.CATEGORIES)[category] == 1.0, name
 
 
 def test_prefill_plot_from_json(tmp_path: Path) -> None:
