@@ -76,7 +76,7 @@ def main() -> None:
     forms: dict[str, list[dict[str, Any]]] = {
         "selective_state_update": [{}],
         "mamba_chunk_scan": [{}, {"config": ScanConfig(contrib_half=False)},
-                             {"config": ScanConfig(cb_in_state=False, scan_diag_k=64,
+                             {"config": ScanConfig(scan_diag_k=64,
                                                    single_chunk_pass=False,
                                                    scan_d_diag=False)}],
         "selective_scan": [{}],

@@ -168,9 +168,9 @@ SMALL = Config(dt_block_h=2, state_block_p=16, state_block_n=16, state_block_t=1
 
 @pytest.mark.parametrize(
     "variant",
-    [{}, dict(cb_in_state=False, scan_block_m=32, scan_block_k=32, scan_diag_k=16,
-          single_chunk_pass=False, scan_d_diag=False)],
-    ids=["row-blocks", "separate-cb-diagonal-steps-no-single-d-epilogue"],
+    [{}, dict(scan_block_m=32, scan_block_k=32, scan_diag_k=16, single_chunk_pass=False,
+          scan_d_diag=False)],
+    ids=["row-blocks", "cb-blocks-under-row-blocks-diagonal-steps-no-single-d-epilogue"],
 )
 def test_loops_over_blocks(variant: dict) -> None:
     """Chunks of several token blocks, headdim and dstate over several programs, several
@@ -297,7 +297,6 @@ VARIANTS = {
     "no-register-cap": dict(scan_maxnreg=0),
     "previous-default": dict(scan_block_k=32, state_maxnreg=0),
     "rows-128": dict(scan_block_m=128, scan_warps=8),
-    "separate-cb": dict(cb_in_state=False),
     "diagonal-steps-64": dict(scan_diag_k=64),
     "no-single-chunk-pass": dict(single_chunk_pass=False),
     "d-in-epilogue": dict(scan_d_diag=False),

@@ -15,8 +15,8 @@ pytest.importorskip("triton")
 # script no longer reaches)
 KERNELS = {
     "selective_state_update": ["ssu_kernel"],
-    "mamba_chunk_scan": ["chunk_cb_kernel", "chunk_dt_kernel", "chunk_plan_kernel",
-                         "chunk_scan_kernel", "chunk_state_kernel", "state_pass_kernel"],
+    "mamba_chunk_scan": ["chunk_dt_kernel", "chunk_plan_kernel", "chunk_scan_kernel",
+                         "chunk_state_kernel", "state_pass_kernel"],
     "selective_scan": ["scan_kernel"],
     "causal_conv1d_fn": ["final_window_kernel", "stream_kernel", "tile_kernel"],
     "causal_conv1d_update": ["update_kernel"],

@@ -3,7 +3,7 @@
 Chunks belong to one sequence and start at every request position that is a multiple of
 the chunk size (position = tokens already computed + index in the call), so a sequence's
 first and last chunks may be short and every align-mode block boundary is a chunk end.
-Five launches (six with ``Config.cb_in_state`` off), none of which waits on the host;
+Five launches, none of which waits on the host;
 grids are sized by an upper bound of the chunk count read from shapes alone and surplus
 programs exit at once (their chunks have length 0 in the plan), so the call stays CUDA-graph
 capturable:
@@ -27,8 +27,8 @@ capturable:
    boundaries and the final state to the destination row. It reads the whole source tile
    before its first store, so src == dst is safe.
 4. ``C B^T`` once per chunk and group, shared by the group's heads, in blocks on or below
-   the diagonal (``_cb_block``): in the chunk-state launch, or in ``chunk_cb_kernel`` of
-   its own.
+   the diagonal (``_cb_block``), by programs of the chunk-state launch after its chunk
+   programs (in a launch of its own it was 1-3 % slower at every swept size).
 5. ``chunk_scan_kernel`` (chunk x block of its tokens x head x headdim block):
    ``y = exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``, gated by
    ``silu(z)``. The decay of the source blocks before the output rows factors into a
@@ -182,7 +182,7 @@ if triton is not None:
         pad_slot_id, nslots, chunk, block_size,
         s_x, s_B, s_C, s_state, s_done, s_src, s_dst, s_ckpt,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
-        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr, CB: tl.constexpr,
+        HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr,
         PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
         BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_N: tl.constexpr, WIDTH_N: tl.constexpr, CB_M: tl.constexpr,
@@ -191,22 +191,21 @@ if triton is not None:
         each token weighted by its step size and its decay to the chunk's end: a chain of
         tensor-core products into one fp32 accumulator. With ``SINGLE``, the chunk that is
         its sequence's only one also passes the state (``_pass_single``) instead of storing
-        the contribution, and the state passing skips that sequence. With ``CB``, the head
-        axis of the grid goes on past ``nheads``: those programs (of the first state tile)
-        compute the chunk's ``C B^T`` blocks, ``CB_M`` square, after the heads' programs.
+        the contribution, and the state passing skips that sequence. The head axis of the
+        grid goes on past ``nheads``: those programs (of the first state tile) compute the
+        chunk's ``C B^T`` blocks, ``CB_M`` square, after the heads' programs.
         The shape is compile-time, as in the scan kernel (-0.5 % at 8k tokens, H100,
         2026-11-23)."""
         # strides: one tuple per tensor
         s_x_tok, s_x_head, s_x_dim = s_x
         s_B_tok, s_B_group, s_B_n = s_B
-        if CB:
-            if tl.program_id(1) >= nheads:
-                if tl.program_id(2) == 0:
-                    per_chunk = ngroups * (BLOCK_L // CB_M) * (BLOCK_L // CB_M)
-                    _cb_block(tl.program_id(0) * per_chunk + tl.program_id(1) - nheads,
-                              B_ptr, C_ptr, table_ptr, cb_ptr, ngroups, dstate, bound,
-                              s_B, s_C, PREC, MM_DTYPE, BLOCK_L, CB_M, CB_M, WIDTH_N)
-                return
+        if tl.program_id(1) >= nheads:
+            if tl.program_id(2) == 0:
+                per_chunk = ngroups * (BLOCK_L // CB_M) * (BLOCK_L // CB_M)
+                _cb_block(tl.program_id(0) * per_chunk + tl.program_id(1) - nheads,
+                          B_ptr, C_ptr, table_ptr, cb_ptr, ngroups, dstate, bound,
+                          s_B, s_C, PREC, MM_DTYPE, BLOCK_L, CB_M, CB_M, WIDTH_N)
+            return
         c = tl.program_id(0).to(tl.int64)
         bos = tl.load(table_ptr + bound + c).to(tl.int64)
         length = tl.load(table_ptr + 2 * bound + c)
@@ -387,20 +386,6 @@ if triton is not None:
         tl.store(state_ptr + dst * s_state_row + head_off + tile,
                  h.to(state_ptr.dtype.element_ty),
                  mask=only_if(and_real_row(nchunks > 0, dst, pad_slot_id, nslots), tile_mask))
-
-    @triton.jit
-    def chunk_cb_kernel(
-        B_ptr, C_ptr, table_ptr, cb_ptr,
-        ngroups, dstate, bound,
-        s_B, s_C,
-        PREC: tl.constexpr, MM_DTYPE: tl.constexpr,
-        BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        """``cb[c, g, t, s] = C[t] . B[s]`` for the blocks of chunk c on or below the
-        diagonal (the scan reads no others); grid: chunk x group x block pair."""
-        _cb_block(tl.program_id(0), B_ptr, C_ptr, table_ptr, cb_ptr, ngroups, dstate, bound,
-                  s_B, s_C, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_N)
 
     @triton.jit
     def _cb_block(

@@ -20,7 +20,6 @@ from ._common import call_kernel, register, runnable, stride0, strides, tl, trit
 
 if triton is not None:
     from ._ssd_kernels import (
-        chunk_cb_kernel,
         chunk_dt_kernel,
         chunk_plan_kernel,
         chunk_scan_kernel,
@@ -58,12 +57,8 @@ class Config:
     # a sequence of one chunk passed by its chunk-state programs, its contribution never
     # stored (many short sequences: every one is a 2 MiB contribution at Mamba2 sizes)
     single_chunk_pass: bool = True
-    # C B^T computed by programs after the chunk-state ones, in their launch (warps:
-    # state_warps): -1 to -3 % against C B^T beside the state passing's serial walks, except
-    # +0.5 % (within run-to-run spread) at one 8k sequence
-    cb_in_state: bool = True
+    # C B^T is computed by programs after the chunk-state ones, in their launch
     cb_block: int = 64  # C B^T block (square)
-    cb_warps: int = 4  # of C B^T's own launch (cb_in_state off)
     scan_block_m: int = 64  # output tokens per scan program
     scan_block_k: int = 64  # source tokens per tensor-core step of the scan
     scan_block_p: int = 64
@@ -210,10 +205,10 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     cb_m = min(cfg.cb_block, block_l)
     cb_per_chunk = ngroups * (block_l // cb_m) ** 2
     call_kernel(chunk_state_kernel,
-        (bound, nheads + (cb_per_chunk if cfg.cb_in_state else 0), tiles),
+        (bound, nheads + cb_per_chunk, tiles),
         x_ptr=x, B_ptr=B, C_ptr=C, **plan, contrib_ptr=contrib, wts_ptr=wts,
         cb_ptr=cb, **rows, **shape, ngroups=ngroups, s_x=x.stride(), s_B=B.stride(),
-        s_C=C.stride(), SINGLE=cfg.single_chunk_pass, CB=cfg.cb_in_state, PREC=prec,
+        s_C=C.stride(), SINGLE=cfg.single_chunk_pass, PREC=prec,
         MM_DTYPE=mm_tl, **blocks, CB_M=cb_m,
     )
     pass_p = min(cfg.pass_block_p, _pow2(dim))
@@ -222,12 +217,6 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         dstate=dstate, s_cu=stride0(cu_seqlens), SINGLE=cfg.single_chunk_pass,
         BLOCK_P=pass_p, WIDTH_N=block_n, num_warps=cfg.pass_warps,
     )
-    if not cfg.cb_in_state:
-        call_kernel(chunk_cb_kernel, (bound * cb_per_chunk,),
-            B_ptr=B, C_ptr=C, **plan, cb_ptr=cb, ngroups=ngroups, dstate=dstate,
-            s_B=B.stride(), s_C=C.stride(), PREC=prec, MM_DTYPE=mm_tl, BLOCK_L=block_l,
-            BLOCK_M=cb_m, BLOCK_K=cb_m, BLOCK_N=block_n, num_warps=cfg.cb_warps,
-        )
     block_m = min(cfg.scan_block_m, block_l)
     block_p = min(cfg.scan_block_p, _pow2(dim))
     block_k = min(cfg.scan_block_k, block_l)
