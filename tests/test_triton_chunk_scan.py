@@ -126,6 +126,14 @@ def build(case: Case, device: str = "cpu") -> dict:
     )
 
 
+def native_and_copy(call: dict) -> tuple[dict, dict]:
+    """Two copies of ``call``: native run on the first, the second left for a provider."""
+    ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+                for _ in range(2))
+    OP.native(**ref)
+    return ref, got
+
+
 def check(call: dict) -> None:
     assert OP.impls["triton"].refusal(call) is None, OP.impls["triton"].refusal(call)
     assert_matches_native(OP, "triton", call)
@@ -166,6 +174,11 @@ SMALL = Config(dt_block_h=2, state_block_p=16, state_block_n=16, state_block_t=1
                scan_block_k=16, scan_block_p=16, scan_warps=1)
 
 
+# chunks of several token blocks under SMALL: every kernel loop runs more than once
+SEVERAL_BLOCKS = Case(chunk=32, block=32, lengths=(40, 9, 1), done=(20, 0, 31), dim=20,
+                      dstate=32, nheads=4, ngroups=2, redirect=True)
+
+
 @pytest.mark.parametrize(
     "variant",
     [{}, dict(scan_block_m=32, scan_block_k=32, scan_diag_k=16, single_chunk_pass=False,
@@ -179,12 +192,9 @@ def test_loops_over_blocks(variant: dict) -> None:
     from mamba_ir.impls.triton.mamba_chunk_scan import mamba_chunk_scan as scan
 
     small = replace(SMALL, **variant)
-    call = build(Case(chunk=32, block=32, lengths=(40, 9, 1), done=(20, 0, 31), dim=20,
-                      dstate=32, nheads=4, ngroups=2, redirect=True))
+    call = build(SEVERAL_BLOCKS)
     call["out"] = torch.empty_like(call["x"])
-    ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
-                for _ in range(2))
-    OP.native(**ref)
+    ref, got = native_and_copy(call)
     scan(**got, config=small)
     torch.testing.assert_close(got["out"], ref["out"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got["state"], ref["state"], atol=1e-4, rtol=1e-4)
@@ -197,12 +207,9 @@ def test_unwritten_scratch_never_reaches_a_result(monkeypatch: pytest.MonkeyPatc
     of scratch starting as NaN, outputs and states still match native."""
     from mamba_ir.impls.triton.mamba_chunk_scan import mamba_chunk_scan as scan
 
-    call = build(Case(chunk=32, block=32, lengths=(40, 9, 1), done=(20, 0, 31), dim=20,
-                      dstate=32, nheads=4, ngroups=2, redirect=True))
+    call = build(SEVERAL_BLOCKS)
     call["out"] = torch.empty_like(call["x"])
-    ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
-                for _ in range(2))
-    OP.native(**ref)
+    ref, got = native_and_copy(call)
     empty = torch.empty
 
     def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
@@ -224,9 +231,7 @@ def test_half_contributions_fp16() -> None:
     call = build(Case(in_dtype=torch.float16, chunk=4, lengths=(13, 6), done=(1, 0),
                       block=4, redirect=True))
     call["out"] = torch.empty_like(call["x"])
-    ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
-                for _ in range(2))
-    OP.native(**ref)
+    ref, got = native_and_copy(call)
     scan(**got, config=replace(SMALL, contrib_half=True))
     for a, b in ((got["out"], ref["out"]), (got["state"], ref["state"])):
         err = (a.float() - b.float()).abs().max().item()
@@ -316,9 +321,7 @@ def _full_size(case: Case, config: Config | None = None) -> None:
     call["out"] = torch.full_like(call["x"], float("nan"))
     assert OP.impls["triton"].refusal(call) is None
     OP.check(call)
-    ref, got = ({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
-                for _ in range(2))
-    OP.native(**ref)
+    ref, got = native_and_copy(call)
     OP.impls["triton"].fn(**got, config=config)
     written = sorted(touched_rows(OP, call)[1])
     keep = sorted(set(range(call["state"].shape[0])) - set(written))

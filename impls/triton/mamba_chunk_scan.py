@@ -232,4 +232,5 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         maxnreg=cfg.scan_maxnreg or None, D_DIAG=cfg.scan_d_diag and _per_head(D),
     )
 
+
 mamba_chunk_scan = register(_op, launch, supports)
