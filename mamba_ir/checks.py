@@ -107,6 +107,21 @@ def same_device(call: dict[str, Any], anchor: str) -> None:
             fail(name, f"a tensor on the device of {anchor} ({device})", _describe(value))
 
 
+def row_members(call: dict[str, Any], members: Sequence[str]) -> None:
+    """The tensors of one state row (``RowSpec.state``): each a writable tensor with as
+    many rows as the first, on its device, so that row ``i`` of each is one row."""
+    first = call[members[0]]
+    for name in members[1:]:
+        t = call[name]
+        if not isinstance(t, torch.Tensor):
+            fail(name, f"a tensor (a row of {members[0]} is a row of it too)", type(t).__name__)
+        if t.dim() == 0 or t.shape[0] != first.shape[0]:
+            fail(name, f"{first.shape[0]} rows, one per row of {members[0]}", _describe(t))
+        if t.device != first.device:
+            fail(name, f"a tensor on {first.device}, the device of {members[0]}", _describe(t))
+        writable(call, name)
+
+
 def writable(call: dict[str, Any], name: str) -> None:
     """A tensor written in place must not have overlapping (e.g. stride-0) elements."""
     t = call[name]

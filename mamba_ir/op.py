@@ -96,15 +96,39 @@ class Rows:
 
 @dataclass(frozen=True)
 class RowSpec:
-    """Which rows of which state argument an op reads and writes: the row rules (checked
-    eagerly and in the checked mode), ``check_impl`` and align fusion all read it."""
+    """Which rows of which state argument(s) an op reads and writes: the row rules (checked
+    eagerly and in the checked mode), ``check_impl`` and align fusion all read it.
 
-    state: str  # the mutated state argument whose rows the indices name
+    A row of state may be several tensors: ``state=("state", "state_scale")`` says row ``i``
+    is row ``i`` of each, read and written together (a quantized state and its scales; a
+    checkpoint and its input ring). The first member counts the rows and is never optional;
+    a later one a call leaves ``None`` is absent from that call's rows. ``value`` turns a
+    row's members into its float32 values and the step a correct provider may differ by
+    (one quantization step of a quantized row): ``check_impl`` compares written rows by it.
+    """
+
+    state: str | tuple[str, ...]  # the mutated argument(s) whose rows the indices name
     read: str  # the index argument naming source rows (src redirect)
     write: str  # the index argument naming destination rows (``None``: ``read``'s rows)
     rows: Callable[[dict[str, Any]], Rows]  # the rows of one bound call
     checkpoints: str | None = None  # an index argument of extra rows written (align mode)
     pad: str = "pad_slot_id"
+    # members by name (absent ones None) -> (float32 values, step); None: compare members
+    value: Callable[[dict[str, Any]], tuple[torch.Tensor, Any]] | None = None
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        """Every member of a row, the row-counting one first."""
+        return (self.state,) if isinstance(self.state, str) else tuple(self.state)
+
+    @property
+    def primary(self) -> str:
+        """The member whose leading dimension counts the rows."""
+        return self.states[0]
+
+    def members(self, call: dict[str, Any]) -> tuple[str, ...]:
+        """The members a bound call passes (a later member left ``None`` is absent)."""
+        return tuple(n for n in self.states if call[n] is not None)
 
     def destination_name(self, call: dict[str, Any]) -> str:
         """The argument(s) a row-rule failure of destination rows names."""
@@ -257,7 +281,7 @@ class IrOp:
         if self.redirect is not None and self.rows is None:
             raise ValueError(f"{self.name}: redirect: expected rows= (a RowSpec) beside it")
         names = [] if self.rows is None else [
-            self.rows.state, self.rows.read, self.rows.write, self.rows.pad,
+            *self.rows.states, self.rows.read, self.rows.write, self.rows.pad,
             *([self.rows.checkpoints] if self.rows.checkpoints else []),
         ]
         if self.redirect is not None and self.redirect.bounds is not None:
@@ -267,6 +291,14 @@ class IrOp:
             raise ValueError(
                 f"{self.name}: rows/redirect: expected argument names of the op "
                 f"({', '.join(self.signature.parameters)}), got {unknown}"
+            )
+        unwritten = [] if self.rows is None else [
+            n for n in self.rows.states if n not in self.mutates_args
+        ]
+        if unwritten:
+            raise ValueError(
+                f"{self.name}: rows: expected every member of a state row in mutates_args "
+                f"({', '.join(self.mutates_args)}): a row is written whole, got {unwritten}"
             )
 
     def register_check(self, fn: Callable[[dict[str, Any]], None]) -> Callable:
@@ -385,6 +417,8 @@ class IrOp:
         no_autograd(call)
         if self._check is not None:
             self._check(call)
+        if self.rows is not None:
+            checks.row_members(call, self.rows.members(call))
 
     def device_check(self, call: dict[str, Any]) -> None:
         """Assert, on the call's device and without a host sync, what :meth:`check` can
@@ -395,7 +429,7 @@ class IrOp:
             spec, rows = self.rows, self.rows.rows(call)
             checks.assert_row_rules(spec.read, rows.sources, spec.destination_name(call),
                                     rows.destinations, rows.written,
-                                    call[spec.state].shape[0], call[spec.pad])
+                                    call[spec.primary].shape[0], call[spec.pad])
 
     def rows_of(self, call: dict[str, Any]) -> Rows:
         """The state rows a bound call reads and writes (see :class:`RowSpec`)."""

@@ -105,16 +105,19 @@ class CallSite:
         if self.form == DIRECT:
             return self._direct_args()[name], ()
         if self.form == V1:
-            return self.node.kwargs[name], ()
-        index = self.node.kwargs[f"_{name}_base_index"]
+            return self.node.kwargs.get(name), ()
+        index = self.node.kwargs.get(f"_{name}_base_index")
         if index is None:
             return None, ()
         prefix = f"_{name}_"
+        # another mutated argument's keys may share the prefix (state, state_scale)
+        longer = tuple(f"_{n}_" for n in self.op.mutates_args if n != name and n.startswith(name))
         view = tuple(
             sorted(
                 (k.removeprefix(prefix), v)
                 for k, v in self.node.kwargs.items()
                 if k.startswith(prefix) and k != f"{prefix}base_index"
+                and not k.startswith(longer)
             )
         )
         return self.node.kwargs["_all_bases"][index], view

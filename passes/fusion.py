@@ -16,7 +16,9 @@ op, and the op reads from the source row what the copy would have put there. A p
 in a copy means "no copy" (read ``dst`` as before) while a pad source in the op means
 "zero state", hence the ``where``. Variable-length calls may hold empty sequences, whose
 destination rows the op does not write: for those the copy stays, narrowed to the empty
-sequences' rows.
+sequences' rows. A row of several tensors (``RowSpec.state``: a state and its scales) is
+copied and read as one: the copy folds only when it moves each member the op's row has,
+each into that member's place.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def _partner(copy: CallSite, by_node: dict[fx.Node, CallSite]) -> tuple[CallSite
     """The op that reads the copied rows next, or why there is none to fold into."""
     if not copy.functional:
         return None, "kept: graph is not functionalized"
-    copied = copy.state_out("state")
+    copy_members = _members(copy)
+    copied = copy.state_out(copy_members[0])
     users = [] if copied is None else list(copied.users)
     if not users:
         return None, "kept: no op reads the copied state"
@@ -106,9 +109,17 @@ def _partner(copy: CallSite, by_node: dict[fx.Node, CallSite]) -> tuple[CallSite
         return None, (f"kept: the copied state is next used by {users[0].name}, not an op "
                       "declaring a src redirect (register_op(redirect=...))")
     rows = op.op.rows
-    base, view = op.state_in(rows.state)
-    if base is not copied or view != copy.state_in("state")[1]:
-        return None, f"kept: {op.node.name} uses the copied state through another view"
+    members = _members(op)
+    if len(members) != len(copy_members):
+        return None, (f"kept: the copy moves rows of {', '.join(copy_members)}, "
+                      f"{op.node.name}'s rows are {', '.join(members)}")
+    for theirs, mine in zip(copy_members, members, strict=True):
+        out = copy.state_out(theirs)
+        if out is None or list(out.users) != [op.node]:
+            return None, f"kept: the copied {theirs} is used by another node"
+        base, view = op.state_in(mine)
+        if base is not out or view != copy.state_in(theirs)[1]:
+            return None, f"kept: {op.node.name} uses the copied {theirs} through another view"
     dst = copy.arg("dst")
     read, write = op.arg(rows.read), op.arg(rows.write)
     if (read if read is not None else write) is not dst or (
@@ -118,6 +129,12 @@ def _partner(copy: CallSite, by_node: dict[fx.Node, CallSite]) -> tuple[CallSite
     if op.arg(rows.pad) != copy.arg("pad_slot_id"):
         return None, f"kept: {op.node.name} has another pad_slot_id"
     return op, ""
+
+
+def _members(site: CallSite) -> list[str]:
+    """The members of a state row (``RowSpec.state``) a call site passes, in order: a copy
+    folds into an op when each member it moves is the op's member in the same place."""
+    return [n for n in site.op.rows.states if site.state_in(n)[0] is not None]
 
 
 def _read_fake(copy: CallSite) -> Any:
@@ -153,7 +170,8 @@ def _rewrite(graph: fx.Graph, copy: CallSite, op: CallSite, residual: bool):
     op.set_arg(rows.read, read)
     op.set_arg(rows.write, dst)
     if not residual:
-        op.set_state_in(rows.state, copy.state_in("state")[0])
+        for theirs, mine in zip(_members(copy), _members(op), strict=True):
+            op.set_state_in(mine, copy.state_in(theirs)[0])
         for user in list(copy.node.users):
             graph.erase_node(user)
         graph.erase_node(copy.node)

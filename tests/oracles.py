@@ -17,8 +17,11 @@ def _ids(t: torch.Tensor | None) -> list[Any] | None:
 
 
 def selective_state_update(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (new state, output) in float64."""
+    """Returns (new state, output) in float64; a quantized state's values are its integers
+    (or float8 values) times their block's scale."""
     state0 = call["state"].double()
+    if call.get("state_scale") is not None:
+        state0 = state0 * call["state_scale"].double()[..., None]
     mamba1 = state0.dim() == 3
     lift = (
         (lambda t: None if t is None else t.double().unsqueeze(-2))

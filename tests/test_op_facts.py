@@ -44,7 +44,7 @@ def _duplicate_destination(call: dict, op) -> None:
 def _row_out_of_range(call: dict, op) -> None:
     name = _destinations(call, op)
     call[name] = call[name].clone()
-    call[name][0] = call[op.rows.state].shape[0] + 5
+    call[name][0] = call[op.rows.primary].shape[0] + 5
 
 
 def _float_indices(call: dict, op) -> None:
@@ -81,7 +81,7 @@ def test_custom_op_raises_the_same_error_as_the_python_entry_point(name, words):
 def test_custom_op_without_out_advances_the_state_like_the_python_entry_point(name):
     op = get_op(name)
     call = {**_example(name), **{out: None for out in op.allocate}}
-    state = op.rows.state
+    state = op.rows.primary
     by_ops, by_torch = _clone(call), _clone(call)
     returned = getattr(ops, name)(**by_ops)
     assert isinstance(returned, torch.Tensor)

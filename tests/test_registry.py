@@ -40,7 +40,7 @@ def test_ops_are_torch_library_custom_ops():
         assert isinstance(overload, torch._ops.OpOverload)
     schema = torch.ops.mamba_ir.selective_state_update.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
-    assert mutated == {"state", "out"}
+    assert mutated == {"state", "out", "state_scale"}
 
 
 def test_opcheck_every_op():
@@ -191,21 +191,22 @@ def test_unregister_returns_the_implementation_and_keeps_native():
 def test_implementations_must_take_the_ops_arguments_by_name():
     op = ops.copy_state_blocks
 
-    def wrong_names(state, source, dst, pad_slot_id):
+    def wrong_names(state, source, dst, pad_slot_id, state_scale=None):
         return None
 
-    def needs_more(state, src, dst, pad_slot_id, tile):
+    def needs_more(state, src, dst, pad_slot_id, state_scale, tile):
         return None
 
-    def tunable(state, src, dst, pad_slot_id=-1, *, tile=4):
+    def tunable(state, src, dst, pad_slot_id=-1, state_scale=None, *, tile=4):
         return None
 
-    def positional_only(state, src, dst, pad_slot_id, /):
+    def positional_only(state, src, dst, pad_slot_id, state_scale, /):
         return None
 
+    missing = r"missing \['state', 'src', 'dst', 'pad_slot_id', 'state_scale'\]"
     for fn, words in ((wrong_names, r"missing \['src'\]"),
                       (needs_more, r"extra parameters without defaults \['tile'\]"),
-                      (positional_only, r"missing \['state', 'src', 'dst', 'pad_slot_id'\]")):
+                      (positional_only, missing)):
         with pytest.raises(ValueError, match=r"fn of provider 'sig': expected .*" + words):
             op.register_impl("sig", fn, platforms=("cpu",))
         assert "sig" not in op.impls

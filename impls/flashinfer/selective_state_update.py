@@ -136,6 +136,9 @@ def plan(
         )
     if call.get("dt_limit") is not None:
         return "dt_limit: FlashInfer 0.7.2's selective_state_update has no clamp of dt"
+    if call.get("state_scale") is not None:
+        return ("quantized state (state_scale): FlashInfer's int16 scales are not yet "
+                "checked against the op's quantization (mamba_ir/ops/_quant.py)")
     if x.numel() == 0:
         return Plan("none")  # no tokens: nothing to read or write
     _, nheads, dim, dstate = state.shape
@@ -333,6 +336,7 @@ def selective_state_update(
     cu_seqlens: torch.Tensor | None = None,
     num_accepted_tokens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    state_scale: torch.Tensor | None = None,
     *,
     one_token: bool = True,
 ) -> None:

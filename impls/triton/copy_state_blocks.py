@@ -54,16 +54,26 @@ def supports(**call: Any) -> bool | str:
     ok = runnable(call)
     if ok is not True:
         return ok
-    state = call["state"]
-    if not _rows_contiguous(state) and state.element_size() not in _SAME_SIZE:
-        return f"{state.dtype} rows with gaps: only 1/2/4/8-byte elements in strided rows"
+    for name in _op.rows.members(call):
+        state = call[name]
+        if not _rows_contiguous(state) and state.element_size() not in _SAME_SIZE:
+            return (f"{name}: {state.dtype} rows with gaps: only 1/2/4/8-byte elements in "
+                    "strided rows")
     return True
 
 
 def launch(call: dict[str, Any], *, block: int = BLOCK, num_warps: int | None = None) -> None:
-    """Run the kernel on a bound call; ``block`` (words per program) and ``num_warps`` are
-    for tuning."""
-    state, src, dst = call["state"], call["src"], call["dst"]
+    """Run the kernel on a bound call, once per tensor of a state row (a state's scales
+    are a small second copy); ``block`` (words per program) and ``num_warps`` are for
+    tuning."""
+    for name in _op.rows.members(call):
+        _copy_rows(call[name], call, block, num_warps)
+
+
+def _copy_rows(
+    state: torch.Tensor, call: dict[str, Any], block: int, num_warps: int | None
+) -> None:
+    src, dst = call["src"], call["dst"]
     if src.shape[0] == 0 or state.numel() == 0:
         return
     words = _flat_words(state) if _rows_contiguous(state) else None

@@ -59,6 +59,8 @@ def supports(**call: Any) -> bool | str:
     ok = runnable(call)
     if ok is not True:
         return ok
+    if call["state_scale"] is not None:
+        return "quantized state (state_scale): the Triton kernel reads float states only"
     dstate = call["state"].shape[-1]
     if dstate == 0:
         return "dstate=0: the kernel's state tile needs at least one column"

@@ -8,13 +8,25 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import checks
 from ..op import Rows
+from ._quant import quantize, values
 
 
-def store(state: torch.Tensor, rows: torch.Tensor, h: torch.Tensor, live: torch.Tensor, pad: int):
+def store(
+    state: torch.Tensor,
+    rows: torch.Tensor,
+    h: torch.Tensor,
+    live: torch.Tensor,
+    pad: int,
+    scale: torch.Tensor | None = None,
+):
     """``state[rows[i]] = h[i]`` where ``live[i]`` and ``rows[i]`` names a row of the state
-    (pads and out-of-range rows of an unchecked call write nothing)."""
+    (pads and out-of-range rows of an unchecked call write nothing); a quantized state
+    stores values and ``scale`` (``_quant``)."""
     keep = live & checks.real_rows(rows, state.shape[0], pad)
-    state[rows[keep]] = h[keep].to(state.dtype)
+    if scale is None:
+        state[rows[keep]] = h[keep].to(state.dtype)
+    else:
+        state[rows[keep]], scale[rows[keep]] = quantize(h[keep], state.dtype)
 
 
 class Checkpoints:
@@ -158,14 +170,22 @@ def with_checkpoints(
     )
 
 
-def initial(state: torch.Tensor, src: torch.Tensor, pad: int, read: torch.Tensor | None = None):
-    """Each sequence's starting state in float32: its source row, zeros for a pad source (or
-    where ``read`` is False); rows outside the state are never read."""
+def initial(
+    state: torch.Tensor,
+    src: torch.Tensor,
+    pad: int,
+    read: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+):
+    """Each sequence's starting state in float32: its source row (dequantized by ``scale``
+    where the state is quantized), zeros for a pad source (or where ``read`` is False);
+    rows outside the state are never read."""
     h = torch.zeros((src.shape[0], *state.shape[1:]), dtype=torch.float32, device=state.device)
     has_src = checks.real_rows(src, state.shape[0], pad)
     if read is not None:
         has_src &= read
-    h[has_src] = state[src[has_src]].float()
+    rows = src[has_src]
+    h[has_src] = values(state[rows], None if scale is None else scale[rows])
     return h
 
 

@@ -16,20 +16,31 @@ def _rows(call: dict) -> Rows:
     return Rows(src, dst != pad, dst[:, None], (src != pad)[:, None])
 
 
-@register_op(mutates_args=("state",), rows=RowSpec("state", "src", "dst", _rows))
+@register_op(
+    mutates_args=("state", "state_scale"),
+    rows=RowSpec(("state", "state_scale"), "src", "dst", _rows),
+)
 def copy_state_blocks(
-    state: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, pad_slot_id: int = -1
+    state: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    pad_slot_id: int = -1,
+    state_scale: torch.Tensor | None = None,
 ) -> None:
-    """``state[dst[i]] = state[src[i]]`` for every i where neither index is the pad id."""
+    """``state[dst[i]] = state[src[i]]`` (and the same rows of ``state_scale``, a quantized
+    state's scales) for every i where neither index is the pad id."""
     # unchecked (compiled) indices never wrap around or reach past the state
     keep = checks.real_rows(src, state.shape[0], pad_slot_id)
     keep &= checks.real_rows(dst, state.shape[0], pad_slot_id)
-    state[dst[keep]] = state[src[keep]]
+    for rows in (state, state_scale):
+        if rows is not None:
+            rows[dst[keep]] = rows[src[keep]]
 
 
 @copy_state_blocks.register_check
 def _check(call: dict) -> None:
     checks.tensor(call, "state", ndim=range(2, 6), dtypes=None)
+    checks.tensor(call, "state_scale", ndim=range(1, 6), dtypes=None, optional=True)
     checks.writable(call, "state")
     checks.same_device(call, "state")
     src = checks.index(call, "src", optional=False)

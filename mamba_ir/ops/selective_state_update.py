@@ -10,6 +10,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import checks
 from ..op import Redirect, Rows, RowSpec, register_op
 from . import _example
+from ._quant import STATE_DTYPES, check_scale, row_value
 from ._rows import initial, store
 from ._step import step_size
 from ._tokens import token_layout
@@ -46,12 +47,13 @@ def _whole_rows(call: dict) -> str | None:
 
 
 @register_op(
-    mutates_args=("state", "out"),
+    mutates_args=("state", "out", "state_scale"),
     allocate={"out": lambda call: torch.empty_like(call["x"])},
     # the full-size GPU tests (dstate 128, 16 tokens per sequence) passed at these on an H100
     # on 2026-11-23; the shared table's 1e-4 / 2e-3 were never run there at full size
     tolerances={torch.float32: (2e-4, 2e-4), torch.float16: (3e-3, 3e-3)},
-    rows=RowSpec("state", "state_batch_indices", "dst_state_batch_indices", _rows),
+    rows=RowSpec(("state", "state_scale"), "state_batch_indices", "dst_state_batch_indices",
+                 _rows, value=row_value),
     redirect=Redirect("cu_seqlens", _whole_rows),
 )
 def selective_state_update(
@@ -72,17 +74,19 @@ def selective_state_update(
     cu_seqlens: torch.Tensor | None = None,
     num_accepted_tokens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    state_scale: torch.Tensor | None = None,
 ) -> None:
     """Run each sequence's tokens through the recurrence from its source row (docs/ops.md)."""
     if state.dim() == 3:
         state, x, dt, A, B, C, D, z, dt_bias, out = one_head(
             state, x, dt, A, B, C, D, z, dt_bias, out
         )
+        state_scale = None if state_scale is None else state_scale.unsqueeze(1)
     heads_per_group = state.shape[1] // B.shape[-2]
     seq = token_layout(x.shape[:-2], cu_seqlens, x.device)
     src, dst = seq.rows(state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
 
-    h = initial(state, src, pad_slot_id)
+    h = initial(state, src, pad_slot_id, scale=state_scale)
     for t in range(seq.max_len):
         live, tok = seq.step(t)
         xt = seq.gather(x, tok).float()
@@ -99,9 +103,9 @@ def selective_state_update(
             y = y * F.silu(seq.gather(z, tok).float())
         seq.scatter(out, tok[live], y[live])
         if num_accepted_tokens is not None and t < dst.shape[1]:  # speculative: a slot per token
-            store(state, dst[:, t], h, live, pad_slot_id)
+            store(state, dst[:, t], h, live, pad_slot_id, state_scale)
     if num_accepted_tokens is None:
-        store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id)
+        store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id, state_scale)
 
 
 def one_head(*args: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -117,7 +121,8 @@ def one_head(*args: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
 
 @selective_state_update.register_check
 def _check(call: dict) -> None:
-    state = checks.tensor(call, "state", ndim=(3, 4))
+    state = checks.tensor(call, "state", ndim=(3, 4), dtypes=STATE_DTYPES)
+    check_scale(call)
     checks.writable(call, "state")
     checks.same_device(call, "state")
     heads = tuple(state.shape[1:-2])  # () for Mamba1, (nheads,) for Mamba2

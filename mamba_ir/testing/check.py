@@ -7,7 +7,8 @@ on identical copies and asserts that
 - every state row the call does not write is bit-identical afterwards (a source row
   under redirect included);
 - nothing depends on rows the call does not address: those rows are poisoned with NaN
-  before the run, so a provider that reads them produces NaN and fails;
+  before the run (every tensor of a row: a quantized state's scales too), so a provider
+  that reads them produces NaN and fails;
 - every output element is written: outputs start as NaN.
 
 :func:`check_impl` drives that over hypothesis-generated argument sets, keeping those the
@@ -30,8 +31,8 @@ from .tolerances import tolerance
 
 
 def touched_rows(op: IrOp | str, call: dict[str, Any]) -> tuple[set[int], set[int]]:
-    """The state rows (of ``op.rows.state``) a valid bound call reads and writes, pads
-    excluded: what the op's row spec says."""
+    """The state rows (of every member of ``op.rows.state``) a valid bound call reads and
+    writes, pads excluded: what the op's row spec says."""
     op = get_op(op) if isinstance(op, str) else op
     rows = op.rows_of(call)
     pad = call[op.rows.pad]
@@ -57,21 +58,30 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
+def _poison(t: torch.Tensor, idx: torch.Tensor) -> None:
+    # NaN where a row can hold it; an integer row (a quantized state) is read through its
+    # float scales, which are poisoned beside it
+    t[idx] = float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).max
+
+
 def assert_matches_native(op: IrOp | str, provider: str, call: dict[str, Any]) -> None:
     """Run native and ``provider`` on copies of ``call``; assert they agree (see module doc)."""
     op = get_op(op) if isinstance(op, str) else op
-    state_arg = op.rows.state
+    spec = op.rows
     call = dict(call)
     for name, make in op.allocate.items():
         if call[name] is None:
             call[name] = make(call).fill_(float("nan"))
     op.check(call)
     read, written = touched_rows(op, call)
-    state = call[state_arg]
-    untouched = [r for r in range(state.shape[0]) if r not in read | written]
+    members = spec.members(call)  # every tensor of a state row
+    nslots = call[spec.primary].shape[0]
+    device = call[spec.primary].device
+    untouched = [r for r in range(nslots) if r not in read | written]
     if untouched:
-        state[torch.tensor(untouched, device=state.device)] = float("nan")
-    before = state.clone()
+        for name in members:
+            _poison(call[name], torch.tensor(untouched, device=device))
+    before = {name: call[name].clone() for name in members}
 
     ref, got = _clone(call), _clone(call)
     ref_out = op.native(**ref)
@@ -81,19 +91,37 @@ def assert_matches_native(op: IrOp | str, provider: str, call: dict[str, Any]) -
         *(v.dtype for v in call.values() if isinstance(v, torch.Tensor) and v.is_floating_point()),
         table=op.tolerances,
     )
-    keep = sorted(set(range(state.shape[0])) - written)
-    for name, result in (
-        (f"{state_arg} (rows not written)", got[state_arg]),
-        ("native", ref[state_arg]),
-    ):
-        if keep:
-            idx = torch.tensor(keep, device=state.device)
-            assert torch.equal(_bits(result[idx]), _bits(before[idx])), (
-                f"{provider}: {name} changed"
-            )
+    keep = sorted(set(range(nslots)) - written)
+    for name in members:
+        for what, result in ((f"{name} (rows not written)", got[name]), ("native", ref[name])):
+            if keep:
+                idx = torch.tensor(keep, device=device)
+                assert torch.equal(_bits(result[idx]), _bits(before[name][idx])), (
+                    f"{provider}: {what} changed"
+                )
     if written:
-        idx = torch.tensor(sorted(written), device=state.device)
-        _close(f"{state_arg} (written rows)", got[state_arg][idx], ref[state_arg][idx], atol, rtol)
+        idx = torch.tensor(sorted(written), device=device)
+        if spec.value is None:
+            for name in members:
+                _close(f"{name} (written rows)", got[name][idx], ref[name][idx], atol, rtol)
+        else:  # rows compared as the values their members encode, within one step
+            (got_v, got_step), (ref_v, ref_step) = (
+                spec.value({n: None if c[n] is None else c[n][idx] for n in spec.states})
+                for c in (got, ref)
+            )
+            allowed = atol + rtol * ref_v.abs() + torch.maximum(
+                torch.as_tensor(got_step, device=device), torch.as_tensor(ref_step, device=device)
+            )
+            what = f"{' + '.join(members)} (written rows, as values)"
+            assert not ref_v.isnan().any(), (
+                f"native {what} has NaN: the strategy built an invalid call")
+            err = (got_v - ref_v).abs()
+            bad = ~(err <= allowed)
+            assert not bad.any(), (
+                f"{what}: {int(bad.sum())} of {bad.numel()} values differ by more than "
+                f"atol + rtol |native| + one step; worst {float(err[bad].max()):.3g} "
+                f"at {tuple(int(i) for i in bad.nonzero()[0])}"
+            )
     for name in op.allocate:
         _close(name, got[name], ref[name], atol, rtol)
     if isinstance(ref_out, torch.Tensor):

@@ -19,8 +19,10 @@ import torch
 from hypothesis import strategies as st
 
 from ..op import IrOp, get_op
+from ..ops._quant import QUANTIZED, quantize
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+STATE_DTYPES = (*FLOATS, *QUANTIZED)  # a quantized state comes with its scales
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -172,6 +174,22 @@ def _in_cache(t: torch.Tensor, how: str) -> torch.Tensor:
     return cache[:, 0]
 
 
+def _state_rows(
+    h: torch.Tensor, dtype: torch.dtype, cache: str, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 state values ``h`` as a state of ``dtype`` (and its scales, quantized: some
+    blocks all zero, some tiny or large, outputs still finite in float16), each a view of a
+    cache laid out as ``cache`` says."""
+    if dtype not in QUANTIZED:
+        return _in_cache(h.to(dtype), cache), None
+    blocks = h.shape[:-1]
+    magnitude = torch.ones(blocks).flatten()
+    for i in range(magnitude.numel()):
+        magnitude[i] = rng.choice([1.0, 1.0, 1.0, 0.0, 1e-6, 30.0])
+    q, scale = quantize(h * magnitude.view(*blocks, 1).to(h.device), dtype)
+    return _in_cache(q, cache), _in_cache(scale, cache)
+
+
 @st.composite
 def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL):
     mamba2 = draw(st.booleans())
@@ -189,7 +207,7 @@ def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Si
     redirect = draw(st.booleans())
     use_indices = spec or redirect or draw(st.booleans())
     pad = draw(st.sampled_from([-1, 0]))
-    state_dtype, in_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+    state_dtype, in_dtype = draw(st.sampled_from(STATE_DTYPES)), draw(st.sampled_from(FLOATS))
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
     # Mamba2 ties dt, A, D and dt_bias over headdim (stride 0); each may be tied or not
     dt_tied, A_tied, D_tied, bias_tied = (mamba2 and draw(st.booleans()) for _ in range(4))
@@ -212,7 +230,9 @@ def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Si
     lead = (sum(lengths),) if form == "varlen" else (nseq, per_seq) if form == "multi" else (nseq,)
 
     call: dict[str, Any] = {"pad_slot_id": pad, "dt_softplus": softplus, "dt_limit": dt_limit}
-    call["state"] = _in_cache(randn(rows.nslots, *heads, dim, dstate, dtype=state_dtype), cache)
+    call["state"], call["state_scale"] = _state_rows(
+        randn(rows.nslots, *heads, dim, dstate), state_dtype, cache, rng
+    )
     if packed:
         hd, gn = nheads * dim, ngroups * dstate
         proj = randn(*lead, 2 * hd + 2 * gn + 1, dtype=in_dtype)
@@ -402,15 +422,16 @@ def copy_state_blocks_calls(draw: st.DrawFn, device: str = "cpu", sizes: Sizes =
     row_shape = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
     ncopies = draw(st.integers(0, sizes.max_seqs * 2))
     pad = draw(st.sampled_from([-1, 0]))
-    dtype = draw(st.sampled_from(FLOATS))
+    dtype = draw(st.sampled_from(STATE_DTYPES))
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
     layout = draw(st.sampled_from(["plain", "strided", "column"]))
     cache = draw(st.sampled_from(["own", "layer", "interleaved"]))
     seed = draw(st.integers(0, 2**31 - 1))
     rng, randn = random.Random(seed), _gen(seed, device)
     rows = assign_rows(rng, [1] * ncopies, redirect=True, pad=pad)
+    state, scale = _state_rows(randn(rows.nslots, *row_shape), dtype, cache, rng)
     return {
-        "state": _in_cache(randn(rows.nslots, *row_shape, dtype=dtype), cache),
+        "state": state, "state_scale": scale,
         "src": _laid_out(_index(rows.src, idx_dtype, device), layout),
         "dst": _laid_out(_index([r[0] for r in rows.dst], idx_dtype, device), layout),
         "pad_slot_id": pad,
