@@ -107,6 +107,15 @@ def same_device(call: dict[str, Any], anchor: str) -> None:
             fail(name, f"a tensor on the device of {anchor} ({device})", _describe(value))
 
 
+def same_dtype(call: dict[str, Any], name: str, like: str) -> None:
+    """An output tensor (when given) has the dtype of the input it is computed from: a
+    provider would otherwise round to one dtype or the other, each its own way."""
+    t = call[name]
+    if t is not None and t.dtype != call[like].dtype:
+        fail(name, f"dtype {str(call[like].dtype).removeprefix('torch.')} (that of {like})",
+             _describe(t))
+
+
 def writable(call: dict[str, Any], name: str) -> None:
     """A tensor written in place must not have overlapping (e.g. stride-0) elements."""
     t = call[name]
