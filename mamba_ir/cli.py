@@ -10,8 +10,8 @@ import random
 import signal
 import sys
 import tempfile
+import textwrap
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -83,45 +83,6 @@ def _dtype(name: str | None, device: torch.device) -> torch.dtype:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=level)
-
-
-def summarize_report(sites: Sequence[Any]) -> list[str]:
-    """Per graph, one line per (op, provider, fusion) with the skip reasons seen."""
-    groups: Counter[tuple[str, str, str, str]] = Counter()
-    reasons: dict[tuple[str, str, str, str], set[str]] = {}
-    order: dict[str, int] = {}
-    for s in sites:
-        graph = s.graph_name or f"graph {s.graph}"
-        order.setdefault(graph, len(order))
-        if s.folded:
-            chosen, fusion = f"folded into {s.fused_with_op}", "reads the copy's source rows"
-        else:
-            chosen, fusion = s.provider, _fusion_note(s)
-        key = (graph, s.op, chosen, fusion)
-        groups[key] += 1
-        reasons.setdefault(key, set()).update(f"{p}: {why}" for p, why in s.skipped)
-    lines, current = [], None
-    for key in sorted(groups, key=lambda k: (order[k[0]], k[1:])):
-        graph, op, chosen, fusion = key
-        if graph != current:
-            lines.append(f"  {graph}:")
-            current = graph
-        line = f"    {op:<24} {groups[key]:>3} site(s) -> {chosen}"
-        if fusion:
-            line += f"  [{fusion}]"
-        lines.append(line)
-        lines.extend(f"        skipped {r}" for r in sorted(reasons[key]))
-    return lines
-
-
-def _fusion_note(site: Any) -> str:
-    if not site.fused:
-        return site.fusion or ""
-    if site.op == "copy_state_blocks":
-        return f"rest folded into {site.fused_with_op}; kept for empty sequences' rows only"
-    if site.residual:
-        return "reads the copy's source rows; the copy remains for empty sequences' rows"
-    return "reads the copy's source rows; the copy no longer runs"
 
 
 # -- ops -------------------------------------------------------------------------------------
@@ -263,8 +224,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report = engine.lowering_report()
     print("\nlowering report (compiled call sites: provider, skipped providers, fusion):")
-    for line in summarize_report(report) or ["  (not compiled: every op dispatched eagerly)"]:
-        print(line)
+    summary = report.summary() or "(not compiled: every op dispatched eagerly)"
+    print(textwrap.indent(summary, "  "))
     if args.verbose:
         for site in report:
             print(f"    {site}")

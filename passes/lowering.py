@@ -13,12 +13,15 @@ the device before the provider runs.
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import NamedTuple
+
 from torch import fx
 
 from mamba_ir.op import Decision
 from mamba_ir.priority import PrioritySpec
 
-from .callsite import CallSite, ir_ops
+from .callsite import CallSite, ir_ops, module_path
 from .fusion import Fusion, fuse_align_copies
 from .provider_ops import provider_op
 from .report import SiteReport
@@ -27,6 +30,17 @@ from .report import SiteReport
 def decide(site: CallSite, priority: PrioritySpec = None) -> Decision:
     """The provider for one call site, with the better-ranked ones it skipped and why."""
     return site.op.decide(site.fake_call(), priority=priority)
+
+
+class SiteName(NamedTuple):
+    """Where a call site is, as :class:`SiteReport` names it."""
+
+    module: str  # the innermost module's path, "" outside any module
+    call: str  # the op, numbered where the module (or graph) calls it more than once
+
+    @property
+    def site(self) -> str:
+        return f"{self.module}: {self.call}" if self.module else self.call
 
 
 def run(
@@ -39,38 +53,60 @@ def run(
     sites = CallSite.find(graph, ir_ops())
     if not sites:
         return []
-    fusions = fuse_align_copies(graph, sites, priority=priority)
+    names = site_names(sites)  # before fusion moves or erases nodes
+    fusions = fuse_align_copies(graph, sites, priority=priority,
+                                names={node: name.site for node, name in names.items()})
     by_copy = {f.copy.node: f for f in fusions}
     by_op = {f.op.node: f for f in fusions if f.op is not None}
     reports = []
     for site in sites:
         fusion = by_copy.get(site.node) or by_op.get(site.node)
         if fusion is not None and fusion.fused and not fusion.residual and site is fusion.copy:
-            reports.append(_folded(site, fusion))
+            reports.append(_folded(site, fusion, names))
             continue
         decided = fusion.decision if fusion is not None and site is fusion.op else None
         decision = decided or decide(site, priority)
         site.retarget(provider_op(site.op, decision.provider, checked=validate))
-        reports.append(_lowered(site, decision, fusion))
+        reports.append(_lowered(site, decision, fusion, names))
     return reports
 
 
-def _folded(site: CallSite, fusion: Fusion) -> SiteReport:
+def site_names(sites: list[CallSite]) -> dict[fx.Node, SiteName]:
+    """Every site's name: the innermost module's path (``model.layers.3.mixer``), and the
+    op numbered ``#1``, ``#2``, ... in graph order where that module (or the graph, outside
+    any module) calls it more than once, so that two such calls stay apart."""
+    where = {site.node: (module_path(site.node), site.op.name) for site in sites}
+    counts = Counter(where.values())
+    seen: Counter[tuple[str, str]] = Counter()
+    names = {}
+    for node, (module, op) in where.items():
+        seen[module, op] += 1
+        names[node] = SiteName(module, f"{op}#{seen[module, op]}" if counts[module, op] > 1
+                               else op)
+    return names
+
+
+def _folded(site: CallSite, fusion: Fusion, names: dict[fx.Node, SiteName]) -> SiteReport:
+    module, call = names[site.node]
     return SiteReport(
         graph=0,
         node=site.node.name,
         op=site.op.name,
         provider=None,
         fused=True,
-        fused_with=fusion.op.node.name,
+        fused_with=names[fusion.op.node].site,
         fusion=fusion.reason,
+        module=module,
+        call=call,
     )
 
 
-def _lowered(site: CallSite, decision: Decision, fusion: Fusion | None) -> SiteReport:
+def _lowered(site: CallSite, decision: Decision, fusion: Fusion | None,
+             names: dict[fx.Node, SiteName]) -> SiteReport:
     partner = None
     if fusion is not None and fusion.op is not None:
         partner = fusion.op if site is fusion.copy else fusion.copy
+    module, call = names[site.node]
     return SiteReport(
         graph=0,
         node=site.node.name,
@@ -78,6 +114,8 @@ def _lowered(site: CallSite, decision: Decision, fusion: Fusion | None) -> SiteR
         provider=decision.provider,
         skipped=decision.skipped,
         fused=bool(fusion and fusion.fused),
-        fused_with=partner.node.name if partner is not None else None,
+        fused_with=names[partner.node].site if partner is not None else None,
         fusion=fusion.reason if fusion is not None else None,
+        module=module,
+        call=call,
     )
