@@ -157,16 +157,19 @@ class CallSite:
     def target(self) -> Any:
         return self.node.target if self.form == DIRECT else self.node.args[0]
 
-    def retarget(self, overload: Any) -> None:
-        """Call ``overload`` (same schema) instead of the current op."""
+    def retarget(self, overload: Any, **extra: Any) -> None:
+        """Call ``overload`` (the op's schema, plus the arguments ``extra`` gives constant
+        values of) instead of the current op."""
         if self.form == DIRECT:
+            self.node.args, self.node.kwargs = (), {**self._direct_args(), **extra}
             self.node.target = overload
             return
         self.node.args = (overload, *self.node.args[1:])
+        self.node.kwargs = {**self.node.kwargs, **extra}
         recorded = self.node.meta.get("eager_input_vals")
         if recorded is not None:
             args, kwargs = recorded
-            self.node.meta["eager_input_vals"] = ((overload, *args[1:]), kwargs)
+            self.node.meta["eager_input_vals"] = ((overload, *args[1:]), {**kwargs, **extra})
 
     def _eager_update(self, name: str, value: Any) -> None:
         # Inductor re-traces auto_functionalized nodes from the argument values recorded

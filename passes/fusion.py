@@ -53,6 +53,7 @@ class Fusion:
     reason: str
     residual: bool = False
     decision: Decision | None = None
+    dst_args: tuple[str, ...] = ()  # the op's arguments the caller passed the copy's dst as
 
 
 def fuse_align_copies(
@@ -92,11 +93,13 @@ def fuse_align_copies(
             outcomes.append(Fusion(copy, op, False, why, decision=decision))
             continue
         residual = spec.bounds is not None and call[spec.bounds] is not None
+        dst = copy.arg("dst")
+        dst_args = tuple(n for n in dict.fromkeys((rows.read, rows.write)) if op.arg(n) is dst)
         _rewrite(graph, copy, op, residual)
         text = "fused: reads the copy's source rows"
         if residual:
             text += "; copy kept for empty sequences only"
-        outcomes.append(Fusion(copy, op, True, text, residual, decision))
+        outcomes.append(Fusion(copy, op, True, text, residual, decision, dst_args))
     return outcomes
 
 

@@ -23,7 +23,7 @@ from mamba_ir.priority import PrioritySpec
 
 from .callsite import CallSite, ir_ops, module_path
 from .fusion import Fusion, fuse_align_copies
-from .provider_ops import provider_op
+from .provider_ops import CHECKED_AS, checked_as, provider_op
 from .report import SiteReport
 
 
@@ -66,9 +66,27 @@ def run(
             continue
         decided = fusion.decision if fusion is not None and site is fusion.op else None
         decision = decided or decide(site, priority)
-        site.retarget(provider_op(site.op, decision.provider, checked=validate))
+        extra = {CHECKED_AS: _checked_as(site, fusion, names)} if validate else {}
+        site.retarget(provider_op(site.op, decision.provider, checked=validate), **extra)
         reports.append(_lowered(site, decision, fusion, names))
     return reports
+
+
+def _checked_as(site: CallSite, fusion: Fusion | None, names: dict[fx.Node, SiteName]) -> str:
+    """How the checked call's failures name its arguments and itself: the site, and, for
+    an op align fusion folded a copy into, the copy's ``src`` and ``dst`` the user passed
+    where the op now reads indices the pass built from them."""
+    name = names[site.node]
+    where, arg_names = f"at {name.site}", {}
+    if fusion is not None and fusion.fused and site is fusion.op:
+        copy = names[fusion.copy.node]
+        folded = copy.call if copy.module == name.module else copy.site
+        rows = site.op.rows
+        arg_names[rows.read] = f"src of {folded} (its dst where src is the pad)"
+        arg_names[rows.write] = (f"dst of {folded}, given to {site.op.name} as "
+                                 f"{' and '.join(fusion.dst_args)}")
+        where += f", {folded} folded in by align fusion"
+    return checked_as(arg_names, where)
 
 
 def site_names(sites: list[CallSite]) -> dict[fx.Node, SiteName]:
