@@ -12,8 +12,10 @@ them to a CUDA-graph batch size); the entries past the sequences are ignored, ne
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -120,6 +122,15 @@ def row_members(call: dict[str, Any], members: Sequence[str]) -> None:
         if t.device != first.device:
             fail(name, f"a tensor on {first.device}, the device of {members[0]}", _describe(t))
         writable(call, name)
+
+
+def same_dtype(call: dict[str, Any], name: str, like: str) -> None:
+    """An output tensor (when given) has the dtype of the input it is computed from: a
+    provider would otherwise round to one dtype or the other, each its own way."""
+    t = call[name]
+    if t is not None and t.dtype != call[like].dtype:
+        fail(name, f"dtype {str(call[like].dtype).removeprefix('torch.')} (that of {like})",
+             _describe(t))
 
 
 def writable(call: dict[str, Any], name: str) -> None:
@@ -239,27 +250,64 @@ def dt_limit(call: dict[str, Any], name: str = "dt_limit") -> None:
 
 # -- the same rules on the device (checked mode of compiled graphs) ---------------------
 
+# torch's CUDA assertion kernel takes messages of at most 254 characters (and refuses a
+# longer one even when the check passes)
+MAX_MESSAGE = 254
+
+
+class Naming(NamedTuple):
+    """How the device checks' messages name a call's arguments, and which call it is."""
+
+    names: Mapping[str, str]  # argument -> what the message calls it
+    where: str  # the call site, appended to every message
+
+
+_naming: contextvars.ContextVar[Naming | None] = contextvars.ContextVar(
+    "mamba_ir_check_naming", default=None
+)
+
+
+@contextlib.contextmanager
+def naming(names: Mapping[str, str], where: str = "") -> Iterator[None]:
+    """Within the block, a failed device check calls argument ``a`` ``names.get(a, a)`` and
+    ends with ``(where)``. The checked mode of compiled graphs names this way what the
+    user passed, where a pass rewrote the call (align fusion feeds an op indices it built
+    from the copy's ``src`` and ``dst``), and the site that made the call."""
+    token = _naming.set(Naming(dict(names), where))
+    try:
+        yield
+    finally:
+        _naming.reset(token)
+
+
+def _assert(ok: torch.Tensor, name: str, expected: str) -> None:
+    """``torch._assert_async`` with the message ``<name>: expected <expected>``, each
+    argument of ``name`` (``a / b`` names two) as the current :func:`naming` says."""
+    current = _naming.get() or Naming({}, "")
+    text = " / ".join(current.names.get(n, n) for n in name.split(" / "))
+    message = f"{text}: expected {expected}" + (f" ({current.where})" if current.where else "")
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    torch._assert_async(ok, message)
+
 
 def assert_rows_in_range(name: str, values: torch.Tensor, nslots: int, pad: int) -> None:
     ok = (values == pad) | ((values >= 0) & (values < nslots))
-    torch._assert_async(ok.all(), f"{name}: expected rows in [0, {nslots}) or pad_slot_id={pad}")
+    _assert(ok.all(), name, f"rows in [0, {nslots}) or pad_slot_id={pad}")
 
 
 def assert_within(name: str, values: torch.Tensor, lo: int, hi: int, what: str) -> None:
     """Every entry in ``[lo, hi]``."""
-    torch._assert_async(((values >= lo) & (values <= hi)).all(), f"{name}: expected {what}")
+    _assert(((values >= lo) & (values <= hi)).all(), name, what)
 
 
 def assert_decay_rates(name: str, values: torch.Tensor) -> None:
-    torch._assert_async(~(values > 0).any(),
-                        f"{name}: expected decay rates <= 0 (A = -exp(A_log))")
+    _assert(~(values > 0).any(), name, "decay rates <= 0 (A = -exp(A_log))")
 
 
 def assert_cumulative(name: str, offsets: torch.Tensor, ntokens: int) -> None:
     ok = (offsets[0] == 0) & (offsets[-1] == ntokens) & (offsets[1:] >= offsets[:-1]).all()
-    torch._assert_async(
-        ok, f"{name}: expected non-decreasing offsets from 0 to {ntokens} (the number of tokens)"
-    )
+    _assert(ok, name, f"non-decreasing offsets from 0 to {ntokens} (the number of tokens)")
 
 
 def assert_row_rules(
@@ -284,7 +332,7 @@ def assert_row_rules(
     count = torch.zeros(nslots + 1, dtype=torch.int32, device=device)
     count.index_add_(0, spare, torch.ones_like(spare, dtype=torch.int32))
     distinct = (count[:nslots] <= 1).all()
-    torch._assert_async(distinct, f"{dst_name}: expected distinct destination rows")
+    _assert(distinct, dst_name, "distinct destination rows")
     entry = torch.arange(n, device=device)[:, None].expand_as(dst).flatten()
     owner = torch.full((nslots + 1,), -1, dtype=torch.long, device=device)
     owner.scatter_(0, spare, entry)
@@ -293,6 +341,4 @@ def assert_row_rules(
     reads = real_rows(src, nslots, pad)
     by = owner[torch.where(reads, src, nslots)]
     ok = ~reads | (by == -1) | (by == torch.arange(n, device=device))
-    torch._assert_async(
-        ok.all(), f"{src_name}: expected no source row that another entry writes"
-    )
+    _assert(ok.all(), src_name, "no source row that another entry writes")

@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import random
+import signal
 import sys
+import tempfile
+import textwrap
 import time
-from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
+from .priority import ENV_VAR, checked_priority
 from .progress import bar
 
 logger = logging.getLogger("mamba_ir")
@@ -78,45 +83,6 @@ def _dtype(name: str | None, device: torch.device) -> torch.dtype:
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=level)
-
-
-def summarize_report(sites: Sequence[Any]) -> list[str]:
-    """Per graph, one line per (op, provider, fusion) with the skip reasons seen."""
-    groups: Counter[tuple[str, str, str, str]] = Counter()
-    reasons: dict[tuple[str, str, str, str], set[str]] = {}
-    order: dict[str, int] = {}
-    for s in sites:
-        graph = s.graph_name or f"graph {s.graph}"
-        order.setdefault(graph, len(order))
-        if s.folded:
-            chosen, fusion = f"folded into {s.fused_with_op}", "reads the copy's source rows"
-        else:
-            chosen, fusion = s.provider, _fusion_note(s)
-        key = (graph, s.op, chosen, fusion)
-        groups[key] += 1
-        reasons.setdefault(key, set()).update(f"{p}: {why}" for p, why in s.skipped)
-    lines, current = [], None
-    for key in sorted(groups, key=lambda k: (order[k[0]], k[1:])):
-        graph, op, chosen, fusion = key
-        if graph != current:
-            lines.append(f"  {graph}:")
-            current = graph
-        line = f"    {op:<24} {groups[key]:>3} site(s) -> {chosen}"
-        if fusion:
-            line += f"  [{fusion}]"
-        lines.append(line)
-        lines.extend(f"        skipped {r}" for r in sorted(reasons[key]))
-    return lines
-
-
-def _fusion_note(site: Any) -> str:
-    if not site.fused:
-        return site.fusion or ""
-    if site.op == "copy_state_blocks":
-        return f"rest folded into {site.fused_with_op}; kept for empty sequences' rows only"
-    if site.residual:
-        return "reads the copy's source rows; the copy remains for empty sequences' rows"
-    return "reads the copy's source rows; the copy no longer runs"
 
 
 # -- ops -------------------------------------------------------------------------------------
@@ -258,8 +224,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     report = engine.lowering_report()
     print("\nlowering report (compiled call sites: provider, skipped providers, fusion):")
-    for line in summarize_report(report) or ["  (not compiled: every op dispatched eagerly)"]:
-        print(line)
+    summary = report.summary() or "(not compiled: every op dispatched eagerly)"
+    print(textwrap.indent(summary, "  "))
     if args.verbose:
         for site in report:
             print(f"    {site}")
@@ -299,11 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from benchmarks import e2e, prefill
 
     _setup_logging(args.verbose)
-    if args.prefill:
-        args.out = args.out or "docs/prefill_bench.json"
-        return prefill.run(args)
-    args.out = args.out or "docs/e2e_bench.json"
-    return e2e.run(args)
+    return (prefill if args.prefill else e2e).run(args)  # main has set and checked args.out
 
 
 # -- entry -----------------------------------------------------------------------------------
@@ -419,27 +381,94 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit status. Mistakes are answered with one line on stderr."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a reader that left shows here, not at the interpreter's exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (`mamba-ir ops | head -1`): stop quietly, as a Unix tool killed
+        # by SIGPIPE does, and keep the interpreter's final flush from failing again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + getattr(signal, "SIGPIPE", 13)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        try:
+            checked_priority(env, ENV_VAR)
+        except ValueError as exc:
+            _error(args.command, str(exc))
     if args.priority is not None:
-        from .priority import checked_priority
-
         try:
             checked_priority(args.priority, "--priority")
         except ValueError as exc:
             args.parser.error(str(exc))
     if args.device is not None and (why := device_missing(args.device)):
         args.parser.error(f"--device {args.device}: {why} (--device cpu runs everywhere)")
-    if args.command == "bench" and importlib.util.find_spec("benchmarks") is None:
+    if args.command == "bench" and not _find_benchmarks():
         args.parser.error("bench needs the benchmarks/ folder of a clone of the mamba-ir "
                           "repository (it is not installed with the package): run it from "
                           "the root of a clone")
+    if args.command == "bench":
+        args.out = args.out or ("docs/prefill_bench.json" if args.prefill else
+                                "docs/e2e_bench.json")
+        if (why := out_problem(Path(args.out), must_exist=args.plot_only)) is not None:
+            _error("bench", f"--out {args.out}: {why}")
     if args.command == "bench" and not args.plot_only and args.device is None:
         if (why := device_missing(torch.device("cuda"))) is not None:
             args.parser.error(f"bench times CUDA kernels and needs a GPU: {why}")
     if args.command == "demo" and args.model:
         _require("safetensors", "--model", "hf")
     return int(args.func(args) or 0)
+
+
+def _error(command: str, message: str) -> NoReturn:
+    """A mistake in what the command was given, answered as argparse answers one (exit
+    status 2) but in one line: no usage text for a problem that is not about usage."""
+    print(f"mamba-ir {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _find_benchmarks() -> bool:
+    """Whether ``benchmarks`` (a clone's folder) can be imported. ``python -m mamba_ir``
+    puts the working folder on ``sys.path``, the ``mamba-ir`` script does not: from the
+    root of a clone, the script adds it too."""
+    if importlib.util.find_spec("benchmarks") is not None:
+        return True
+    root = Path.cwd()
+    if not all((root / "benchmarks" / f).is_file() for f in ("__init__.py", "e2e.py",
+                                                            "prefill.py")):
+        return False
+    sys.path.insert(0, str(root))
+    return importlib.util.find_spec("benchmarks") is not None
+
+
+def out_problem(path: Path, *, must_exist: bool) -> str | None:
+    """Why ``path`` cannot take a benchmark's JSON (or, ``must_exist``, be read and have its
+    plot written beside it), or ``None``. Tried before a run, not after it."""
+    if must_exist and not path.is_file():
+        return "no such file (--plot-only redraws the plot of an existing JSON)"
+    if path.is_dir():
+        return "is a folder (expected a JSON file path)"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder" if folder.exists() else f"folder {folder} does not exist"
+    if must_exist and not os.access(path, os.R_OK):
+        return "cannot be read"
+    try:  # the one reliable test of writing there (permissions, read-only file systems)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror or exc})"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "cannot be written"
+    return None
 
 
 def _require(module: str, what: str, extra: str) -> None:

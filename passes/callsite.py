@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,16 +160,19 @@ class CallSite:
     def target(self) -> Any:
         return self.node.target if self.form == DIRECT else self.node.args[0]
 
-    def retarget(self, overload: Any) -> None:
-        """Call ``overload`` (same schema) instead of the current op."""
+    def retarget(self, overload: Any, **extra: Any) -> None:
+        """Call ``overload`` (the op's schema, plus the arguments ``extra`` gives constant
+        values of) instead of the current op."""
         if self.form == DIRECT:
+            self.node.args, self.node.kwargs = (), {**self._direct_args(), **extra}
             self.node.target = overload
             return
         self.node.args = (overload, *self.node.args[1:])
+        self.node.kwargs = {**self.node.kwargs, **extra}
         recorded = self.node.meta.get("eager_input_vals")
         if recorded is not None:
             args, kwargs = recorded
-            self.node.meta["eager_input_vals"] = ((overload, *args[1:]), kwargs)
+            self.node.meta["eager_input_vals"] = ((overload, *args[1:]), {**kwargs, **extra})
 
     def _eager_update(self, name: str, value: Any) -> None:
         # Inductor re-traces auto_functionalized nodes from the argument values recorded
@@ -192,6 +196,27 @@ class CallSite:
                     base_val, kw["slice_dim"], kw["slice_start"], kw["slice_end"]
                 )
         return base_val  # the base itself, or an alias of it
+
+
+def module_path(node: fx.Node) -> str:
+    """The path of the innermost module whose call made ``node`` (``model.layers.3.mixer``),
+    or ``""`` when no module call encloses it (a plain function, the compiled module's own
+    forward, a method called directly rather than through ``__call__``).
+
+    TorchDynamo records each module called through ``__call__`` or ``forward`` in
+    ``node.meta["nn_module_stack"]`` (outermost first), as the source it reached it by,
+    e.g. ``L['self'].model.layers[3].mixer``; AOTAutograd and Inductor keep that entry on
+    the post-grad node. The compiled object itself, ``L['self']``, is left out of the path;
+    another root keeps its name (``G['model'].layers.0`` -> ``model.layers.0``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    source = str(list(stack.values())[-1][0])
+    root = re.match(r"""^[LG]\[(['"])(.*?)\1\]""", source)
+    if root is not None:
+        source = ("" if root[2] == "self" else root[2]) + source[root.end():]
+    source = re.sub(r"""\[(['"]?)([^\]'"]*)\1\]""", r".\2", source)  # [3], ['mixer'] -> .3
+    return source.strip(".")
 
 
 def _output_count(op: IrOp) -> int:

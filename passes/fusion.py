@@ -23,6 +23,7 @@ each into that member's place.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch import fx
 from mamba_ir.op import Decision
 from mamba_ir.priority import PrioritySpec
 
-from .callsite import CallSite, fake_mode_of, fake_value
+from .callsite import CallSite, fake_mode_of, fake_value, module_path
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -54,17 +55,27 @@ class Fusion:
     reason: str
     residual: bool = False
     decision: Decision | None = None
+    dst_args: tuple[str, ...] = ()  # the op's arguments the caller passed the copy's dst as
 
 
 def fuse_align_copies(
-    graph: fx.Graph, sites: list[CallSite], *, priority: PrioritySpec = None
+    graph: fx.Graph,
+    sites: list[CallSite],
+    *,
+    priority: PrioritySpec = None,
+    names: Mapping[fx.Node, str] | None = None,
 ) -> list[Fusion]:
     """Fold every foldable copy; ``priority`` orders the providers of the ops (as
-    :meth:`IrOp.decide` takes it)."""
+    :meth:`IrOp.decide` takes it). A reason naming another call site names it by
+    ``names`` (the report's site names; the FX node's name otherwise)."""
     by_node = {site.node: site for site in sites}
+
+    def name(node: fx.Node) -> str:
+        return _describe(node, names or {})
+
     outcomes = []
     for copy in [s for s in sites if s.op.name == COPY]:
-        op, reason = _partner(copy, by_node)
+        op, reason = _partner(copy, by_node, name)
         if op is None:
             outcomes.append(Fusion(copy, None, False, reason))
             continue
@@ -84,15 +95,32 @@ def fuse_align_copies(
             outcomes.append(Fusion(copy, op, False, why, decision=decision))
             continue
         residual = spec.bounds is not None and call[spec.bounds] is not None
+        dst = copy.arg("dst")
+        dst_args = tuple(n for n in dict.fromkeys((rows.read, rows.write)) if op.arg(n) is dst)
         _rewrite(graph, copy, op, residual)
         text = "fused: reads the copy's source rows"
         if residual:
             text += "; copy kept for empty sequences only"
-        outcomes.append(Fusion(copy, op, True, text, residual, decision))
+        outcomes.append(Fusion(copy, op, True, text, residual, decision, dst_args))
     return outcomes
 
 
-def _partner(copy: CallSite, by_node: dict[fx.Node, CallSite]) -> tuple[CallSite | None, str]:
+def _describe(node: fx.Node, names: Mapping[fx.Node, str]) -> str:
+    """A node as a reason names it: an IR call by its site, another op by what it calls
+    and where (the FX node's name means little to whoever reads the report)."""
+    if node in names:
+        return names[node]
+    if node.op == "output":
+        return "the graph's output"
+    if node.target is aten.copy_.default and node.args[0].op == "placeholder":
+        return "the write-back into the caller's tensor"
+    module = module_path(node)
+    return f"{node.target}" + (f" in {module}" if module else "")
+
+
+def _partner(
+    copy: CallSite, by_node: dict[fx.Node, CallSite], name: Callable[[fx.Node], str]
+) -> tuple[CallSite | None, str]:
     """The op that reads the copied rows next, or why there is none to fold into."""
     if not copy.functional:
         return None, "kept: graph is not functionalized"
@@ -102,32 +130,32 @@ def _partner(copy: CallSite, by_node: dict[fx.Node, CallSite]) -> tuple[CallSite
     if not users:
         return None, "kept: no op reads the copied state"
     if len(users) > 1:
-        names = ", ".join(u.name for u in users)
-        return None, f"kept: the copied state is used by several nodes ({names})"
+        users_text = ", ".join(name(u) for u in users)
+        return None, f"kept: the copied state is used by several nodes ({users_text})"
     op = by_node.get(users[0])
     if op is None or op.op.redirect is None:
-        return None, (f"kept: the copied state is next used by {users[0].name}, not an op "
+        return None, (f"kept: the copied state is next used by {name(users[0])}, not an op "
                       "declaring a src redirect (register_op(redirect=...))")
     rows = op.op.rows
     members = _members(op)
     if len(members) != len(copy_members):
         return None, (f"kept: the copy moves rows of {', '.join(copy_members)}, "
-                      f"{op.node.name}'s rows are {', '.join(members)}")
+                      f"{name(op.node)}'s rows are {', '.join(members)}")
     for theirs, mine in zip(copy_members, members, strict=True):
         out = copy.state_out(theirs)
         if out is None or list(out.users) != [op.node]:
             return None, f"kept: the copied {theirs} is used by another node"
         base, view = op.state_in(mine)
         if base is not out or view != copy.state_in(theirs)[1]:
-            return None, f"kept: {op.node.name} uses the copied {theirs} through another view"
+            return None, f"kept: {name(op.node)} uses the copied {theirs} through another view"
     dst = copy.arg("dst")
     read, write = op.arg(rows.read), op.arg(rows.write)
     if (read if read is not None else write) is not dst or (
         write if write is not None else read
     ) is not dst:
-        return None, f"kept: {op.node.name} does not read and write the copy's dst rows"
+        return None, f"kept: {name(op.node)} does not read and write the copy's dst rows"
     if op.arg(rows.pad) != copy.arg("pad_slot_id"):
-        return None, f"kept: {op.node.name} has another pad_slot_id"
+        return None, f"kept: {name(op.node)} has another pad_slot_id"
     return op, ""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,97 @@ def test_bench_small_model_on_gpu(tmp_path) -> None:
     rows = json.loads(path.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["compiled_us"] > 0 and r["roof_us"] > 0 for r in rows)
+
+
+# -- mistakes answered in one line ------------------------------------------------------------
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err.strip()
+
+
+def test_bad_out_path_is_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out, why in [
+        (tmp_path / "absent" / "e2e.json", f"folder {tmp_path / 'absent'} does not exist"),
+        (afile / "e2e.json", f"{afile} is not a folder"),
+        (tmp_path, "is a folder (expected a JSON file path)"),
+    ]:
+        # --device cpu passes the GPU check: the path is refused before anything runs
+        err = _one_line_error(capsys, ["bench", "--device", "cpu", "--out", str(out)])
+        assert err == f"mamba-ir bench: error: --out {out}: {why}"
+    err = _one_line_error(capsys, ["bench", "--plot-only", "--out", str(tmp_path / "no.json")])
+    assert err.startswith(f"mamba-ir bench: error: --out {tmp_path / 'no.json'}: no such file")
+
+
+def test_unwritable_out_folder_is_one_line(tmp_path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    def refuse(*args: object, **kwargs: object) -> None:  # root may write anywhere: pretend
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    err = _one_line_error(capsys, ["bench", "--device", "cpu", "--out", str(tmp_path / "x.json")])
+    assert err == (f"mamba-ir bench: error: --out {tmp_path / 'x.json'}: cannot write in "
+                   f"{tmp_path} (Permission denied)")
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("nosuch=triton", "entry 'nosuch=triton' names op 'nosuch', which is not declared"),
+        ("selective_state_update=bogus", "names provider 'bogus', which is not registered"),
+        ("selective_state_update:triton", "name an op with op=provider"),
+    ],
+)
+def test_bad_priority_variable_is_one_line(
+    value: str, words: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAMBA_IR_PRIORITY", value)
+    err = _one_line_error(capsys, ["ops", "--device", "cpu"])
+    assert err.startswith("mamba-ir ops: error: MAMBA_IR_PRIORITY: entry ")
+    assert words in err
+
+
+def test_reader_leaving_early_is_quiet() -> None:
+    """``mamba-ir ops | head -1``: the reader closes the pipe; the command stops with the
+    status of a process killed by SIGPIPE (128 + 13), nothing on stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "mamba_ir", "ops", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before anything is written: every write meets a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert err.decode() == ""
+
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("mamba-ir")
+
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="the mamba-ir script is not installed")
+def test_console_script_finds_a_clones_benchmarks(tmp_path) -> None:
+    """The installed script's sys.path starts at its own folder, not the working one: from
+    the root of a clone it finds benchmarks/ all the same; elsewhere it says what it needs."""
+    pytest.importorskip("matplotlib")
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps({"environment": {"device": "test", "date": "today"},
+                                "model": {"config": "bamba: test", "parameters": 1e9,
+                                          "dtype": "bfloat16", "context": 8},
+                                "rows": [{"batch": 1, "compiled_tok_s": 100.0,
+                                          "eager_tok_s": 10.0, "compiled_roof_share": 0.5,
+                                          "roof_tok_s": 200.0}]}))
+    argv = [str(CONSOLE_SCRIPT), "bench", "--plot-only", "--out", str(path)]
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert path.with_suffix(".png").stat().st_size > 0
+    elsewhere = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert elsewhere.returncode == 2
+    assert "needs the benchmarks/ folder of a clone" in elsewhere.stderr

@@ -144,6 +144,17 @@ def test_compiled_graphs_lower_every_site(served: dict) -> None:
     assert len([s for s in sites if s.op == "causal_conv1d_update"]) == n_mamba
     assert len([s for s in sites if s.op == "mamba_chunk_scan"]) == n_mamba
     assert all(s.provider == "native" for s in sites if s.provider is not None)
+    # sites are named by the mixer that made the call; its two copies stay apart
+    mixers = [f"model.layers.{i}.mixer" for i in served["model"].config.mamba_layers]
+    prefill = [s.site for s in sites if s.graph_name == "prefill"]
+    assert prefill == [f"{m}: {call}" for m in mixers for call in (
+        "copy_state_blocks#1", "causal_conv1d_fn", "copy_state_blocks#2", "mamba_chunk_scan")]
+    decode = [s.site for s in sites if s.graph_name == "decode"]
+    assert decode == [f"{m}: {op}" for m in mixers
+                      for op in ("causal_conv1d_update", "selective_state_update")]
+    folded = [s for s in sites if s.op == "copy_state_blocks"]
+    assert [s.fused_with for s in folded] == [f"{m}: {op}" for m in mixers
+                                              for op in ("causal_conv1d_fn", "mamba_chunk_scan")]
 
 
 def test_eager_engine_matches_compiled(served: dict) -> None:

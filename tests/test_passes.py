@@ -177,7 +177,16 @@ def test_four_ops_match_eager_and_report_every_site():
         ("copy_state_blocks", "native", True), ("causal_conv1d_fn", "native", True),
     ]
     assert "empty sequences" in report.sites[-1].fusion
-    assert report.sites[0].fused_with == report.sites[1].node
+    # a plain function has no module: its sites are the ops, numbered where one repeats
+    assert [s.site for s in report] == [
+        "copy_state_blocks#1", "causal_conv1d_update", "copy_state_blocks#2",
+        "selective_state_update", "copy_state_blocks#3", "causal_conv1d_fn",
+    ]
+    assert [s.module for s in report] == [""] * 6
+    assert report.sites[0].fused_with == report.sites[1].site
+    assert str(report.sites[0]) == (
+        "[decode_and_prefill] copy_state_blocks#1 folded into causal_conv1d_update, which "
+        "reads the copy's source rows")
 
 
 def test_lowering_picks_narrow_provider_exactly_where_it_applies(providers):

@@ -216,6 +216,64 @@ def test_checked_mode_asserts_index_rules_before_anything_is_written():
     assert torch.equal(S[6], before[6])
 
 
+class _Mixer(torch.nn.Module):
+    """One layer's decode step with its align-mode copy, called as a module (a named site)."""
+
+    def forward(self, S, src, dst, x, dt, A, B, C):
+        ops.copy_state_blocks(S, src, dst)
+        return ops.selective_state_update(S, x, dt, A, B, C, state_batch_indices=dst)
+
+
+class _Model(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixer = _Mixer()
+
+    def forward(self, *args):
+        return self.mixer(*args)
+
+
+FOLDED = "(at mixer: selective_state_update, copy_state_blocks folded in by align fusion)"
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "message"),
+    [
+        ([0, 9, 1], [4, 5, 6], "src of copy_state_blocks (its dst where src is the pad): "
+                               f"expected rows in [0, 8) or pad_slot_id=-1 {FOLDED}"),
+        ([0, 1, 2], [4, 5, 5], "dst of copy_state_blocks, given to selective_state_update as "
+                               f"state_batch_indices: expected distinct destination rows {FOLDED}"),
+        ([5, 1, 2], [4, 5, 6], "src of copy_state_blocks (its dst where src is the pad): "
+                               f"expected no source row that another entry writes {FOLDED}"),
+    ],
+)
+def test_checked_mode_names_the_arguments_the_user_passed(src, dst, message):
+    """Align fusion feeds the op indices it built from the copy's src and dst: a failed
+    check names those (the user's arguments) and the site, not the op's rewritten ones."""
+    t = _ssu()
+    args = (t["x"], t["dt"], t["A"], t["B"], t["C"])
+    checked = mamba_ir.compile(_Model(), validate=True, dynamic=False)
+    S = t["state"].clone()
+    checked(S, torch.tensor([0, 1, 2]), torch.tensor([4, 5, 6]), *args)
+    copy, ssu = checked.lowering_report
+    assert copy.folded and ssu.fused and ssu.site == "mixer: selective_state_update"
+    before = S.clone()
+    with pytest.raises(RuntimeError) as info:
+        checked(S, torch.tensor(src), torch.tensor(dst), *args)
+    assert str(info.value) == message
+    assert torch.equal(S, before)
+
+
+def test_checked_messages_fit_the_cuda_assertion():
+    """torch's CUDA assertion refuses messages of 255 characters or more, even when the
+    check passes: a long site name is cut short."""
+    with mamba_ir.checks.naming({"src": "s" * 300}, "at here"):
+        with pytest.raises(RuntimeError) as info:
+            mamba_ir.checks.assert_rows_in_range("src", torch.tensor([9]), 8, -1)
+    assert len(str(info.value)) == mamba_ir.checks.MAX_MESSAGE
+    assert str(info.value).startswith("sss") and str(info.value).endswith("...")
+
+
 @pytest.mark.parametrize("name", ["causal_conv1d_update", "causal_conv1d_fn", "copy_state_blocks"])
 def test_device_checks_of_the_other_ops(name):
     op = get_op(name)

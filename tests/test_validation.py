@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mamba_ir import ops
+from mamba_ir import REGISTRY, get_op, ops, set_priority
 
 
 def ssu_args():
@@ -114,7 +114,30 @@ CASES = [
         "offsets from 0 to 3",
     ),
     ("causal_conv1d_update", conv_update_args, _set(x=torch.randn(2, 6)), "x", "channels"),
-    ("causal_conv1d_update", conv_update_args, _set(weight=torch.randn(5, 5)), "weight", "width"),
+    ("causal_conv1d_update", conv_update_args, _set(weight=torch.randn(5, 1)), "weight", "width"),
+    ("causal_conv1d_update", conv_update_args, _set(weight=torch.randn(6, 4)), "weight", "(5,"),
+    # a state narrower than the weight's window: the state is what is too small
+    (
+        "causal_conv1d_update",
+        conv_update_args,
+        _set(conv_state=torch.randn(4, 5, 2)),
+        "conv_state",
+        "at least 3 columns",
+    ),
+    (
+        "causal_conv1d_update",
+        conv_update_args,
+        _set(weight=torch.randn(5, 5)),
+        "conv_state",
+        "at least 4 columns",
+    ),
+    (
+        "causal_conv1d_update",
+        conv_update_args,
+        _set(x=torch.randn(2, 5, 2), num_accepted_tokens=torch.tensor([1, 2])),
+        "conv_state",
+        "at least 4 columns",
+    ),
     (
         "causal_conv1d_update",
         conv_update_args,
@@ -195,3 +218,31 @@ def test_valid_calls_pass():
     ops.causal_conv1d_update(**conv_update_args())
     ops.causal_conv1d_fn(**conv_fn_args())
     ops.copy_state_blocks(**copy_args())
+
+
+OUT_OPS = sorted(name for name, op in REGISTRY.items() if "out" in op.signature.parameters)
+
+
+def test_every_op_with_out_is_covered():
+    assert OUT_OPS == ["mamba_chunk_scan", "selective_scan", "selective_state_update"]
+
+
+@pytest.mark.parametrize("via", ["ops", "torch.ops", "triton"])
+@pytest.mark.parametrize("name", OUT_OPS)
+def test_out_of_another_dtype_is_refused_before_anything_is_written(name, via):
+    """Whichever provider would serve the call, and through either entry point, an `out`
+    whose dtype is not its input's is refused naming `out`; no state or output changes."""
+    op = get_op(name)
+    call = op.bind(**op.example(torch.device("cpu"), torch.float32))
+    source = "u" if "u" in call else "x"
+    call["out"] = torch.full(call[source].shape, 7.0, dtype=torch.bfloat16)
+    before = {k: call[k].clone() for k in op.mutates_args}
+    with pytest.raises(ValueError) as info, set_priority(["triton"] if via == "triton" else []):
+        if via == "torch.ops":
+            getattr(torch.ops.mamba_ir, name)(**call)
+        else:
+            getattr(ops, name)(**call)
+    assert str(info.value).startswith(f"out: expected dtype float32 (that of {source}), got "), (
+        str(info.value))
+    for k, value in before.items():
+        assert torch.equal(call[k], value), f"{k} changed by a rejected call"

@@ -98,6 +98,18 @@ class Mamba2Mixer(nn.Module):
     def _finish(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.norm(y.flatten(-2), z).to(z.dtype))
 
+    def forward(
+        self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+        *step: torch.Tensor | int, prefill: bool,
+    ) -> torch.Tensor:
+        """:meth:`prefill` or :meth:`decode` (``step``: their arguments after the states).
+
+        The decoder calls the mixer as a module, not its methods: TorchDynamo records the
+        path of a module called so (``model.layers.3.mixer``) on the ops it calls, and the
+        lowering report names call sites by it."""
+        run = self.prefill if prefill else self.decode
+        return run(hidden, conv_state, ssm_state, *step)
+
     def prefill(
         self,
         hidden: torch.Tensor,

@@ -128,13 +128,15 @@ def _check(call: dict) -> None:
             "x", f"channels {dim} in dim 1 ((batch, dim[, T]) or (tokens, dim))", tuple(x.shape)
         )
     weight = checks.tensor(call, "weight", ndim=2)
-    if weight.shape[0] != dim or weight.shape[1] < 2 or weight.shape[1] - 1 > state_len:
-        checks.fail(
-            "weight",
-            f"shape ({dim}, width) with 2 <= width <= {state_len + 1}",
-            tuple(weight.shape),
-        )
+    if weight.shape[0] != dim or weight.shape[1] < 2:
+        checks.fail("weight", f"shape ({dim}, width >= 2)", tuple(weight.shape))
     width = weight.shape[1]
+    if width - 1 > state_len:  # the window of a weight this wide does not fit the state
+        checks.fail(
+            "conv_state",
+            f"at least {width - 1} columns (the width-1 window of weight's width {width})",
+            tuple(state.shape),
+        )
     checks.tensor(call, "bias", shape=(dim,), optional=True)
     checks.activation(call)
     qsl = checks.index(call, "query_start_loc")

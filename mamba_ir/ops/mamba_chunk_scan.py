@@ -129,6 +129,7 @@ def _check(call: dict) -> None:
     for name in ("z", "out"):
         checks.tensor(call, name, shape=x.shape, optional=True)
     if call["out"] is not None:
+        checks.same_dtype(call, "out", "x")
         checks.writable(call, "out")
     d = checks.tensor(call, "D", ndim=(1, 2), optional=True)
     if d is not None and tuple(d.shape) not in ((nheads,), (nheads, dim)):

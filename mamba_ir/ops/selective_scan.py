@@ -138,6 +138,7 @@ def _check(call: dict) -> None:
     for name in ("z", "out"):
         checks.tensor(call, name, shape=u.shape, optional=True)
     if call["out"] is not None:
+        checks.same_dtype(call, "out", "u")
         checks.writable(call, "out")
 
     if call["query_start_loc"] is None:

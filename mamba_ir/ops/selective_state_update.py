@@ -137,6 +137,7 @@ def _check(call: dict) -> None:
     for name in ("z", "out"):
         checks.tensor(call, name, shape=x.shape, optional=True)
     if call["out"] is not None:
+        checks.same_dtype(call, "out", "x")
         checks.writable(call, "out")
     checks.tensor(call, "A", shape=(*heads, dim, dstate))
     for name in ("D", "dt_bias"):
