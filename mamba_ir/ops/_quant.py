@@ -7,7 +7,8 @@ The native definition, which every provider matches:
 - a block's scale is its absolute maximum over ``QMAX`` of the dtype (the largest value
   it holds: 32767, 127, 448); values are stored as ``h * (QMAX / absmax)`` rounded to
   nearest, ties to even, clamped to ``[-QMAX, QMAX]``, and read as ``q * scale``;
-- an all-zero block has scale 0 and stores zeros;
+- an all-zero block has scale 0 and stores zeros, and so does a block whose scale would
+  not be a normal float32 (absmax below ``QMAX * 2**-126``);
 - a block holding inf or NaN stores zeros under a NaN scale, so it reads as NaN: a
   non-finite state stays non-finite, as in a float state.
 """
@@ -30,8 +31,10 @@ def quantize(h: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     qmax = QMAX[dtype]
     absmax = h.abs().amax(-1)
     finite = absmax.isfinite()
-    scale = torch.where(finite, absmax / qmax, torch.nan)
-    inverse = torch.where(finite & (absmax > 0), qmax / absmax, 0.0)
+    # a block too small for a normal float32 scale (all zero included) stores zeros
+    zero = absmax < qmax * torch.finfo(torch.float32).tiny
+    scale = torch.where(finite, torch.where(zero, 0.0, absmax / qmax), torch.nan)
+    inverse = torch.where(finite & ~zero, qmax / absmax, 0.0)
     v = torch.where(finite[..., None], h * inverse[..., None], 0.0)
     if not dtype.is_floating_point:
         v = v.round()  # half to even
