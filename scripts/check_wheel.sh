@@ -35,6 +35,19 @@ for entry in "$SITE_DEV"/*; do
     esac
 done
 echo "$WORK/shared" > "$SITE_NEW/_shared_dependencies.pth"
+# and the folders the development environment's .pth files put on its path (a virtual
+# environment whose packages live in another folder), unless mamba_ir is found there
+"$PY" - "$SITE_DEV" >> "$SITE_NEW/_shared_dependencies.pth" <<'PYEOF'
+import os
+import subprocess
+import sys
+bare = subprocess.run([sys.executable, "-S", "-c", "import sys; print(*sys.path, sep=chr(10))"],
+                      capture_output=True, text=True, check=True).stdout.splitlines()
+for entry in sys.path[1:]:
+    if (entry not in bare and entry != sys.argv[1] and os.path.isdir(entry)
+            and not os.path.exists(os.path.join(entry, "mamba_ir"))):
+        print(entry)
+PYEOF
 "$WORK/venv/bin/python" -m pip install -q --no-index --find-links "$WORK/dist" \
     "mamba-ir[testing,hf]"
 

@@ -13,6 +13,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 import mamba_ir
 
@@ -27,7 +30,7 @@ SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
 DISTRIBUTIONS = {
     "torch": "torch", "numpy": "numpy", "tqdm": "tqdm", "hypothesis": "hypothesis",
     "safetensors": "safetensors", "transformers": "transformers", "triton": "triton",
-    "flashinfer": "flashinfer-python", "matplotlib": "matplotlib",
+    "flashinfer": "flashinfer-python", "matplotlib": "matplotlib", "packaging": "packaging",
 }
 
 
@@ -105,6 +108,33 @@ def test_license_typed_version_changelog() -> None:
     assert mamba_ir.__version__ == version("mamba-ir") == PROJECT["version"]
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert f"## [{PROJECT['version']}]" in changelog
+
+
+def _transformers(extra: str) -> Requirement:
+    found = [Requirement(r) for r in PROJECT["optional-dependencies"][extra]
+             if _name(r) == "transformers"]
+    assert len(found) == 1, f"[{extra}] names transformers {len(found)} times"
+    return found[0]
+
+
+def test_dev_tests_the_transformers_hf_allows() -> None:
+    """``make test`` (the dev extra) installs a transformers that the hf extra allows, and
+    the integration accepts exactly the hf extra's range."""
+    from mamba_ir.integrations.transformers import SUPPORTED_TRANSFORMERS
+
+    hf = _transformers("hf")
+    assert _transformers("dev") == hf
+    assert hf.specifier == SpecifierSet(SUPPORTED_TRANSFORMERS)
+
+
+def test_the_oldest_transformers_tested_is_the_lower_bound() -> None:
+    """``make test-hf-oldest`` runs the transformers tests on the hf extra's lower bound."""
+    makefile = (ROOT / "Makefile").read_text()
+    oldest = re.search(r"^HF_OLDEST\s*\?=\s*(\S+)\s*$", makefile, re.MULTILINE)
+    assert oldest, "the Makefile sets HF_OLDEST"
+    lower = [s.version for s in _transformers("hf").specifier if s.operator == ">="]
+    assert [Version(v) for v in lower] == [Version(oldest.group(1))]
+    assert "make test-hf-oldest" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_ci_runs_the_wheel_check() -> None:

@@ -18,11 +18,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_transformers_patch import (  # noqa: E402
-    VOCAB,
+    cache_arg,
+    cache_of,
     mamba2,
     padded_batch,
     pair,
     record_reorders,
+    six_rows,
 )
 from torch._dynamo.utils import counters  # noqa: E402
 
@@ -49,7 +51,8 @@ def decode(model, ids, mask, cache):
     for i in range(2):
         full = torch.ones(ids.shape[0], mask.shape[1] + i + 1, dtype=mask.dtype)
         full[:, :mask.shape[1]] = mask
-        out = model(ids[:, i:i + 1], attention_mask=full, cache_params=cache, use_cache=True)
+        out = model(ids[:, i:i + 1], attention_mask=full, use_cache=True,
+                    **{cache_arg(model): cache})
         logits.append(out.logits)
     return logits
 
@@ -71,11 +74,7 @@ def test_generate_on_the_compiled_forward_greedy_and_beam_search(monkeypatch):
     model.forward = torch.compile(model.forward)
     reorders = record_reorders(monkeypatch)
 
-    # six rows: the shape beam search over three prompts with two beams runs
-    torch.manual_seed(2)
-    ids6 = torch.randint(3, VOCAB, (6, 11))
-    mask6 = torch.ones_like(ids6)
-    mask6[1, :5], mask6[4, :2] = 0, 0
+    ids6, mask6 = six_rows()
     greedy = dict(attention_mask=mask6, max_new_tokens=5, pad_token_id=0, do_sample=False,
                   output_logits=True, return_dict_in_generate=True)
     got, want = model.generate(ids6, **greedy), eager.generate(ids6, **greedy)
@@ -84,7 +83,7 @@ def test_generate_on_the_compiled_forward_greedy_and_beam_search(monkeypatch):
     assert len(got.logits) == 5  # the prefill's last position, then 4 decode steps
     for g, w in zip(got.logits, want.logits, strict=True):
         torch.testing.assert_close(g, w, **TIGHT)
-    assert_same_states(got.past_key_values, want.past_key_values)
+    assert_same_states(cache_of(got), cache_of(want))
     assert counters["stats"]["unique_graphs"] == 2
 
     ids, mask = padded_batch()
@@ -111,7 +110,7 @@ def test_dynamic_true_on_transformers_conv_window():
     compiled = torch.compile(model, dynamic=True)
     results = []
     for m in (model, compiled, ref):
-        cache = ref(ids, attention_mask=mask, use_cache=True).cache_params  # transformers' layout
+        cache = cache_of(ref(ids, attention_mask=mask, use_cache=True))  # transformers' layout
         assert cache.layers[0].conv_states[0].shape[-1] == 4  # d_conv columns
         results.append((decode(m, ids, mask, cache), cache))
     (want, want_cache), (got, got_cache), (theirs, _) = results

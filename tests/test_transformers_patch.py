@@ -2,15 +2,21 @@
 
 Each supported family as a tiny random-init model: the patched copy must give transformers'
 logits (1e-4) with and without a cache, continuing a cache over several tokens, and the same
-``generate()`` tokens, greedy, sampled and beam search, on a left-padded batch. The ops must
-run on the cache's own tensors. One compiled ``generate()`` (Mamba2: no attention, so one
-decode graph) keeps CI time low; plain ``torch.compile`` is tested in
-test_transformers_compile.py.
+``generate()`` tokens, greedy, sampled and beam search, on a left-padded batch, leaving the
+cache layers as transformers' own forward leaves them (states and bookkeeping). The ops must
+run on the cache's own tensors. ``patch`` refuses a transformers version outside its range
+and a mixer class whose own forward it does not reproduce. Compiled ``generate()``
+(``mamba_ir.compile``) on Mamba2 and Bamba keeps CI time low with few graphs; plain
+``torch.compile`` is tested in test_transformers_compile.py. These tests run on the newest
+supported transformers (``make test``) and on the oldest (``make test-hf-oldest``).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import re
+from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
@@ -95,11 +101,56 @@ def padded_batch():
     return ids.masked_fill(mask == 0, 0), mask
 
 
+def cache_of(out):
+    """The cache an output returns (transformers >= 5.24 names it ``cache``; earlier
+    ``past_key_values``, or Mamba2's ``cache_params``)."""
+    return next(out[name] for name in ("cache", "past_key_values", "cache_params") if name in out)
+
+
+def cache_arg(model) -> str:
+    """The name under which ``model``'s forward takes a cache, in this version."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper takes *args
+    params = inspect.signature(type(model).forward).parameters
+    return next(name for name in ("cache", "past_key_values", "cache_params") if name in params)
+
+
 def cache_kwargs(model, out) -> dict:
-    """Continue from ``out``'s cache (Mamba2 names it ``cache_params``)."""
-    if isinstance(model, transformers.Mamba2ForCausalLM):
-        return {"cache_params": out.cache_params, "use_cache": True}
-    return {"past_key_values": out.past_key_values}
+    """Continue from ``out``'s cache."""
+    return {cache_arg(model): cache_of(out), "use_cache": True}
+
+
+def assert_same_cache(got, want) -> None:
+    """Every Mamba layer of ``got`` holds ``want``'s states (the conv the window it reads)
+    and the same bookkeeping (``has_previous_state``, token counts, sizes, dtypes)."""
+    for layer, other in zip(got.layers, want.layers, strict=True):
+        if not isinstance(layer, transformers.cache_utils.LinearAttentionCacheLayerMixin):
+            continue
+        mine, theirs = vars(layer), vars(other)
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            if key == "conv_states":  # the conv reads the last d_conv - 1 columns
+                window = layer.conv_kernel_size[0] - 1
+                assert mine[key][0].shape == value[0].shape
+                torch.testing.assert_close(mine[key][0][..., -window:], value[0][..., -window:],
+                                           atol=1e-4, rtol=0)
+            elif isinstance(value, torch.Tensor) and value.is_floating_point():
+                torch.testing.assert_close(mine[key], value, atol=1e-4, rtol=0)
+            elif key == "recurrent_states":
+                torch.testing.assert_close(mine[key][0], value[0], atol=1e-4, rtol=0)
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(mine[key], value), key
+            else:
+                assert mine[key] == value, key
+    assert seq_length(got) == seq_length(want)
+
+
+def seq_length(cache) -> int | str:
+    """What ``generate()`` reads as the cache's length (transformers < 5.25 refuses to say
+    for a cache of Mamba layers only)."""
+    try:
+        return int(cache.get_seq_length())
+    except ValueError as error:
+        return str(error)
 
 
 def record_reorders(monkeypatch) -> list[list[int]]:
@@ -151,31 +202,25 @@ def test_logits_match_transformers(family, monkeypatch):
         more = m(ids[:, 6:], attention_mask=mask, **cache_kwargs(m, out))
         step = m(ids[:, :1], attention_mask=torch.ones(3, 12, dtype=torch.long),
                  **cache_kwargs(m, more))
-        caches.append((more.logits, step.logits, cache_kwargs(m, step)))
+        caches.append((more.logits, step.logits, step))
     for got, want in zip(caches[1][:2], caches[0][:2], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert "causal_conv1d_update" in calls and "selective_state_update" in calls
 
-    # the same states, in the same cache layers (the conv keeps only the window it reads)
-    got_cache, want_cache = (next(iter(c[2].values())) for c in (caches[1], caches[0]))
-    for layer, want in zip(got_cache.layers, want_cache.layers, strict=True):
-        if not isinstance(layer, transformers.cache_utils.LinearAttentionCacheLayerMixin):
-            continue
-        torch.testing.assert_close(layer.recurrent_states[0], want.recurrent_states[0],
-                                   atol=1e-4, rtol=0)
-        window = layer.conv_states[0].shape[-1]
-        torch.testing.assert_close(layer.conv_states[0], want.conv_states[0][..., -window:])
+    # the same states and bookkeeping, in the same cache layers
+    assert_same_cache(cache_of(caches[1][2]), cache_of(caches[0][2]))
 
 
 @torch.no_grad()
 def test_decode_updates_the_cache_tensors_in_place():
     _, model = pair(bamba)
     ids, mask = padded_batch()
-    cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    cache = cache_of(model(ids, attention_mask=mask, use_cache=True))
     layer = cache.layers[0]
     conv, ssm = layer.conv_states[0], layer.recurrent_states[0]
     before = ssm.clone()
-    model(ids[:, :1], attention_mask=torch.ones(3, 12, dtype=torch.long), past_key_values=cache)
+    model(ids[:, :1], attention_mask=torch.ones(3, 12, dtype=torch.long),
+          **{cache_arg(model): cache})
     assert layer.conv_states[0] is conv and layer.recurrent_states[0] is ssm
     assert not torch.equal(ssm, before)
 
@@ -267,19 +312,41 @@ def test_prefill_on_the_multi_token_ssu():
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, atol=1e-4, rtol=0)
 
 
-def test_compiled_generate_matches_transformers():
-    ref, model = pair(lambda: mamba2(layers=1))
-    ids, mask = padded_batch()
+def six_rows():
+    """Six left-padded prompts: the batch beam search over three prompts with two beams
+    runs, so greedy decoding and beam search share compiled graphs."""
+    torch.manual_seed(2)
+    ids = torch.randint(3, VOCAB, (6, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :5], mask[4, :2] = 0, 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("family", ["mamba2", "bamba"])
+def test_compiled_generate_matches_transformers(family):
+    """``mamba_ir.compile(model.forward)``: greedy decoding and beam search give
+    transformers' tokens on left-padded batches; the prefill graph runs the conv and the
+    chunked scan, the decode graph the conv and SSM update steps (a hybrid model compiles
+    its decode step once more, when the attention KV length turns dynamic)."""
+    ref, model = pair(lambda: mamba2(layers=1) if family == "mamba2" else bamba())
     model.forward = mamba_ir.compile(model.forward)
-    kwargs = dict(attention_mask=mask, max_new_tokens=3, pad_token_id=0, do_sample=False)
+    ids6, mask6 = six_rows()
+    ids, mask = padded_batch()
+    greedy = dict(attention_mask=mask6, max_new_tokens=3, pad_token_id=0, do_sample=False)
+    beams = dict(attention_mask=mask, max_new_tokens=3, pad_token_id=0, do_sample=False,
+                 num_beams=2, num_return_sequences=2)
     # compiled here, not read from a cache an older build of the passes filled
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
-        tokens = model.generate(ids, **kwargs)
-    assert torch.equal(tokens, ref.generate(ids, **kwargs))
-    sites = {(site.op, site.provider) for site in model.forward.lowering_report.sites}
-    assert sites == {(op, "native") for op in ("causal_conv1d_fn", "mamba_chunk_scan",
-                                               "causal_conv1d_update", "selective_state_update")}
+        assert torch.equal(model.generate(ids6, **greedy), ref.generate(ids6, **greedy))
+        assert torch.equal(model.generate(ids, **beams), ref.generate(ids, **beams))
+    graphs = defaultdict(set)
+    for site in model.forward.lowering_report.sites:
+        graphs[site.graph].add((site.op, site.provider))
+    prefill = {(op, "native") for op in ("causal_conv1d_fn", "mamba_chunk_scan")}
+    decode = {(op, "native") for op in ("causal_conv1d_update", "selective_state_update")}
+    assert prefill in graphs.values() and decode in graphs.values()
+    assert all(sites in (prefill, decode) for sites in graphs.values())
 
 
 def test_patch_is_idempotent_and_keeps_training_on_transformers():
@@ -310,6 +377,99 @@ def test_refusals():
     with pytest.raises(ValueError, match="layers.1.mixer uses activation 'gelu'"):
         hf.patch(model)
     assert not hf.is_patched(model.backbone.layers[0].mixer)  # nothing changed
+
+
+@pytest.fixture
+def fresh_verdicts():
+    """Tests that change what the check sees: no verdict from before, none left behind."""
+    hf._verdict.cache_clear()
+    yield
+    hf._verdict.cache_clear()
+
+
+def test_refuses_a_mixer_that_computes_something_else(monkeypatch, fresh_verdicts):
+    """A mixer class whose own forward the patched one does not reproduce (here: its output
+    scaled) is refused, naming the class, the version and what disagreed, and nothing in
+    the model changes."""
+    from transformers.models.bamba.modeling_bamba import BambaMixer
+
+    forward = BambaMixer.forward
+    monkeypatch.setattr(BambaMixer, "forward", lambda self, *a, **k: 2 * forward(self, *a, **k))
+    torch.manual_seed(0)
+    model = bamba().eval()
+    version = re.escape(transformers.__version__)
+    with pytest.raises(ValueError, match=(
+            rf"^model: the patched BambaMixer disagrees with BambaMixer's own forward under "
+            rf"transformers {version} \(a tiny float32 instance on the CPU\): the output "
+            r"differs by up to [0-9.e-]+ \(its largest value [0-9.e-]+\), in the prefill "
+            r"without a cache \(prefill_op='mamba_chunk_scan'\); nothing was patched$")):
+        hf.patch(model)
+    assert not any(hf.is_patched(m) for m in model.modules())
+
+
+def test_refuses_a_cache_kept_otherwise(monkeypatch, fresh_verdicts):
+    """The cache's bookkeeping counts as much as the outputs: a patched forward that leaves
+    ``has_previous_state`` unset (the next call would start from zero state) is refused."""
+    start = hf._start
+
+    def forgetful(layer, *args):
+        start(layer, *args)
+        layer.has_previous_state[0] = False
+
+    monkeypatch.setattr(hf, "_start", forgetful)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=(
+            r"the patched Mamba2Mixer disagrees .*: cache layer 0's has_previous_state\[0\] "
+            r"is False where its own forward's is True, in the prefill of a left-padded batch")):
+        hf.patch(mamba2())
+
+
+@pytest.mark.parametrize("version", ["5.22.2", "5.26.0", "5.26.0.dev0", "6.0.0", "not a version"])
+def test_refuses_transformers_outside_its_range(monkeypatch, version):
+    monkeypatch.setattr(hf, "_installed_transformers", lambda: version)
+    torch.manual_seed(0)
+    model = mamba2()
+    with pytest.raises(ValueError, match=(
+            rf"^model: transformers {re.escape(version)} is installed; patch\(\) supports "
+            r"transformers >=5\.23,<5\.26, whose mixer forwards and cache bookkeeping it "
+            r"reproduces")):
+        hf.patch(model)
+    assert not any(hf.is_patched(m) for m in model.modules())
+
+
+def test_each_mixer_class_is_checked_once_and_the_caller_keeps_its_random_stream(
+        monkeypatch, fresh_verdicts):
+    checked = []
+    check = hf._check_class
+    monkeypatch.setattr(hf, "_check_class", lambda cls, *a: checked.append(cls) or check(cls, *a))
+    torch.manual_seed(0)
+    models = [mamba2(layers=4), mamba2(layers=2)]
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    for model in models:
+        hf.patch(model)
+    assert torch.equal(torch.rand(4), want)
+    assert checked == [type(models[0].backbone.layers[0].mixer)]
+    assert all(hf.is_patched(layer.mixer) for m in models for layer in m.backbone.layers)
+
+
+@torch.no_grad()
+def test_the_patched_mixer_takes_the_cache_by_either_name():
+    """transformers 5.24 renamed the mixers' ``cache_params`` to ``cache``; the patched
+    forward takes either, and refuses two different caches."""
+    ref, model = pair(bamba)
+    mixer = model.model.layers[0].mamba
+    x = torch.randn(3, 5, 32)
+    outs = []
+    for name in ("cache", "cache_params"):
+        cache = transformers.DynamicCache(config=model.config)
+        outs.append((mixer(x, **{name: cache}), mixer(x[:, :1], **{name: cache})))
+    for got, want in zip(*outs, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    caches = [transformers.DynamicCache(config=model.config) for _ in range(2)]
+    with pytest.raises(ValueError, match="cache_params: expected the cache once"):
+        mixer(x, cache=caches[0], cache_params=caches[1])
 
 
 def test_generate_benchmark_runs_at_a_tiny_size(tmp_path):
