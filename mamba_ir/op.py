@@ -106,6 +106,12 @@ class RowSpec:
     checkpoints: str | None = None  # an index argument of extra rows written (align mode)
     pad: str = "pad_slot_id"
 
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The arguments whose rows the indices name: row ``r`` of the state is row ``r``
+        of each (what reads a row reads it through here, not through ``state``)."""
+        return (self.state,)
+
     def destination_name(self, call: dict[str, Any]) -> str:
         """The argument(s) a row-rule failure of destination rows names."""
         name = self.write if call[self.write] is not None else self.read

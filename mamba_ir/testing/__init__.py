@@ -5,6 +5,7 @@
 """
 
 from .check import assert_matches_native, check_impl, touched_rows
+from .describe import describe_call, describe_tensor
 from .strategies import SMALL, Sizes, assign_rows, calls
 from .tolerances import TOLERANCES, tolerance
 
@@ -16,6 +17,8 @@ __all__ = [
     "assign_rows",
     "calls",
     "check_impl",
+    "describe_call",
+    "describe_tensor",
     "tolerance",
     "touched_rows",
 ]

@@ -10,14 +10,21 @@ on identical copies and asserts that
   before the run, so a provider that reads them produces NaN and fails;
 - every output element is written: outputs start as NaN.
 
+A failure names the op, the provider, the result that disagreed, the errors and where, and
+the call's layout (:func:`describe_call`); a NaN is traced to the unaddressed row it came
+from, or to output elements left unwritten.
+
 :func:`check_impl` drives that over hypothesis-generated argument sets, keeping those the
 provider's predicate accepts.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -25,17 +32,30 @@ from hypothesis.errors import Unsatisfiable
 from hypothesis.strategies import SearchStrategy
 
 from ..op import IrOp, get_op
+from .describe import describe_call
 from .strategies import SMALL, Sizes, calls
 from .tolerances import tolerance
 
+# What a row of the state may not be, to be filled with when the call does not address it
+POISON = float("nan")
+# Unwritten output elements hold this after a run whose outputs start as it: exact in
+# every float dtype, and no result the strategies' values make
+UNWRITTEN = 1024.0
+# Unaddressed rows poisoned one at a time to find the one a provider read
+MAX_SUSPECTS = 64
+
 
 def touched_rows(op: IrOp | str, call: dict[str, Any]) -> tuple[set[int], set[int]]:
-    """The state rows (of ``op.rows.state``) a valid bound call reads and writes, pads
-    excluded: what the op's row spec says."""
-    op = get_op(op) if isinstance(op, str) else op
+    """The state rows (of the tensors ``op.rows`` names) a valid bound call reads and
+    writes, pads excluded: what the op's row spec says."""
+    op = _as_op(op)
     rows = op.rows_of(call)
     pad = call[op.rows.pad]
     return rows.read_rows(pad), rows.written_rows(pad)
+
+
+def _as_op(op: IrOp | str) -> IrOp:
+    return get_op(op) if isinstance(op, str) else op
 
 
 def _clone(call: dict[str, Any]) -> dict[str, Any]:
@@ -53,58 +73,278 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device).copy_(t.reshape(-1))
-    return flat.view(torch.uint8)
+    """Each element's bytes, one row each: compared as bits, NaN equals itself."""
+    flat = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+    return flat.reshape(-1, 1).view(torch.uint8)
+
+
+def _at(index: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, index)) + ")"
+
+
+def _unravel(flat: int, shape: torch.Size, rows: list[int] | None) -> tuple[int, ...]:
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    index.reverse()
+    if rows is not None:  # the result holds the listed rows of a state: name the row
+        index[0] = rows[index[0]]
+    return tuple(index)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The rows of the state tensors (``op.rows.tensors``) one call reads, writes and
+    leaves alone, and the values the unaddressed ones held before they were poisoned."""
+
+    tensors: tuple[str, ...]
+    pad: int
+    read: frozenset[int]
+    written: tuple[int, ...]
+    unwritten: list[int]
+    unaddressed: tuple[int, ...]
+    original: dict[str, torch.Tensor]  # per tensor, its unaddressed rows as they were
+
+    @classmethod
+    def of(cls, op: IrOp, call: dict[str, Any]) -> _Rows:
+        if op.rows is None:
+            return cls((), 0, frozenset(), (), [], (), {})
+        read, written = touched_rows(op, call)
+        tensors = op.rows.tensors
+        slots = range(call[tensors[0]].shape[0])
+        alone = tuple(r for r in slots if r not in read | written)
+        original = {name: call[name][list(alone)].clone() for name in tensors}
+        return cls(tensors, call[op.rows.pad], frozenset(read), tuple(sorted(written)),
+                   [r for r in slots if r not in written], alone, original)
+
+    def poison(self, call: dict[str, Any], rows: tuple[int, ...] | None = None) -> None:
+        """NaN into ``rows`` (default: every unaddressed row) of each state tensor, the
+        other unaddressed rows back to their values."""
+        if not self.unaddressed:
+            return
+        rows = self.unaddressed if rows is None else rows
+        for name in self.tensors:
+            state = call[name]
+            state[list(self.unaddressed)] = self.original[name]
+            if rows:
+                state[list(rows)] = POISON
+
+    def role(self, row: int, pad_name: str) -> str:
+        """What ``row`` is to the call, for a message."""
+        if row in self.read:
+            return "a source row the call reads"
+        if row == self.pad:
+            return f"the pad row, {pad_name}={self.pad}"
+        return "a row the call does not address, NaN before the call"
+
+
+@dataclass(frozen=True)
+class _Result:
+    """One result compared with native: a state's written rows, an output, the return."""
+
+    label: str
+    take: Callable[[dict[str, Any], Any], torch.Tensor]  # from a run's call and return
+    rows: list[int] | None = None  # index 0 of ``take``'s tensor: these rows of a state
+
+
+def _results(op: IrOp, rows: _Rows, returned: Any) -> list[_Result]:
+    out = []
+    for name in rows.tensors:
+        if rows.written:
+            idx = list(rows.written)
+            out.append(_Result(f"{name} (written rows {idx})",
+                               lambda c, _, n=name, i=idx: c[n][i], idx))
+    out += [_Result(name, lambda c, _, n=name: c[n]) for name in op.allocate]
+    if isinstance(returned, torch.Tensor):
+        out.append(_Result("the returned tensor", lambda _, r: r))
+    return out
+
+
+def _run(fn: Callable[..., Any], call: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    run = _clone(call)
+    return run, fn(**run)
+
+
+@dataclass(frozen=True)
+class _Gap:
+    """How a result differs from native's."""
+
+    bad: int
+    total: int
+    abs_err: float
+    abs_at: tuple[int, ...]
+    rel_err: float
+    rel_at: tuple[int, ...]
+    first_at: tuple[int, ...]
+    got: float
+    want: float
+    nans: int  # elements NaN in the provider's result where native's are not
+    nan_at: tuple[int, ...] | None
+
+
+def _gap(got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float,
+         rows: list[int] | None) -> _Gap | None:
+    close = torch.isclose(got.float(), ref.float(), rtol=rtol, atol=atol)
+    if bool(close.all()):
+        return None
+    # where it fails: on the tensors' device, in float64 so the errors are exact
+    g, r = got.double().reshape(-1), ref.double().reshape(-1)
+    far = ~close.reshape(-1)
+    diff = (g - r).abs()
+    finite = torch.where(diff.isfinite(), diff, torch.zeros_like(diff))
+    rel = (finite / r.abs()).nan_to_num(nan=0.0, posinf=0.0)
+    nan = g.isnan() & ~r.isnan()
+    first = int(far.nonzero()[0])
+
+    def at(flat: torch.Tensor | int) -> tuple[int, ...]:
+        return _unravel(int(flat), got.shape, rows)
+
+    return _Gap(
+        bad=int(far.sum()), total=g.numel(),
+        abs_err=float(finite.max()), abs_at=at(finite.argmax()),
+        rel_err=float(rel.max()), rel_at=at(rel.argmax()),
+        first_at=at(first), got=float(g[first]), want=float(r[first]),
+        nans=int(nan.sum()), nan_at=at(nan.nonzero()[0]) if bool(nan.any()) else None,
+    )
+
+
+def _describe_gap(label: str, gap: _Gap, atol: float, rtol: float) -> str:
+    lines = [
+        f"{label}: {gap.bad} of {gap.total} elements differ from native by more than "
+        f"atol {atol:g} + rtol {rtol:g} * |native|; first at {_at(gap.first_at)} "
+        f"(provider {gap.got:.8g}, native {gap.want:.8g})",
+    ]
+    if gap.nans < gap.bad:
+        lines.append(f"max abs error {gap.abs_err:.3g} at {_at(gap.abs_at)}; "
+                     f"max rel error {gap.rel_err:.3g} at {_at(gap.rel_at)}")
+    if gap.nans:
+        lines.append(f"{gap.nans} elements are NaN where native's are not, first at "
+                     f"{_at(gap.nan_at)}")
+    return "\n".join(lines)
+
+
+def _nan_source(op: IrOp, provider: str, call: dict[str, Any], rows: _Rows,
+                result: _Result, ref: torch.Tensor) -> str:
+    """Where a NaN in the provider's ``result`` comes from: an unaddressed row it read
+    (each poisoned alone), output elements it left unwritten, or its own arithmetic."""
+    fn = op.impls[provider].fn
+
+    def nan_in(trial: dict[str, Any]) -> bool:
+        got = result.take(*_run(fn, trial))
+        return bool((got.isnan() & ~ref.isnan()).any())
+
+    trial = _clone(call)
+    rows.poison(trial, ())
+    if rows.unaddressed and not nan_in(trial):  # the NaN came from a poisoned row
+        leaking = []
+        for row in rows.unaddressed[:MAX_SUSPECTS]:
+            rows.poison(trial, (row,))
+            if nan_in(trial):
+                leaking.append(row)
+        if not leaking:
+            return (f"the NaN comes from the rows the call does not address "
+                    f"({', '.join(map(str, rows.unaddressed))}), but from none alone")
+        names = " / ".join(rows.tensors)
+        return (f"read a row the call does not address: {names} row "
+                f"{', '.join(map(str, leaking))} (NaN before the call; with only row "
+                f"{leaking[0]} NaN, {result.label} still gets NaN)")
+    outputs = [n for n in op.allocate if call[n] is not None and bool(call[n].isnan().all())]
+    if result.rows is None and outputs:
+        for name in outputs:
+            trial[name].fill_(UNWRITTEN)
+        run, returned = _run(fn, trial)
+        got = result.take(run, returned)
+        unwritten = (got == UNWRITTEN) & (ref != UNWRITTEN)
+        if bool(unwritten.any()):
+            first = _unravel(int(unwritten.reshape(-1).nonzero()[0]), got.shape, None)
+            return (f"left {int(unwritten.sum())} elements of {result.label} unwritten, "
+                    f"first at {_at(first)} (outputs start as NaN)")
+    return "computed NaN where native does not, from the addressed rows alone"
 
 
 def assert_matches_native(op: IrOp | str, provider: str, call: dict[str, Any]) -> None:
-    """Run native and ``provider`` on copies of ``call``; assert they agree (see module doc)."""
-    op = get_op(op) if isinstance(op, str) else op
-    state_arg = op.rows.state
-    call = dict(call)
+    """Run native and ``provider`` on copies of ``call`` (arguments by name, defaults may be
+    left out); assert they agree (see module doc). The AssertionError names what disagreed
+    and shows the call (:func:`describe_call`)."""
+    op = _as_op(op)
+    call = op.bind(**call)
     for name, make in op.allocate.items():
         if call[name] is None:
-            call[name] = make(call).fill_(float("nan"))
+            call[name] = make(call).fill_(POISON)
     op.check(call)
-    read, written = touched_rows(op, call)
-    state = call[state_arg]
-    untouched = [r for r in range(state.shape[0]) if r not in read | written]
-    if untouched:
-        state[torch.tensor(untouched, device=state.device)] = float("nan")
-    before = state.clone()
+    rows = _Rows.of(op, call)
+    rows.poison(call)
+    before = {name: call[name].clone() for name in rows.tensors}
 
-    ref, got = _clone(call), _clone(call)
-    ref_out = op.native(**ref)
-    got_out = op.impls[provider].fn(**got)
+    def fail(finding: str) -> NoReturn:
+        raise AssertionError(f"{op.name}, provider {provider!r}: {finding}\n"
+                             f"{describe_call(call, op)}")
+
+    ref, ref_out = _run(op.native, call)
+    try:
+        got, got_out = _run(op.impls[provider].fn, call)
+    except Exception as exc:
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(f"raised by provider {provider!r} on this\n{describe_call(call, op)}")
+        raise
+
+    for name in rows.tensors:
+        for who, after in (("native", ref[name]), (provider, got[name])):
+            changed = _changed_rows(before[name], after, rows.unwritten)
+            if not changed:
+                continue
+            row, count, where = changed
+            if who == "native":
+                fail(f"native changed {name} row {row}, which the op's row spec says the "
+                     "call does not write: the row spec (RowSpec.rows) and the native op "
+                     "disagree")
+            fail(f"changed {name} row {row}, which the call does not write "
+                 f"({rows.role(row, op.rows.pad)}): {count} of {before[name][row].numel()} "
+                 f"elements differ, first at {_at((row, *where))} "
+                 f"(before {_value(before[name][row][where])}, "
+                 f"after {_value(after[row][where])})")
 
     atol, rtol = tolerance(
         *(v.dtype for v in call.values() if isinstance(v, torch.Tensor) and v.is_floating_point()),
         table=op.tolerances,
     )
-    keep = sorted(set(range(state.shape[0])) - written)
-    for name, result in (
-        (f"{state_arg} (rows not written)", got[state_arg]),
-        ("native", ref[state_arg]),
-    ):
-        if keep:
-            idx = torch.tensor(keep, device=state.device)
-            assert torch.equal(_bits(result[idx]), _bits(before[idx])), (
-                f"{provider}: {name} changed"
-            )
-    if written:
-        idx = torch.tensor(sorted(written), device=state.device)
-        _close(f"{state_arg} (written rows)", got[state_arg][idx], ref[state_arg][idx], atol, rtol)
-    for name in op.allocate:
-        _close(name, got[name], ref[name], atol, rtol)
-    if isinstance(ref_out, torch.Tensor):
-        _close("output", got_out, ref_out, atol, rtol)
+    for result in _results(op, rows, ref_out):
+        want, have = result.take(ref, ref_out), result.take(got, got_out)
+        if bool(want.isnan().any()):
+            fail(f"native's {result.label} has NaN: the strategy built an invalid call")
+        if not isinstance(have, torch.Tensor) or have.shape != want.shape:
+            shown = tuple(have.shape) if isinstance(have, torch.Tensor) else type(have).__name__
+            fail(f"{result.label}: got {shown}, native gives shape {tuple(want.shape)}")
+        gap = _gap(have, want, atol, rtol, result.rows)
+        if gap is None:
+            continue
+        finding = _describe_gap(result.label, gap, atol, rtol)
+        if gap.nans:
+            finding += "\n" + _nan_source(op, provider, call, rows, result, want)
+        fail(finding)
 
 
-def _close(what: str, got: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
-    assert not ref.isnan().any(), f"native {what} has NaN: the strategy built an invalid call"
-    torch.testing.assert_close(
-        got.float(), ref.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
-    )
+def _value(x: torch.Tensor) -> str:
+    """One element for a message; a NaN with its bits, since NaNs differ only in those."""
+    value = float(x)
+    if value == value:
+        return f"{value:.8g}"
+    bits = int.from_bytes(bytes(_bits(x).reshape(-1).tolist()), sys.byteorder)
+    return f"nan, bits 0x{bits:0{2 * x.element_size()}x}"
+
+
+def _changed_rows(before: torch.Tensor, after: torch.Tensor, rows: list[int]
+                  ) -> tuple[int, int, tuple[int, ...]] | None:
+    """The first of ``rows`` whose bits changed: (row, elements changed, first index in it)."""
+    if not rows:
+        return None
+    differs = (_bits(before[rows]) != _bits(after[rows])).any(1).reshape(len(rows), -1)
+    if not bool(differs.any()):
+        return None
+    which = int(differs.any(1).nonzero()[0])
+    where = _unravel(int(differs[which].nonzero()[0]), before.shape[1:], None)
+    return rows[which], int(differs[which].sum()), where
 
 
 def check_impl(
@@ -123,7 +363,7 @@ def check_impl(
     e.g. to pin the shapes of a provider that compiles a kernel per shape. Returns how
     many examples the provider accepted; fails if fewer than ``min_accepted``.
     """
-    op = get_op(op) if isinstance(op, str) else op
+    op = _as_op(op)
     if provider not in op.impls:
         raise ValueError(f"provider: {provider!r} is not registered for {op.name} "
                          f"(registered: {', '.join(op.impls)})")
