@@ -1,6 +1,6 @@
 """What ``check_impl`` / ``assert_matches_native`` tell a provider author: the op, the
 provider, the result that disagreed, the errors and where, the call's layout; reads of
-unaddressed rows traced to the row.
+unaddressed rows traced to the row; 16-bit arithmetic flagged where the ops promise float32.
 
 Each broken provider is registered on a real op under a unique name for one test only."""
 
@@ -14,9 +14,18 @@ from typing import Any
 import pytest
 import torch
 
-from mamba_ir import IrOp, ops
-from mamba_ir.testing import assert_matches_native, check_impl, describe_call, describe_tensor
+from mamba_ir import IrOp, get_op, ops
+from mamba_ir.testing import (
+    assert_matches_native,
+    check_impl,
+    describe_call,
+    describe_tensor,
+    result_tolerance,
+    tolerance,
+)
 
+OPS = ("copy_state_blocks", "selective_state_update", "causal_conv1d_fn",
+       "causal_conv1d_update", "selective_scan", "mamba_chunk_scan")
 _names = itertools.count()
 
 
@@ -129,9 +138,10 @@ def test_a_wrong_value_names_the_result_the_errors_and_where() -> None:
     message = _failure(ops.copy_state_blocks, _copy_then(off_by_one), call)
     want = float(call["state"][1, 1])
     assert (f"state (written rows [2, 4]): 1 of 6 elements differ from native by more than "
-            f"atol 0.0001 + rtol 0.0001 * |native|; first at (4, 1) (provider {want + 1:.8g}, "
+            f"atol 1e-05 + rtol 1e-05 * |native|; first at (4, 1) (provider {want + 1:.8g}, "
             f"native {want:.8g})") in message
     assert "max abs error 1 at (4, 1); max rel error" in message
+    assert "reduced precision" not in message  # an error no rounding makes
 
 
 def _ssu_call(in_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -194,3 +204,64 @@ def test_check_impl_fails_with_the_message_of_the_failing_call() -> None:
         with pytest.raises(AssertionError, match=r"(?s)changed state row \d+, which the call "
                            r"does not write.*\n  rows of state \(\d+ slots"):
             check_impl(ops.copy_state_blocks, name, max_examples=20)
+
+
+# -- 16-bit arithmetic where the ops promise float32 ------------------------------------
+
+def _rounded_inputs(op: IrOp, dtype: torch.dtype = torch.bfloat16) -> Callable[..., Any]:
+    """A provider that computes from its inputs rounded to ``dtype``: what arithmetic in
+    ``dtype`` does to a result."""
+    def provider(**call):
+        for name, value in call.items():
+            if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                    and name not in op.mutates_args):
+                call[name] = value.to(dtype).to(value.dtype)
+        return op.native(**call)
+
+    return provider
+
+
+def _copy_through_bf16(state, src, dst, pad_slot_id):
+    keep = (src != pad_slot_id) & (dst != pad_slot_id)
+    state[dst[keep]] = state[src[keep]].to(torch.bfloat16).to(state.dtype)
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_16_bit_arithmetic_fails_check_impl_as_reduced_precision(name: str) -> None:
+    op = get_op(name)
+    fn = _copy_through_bf16 if name == "copy_state_blocks" else _rounded_inputs(op)
+    with registered(op, fn) as provider:
+        with pytest.raises(AssertionError, match="computed at reduced precision: this float"):
+            check_impl(op, provider, max_examples=40)
+
+
+def test_a_float32_call_at_bfloat16_precision_says_so() -> None:
+    op = ops.selective_state_update
+    message = _failure(op, _rounded_inputs(op), _ssu_call())
+    assert ("computed at reduced precision: this float32 result agrees with native only to "
+            "16-bit precision") in message
+    assert "promises float32 arithmetic whatever the storage dtype" in message
+
+
+def test_a_float32_state_of_16_bit_inputs_is_held_to_float32() -> None:
+    """bfloat16 inputs are exact values both read: a float32 state computed from them in
+    float32 agrees to float32 precision, so a provider that also rounds the float32
+    parameters (A, D, dt_bias) to the inputs' dtype fails, where the loosest dtype of the
+    call (bfloat16) would have let it pass."""
+    op = ops.selective_state_update
+    call = _ssu_call(torch.bfloat16)
+    message = _failure(op, _rounded_inputs(op), call)
+    assert ": state (written rows [0, 2]): " in message.split("\n", 1)[0]
+    assert "computed at reduced precision: this float32 result" in message
+    assert tolerance(torch.float32, torch.bfloat16, op=op) == tolerance(torch.bfloat16)
+
+
+def test_result_tolerance_is_the_results_dtype_unless_the_op_loosens_it() -> None:
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert result_tolerance(f32, [bf16, f32], "selective_state_update") == tolerance(f32)
+    assert result_tolerance(bf16, [f32], "selective_state_update") == tolerance(bf16)
+    # the chunked scan multiplies 16-bit inputs on tensor cores: a float32 state of bfloat16
+    # inputs carries their rounding; of float32 inputs (IEEE products) it does not
+    chunked = get_op("mamba_chunk_scan")
+    assert result_tolerance(f32, [bf16], chunked) == chunked.input_tolerances[bf16]
+    assert result_tolerance(f32, [f32], chunked) == tolerance(f32)

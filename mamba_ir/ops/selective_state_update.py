@@ -48,9 +48,9 @@ def _whole_rows(call: dict) -> str | None:
 @register_op(
     mutates_args=("state", "out"),
     allocate={"out": lambda call: torch.empty_like(call["x"])},
-    # the full-size GPU tests (dstate 128, 16 tokens per sequence) passed at these on an H100
-    # on 2026-11-23; the shared table's 1e-4 / 2e-3 were never run there at full size
-    tolerances={torch.float32: (2e-4, 2e-4), torch.float16: (3e-3, 3e-3)},
+    # the full-size GPU tests (dstate 128, 16 tokens per sequence) passed at this on an H100
+    # on 2026-11-23; the shared table's 2e-3 was never run there at full size
+    tolerances={torch.float16: (3e-3, 3e-3)},
     rows=RowSpec("state", "state_batch_indices", "dst_state_batch_indices", _rows),
     redirect=Redirect("cu_seqlens", _whole_rows),
 )

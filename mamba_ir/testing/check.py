@@ -3,7 +3,9 @@
 For one argument set, :func:`assert_matches_native` runs the native op and the provider
 on identical copies and asserts that
 
-- outputs and written state rows agree within the dtype tolerance table;
+- outputs and written state rows agree within the tolerance of the dtype each is stored
+  in (``tolerances.py``): the ops promise float32 arithmetic, so a float32 result that
+  only agrees to 16-bit precision fails, and says it looks like reduced precision;
 - every state row the call does not write is bit-identical afterwards (a source row
   under redirect included);
 - nothing depends on rows the call does not address: those rows are poisoned with NaN
@@ -34,13 +36,15 @@ from hypothesis.strategies import SearchStrategy
 from ..op import IrOp, get_op
 from .describe import describe_call
 from .strategies import SMALL, Sizes, calls
-from .tolerances import tolerance
+from .tolerances import result_tolerance
 
 # What a row of the state may not be, to be filled with when the call does not address it
 POISON = float("nan")
 # Unwritten output elements hold this after a run whose outputs start as it: exact in
 # every float dtype, and no result the strategies' values make
 UNWRITTEN = 1024.0
+# The narrower dtypes a float32 (or float16) result's errors are measured against
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # Unaddressed rows poisoned one at a time to find the one a provider read
 MAX_SUSPECTS = 64
 
@@ -224,6 +228,27 @@ def _describe_gap(label: str, gap: _Gap, atol: float, rtol: float) -> str:
     return "\n".join(lines)
 
 
+def _reduced_precision(op: IrOp, got: torch.Tensor, ref: torch.Tensor,
+                       tol: tuple[float, float]) -> str | None:
+    """Why a result that misses its tolerance looks computed in 16 bits: it meets the
+    tolerance of a 16-bit dtype narrower than the one it is held to."""
+    for narrow in SIXTEEN_BIT:
+        if narrow == ref.dtype:
+            continue
+        atol, rtol = result_tolerance(narrow, (), op)
+        if (atol <= tol[0] and rtol <= tol[1]) or _gap(got, ref, atol, rtol, None) is not None:
+            continue
+        stored, name = (str(d).removeprefix("torch.") for d in (ref.dtype, narrow))
+        return (
+            f"computed at reduced precision: this {stored} result agrees with native only "
+            f"to 16-bit precision (it meets {name}'s tolerance, atol {atol:g}, rtol {rtol:g}, "
+            f"not {stored}'s). {op.name} promises float32 arithmetic whatever the storage "
+            "dtype (docs/ops.md, Conventions): the provider seems to round inputs or "
+            "intermediate values to float16 or bfloat16"
+        )
+    return None
+
+
 def _nan_source(op: IrOp, provider: str, call: dict[str, Any], rows: _Rows,
                 result: _Result, ref: torch.Tensor) -> str:
     """Where a NaN in the provider's ``result`` comes from: an unaddressed row it read
@@ -305,10 +330,8 @@ def assert_matches_native(op: IrOp | str, provider: str, call: dict[str, Any]) -
                  f"(before {_value(before[name][row][where])}, "
                  f"after {_value(after[row][where])})")
 
-    atol, rtol = tolerance(
-        *(v.dtype for v in call.values() if isinstance(v, torch.Tensor) and v.is_floating_point()),
-        table=op.tolerances,
-    )
+    inputs = [v.dtype for k, v in call.items() if isinstance(v, torch.Tensor)
+              and v.is_floating_point() and k not in op.mutates_args]
     for result in _results(op, rows, ref_out):
         want, have = result.take(ref, ref_out), result.take(got, got_out)
         if bool(want.isnan().any()):
@@ -316,12 +339,15 @@ def assert_matches_native(op: IrOp | str, provider: str, call: dict[str, Any]) -
         if not isinstance(have, torch.Tensor) or have.shape != want.shape:
             shown = tuple(have.shape) if isinstance(have, torch.Tensor) else type(have).__name__
             fail(f"{result.label}: got {shown}, native gives shape {tuple(want.shape)}")
+        atol, rtol = result_tolerance(want.dtype, inputs, op)
         gap = _gap(have, want, atol, rtol, result.rows)
         if gap is None:
             continue
         finding = _describe_gap(result.label, gap, atol, rtol)
         if gap.nans:
             finding += "\n" + _nan_source(op, provider, call, rows, result, want)
+        elif (note := _reduced_precision(op, have, want, (atol, rtol))) is not None:
+            finding += "\n" + note
         fail(finding)
 
 
