@@ -1,6 +1,7 @@
 """What ``check_impl`` / ``assert_matches_native`` tell a provider author: the op, the
 provider, the result that disagreed, the errors and where, the call's layout; reads of
-unaddressed rows traced to the row; 16-bit arithmetic flagged where the ops promise float32.
+unaddressed rows traced to the row; 16-bit arithmetic flagged where the ops promise float32;
+and the hypothesis settings that checks and a user's own ``@given`` tests run under.
 
 Each broken provider is registered on a real op under a unique name for one test only."""
 
@@ -13,10 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import DeadlineExceeded, FlakyFailure
 
 from mamba_ir import IrOp, get_op, ops
 from mamba_ir.testing import (
     assert_matches_native,
+    calls,
     check_impl,
     describe_call,
     describe_tensor,
@@ -195,6 +199,12 @@ def test_a_provider_exception_carries_the_call_layout() -> None:
         assert "offset 18, a view into a buffer of 36 elements" in info.value.__notes__[0]
 
 
+# no shrinking: a failing draw is enough, and each shrink step reruns the provider
+FAILING_FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                        phases=[Phase.generate],
+                        suppress_health_check=[HealthCheck.filter_too_much])
+
+
 def test_check_impl_fails_with_the_message_of_the_failing_call() -> None:
     def write_last(state, src, dst, pad_slot_id):
         ops.copy_state_blocks.native(state, src, dst, pad_slot_id)
@@ -203,7 +213,7 @@ def test_check_impl_fails_with_the_message_of_the_failing_call() -> None:
     with registered(ops.copy_state_blocks, write_last) as name:
         with pytest.raises(AssertionError, match=r"(?s)changed state row \d+, which the call "
                            r"does not write.*\n  rows of state \(\d+ slots"):
-            check_impl(ops.copy_state_blocks, name, max_examples=20)
+            check_impl(ops.copy_state_blocks, name, settings=FAILING_FAST)
 
 
 # -- 16-bit arithmetic where the ops promise float32 ------------------------------------
@@ -232,7 +242,7 @@ def test_16_bit_arithmetic_fails_check_impl_as_reduced_precision(name: str) -> N
     fn = _copy_through_bf16 if name == "copy_state_blocks" else _rounded_inputs(op)
     with registered(op, fn) as provider:
         with pytest.raises(AssertionError, match="computed at reduced precision: this float"):
-            check_impl(op, provider, max_examples=40)
+            check_impl(op, provider, settings=FAILING_FAST)
 
 
 def test_a_float32_call_at_bfloat16_precision_says_so() -> None:
@@ -265,3 +275,57 @@ def test_result_tolerance_is_the_results_dtype_unless_the_op_loosens_it() -> Non
     chunked = get_op("mamba_chunk_scan")
     assert result_tolerance(f32, [bf16], chunked) == chunked.input_tolerances[bf16]
     assert result_tolerance(f32, [f32], chunked) == tolerance(f32)
+
+
+# -- hypothesis settings ----------------------------------------------------------------
+
+
+@pytest.fixture
+def default_profile() -> Iterator[None]:
+    """hypothesis' own defaults (a 200 ms deadline), not the test suite's profile;
+    derandomized, so CI draws the same few calls each run."""
+    previous = settings.get_current_profile_name()
+    settings.register_profile("default-derandomized", settings.get_profile("default"),
+                              derandomize=True)
+    settings.load_profile("default-derandomized")
+    try:
+        yield
+    finally:
+        settings.load_profile(previous)
+
+
+@pytest.mark.usefixtures("default_profile")
+def test_check_impl_runs_under_hypothesis_defaults() -> None:
+    pytest.importorskip("triton")
+    # the interpreter takes seconds a call: under the default 200 ms deadline it fails
+    with pytest.raises((DeadlineExceeded, FlakyFailure)):
+        check_impl("mamba_chunk_scan", "triton", max_examples=5,
+                   settings=settings(phases=[Phase.generate]))
+    # check_impl lifts the deadline itself
+    assert check_impl("mamba_chunk_scan", "triton", max_examples=2) >= 1
+
+
+def test_check_impl_runs_under_the_callers_settings() -> None:
+    mine = settings(max_examples=3, deadline=None, database=None)
+    assert check_impl("copy_state_blocks", "native", settings=mine) <= 3
+    assert check_impl("copy_state_blocks", "native", settings=mine, max_examples=1) == 1
+
+
+# What docs/providers.md tells a user's own @given test of calls(op) to run under
+DOCUMENTED = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_a_users_given_test_runs_under_the_documented_settings(name: str) -> None:
+    pytest.importorskip("triton")
+    op = get_op(name)
+
+    # derandomized so CI draws the same few calls each run (random ones take 1-60 s)
+    @settings(settings.get_profile("default"), max_examples=3, derandomize=True, **DOCUMENTED)
+    @given(calls(name))
+    def users_test(call: dict[str, Any]) -> None:
+        call = op.bind(**call)
+        if op.impls["triton"].refusal(call) is None:
+            assert_matches_native(op, "triton", call)
+
+    users_test()

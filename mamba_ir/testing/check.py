@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, given
+from hypothesis import settings as Settings
 from hypothesis.errors import Unsatisfiable
 from hypothesis.strategies import SearchStrategy
 
@@ -379,29 +380,39 @@ def check_impl(
     *,
     device: str = "cpu",
     sizes: Sizes = SMALL,
-    max_examples: int = 50,
+    max_examples: int | None = None,
     min_accepted: int = 1,
     strategy: SearchStrategy[dict[str, Any]] | None = None,
+    settings: Settings | None = None,
 ) -> int:
     """Check ``provider`` against native on hypothesis argument sets its predicate accepts.
 
     ``strategy`` replaces the op's default argument sets (``calls(op, device, sizes)``),
-    e.g. to pin the shapes of a provider that compiles a kernel per shape. Returns how
-    many examples the provider accepted; fails if fewer than ``min_accepted``.
+    e.g. to pin the shapes of a provider that compiles a kernel per shape. Runs under
+    ``settings`` when given (``max_examples``, when also given, overrides its count);
+    else under the current hypothesis profile with ``max_examples`` (default 50), no
+    deadline (a kernel's first call compiles it, and the Triton interpreter takes seconds
+    a call) and the ``too_slow`` and ``filter_too_much`` health checks off (drawing the
+    first call may initialise CUDA; the predicate filters). Returns how many examples the
+    provider accepted; fails if fewer than ``min_accepted``.
     """
     op = _as_op(op)
     if provider not in op.impls:
         raise ValueError(f"provider: {provider!r} is not registered for {op.name} "
                          f"(registered: {', '.join(op.impls)})")
+    if settings is None:
+        settings = Settings(
+            max_examples=50 if max_examples is None else max_examples,
+            deadline=None,
+            suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+        )
+    elif max_examples is not None:
+        settings = Settings(settings, max_examples=max_examples)
     impl = op.impls[provider]
     accepted = 0
     refusals: Counter[str] = Counter()
 
-    @settings(
-        max_examples=max_examples,
-        deadline=None,
-        suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
-    )
+    @settings
     @given(strategy if strategy is not None else calls(op.name, device=device, sizes=sizes))
     def run(call: dict[str, Any]) -> None:
         nonlocal accepted
@@ -422,5 +433,6 @@ def check_impl(
         raise AssertionError(f"{provider} accepted none of the {op.name} calls drawn on "
                              f"{device}; it refused with {refused()}") from exc
     assert accepted >= min_accepted, (
-        f"{provider} accepted {accepted} of {max_examples} examples; it refused with {refused()}")
+        f"{provider} accepted {accepted} of {settings.max_examples} examples; it refused "
+        f"with {refused()}")
     return accepted
