@@ -158,6 +158,7 @@ class IrOp:
         allocate: dict[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
         *,
         tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+        input_tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
         rows: RowSpec | None = None,
         redirect: Redirect | None = None,
     ) -> None:
@@ -173,6 +174,7 @@ class IrOp:
         self.mutates_args = tuple(mutates_args)
         self.allocate = dict(allocate or {})
         self.tolerances = dict(tolerances or {})
+        self.input_tolerances = dict(input_tolerances or {})
         self.rows = rows
         self.redirect = redirect
         self._check_facts()
@@ -488,6 +490,7 @@ def register_op(
     mutates_args: Iterable[str] = (),
     allocate: dict[str, Callable[[dict[str, Any]], torch.Tensor]] | None = None,
     tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
+    input_tolerances: dict[torch.dtype, tuple[float, float]] | None = None,
     rows: RowSpec | None = None,
     redirect: Redirect | None = None,
 ) -> Callable[[Callable[..., Any]], IrOp]:
@@ -496,8 +499,10 @@ def register_op(
     ``mutates_args`` names the tensors it writes in place; ``allocate`` maps an optional
     output argument to a function that creates it when the caller passes ``None`` (the
     call then returns it; a ``torch.ops`` call gets scratch memory instead); ``tolerances``
-    overrides, per dtype, the ``(atol, rtol)`` a provider must meet against native
-    (``mamba_ir.testing.TOLERANCES`` elsewhere); ``rows`` says which state rows a call
+    overrides, per dtype of a result, the ``(atol, rtol)`` a provider must meet against
+    native (``mamba_ir.testing.TOLERANCES`` elsewhere); ``input_tolerances`` loosens, per
+    dtype of the call's inputs, every result of a call with such inputs (providers that
+    multiply 16-bit inputs at their own precision); ``rows`` says which state rows a call
     reads and writes (the row rules, ``check_impl``); ``redirect`` makes the op a target
     of align fusion. Hooks of the op add the rest: ``register_check``,
     ``register_value_check``, ``register_device_check``, ``register_fake``,
@@ -505,8 +510,8 @@ def register_op(
     """
 
     def declare(native: Callable[..., Any]) -> IrOp:
-        op = IrOp(native, mutates_args, allocate, tolerances=tolerances, rows=rows,
-                  redirect=redirect)
+        op = IrOp(native, mutates_args, allocate, tolerances=tolerances,
+                  input_tolerances=input_tolerances, rows=rows, redirect=redirect)
         REGISTRY[op.name] = op
         return op
 

@@ -5,8 +5,9 @@
 """
 
 from .check import assert_matches_native, check_impl, touched_rows
+from .describe import describe_call, describe_tensor
 from .strategies import SMALL, Sizes, assign_rows, calls
-from .tolerances import TOLERANCES, tolerance
+from .tolerances import TOLERANCES, result_tolerance, tolerance
 
 __all__ = [
     "SMALL",
@@ -16,6 +17,9 @@ __all__ = [
     "assign_rows",
     "calls",
     "check_impl",
+    "describe_call",
+    "describe_tensor",
+    "result_tolerance",
     "tolerance",
     "touched_rows",
 ]
