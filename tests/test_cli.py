@@ -15,7 +15,7 @@ import mamba_ir
 from mamba_ir.cli import build_parser, main
 
 OPS = ("selective_state_update", "causal_conv1d_update", "causal_conv1d_fn", "copy_state_blocks",
-       "mamba_chunk_scan", "selective_scan")
+       "mamba_chunk_scan", "selective_scan", "replay_state_update")
 
 
 @pytest.mark.parametrize("command", ["demo", "ops", "bench"])

@@ -1,0 +1,142 @@
+"""Hypothesis argument sets of ``replay_state_update``: rings empty, partly filled and full
+(a flush), redirected and padded rows, every row member a view of a larger cache.
+
+Ring entries past a row's ``ring_len`` hold NaN: they are not part of the row, so a
+provider that reads them into a result fails ``check_impl``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+from .strategies import SMALL, Sizes, assign_rows
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+CACHES = ("own", "layer", "interleaved")
+INDEX_LAYOUTS = ("plain", "strided", "padded")
+JUNK = 1 << 20  # what index padding holds: a row no call has, if ever read
+
+
+def _in_cache(t: torch.Tensor, how: str) -> torch.Tensor:
+    """``t`` as a view of a larger cache: one layer of two, or rows interleaved with
+    another layer's (twice the row stride)."""
+    if how == "own":
+        return t
+    if how == "layer":
+        cache = torch.empty((2, *t.shape), dtype=t.dtype, device=t.device)
+        cache[1] = t
+        return cache[1]
+    cache = torch.empty((t.shape[0], 2, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    cache[:, 0] = t
+    return cache[:, 0]
+
+
+def _laid_out(t: torch.Tensor, how: str) -> torch.Tensor:
+    """An index tensor as built, every other entry of a wider buffer, or followed by
+    entries past the batch (which the op ignores)."""
+    if how == "strided":
+        wide = torch.full((2 * t.shape[0],), JUNK, dtype=t.dtype, device=t.device)
+        wide[::2] = t
+        return wide[::2]
+    if how == "padded":
+        return torch.cat([t, torch.full((2,), JUNK, dtype=t.dtype, device=t.device)])
+    return t
+
+
+def _lengths(rng: random.Random, fill: str, ring: int) -> int:
+    if fill == "full":
+        return ring
+    if fill == "partial" and ring > 1:
+        return rng.randint(1, ring - 1)
+    return 0
+
+
+@st.composite
+def replay_state_update_calls(
+    draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL
+) -> dict[str, Any]:
+    ngroups = draw(st.sampled_from([g for g in (1, 2, 4) if g <= sizes.max_heads]))
+    nheads = ngroups * draw(st.integers(1, max(1, sizes.max_heads // ngroups)))
+    dim = draw(st.integers(1, sizes.max_dim))
+    dstate = draw(st.sampled_from(sizes.dstates))
+    ring = draw(st.integers(1, sizes.max_tokens))
+    nseq = draw(st.integers(0, sizes.max_seqs))
+    fills = draw(st.lists(st.sampled_from(["empty", "partial", "full"]),
+                          min_size=nseq, max_size=nseq))
+    redirect = draw(st.booleans())
+    use_indices = redirect or draw(st.booleans())
+    pad = draw(st.sampled_from([-1, 0]))
+    state_dtype, in_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+    idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    caches = {name: draw(st.sampled_from(CACHES))
+              for name in ("state", "ring_x", "ring_dt", "ring_B", "ring_len")}
+    layout = draw(st.sampled_from(INDEX_LAYOUTS))
+    A_tied, D_tied, x_strided = (draw(st.booleans()) for _ in range(3))
+    has_D, has_z, has_bias, softplus = (draw(st.booleans()) for _ in range(4))
+    dt_limit = draw(st.sampled_from([None, None, (0.0, float("inf")), (0.05, 0.5)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    if use_indices:
+        rows = assign_rows(rng, [1] * nseq, redirect=redirect, pad=pad)
+        src, dst = rows.src, [r[0] for r in rows.dst]
+        nslots = rows.nslots
+    else:  # sequence b reads and writes row b
+        nslots, src = nseq + rng.randint(0, 2), list(range(nseq))
+        dst = src
+    # stale lengths in every row, then each sequence's source as drawn
+    lengths = [rng.randint(0, ring) for _ in range(nslots)]
+    for row, fill in zip(src, fills, strict=True):
+        if row != pad:
+            lengths[row] = _lengths(rng, fill, ring)
+    ring_len = torch.tensor(lengths, dtype=torch.int32, device=device)
+    past = torch.arange(ring, device=device)[None, :] >= ring_len[:, None]  # not in the row
+
+    def ring_entries(*shape: int, dtype: torch.dtype, positive: bool = False) -> torch.Tensor:
+        t = randn(nslots, ring, *shape)
+        t = t.abs() * 0.5 if positive else t
+        t[past] = float("nan")
+        return t.to(dtype)
+
+    call: dict[str, Any] = {
+        "state": _in_cache(randn(nslots, nheads, dim, dstate, dtype=state_dtype),
+                           caches["state"]),
+        "ring_x": _in_cache(ring_entries(nheads, dim, dtype=in_dtype), caches["ring_x"]),
+        "ring_dt": _in_cache(ring_entries(nheads, dtype=torch.float32, positive=True),
+                             caches["ring_dt"]),
+        "ring_B": _in_cache(ring_entries(ngroups, dstate, dtype=in_dtype), caches["ring_B"]),
+        "ring_len": _in_cache(ring_len, caches["ring_len"]),
+        "pad_slot_id": pad, "dt_softplus": softplus, "dt_limit": dt_limit, "out": None,
+    }
+    x = randn(nseq, nheads, 2 * dim if x_strided else dim, dtype=in_dtype)
+    call["x"] = x[..., ::2] if x_strided else x
+    call["B"] = randn(nseq, ngroups, dstate, dtype=in_dtype)
+    call["C"] = randn(nseq, ngroups, dstate, dtype=in_dtype)
+    call["z"] = randn(nseq, nheads, dim, dtype=in_dtype) if has_z else None
+    # one step size per head (tied over headdim), positive as softplus would make it
+    dt = randn(nseq, nheads, 1, dtype=in_dtype) * 0.5
+    call["dt"] = (dt if softplus else dt.abs()).expand(nseq, nheads, dim)
+    bias = randn(nheads, 1)
+    call["dt_bias"] = (bias if softplus else bias.abs()).expand(nheads, dim) if has_bias else None
+    a = -randn(nheads, 1, 1).exp() if A_tied else -randn(nheads, dim, dstate).exp()
+    call["A"] = a.expand(nheads, dim, dstate)
+    call["D"] = (randn(nheads, 1).expand(nheads, dim) if D_tied else randn(nheads, dim)) \
+        if has_D else None
+    call["state_batch_indices"] = call["dst_state_batch_indices"] = None
+    if use_indices:
+        sbi = _laid_out(torch.tensor(src, dtype=idx_dtype, device=device), layout)
+        if redirect:
+            call["state_batch_indices"] = sbi
+            call["dst_state_batch_indices"] = _laid_out(
+                torch.tensor(dst, dtype=idx_dtype, device=device), layout)
+        else:
+            call["state_batch_indices"] = sbi
+    return call
