@@ -57,7 +57,7 @@ _FALCON_H1 = "falcon_h1"
 
 @dataclass(frozen=True)
 class _Mixer:
-    """A supported mixer class: the forward it has, and how to build a tiny one to check."""
+    """A supported mixer class: which forward it has, and how to build a tiny one to check."""
 
     family: str  # _BAMBA_LIKE or _FALCON_H1
     config: str  # its config class, in the mixer's modeling module
@@ -389,7 +389,7 @@ def _forward(
     attention_mask: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    # transformers 5.23's decoder layers pass the cache as cache_params=, 5.24's as cache=
+    # transformers 5.23's decoder layers pass the cache as cache_params=, later ones as cache=
     if "cache_params" in kwargs:
         legacy = kwargs.pop("cache_params")
         if cache is not None and legacy is not None and legacy is not cache:
