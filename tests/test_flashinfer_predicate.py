@@ -114,8 +114,6 @@ TABLE: list[tuple[str, dict[str, Any], fi.Device, bool, fi.Plan | str]] = [
      H100, True, ONE),
     ("B in another dtype", make_call(B=torch.zeros(4, 2, 128, dtype=F32, device="meta")),
      H100, True, "B is float32 but x is bfloat16"),
-    ("out in another dtype", make_call(out=torch.zeros(4, 8, 64, dtype=F32, device="meta")),
-     H100, True, "out is float32 but x is bfloat16"),
     ("D in fp32, dt in bf16 (widened)",
      make_call(D=torch.zeros(8, 1, device="meta").expand(8, 64)), H100, True, ONE),
     ("int64 indices", make_call(state_batch_indices=torch.zeros(4, dtype=torch.int64,
@@ -212,6 +210,16 @@ def test_plan(call: dict, device: fi.Device, can_fix: bool, expected: fi.Plan | 
         assert isinstance(got, str) and expected in got, got
     else:
         assert got == expected
+
+
+def test_out_in_another_dtype_is_refused_by_the_op_and_the_plan() -> None:
+    """The op refuses it before any provider is asked (tests/test_validation.py); the plan
+    refuses it too, for a caller of the provider's function."""
+    call = make_call(out=torch.zeros(4, 8, 64, dtype=F32, device="meta"))
+    with pytest.raises(ValueError, match="^out: expected dtype bfloat16 \\(that of x\\)"):
+        _validate(call)
+    got = fi.plan(call, H100, True)
+    assert isinstance(got, str) and "out is float32 but x is bfloat16" in got
 
 
 def test_every_refusal_says_flashinfer_or_what_to_do() -> None:
