@@ -25,13 +25,15 @@ if triton is not None:
     def step_size(dt, bias, dt_lo, dt_hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                   HAS_LIMIT: tl.constexpr):
         """The step size the recurrence uses: ``dt`` (fp32) plus the bias, through softplus,
-        clamped to ``[dt_lo, dt_hi]``, each where its flag says."""
+        clamped to ``[dt_lo, dt_hi]``, each where its flag says. The clamp keeps a NaN step
+        NaN, as torch's does (min/max without NaN propagation return the bound)."""
         if HAS_BIAS:
             dt = dt + bias
         if SOFTPLUS:
             dt = softplus(dt)
         if HAS_LIMIT:
-            dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+            dt = tl.minimum(tl.maximum(dt, dt_lo, propagate_nan=tl.PropagateNan.ALL), dt_hi,
+                            propagate_nan=tl.PropagateNan.ALL)
         return dt
 
     @triton.jit
