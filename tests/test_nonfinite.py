@@ -1,6 +1,7 @@
 """Non-finite values: a NaN or inf in one token's input reaches only that token and the later
 tokens of its sequence (and its sequence's destination row), as in the recurrence, in
-every provider.
+every provider; non-finite but legal parameters (A = -inf, steps of exactly 0, the
+``dt_limit`` default ``(0, inf)``) give the recurrence's result.
 
 Every provider that runs on the CPU is checked (native; Triton through its interpreter, on
 small calls); the ``gpu`` tests repeat the poison property at Mamba2 size.
@@ -15,6 +16,8 @@ import torch
 from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 from nonfinite_calls import BUILDERS, Seqs
+
+from mamba_ir import get_op
 
 pytest.importorskip("triton")
 
@@ -88,6 +91,67 @@ def test_a_poisoned_token_reaches_only_itself_and_later_tokens_of_its_sequence(o
     for name, (b, offset, value) in zip(names, explicit, strict=False):
         poison = example(name=name, b=b, offset=offset, value=value)(poison)
     poison()
+
+
+# -- legal non-finite parameters ------------------------------------------------------------
+
+
+def _legal_nonfinite(op: str, A_value: float) -> Seqs:
+    """Head (or channel) 0 decays at rate ``A_value``; every third step is exactly 0: a raw
+    step of 0 without softplus, or a negative one clamped by ``dt_limit = (0, inf)``
+    (transformers' default ``time_step_limit``) where the op has it."""
+    ntok = sum(LENGTHS)
+    steps = torch.rand(ntok, generator=torch.Generator().manual_seed(3)) + 0.05
+    if op == "selective_scan":
+        steps[::3] = 0.0
+        dim = BUILDERS[op](LENGTHS).call["u"].shape[0]
+        A = BUILDERS[op](LENGTHS).call["A"].clone()
+        A[0] = A_value
+        return BUILDERS[op](LENGTHS, delta=steps[:, None].repeat(1, dim).t(), A=A,
+                            delta_softplus=False, delta_bias=torch.zeros(dim))
+    steps[::3] = -1.0
+    base = BUILDERS[op](LENGTHS).call
+    heads = base["x"].shape[1]
+    if op == "mamba_chunk_scan":
+        dt, A = steps[:, None].repeat(1, heads), base["A"].clone()
+        A[0] = A_value
+    else:  # the SSU: dt and A tied over headdim (and dstate)
+        dt = steps[:, None, None].expand(base["dt"].shape)
+        rates = base["A"][:, 0, 0].clone()
+        rates[0] = A_value
+        A = rates[:, None, None].expand(base["A"].shape)
+    return BUILDERS[op](LENGTHS, dt=dt, A=A, dt_softplus=False,
+                        dt_bias=torch.zeros_like(base["dt_bias"]))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op", ["mamba_chunk_scan", "selective_state_update", "selective_scan"])
+def test_a_rate_of_minus_inf_and_steps_of_zero_give_the_recurrences_result(op, provider):
+    """A = -inf clears the state at every step longer than 0; a step of exactly 0 keeps it
+    (A * dt is 0 when dt is 0, whatever A): the result of A = -1e30, where IEEE arithmetic
+    has no -inf * 0. Finite everywhere, and the same in every provider."""
+    seqs = _legal_nonfinite(op, -INF)
+    want = _legal_nonfinite(op, -1e30)
+    out_want = want.run("native", want.call)
+    assert bool(out_want.isfinite().all())
+    out = seqs.run(provider, seqs.call)
+    assert bool(out.isfinite().all()) and bool(seqs.call[seqs.state].isfinite().all())
+    torch.testing.assert_close(out, out_want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seqs.call[seqs.state], want.call[want.state], atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_a_step_of_zero_keeps_the_state_whatever_the_rate():
+    """Native, by definition: with every step 0 and A = -inf the state rows are as they
+    were and every output is C . h + D x from the unchanged state."""
+    seqs = BUILDERS["mamba_chunk_scan"]([3], dt_softplus=False)
+    call = seqs.call
+    call["dt"].fill_(-1.0)  # clamped to 0 by dt_limit = (0, inf)
+    call["dt_bias"].zero_()
+    call["A"].fill_(-INF)
+    before = call["state"].clone()
+    get_op("mamba_chunk_scan").native(**call)
+    torch.testing.assert_close(call["state"], before, atol=0, rtol=0)
 
 
 # -- full size, compiled Triton kernels --------------------------------------------------------

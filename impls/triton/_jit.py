@@ -37,6 +37,13 @@ if triton is not None:
         return dt
 
     @triton.jit
+    def rate_step(a, dt):
+        """``A * dt``, 0 where the step ``dt`` is 0: a step of length 0 keeps the state
+        whatever the rate, ``A = -inf`` included (IEEE makes ``-inf * 0`` NaN; the native
+        ops' ``_step.decay``)."""
+        return tl.where(dt == 0, 0.0, a * dt)
+
+    @triton.jit
     def real_row(row, pad_slot_id, nslots):
         """Whether ``row`` (a scalar or a block) names a row of the state: not the pad and
         inside ``[0, nslots)``. Compiled calls skip the value checks, and a bad index must

@@ -48,7 +48,7 @@ IEEE products when the inputs are fp32 or of mixed dtypes.
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import LOG2E, and_real_row, only_if, real_row, silu, step_size
+from ._jit import LOG2E, and_real_row, only_if, rate_step, real_row, silu, step_size
 
 if triton is not None:
     # the optional row indices of the kernels that read and write state rows
@@ -60,6 +60,9 @@ if triton is not None:
     # chunk's contribution is not finite, read by the scan (every reader masks it off)
     NONFINITE: tl.constexpr = tl.constexpr(-(2**31))
     LENGTH_BITS: tl.constexpr = tl.constexpr(2**31 - 1)
+    # a step's decay in base 2 is at least 2^-DECAY_FLOOR, which is 0 in fp32 (exp2
+    # underflows below -150): with A = -inf a chunk's decay sums stay exact multiples of it
+    DECAY_FLOOR: tl.constexpr = tl.constexpr(256.0)
 
     @triton.heuristics({"HAS_DONE": given("done_ptr")})
     @triton.jit
@@ -148,8 +151,12 @@ if triton is not None:
         d = tl.where(live, d, 0.0)
         a = tl.load(A_ptr + heads * s_A, mask=live_h, other=0.0).to(tl.float32)
         # decay sums in base 2: every exp of them is then one ex2 instruction (the
-        # base-e exp adds a multiply and a subnormal fix-up around it)
-        da = d * a[None, :] * LOG2E
+        # base-e exp adds a multiply and a subnormal fix-up around it). A step of 0 decays
+        # by 0 whatever A (rate_step), and a decay is floored at -DECAY_FLOOR, as 0 in fp32
+        # as -inf: with A = -inf the sums stay finite, where -inf - -inf would make every
+        # weight after the first such step NaN
+        da = tl.maximum(rate_step(a[None, :], d) * LOG2E, -DECAY_FLOOR,
+                        propagate_nan=tl.PropagateNan.ALL)
         # the decay after each token is summed from the chunk's end rather than taken as
         # total - cum: that difference of two sums of the whole chunk loses ~1e-5 of the
         # weights in fp32 (the GPU test of the fp32 carry against float64 sees it)
