@@ -25,14 +25,23 @@ if triton is not None:
     def step_size(dt, bias, dt_lo, dt_hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                   HAS_LIMIT: tl.constexpr):
         """The step size the recurrence uses: ``dt`` (fp32) plus the bias, through softplus,
-        clamped to ``[dt_lo, dt_hi]``, each where its flag says."""
+        clamped to ``[dt_lo, dt_hi]``, each where its flag says. The clamp keeps a NaN step
+        NaN, as torch's does (min/max without NaN propagation return the bound)."""
         if HAS_BIAS:
             dt = dt + bias
         if SOFTPLUS:
             dt = softplus(dt)
         if HAS_LIMIT:
-            dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+            dt = tl.minimum(tl.maximum(dt, dt_lo, propagate_nan=tl.PropagateNan.ALL), dt_hi,
+                            propagate_nan=tl.PropagateNan.ALL)
         return dt
+
+    @triton.jit
+    def rate_step(a, dt):
+        """``A * dt``, 0 where the step ``dt`` is 0: a step of length 0 keeps the state
+        whatever the rate, ``A = -inf`` included (IEEE makes ``-inf * 0`` NaN; the native
+        ops' ``_step.decay``)."""
+        return tl.where(dt == 0, 0.0, a * dt)
 
     @triton.jit
     def real_row(row, pad_slot_id, nslots):

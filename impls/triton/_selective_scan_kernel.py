@@ -15,7 +15,7 @@ is uniform across the program).
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import only_if, real_row, step_size
+from ._jit import only_if, rate_step, real_row, step_size
 
 if triton is not None:
 
@@ -125,7 +125,7 @@ if triton is not None:
                         b = tl.load(B_rows + (c0 + i) * s_B_t, mask=tile_mask, other=0.0)
                         c = tl.load(C_rows + (c0 + i) * s_C_t, mask=tile_mask, other=0.0)
                         b, c = b.to(tl.float32), c.to(tl.float32)
-                    h = h * tl.exp(A * dt_i) + dtx_i * b
+                    h = h * tl.exp(rate_step(A, dt_i)) + dtx_i * b
                     y = tl.where(pick, tl.sum(h * c, axis=1)[:, None], y)
                     if CHECKPOINTS:
                         # position done + c0 + i + 1 of the request ends a block: the j-th

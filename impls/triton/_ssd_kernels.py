@@ -19,7 +19,8 @@ capturable:
    one fp32 accumulator, stored in fp32 or (``Config.contrib_half``) in the 16-bit input
    dtype; for a sequence's only chunk (``Config.single_chunk_pass``) the program passes
    the state itself instead (step 3 for that sequence). The same launch computes ``C B^T``
-   (step 4) in programs after the chunk-state ones.
+   (step 4) in programs after the chunk-state ones. A program whose contribution is not
+   finite (a non-finite x) flags its chunk for step 5: the sign bit of its length.
 3. ``state_pass_kernel`` (sequence x head x state tile): reads the source row once, walks
    the sequence's chunks in order carrying the state in fp32 registers (``h = h *
    decay(chunk) + contribution(chunk)``), stores the state entering each chunk (in the
@@ -33,7 +34,11 @@ capturable:
    ``y = exp(cum) * (C @ H_in^T) + (C B^T * decay * dt, causal) @ x (+ D x)``, gated by
    ``silu(z)``. The decay of the source blocks before the output rows factors into a
    weight per source token and one per output row: an exp per pair of tokens only on the
-   diagonal block. A chunk's last row blocks start first.
+   diagonal block. A chunk's last row blocks start first. The programs of a flagged chunk
+   multiply only finite x in the diagonal block (its causal zeros times a NaN would reach
+   the tokens before it) and make each output NaN from the first row whose x in its column
+   is not finite, as the recurrence carries it; the branch precedes every load, so the
+   usual path compiles as it would alone.
 
 Offsets that can pass 2**31 (tokens x strides, rows x row stride, chunks x state size) are
 int64; matmul operands are the inputs' 16-bit dtype with fp32 accumulation, or fp32 with
@@ -43,7 +48,7 @@ IEEE products when the inputs are fp32 or of mixed dtypes.
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import LOG2E, and_real_row, only_if, real_row, silu, step_size
+from ._jit import LOG2E, and_real_row, only_if, rate_step, real_row, silu, step_size
 
 if triton is not None:
     # the optional row indices of the kernels that read and write state rows
@@ -51,6 +56,13 @@ if triton is not None:
         "HAS_DONE": given("done_ptr"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
         "HAS_CKPT": given("ckpt_ptr"),
     }
+    # the sign bit of a chunk's length in the plan: set by the chunk-state programs when the
+    # chunk's contribution is not finite, read by the scan (every reader masks it off)
+    NONFINITE: tl.constexpr = tl.constexpr(-(2**31))
+    LENGTH_BITS: tl.constexpr = tl.constexpr(2**31 - 1)
+    # a step's decay in base 2 is at least 2^-DECAY_FLOOR, which is 0 in fp32 (exp2
+    # underflows below -150): with A = -inf a chunk's decay sums stay exact multiples of it
+    DECAY_FLOOR: tl.constexpr = tl.constexpr(256.0)
 
     @triton.heuristics({"HAS_DONE": given("done_ptr")})
     @triton.jit
@@ -139,8 +151,12 @@ if triton is not None:
         d = tl.where(live, d, 0.0)
         a = tl.load(A_ptr + heads * s_A, mask=live_h, other=0.0).to(tl.float32)
         # decay sums in base 2: every exp of them is then one ex2 instruction (the
-        # base-e exp adds a multiply and a subnormal fix-up around it)
-        da = d * a[None, :] * LOG2E
+        # base-e exp adds a multiply and a subnormal fix-up around it). A step of 0 decays
+        # by 0 whatever A (rate_step), and a decay is floored at -DECAY_FLOOR, as 0 in fp32
+        # as -inf: with A = -inf the sums stay finite, where -inf - -inf would make every
+        # weight after the first such step NaN
+        da = tl.maximum(rate_step(a[None, :], d) * LOG2E, -DECAY_FLOOR,
+                        propagate_nan=tl.PropagateNan.ALL)
         # the decay after each token is summed from the chunk's end rather than taken as
         # total - cum: that difference of two sums of the whole chunk loses ~1e-5 of the
         # weights in fp32 (the GPU test of the fp32 carry against float64 sees it)
@@ -152,6 +168,23 @@ if triton is not None:
         # (0 past the chunk's end): the chunk-state programs load it without a mask
         tl.store(wts_ptr + at, tl.exp2(rest) * d, mask=live_h[None, :])
         tl.store(decay_ptr + c * nheads + heads, tl.sum(da, 0), mask=live_h)
+
+    @triton.jit
+    def _left_columns(h, WIDTH: tl.constexpr):
+        """The first 8 columns of ``h`` (``WIDTH`` <= 256 of them), halved off the top:
+        a split of register-held columns, no data movement on the tensor-core layout."""
+        rows: tl.constexpr = h.shape[0]
+        if WIDTH >= 256:
+            h, _ = tl.split(tl.permute(tl.reshape(h, [rows, 2, 128]), [0, 2, 1]))
+        if WIDTH >= 128:
+            h, _ = tl.split(tl.permute(tl.reshape(h, [rows, 2, 64]), [0, 2, 1]))
+        if WIDTH >= 64:
+            h, _ = tl.split(tl.permute(tl.reshape(h, [rows, 2, 32]), [0, 2, 1]))
+        if WIDTH >= 32:
+            h, _ = tl.split(tl.permute(tl.reshape(h, [rows, 2, 16]), [0, 2, 1]))
+        if WIDTH >= 16:
+            h, _ = tl.split(tl.permute(tl.reshape(h, [rows, 2, 8]), [0, 2, 1]))
+        return h
 
     @triton.jit
     def _contribution(
@@ -208,7 +241,8 @@ if triton is not None:
             return
         c = tl.program_id(0).to(tl.int64)
         bos = tl.load(table_ptr + bound + c).to(tl.int64)
-        length = tl.load(table_ptr + 2 * bound + c)
+        # a program of this launch may have flagged the chunk already (NONFINITE)
+        length = tl.load(table_ptr + 2 * bound + c) & LENGTH_BITS
         if length == 0:  # past the chunk count
             return
         head = tl.program_id(1).to(tl.int64)
@@ -252,6 +286,12 @@ if triton is not None:
         else:
             tl.store(contrib_ptr + slot * dim * WIDTH_N + tile,
                      h.to(contrib_ptr.dtype.element_ty), mask=mask_p[:, None])
+        # a non-finite x makes its row of the contribution non-finite: the chunk is flagged
+        # and the scan multiplies only finite x in its diagonal blocks, whose causal zeros
+        # would otherwise turn it into NaN for the tokens before it (0 * NaN)
+        total = tl.sum(tl.sum(_left_columns(h, BLOCK_N), 1), 0)
+        if total - total != 0.0:
+            tl.store(table_ptr + 2 * bound + c, length | NONFINITE)
 
     @triton.jit
     def _pass_single(
@@ -407,7 +447,8 @@ if triton is not None:
         mblk = (pid // kblocks) % mblocks
         group = ((pid // kblocks // mblocks) % ngroups).to(tl.int64)
         c = (pid // kblocks // mblocks // ngroups).to(tl.int64)
-        length = tl.load(table_ptr + 2 * bound + c)  # 0 past the chunk count
+        # 0 past the chunk count; a chunk-state program may have flagged it (NONFINITE)
+        length = tl.load(table_ptr + 2 * bound + c) & LENGTH_BITS
         bos = tl.load(table_ptr + bound + c).to(tl.int64)
         m0 = mblk * BLOCK_M
         s0 = kblk * BLOCK_K
@@ -436,11 +477,14 @@ if triton is not None:
         s_D_head, s_D_dim,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, D_DIAG: tl.constexpr, PREC: tl.constexpr,
         MM_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EXACT: tl.constexpr,
     ):
         """Outputs of the ``BLOCK_M`` tokens from ``m0`` of one chunk and head, given
         their C rows ``cm``, the state entering the chunk ``hin`` as (dstate, headdim)
-        and the chunk's C B^T rows from ``m0`` (``cb_rows``, one per output token)."""
+        and the chunk's C B^T rows from ``m0`` (``cb_rows``, one per output token).
+        ``EXACT`` (a chunk with a non-finite x): the diagonal block multiplies finite x
+        only, and an output is NaN from the first row whose x in its column is not
+        finite, as the recurrence propagates it."""
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
         mask_m = offs_m < length
@@ -487,6 +531,7 @@ if triton is not None:
             zm = tl.load(z_ptr + tok_m[:, None] * s_z_tok + head * s_z_head
                          + offs_p[None, :] * s_z_dim, mask=mask_mp, other=0.0)
         rows = tl.arange(0, BLOCK_M)
+        first_bad = tl.zeros_like(offs_p).to(tl.int32) + BLOCK_M  # per column, for EXACT
         for k in tl.static_range(BLOCK_M // BLOCK_D):
             if m0 + k * BLOCK_D < length:
                 offs_s = m0 + k * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -503,7 +548,15 @@ if triton is not None:
                 xs = tl.load(x_ptr + (bos + offs_s)[:, None] * s_x_tok + head * s_x_head
                              + offs_p[None, :] * s_x_dim,
                              mask=(offs_s < length)[:, None] & mask_p[None, :], other=0.0)
+                if EXACT:
+                    finite = tl.abs(xs.to(tl.float32)) < float("inf")
+                    xs = tl.where(finite, xs, 0.0)
+                    src = k * BLOCK_D + tl.arange(0, BLOCK_D)
+                    first_bad = tl.minimum(
+                        first_bad, tl.min(tl.where(finite, BLOCK_M, src[:, None]), axis=0))
                 acc = tl.dot(w.to(MM_DTYPE), xs.to(MM_DTYPE), acc=acc, input_precision=PREC)
+        if EXACT:
+            acc = tl.where(rows[:, None] >= first_bad[None, :], float("nan"), acc)
         # the D x epilogue (D per headdim column) loads its tiles late: loaded before the
         # diagonal block they held registers through it, 7-10 % slower (H100, 2026-11-23)
         if HAS_D and not D_DIAG:
@@ -517,6 +570,38 @@ if triton is not None:
         tl.store(out_ptr + tok_m[:, None] * s_out_tok + head * s_out_head
                  + offs_p[None, :] * s_out_dim, acc.to(out_ptr.dtype.element_ty),
                  mask=mask_mp)
+
+    @triton.jit
+    def _scan_block(
+        x_ptr, C_ptr, D_ptr, z_ptr, out_ptr, hin_ptr, cum_ptr, dts_ptr, cb_ptr,
+        c, bos, length, m0, head, group, ngroups, slot, pblk, dim, dstate,
+        s_x_tok, s_x_head, s_x_dim, s_C_tok, s_C_group, s_C_n, s_z_tok, s_z_head, s_z_dim,
+        s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, D_DIAG: tl.constexpr, PREC: tl.constexpr,
+        MM_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
+    ):
+        """The work of one scan program once its place in the grid is known."""
+        offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_p = offs_p < dim
+        mask_n = offs_n < dstate
+        cm = tl.load(C_ptr + group * s_C_group + (bos + offs_m)[:, None] * s_C_tok
+                     + offs_n[None, :] * s_C_n,
+                     mask=(offs_m < length)[:, None] & mask_n[None, :], other=0.0)
+        # the state entering the chunk, as (dstate, headdim)
+        hin = tl.load(hin_ptr + slot * dim * BLOCK_N + offs_p[None, :] * BLOCK_N
+                      + offs_n[:, None], mask=mask_p[None, :], other=0.0)
+        cb_rows = cb_ptr + ((c * ngroups + group) * BLOCK_L + offs_m[:, None]) * BLOCK_L
+        _scan_rows(
+            x_ptr, D_ptr, z_ptr, out_ptr, cum_ptr, dts_ptr, cb_rows,
+            cm.to(MM_DTYPE), hin.to(MM_DTYPE), bos, length, m0, head, slot, offs_p, mask_p,
+            s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
+            s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
+            HAS_D, HAS_Z, D_DIAG, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_D, EXACT,
+        )
 
     @triton.heuristics({"HAS_D": given("D_ptr"), "HAS_Z": given("z_ptr")})
     @triton.jit
@@ -552,7 +637,8 @@ if triton is not None:
         # row blocks first instead lost 19-29 % (the chunk's x tiles leave L2 between uses)
         mblk = mblocks - 1 - (pid // pblocks // nheads) % mblocks
         c = (pid // pblocks // nheads // mblocks).to(tl.int64)
-        length = tl.load(table_ptr + 2 * bound + c)  # 0 past the chunk count
+        flagged = tl.load(table_ptr + 2 * bound + c)  # 0 past the chunk count
+        length = flagged & LENGTH_BITS
         bos = tl.load(table_ptr + bound + c).to(tl.int64)
         m0 = mblk * BLOCK_M
         if m0 >= length:
@@ -561,22 +647,23 @@ if triton is not None:
         ngroups = nheads // heads_per_group
         slot = c * nheads + head
 
-        offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_p = offs_p < dim
-        mask_n = offs_n < dstate
-        cm = tl.load(C_ptr + group * s_C_group + (bos + offs_m)[:, None] * s_C_tok
-                     + offs_n[None, :] * s_C_n,
-                     mask=(offs_m < length)[:, None] & mask_n[None, :], other=0.0)
-        # the state entering the chunk, as (dstate, headdim)
-        hin = tl.load(hin_ptr + slot * dim * BLOCK_N + offs_p[None, :] * BLOCK_N
-                      + offs_n[:, None], mask=mask_p[None, :], other=0.0)
-        cb_rows = cb_ptr + ((c * ngroups + group) * BLOCK_L + offs_m[:, None]) * BLOCK_L
-        _scan_rows(
-            x_ptr, D_ptr, z_ptr, out_ptr, cum_ptr, dts_ptr, cb_rows,
-            cm.to(MM_DTYPE), hin.to(MM_DTYPE), bos, length, m0, head, slot, offs_p, mask_p,
-            s_x_tok, s_x_head, s_x_dim, s_z_tok, s_z_head, s_z_dim,
-            s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
-            HAS_D, HAS_Z, D_DIAG, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_D,
-        )
+        # a chunk holding a non-finite x (NONFINITE, rare) runs the exact diagonal block; the
+        # branch comes before any load, so the usual path compiles as it would alone
+        if flagged < 0:
+            _scan_block(
+                x_ptr, C_ptr, D_ptr, z_ptr, out_ptr, hin_ptr, cum_ptr, dts_ptr, cb_ptr,
+                c, bos, length, m0, head, group, ngroups, slot, pblk, dim, dstate,
+                s_x_tok, s_x_head, s_x_dim, s_C_tok, s_C_group, s_C_n, s_z_tok, s_z_head,
+                s_z_dim, s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
+                HAS_D, HAS_Z, D_DIAG, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_D,
+                BLOCK_P, BLOCK_N, True,
+            )
+        else:
+            _scan_block(
+                x_ptr, C_ptr, D_ptr, z_ptr, out_ptr, hin_ptr, cum_ptr, dts_ptr, cb_ptr,
+                c, bos, length, m0, head, group, ngroups, slot, pblk, dim, dstate,
+                s_x_tok, s_x_head, s_x_dim, s_C_tok, s_C_group, s_C_n, s_z_tok, s_z_head,
+                s_z_dim, s_out_tok, s_out_head, s_out_dim, s_D_head, s_D_dim,
+                HAS_D, HAS_Z, D_DIAG, PREC, MM_DTYPE, BLOCK_L, BLOCK_M, BLOCK_K, BLOCK_D,
+                BLOCK_P, BLOCK_N, False,
+            )

@@ -18,7 +18,7 @@ is a view of a larger one).
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import only_if, real_row, step_size, token_range
+from ._jit import only_if, rate_step, real_row, step_size, token_range
 
 if triton is not None:
 
@@ -63,11 +63,11 @@ if triton is not None:
         c = tl.load(C_ptr + seq * s_C_seq + tok * s_C_tok + group * s_C_group + offs_n * s_C_n,
                     mask=mask_n, other=0.0).to(tl.float32)
         if DT_TIED:
-            decay = tl.exp(a * dt)  # a scalar, or A's tile when A is not tied
+            decay = tl.exp(rate_step(a, dt))  # a scalar, or A's tile when A is not tied
         elif A_TIED:
-            decay = tl.exp(a * dt)[:, None]
+            decay = tl.exp(rate_step(a, dt))[:, None]
         else:
-            decay = tl.exp(a * dt[:, None])
+            decay = tl.exp(rate_step(a, dt[:, None]))
         h = h * decay + (dt * x)[:, None] * b[None, :]
         y = tl.sum(h * c[None, :], axis=1)
         if HAS_D:

@@ -25,7 +25,7 @@ from ._rows import (
     store,
     with_checkpoints,
 )
-from ._step import step_size
+from ._step import decay, step_size
 from ._tokens import token_layout
 
 # A chunked provider multiplies 16-bit inputs on tensor cores (the state entering a chunk,
@@ -99,7 +99,7 @@ def mamba_chunk_scan(
         dtt = dtt[:, :, None, None]
         Bt = seq.gather(B, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
         Ct = seq.gather(C, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
-        h_next = h * torch.exp(A * dtt) + dtt * Bt * xt[..., None]
+        h_next = h * decay(A, dtt) + dtt * Bt * xt[..., None]
         h = torch.where(live[:, None, None, None], h_next, h)
         y = (h * Ct).sum(-1)
         if D is not None:

@@ -26,7 +26,7 @@ from ._rows import (
     store,
     with_checkpoints,
 )
-from ._step import step_size
+from ._step import decay, step_size
 from ._tokens import token_layout
 
 
@@ -102,7 +102,7 @@ def selective_scan(
         dt = step_size(seq.gather(delta_t, tok), delta_bias, delta_softplus)
         Bt = seq.gather(B_t, tok).float().repeat_interleave(per_group, dim=1)
         Ct = seq.gather(C_t, tok).float().repeat_interleave(per_group, dim=1)
-        h_next = h * torch.exp(A * dt[..., None]) + (dt * x)[..., None] * Bt
+        h_next = h * decay(A, dt[..., None]) + (dt * x)[..., None] * Bt
         h = torch.where(live[:, None, None], h_next, h)
         y = (h * Ct).sum(-1)
         if D is not None:

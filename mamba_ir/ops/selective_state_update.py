@@ -12,7 +12,7 @@ from ..op import Redirect, Rows, RowSpec, register_op
 from . import _example
 from ._quant import STATE_DTYPES, check_scale, row_value
 from ._rows import initial, store
-from ._step import step_size
+from ._step import decay, step_size
 from ._tokens import token_layout
 
 INDICES = ("state_batch_indices", "dst_state_batch_indices")
@@ -94,7 +94,7 @@ def selective_state_update(
         Bt = seq.gather(B, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
         Ct = seq.gather(C, tok).float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
         dtt = dtt[..., None]
-        h_next = h * torch.exp(A.float() * dtt) + dtt * Bt * xt[..., None]
+        h_next = h * decay(A.float(), dtt) + dtt * Bt * xt[..., None]
         h = torch.where(live[:, None, None, None], h_next, h)
         y = (h * Ct).sum(-1)
         if D is not None:

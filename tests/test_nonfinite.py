@@ -1,0 +1,173 @@
+"""Non-finite values: a NaN or inf in one token's input reaches only that token and the later
+tokens of its sequence (and its sequence's destination row), as in the recurrence, in
+every provider; non-finite but legal parameters (A = -inf, steps of exactly 0, the
+``dt_limit`` default ``(0, inf)``) give the recurrence's result.
+
+Every provider that runs on the CPU is checked (native; Triton through its interpreter, on
+small calls); the ``gpu`` tests repeat the poison property at Mamba2 size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import Phase, example, given, settings
+from hypothesis import strategies as st
+from nonfinite_calls import BUILDERS, Seqs
+
+from mamba_ir import get_op
+
+pytest.importorskip("triton")
+
+LENGTHS = [5, 7, 3]  # chunk 4: the middle sequence's tokens 4..6 share a chunk
+NAN, INF = math.nan, math.inf
+PROVIDERS = ["native", "triton"]
+
+
+def _poison(seqs: Seqs, call: dict, name: str, tok: int, value: float) -> None:
+    """``value`` into one element of token ``tok`` of the per-token input ``name`` (a tied
+    input, stride 0 over an axis, takes it for the whole axis: still one token)."""
+    t = call[name]
+    index = [0] * t.dim()
+    index[seqs.inputs[name]] = tok
+    t[tuple(index)] = value
+
+
+def _nonfinite_tokens(seqs: Seqs, out: torch.Tensor) -> set[int]:
+    return {t for t in range(sum(seqs.lengths))
+            if not bool(seqs.token(out, t).isfinite().all())}
+
+
+def _check_poison(seqs: Seqs, provider: str, clean: tuple[torch.Tensor, torch.Tensor],
+                  name: str, b: int, offset: int, value: float) -> None:
+    tok = seqs.starts[b] + offset % seqs.lengths[b]
+    end = seqs.starts[b] + seqs.lengths[b]
+    runs = {}
+    for who in {provider, "native"}:
+        call = seqs.clone()
+        _poison(seqs, call, name, tok, value)
+        runs[who] = seqs.run(who, call), call[seqs.state]
+    out, state = runs[provider]
+    clean_out, clean_state = clean
+    where = f"{seqs.op} {provider}: {name}[{tok}] = {value} (sequence {b}, tokens up to {end})"
+    changed = {t for t in range(sum(seqs.lengths))
+               if not torch.equal(seqs.token(out, t), seqs.token(clean_out, t))}
+    assert changed <= set(range(tok, end)), (where, "outputs changed", sorted(changed))
+    rows = [r for r in range(state.shape[0]) if r != seqs.dst[b]]
+    assert torch.equal(state[rows], clean_state[rows]), (where, "another row changed")
+    # as far as the recurrence carries it: the same tokens and row non-finite as native's
+    native_out, native_state = runs["native"]
+    assert _nonfinite_tokens(seqs, out) == _nonfinite_tokens(seqs, native_out), where
+    row = seqs.dst[b]
+    assert bool(state[row].isfinite().all()) == bool(native_state[row].isfinite().all()), where
+
+
+# explicit examples, one per per-token input in the order of ``Seqs.inputs`` (Triton runs
+# the first three: x, the step, B). The first is a NaN x after an earlier token of its chunk,
+# which the Triton scan's tensor-core products once spread to that earlier token; the
+# second a NaN step, which a clamp without NaN propagation once turned into dt_limit's bound
+EXAMPLES = [(1, 5, NAN), (1, 2, NAN), (0, 3, INF), (1, 6, -INF), (2, 1, NAN)]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op", sorted(BUILDERS))
+def test_a_poisoned_token_reaches_only_itself_and_later_tokens_of_its_sequence(op, provider):
+    seqs = BUILDERS[op](LENGTHS)
+    clean_call = seqs.clone()
+    clean = seqs.run(provider, clean_call), clean_call[seqs.state]
+    assert bool(clean[0].isfinite().all())
+    names = list(seqs.inputs)
+
+    @settings(max_examples=25, deadline=None,
+              phases=[Phase.explicit] if provider != "native" else list(Phase))
+    @given(name=st.sampled_from(names), b=st.integers(0, len(LENGTHS) - 1),
+           offset=st.integers(0, 6), value=st.sampled_from([NAN, INF, -INF]))
+    def poison(name, b, offset, value):
+        _check_poison(seqs, provider, clean, name, b, offset, value)
+
+    explicit = EXAMPLES if provider == "native" else EXAMPLES[:3]
+    for name, (b, offset, value) in zip(names, explicit, strict=False):
+        poison = example(name=name, b=b, offset=offset, value=value)(poison)
+    poison()
+
+
+# -- legal non-finite parameters ------------------------------------------------------------
+
+
+def _legal_nonfinite(op: str, A_value: float) -> Seqs:
+    """Head (or channel) 0 decays at rate ``A_value``; every third step is exactly 0: a raw
+    step of 0 without softplus, or a negative one clamped by ``dt_limit = (0, inf)``
+    (transformers' default ``time_step_limit``) where the op has it."""
+    ntok = sum(LENGTHS)
+    steps = torch.rand(ntok, generator=torch.Generator().manual_seed(3)) + 0.05
+    if op == "selective_scan":
+        steps[::3] = 0.0
+        dim = BUILDERS[op](LENGTHS).call["u"].shape[0]
+        A = BUILDERS[op](LENGTHS).call["A"].clone()
+        A[0] = A_value
+        return BUILDERS[op](LENGTHS, delta=steps[:, None].repeat(1, dim).t(), A=A,
+                            delta_softplus=False, delta_bias=torch.zeros(dim))
+    steps[::3] = -1.0
+    base = BUILDERS[op](LENGTHS).call
+    heads = base["x"].shape[1]
+    if op == "mamba_chunk_scan":
+        dt, A = steps[:, None].repeat(1, heads), base["A"].clone()
+        A[0] = A_value
+    else:  # the SSU: dt and A tied over headdim (and dstate)
+        dt = steps[:, None, None].expand(base["dt"].shape)
+        rates = base["A"][:, 0, 0].clone()
+        rates[0] = A_value
+        A = rates[:, None, None].expand(base["A"].shape)
+    return BUILDERS[op](LENGTHS, dt=dt, A=A, dt_softplus=False,
+                        dt_bias=torch.zeros_like(base["dt_bias"]))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op", ["mamba_chunk_scan", "selective_state_update", "selective_scan"])
+def test_a_rate_of_minus_inf_and_steps_of_zero_give_the_recurrences_result(op, provider):
+    """A = -inf clears the state at every step longer than 0; a step of exactly 0 keeps it
+    (A * dt is 0 when dt is 0, whatever A): the result of A = -1e30, where IEEE arithmetic
+    has no -inf * 0. Finite everywhere, and the same in every provider."""
+    seqs = _legal_nonfinite(op, -INF)
+    want = _legal_nonfinite(op, -1e30)
+    out_want = want.run("native", want.call)
+    assert bool(out_want.isfinite().all())
+    out = seqs.run(provider, seqs.call)
+    assert bool(out.isfinite().all()) and bool(seqs.call[seqs.state].isfinite().all())
+    torch.testing.assert_close(out, out_want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seqs.call[seqs.state], want.call[want.state], atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_a_step_of_zero_keeps_the_state_whatever_the_rate():
+    """Native, by definition: with every step 0 and A = -inf the state rows are as they
+    were and every output is C . h + D x from the unchanged state."""
+    seqs = BUILDERS["mamba_chunk_scan"]([3], dt_softplus=False)
+    call = seqs.call
+    call["dt"].fill_(-1.0)  # clamped to 0 by dt_limit = (0, inf)
+    call["dt_bias"].zero_()
+    call["A"].fill_(-INF)
+    before = call["state"].clone()
+    get_op("mamba_chunk_scan").native(**call)
+    torch.testing.assert_close(call["state"], before, atol=0, rtol=0)
+
+
+# -- full size, compiled Triton kernels --------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(BUILDERS))
+def test_a_poisoned_token_full_size_gpu(op):
+    """The poison property at Mamba2 size (bf16): sequences of several chunks and one of a
+    single chunk, a NaN x after earlier tokens of its 64-token scan block, and an inf step."""
+    lengths = [700, 300, 1100]
+    seqs = BUILDERS[op](lengths, "cuda", full=True)
+    clean_call = seqs.clone()
+    clean = seqs.run("triton", clean_call), clean_call[seqs.state]
+    names = list(seqs.inputs)
+    for name, (b, offset, value) in zip(names, [(2, 517, NAN), (0, 300, INF), (1, 40, NAN),
+                                               (2, 1000, -INF), (0, 3, NAN)], strict=False):
+        _check_poison(seqs, "triton", clean, name, b, offset, value)
+    torch.cuda.synchronize()
