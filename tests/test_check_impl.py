@@ -87,6 +87,7 @@ def test_describe_call_lists_every_argument_and_the_rows() -> None:
         "  src         : (2,) int64 on cpu, strides (1,), offset 0, values [1, 1]",
         "  dst         : (2,) int64 on cpu, strides (1,), offset 0, values [2, 4]",
         "  pad_slot_id : -1",
+        "  state_scale : None",
         "  rows of state (6 slots, pad_slot_id=-1): reads [1], writes [2, 4], "
         "does not address [0, 3, 5]",
     ]
@@ -96,8 +97,8 @@ def test_describe_call_lists_every_argument_and_the_rows() -> None:
 
 
 def _copy_then(extra: Callable[[torch.Tensor], None]) -> Callable[..., None]:
-    def provider(state, src, dst, pad_slot_id):
-        ops.copy_state_blocks.native(state, src, dst, pad_slot_id)
+    def provider(state, src, dst, pad_slot_id, state_scale=None):
+        ops.copy_state_blocks.native(state, src, dst, pad_slot_id, state_scale)
         extra(state)
 
     return provider
@@ -206,9 +207,9 @@ FAILING_FAST = settings(max_examples=40, deadline=None, derandomize=True, databa
 
 
 def test_check_impl_fails_with_the_message_of_the_failing_call() -> None:
-    def write_last(state, src, dst, pad_slot_id):
-        ops.copy_state_blocks.native(state, src, dst, pad_slot_id)
-        state[-1] = 0.0
+    def write_last(state, src, dst, pad_slot_id, state_scale=None):
+        ops.copy_state_blocks.native(state, src, dst, pad_slot_id, state_scale)
+        state[-1] = 0
 
     with registered(ops.copy_state_blocks, write_last) as name:
         with pytest.raises(AssertionError, match=r"(?s)changed state row \d+, which the call "
@@ -231,9 +232,14 @@ def _rounded_inputs(op: IrOp, dtype: torch.dtype = torch.bfloat16) -> Callable[.
     return provider
 
 
-def _copy_through_bf16(state, src, dst, pad_slot_id):
+def _copy_through_bf16(state, src, dst, pad_slot_id, state_scale=None):
     keep = (src != pad_slot_id) & (dst != pad_slot_id)
-    state[dst[keep]] = state[src[keep]].to(torch.bfloat16).to(state.dtype)
+    rows = state[src[keep]]
+    if state.dtype in (torch.float32, torch.float16):  # what bfloat16 can round
+        rows = rows.to(torch.bfloat16).to(state.dtype)
+    state[dst[keep]] = rows
+    if state_scale is not None:
+        state_scale[dst[keep]] = state_scale[src[keep]]
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -268,7 +274,9 @@ def test_a_float32_state_of_16_bit_inputs_is_held_to_float32() -> None:
 
 def test_result_tolerance_is_the_results_dtype_unless_the_op_loosens_it() -> None:
     f32, bf16 = torch.float32, torch.bfloat16
-    assert result_tolerance(f32, [bf16, f32], "selective_state_update") == tolerance(f32)
+    # (the op's own float32 entry: its GPU exp and FMA need 2e-4 at full size)
+    ssu = "selective_state_update"
+    assert result_tolerance(f32, [bf16, f32], ssu) == tolerance(f32, op=ssu)
     assert result_tolerance(bf16, [f32], "selective_state_update") == tolerance(bf16)
     # the chunked scan multiplies 16-bit inputs on tensor cores: a float32 state of bfloat16
     # inputs carries their rounding; of float32 inputs (IEEE products) it does not

@@ -159,8 +159,10 @@ class _Result:
 
 def _results(op: IrOp, rows: _Rows, returned: Any) -> list[_Result]:
     out = []
-    value = op.rows.value if op.rows is not None else None
-    if rows.written and value is not None:  # the row's members as the values they encode
+    # a row of several tensors (a quantized state and its scales) compares as the values
+    # its members encode; a row of one tensor compares that tensor
+    value = op.rows.value if op.rows is not None and len(rows.tensors) > 1 else None
+    if rows.written and value is not None:
         idx = list(rows.written)
 
         def members(c: dict[str, Any], i: list[int] = idx) -> dict[str, Any]:
