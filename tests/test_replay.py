@@ -4,6 +4,7 @@ and its checks."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -249,7 +250,7 @@ def _both(seed: int, nsteps: int, ring: int, state_dtype: torch.dtype, in_dtype:
           schedule: Schedule | None = None):
     """Run a stream through both ops; returns per step (replay out, standard out, float64
     out), and the final rows of both with the truth. Outputs are float32 whatever the
-    inputs, so that they show the state's rounding rather than their own."""
+    inputs' values, so that they show the state's rounding rather than their own."""
     gen = torch.Generator().manual_seed(seed)
     model = Model.draw(gen)
     sched = schedule or Schedule.draw(seed=seed, nsteps=nsteps, dtype=in_dtype)
@@ -260,14 +261,14 @@ def _both(seed: int, nsteps: int, ring: int, state_dtype: torch.dtype, in_dtype:
     outs = []
     for step in sched.steps:
         call = _replay_call(rows, step, model)
-        call["out"] = torch.empty(step.x.shape)
+        call["out"] = torch.empty_like(step.x)
         got = ops.replay_state_update(**call)
         want = ops.selective_state_update(
             standard, step.x, step.dt, model.A, step.B, step.C, D=model.D, z=step.z,
             dt_bias=model.dt_bias, dt_softplus=True,
             state_batch_indices=call["state_batch_indices"],
             dst_state_batch_indices=call["dst_state_batch_indices"],
-            out=torch.empty(step.x.shape))
+            out=torch.empty_like(step.x))
         outs.append((got, want, truth.step(sched, step)))
     return outs, rows, standard, truth, model
 
@@ -308,8 +309,12 @@ def accuracy(ring: int, nsteps: int = 300) -> dict[str, float]:
     """bf16 state and inputs: each op's relative RMS error against the float64 recurrence,
     over every output of the stream and over the final states."""
     sched = _steady_schedule(nsteps, torch.bfloat16)
+    # the bf16 inputs' values held in float32, so that the outputs can be float32 (an out
+    # must have x's dtype) and show the state's rounding rather than their own
+    sched.steps = [dataclasses.replace(s, x=s.x.float(), dt=s.dt.float(), B=s.B.float(),
+                                       C=s.C.float(), z=s.z.float()) for s in sched.steps]
     outs, rows, standard, truth, model = _both(0, nsteps, ring, torch.bfloat16,
-                                               torch.bfloat16, schedule=sched)
+                                               torch.float32, schedule=sched)
     want = torch.stack([w for _, _, w in outs])
     states = torch.stack([truth.h[r] for r in range(standard.shape[0])])
     return {
