@@ -225,6 +225,7 @@ def _check(call: dict) -> None:
         checks.tensor(call, name, shape=x.shape, optional=True)
     if call["out"] is not None:
         checks.writable(call, "out")
+        checks.same_dtype(call, "out", "x")
     checks.dt_limit(call)
     for name in INDICES:
         checks.index(call, name, rows=batch, padded=True)
