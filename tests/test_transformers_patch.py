@@ -437,8 +437,11 @@ def test_refuses_transformers_outside_its_range(monkeypatch, version):
     assert not any(hf.is_patched(m) for m in model.modules())
 
 
-def test_each_mixer_class_is_checked_once_and_the_caller_keeps_its_random_stream(
+def test_each_mixer_class_is_checked_once_leaving_the_callers_settings(
         monkeypatch, fresh_verdicts):
+    """Two models of four and two Mamba2 layers: one check. It draws no number from the
+    caller's random stream, and runs in float32 with one thread whatever the caller set,
+    which it leaves as it was."""
     checked = []
     check = hf._check_class
     monkeypatch.setattr(hf, "_check_class", lambda cls, *a: checked.append(cls) or check(cls, *a))
@@ -447,8 +450,15 @@ def test_each_mixer_class_is_checked_once_and_the_caller_keeps_its_random_stream
     torch.manual_seed(3)
     want = torch.rand(4)
     torch.manual_seed(3)
-    for model in models:
-        hf.patch(model)
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for model in models:
+            hf.patch(model)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(dtype)
+    assert torch.get_num_threads() == threads
     assert torch.equal(torch.rand(4), want)
     assert checked == [type(models[0].backbone.layers[0].mixer)]
     assert all(hf.is_patched(layer.mixer) for m in models for layer in m.backbone.layers)

@@ -235,7 +235,7 @@ def _check_class(cls: type, forward: Any, spec: _Mixer, variant: dict[str, Any])
 
     modeling = sys.modules[cls.__module__]
     # the tiny model draws its weights from the global generator: leave the caller's alone
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), _one_thread(), _quiet(), \
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), _check_settings(), \
             set_priority(["native"]):
         torch.manual_seed(0)
         try:
@@ -308,29 +308,27 @@ def _check_class(cls: type, forward: Any, spec: _Mixer, variant: dict[str, Any])
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """transformers' own forward warns that it runs its torch reference path: true of the
-    check's reference run, not of the patched model, so not said while checking."""
+def _check_settings() -> Iterator[None]:
+    """The process settings the check runs under; the caller's are restored after.
+
+    - float32 as the default dtype: the check is float32 whatever the caller set;
+    - one intra-op thread: the check's ops are tiny, and on a busy machine (a CI runner,
+      pytest workers) every thread team costs more than the op;
+    - transformers' warnings held back: its own forward warns that it runs its torch
+      reference path, true of the check's reference run, not of the patched model.
+    """
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     logger = logging.getLogger("transformers")
     level = logger.level
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(1)
     logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The check's ops are tiny: on a busy machine (a CI runner, pytest workers) every
-    intra-op thread team costs more than the op; one thread keeps the check in a fraction
-    of a second there too. The caller's setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
         torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
 
 
 def _disagreement(got: Any, want: Any, window: int | None = None) -> str | None:
