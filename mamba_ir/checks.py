@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
+import types
+import typing
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -226,6 +229,44 @@ def decay_rates(name: str, values: torch.Tensor) -> None:
     above = values[values > 0]
     if above.numel():
         fail(name, "decay rates <= 0 (A = -exp(A_log))", f"{above.max().item():g}")
+
+
+# strings (``activation``) are checked by their ops against the values they take
+_SCALARS = {int: "an int", bool: "a bool (True or False)", float: "a number"}
+
+
+def scalar_kinds(signature: inspect.Signature) -> dict[str, tuple[type, bool]]:
+    """The op's scalar arguments (annotated ``int``, ``bool`` or ``float``, or one of those
+    ``| None``): name -> (type, whether None is allowed)."""
+    kinds = {}
+    for name, param in signature.parameters.items():
+        ann = param.annotation
+        args = typing.get_args(ann) if isinstance(ann, types.UnionType) else (ann,)
+        optional = type(None) in args
+        scalar = [a for a in args if a in _SCALARS]
+        if scalar and len(scalar) + optional == len(args):
+            kinds[name] = (scalar[0], optional)
+    return kinds
+
+
+def scalars(call: dict[str, Any], kinds: dict[str, tuple[type, bool]]) -> None:
+    """Each scalar argument has its declared Python type: a bool is not an int (nor the
+    reverse), a float is not an int. torch's schema would refuse most of these with a
+    RuntimeError naming its own types, and take True for 1 or 1 for True silently."""
+    for name, (kind, optional) in kinds.items():
+        value = call[name]
+        if value is None and optional:
+            continue
+        if kind is bool:
+            ok = isinstance(value, (bool, torch.SymBool))
+        elif kind is int:
+            ok = isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) \
+                and not isinstance(value, bool)
+        if not ok:
+            fail(name, _SCALARS[kind] + (" or None" if optional else ""),
+                 f"{type(value).__name__} {value!r}")
 
 
 def activation(call: dict[str, Any], name: str = "activation") -> None:

@@ -165,12 +165,13 @@ class IrOp:
         self.name = native.__name__
         self.native = native
         self.__doc__ = native.__doc__
-        self.signature = inspect.signature(native)
+        self.signature = inspect.signature(native, eval_str=True)
         # read once: binding with inspect at call time would make TorchDynamo stop tracing
         # in any frame that has mutated a dict (transformers' forwards do, kwargs.pop)
         self._names = tuple(self.signature.parameters)
         self._defaults = {n: p.default for n, p in self.signature.parameters.items()
                           if p.default is not p.empty}
+        self._scalars = checks.scalar_kinds(self.signature)  # checked before the op's check
         self.mutates_args = tuple(mutates_args)
         self.allocate = dict(allocate or {})
         self.tolerances = dict(tolerances or {})
@@ -417,6 +418,7 @@ class IrOp:
     def check_metadata(self, call: dict[str, Any]) -> None:
         """The part of :meth:`check` that reads no tensor values (no host sync)."""
         no_autograd(call)
+        checks.scalars(call, self._scalars)
         if self._check is not None:
             self._check(call)
         if self.rows is not None:

@@ -160,3 +160,20 @@ BUILDERS: dict[str, Callable[..., Seqs]] = {
     "causal_conv1d_fn": conv_fn,
     "selective_scan": selective_scan,
 }
+
+
+def conv_update(lengths: list[int], device: str = "cpu", *, full: bool = False,
+                seed: int = 0, **over: Any) -> Seqs:
+    """Varlen ``causal_conv1d_update`` (``query_start_loc``, several tokens per sequence)."""
+    dim, width = (8192 + 2 * 8 * 128, 4) if full else (6, 4)
+    r, ntok, nslots = _gen(seed), sum(lengths), 2 * len(lengths) + 3
+    dst = _rows(lengths, nslots)
+    call = dict(
+        x=r(ntok, dim), conv_state=r(nslots, dim, width - 1), weight=r(dim, width),
+        bias=r(dim), activation="silu", conv_state_indices=torch.tensor(dst, dtype=torch.int32),
+        query_start_loc=_offsets(lengths, "cpu"), pad_slot_id=PAD,
+    )
+    call.update(over)
+    call = _to(call, device, torch.bfloat16 if full else None, ())
+    return Seqs("causal_conv1d_update", get_op("causal_conv1d_update").bind(**call),
+                list(lengths), dst, "conv_state", None, 0, {"x": 0})

@@ -152,3 +152,71 @@ def test_checkpoints_are_skipped_not_fatal_when_slots_run_out(model, whole):
     done = engine.generate(_prompts(), 4)
     assert engine.prefix.stats.saved == 0 and engine.prefix.stats.skipped > 0
     assert [c.tokens for c in done] == [c.tokens for c in whole]
+
+
+def _under_pressure(model) -> tuple[Engine, list[int]]:
+    """An engine with room for one running slot and three checkpoints, all three held by
+    the checkpoints of a 27-token prompt (blocks ending at 8, 16 and 24)."""
+    engine = Engine(model, block_size=BLOCK, max_requests=1, max_len=40,
+                    num_slots=RESERVED_SLOTS + 1 + 3)
+    first = _prompts()[0]
+    engine.generate([first], 2)
+    assert len(engine.prefix.entries) == 3 and len(engine.prefix.free) == 1
+    return engine, first
+
+
+def _index(engine: Engine) -> list[tuple[bytes, int]]:
+    return [(d, e.slot) for d, e in engine.prefix.entries.items()]
+
+
+def _states(engine: Engine) -> list[torch.Tensor]:
+    return [t.clone() for layer in engine.cache.mamba_layers for t in engine.cache.states(layer)]
+
+
+def test_a_step_failing_before_it_runs_leaves_every_checkpoint_as_it_was(model, monkeypatch):
+    """Under slot pressure the failing request's two boundaries take the slots of two of
+    the other prompt's checkpoints; it fails before its step runs (copying the step's
+    arguments to the device), so those checkpoints keep their slots and contents and still
+    serve the other prompt afterwards."""
+    engine, first = _under_pressure(model)
+    index, free, states = _index(engine), _free(engine), _states(engine)
+    other = torch.randint(0, 61, (20,), generator=torch.Generator().manual_seed(9)).tolist()
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("out of device memory")
+
+    monkeypatch.setattr(engine, "_tensor", no_memory)
+    with pytest.raises(RuntimeError, match="out of device memory"):
+        engine.generate([other], 2)
+    monkeypatch.undo()
+    assert _index(engine) == index and _free(engine) == free
+    assert not engine.prefix.pending and not engine.prefix.claimed
+    for now, was in zip(_states(engine), states, strict=True):
+        assert torch.equal(now, was)
+    again = engine.generate([first], 2)
+    assert again[0].cached_tokens == 3 * BLOCK
+    fresh = Engine(model, block_size=BLOCK, max_requests=1, max_len=40).generate([first], 2)
+    assert again[0].tokens == fresh[0].tokens
+
+
+def test_a_step_failing_as_it_runs_drops_only_the_checkpoints_it_took(model):
+    """A step that fails while it runs may have written part of the slots it took from two
+    checkpoints: those two are dropped and their slots freed, not served half overwritten;
+    the third checkpoint, the running slot and the KV row are as before."""
+    engine, _ = _under_pressure(model)
+    index = _index(engine)
+    other = torch.randint(0, 61, (20,), generator=torch.Generator().manual_seed(9)).tolist()
+
+    def failing(*args):
+        raise RuntimeError("kernel failed")
+
+    engine._prefill = failing
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        engine.generate([other], 2)
+    taken, kept = index[:2], index[2:]  # least recently used first
+    assert _index(engine) == kept
+    slots = range(RESERVED_SLOTS, engine.cache.num_slots)
+    assert _free(engine) == ([s for s in slots if s != kept[0][1]], [0])
+    assert {s for _, s in taken} <= set(_free(engine)[0])
+    assert not engine.prefix.pending and not engine.prefix.claimed
+    assert engine.prefix.stats.evicted == 2

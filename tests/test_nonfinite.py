@@ -40,8 +40,15 @@ def _nonfinite_tokens(seqs: Seqs, out: torch.Tensor) -> set[int]:
             if not bool(seqs.token(out, t).isfinite().all())}
 
 
+def _same(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    return torch.equal(a, b) if rtol == 0 else torch.allclose(a.float(), b.float(), rtol=rtol,
+                                                               atol=rtol)
+
+
 def _check_poison(seqs: Seqs, provider: str, clean: tuple[torch.Tensor, torch.Tensor],
-                  name: str, b: int, offset: int, value: float) -> None:
+                  name: str, b: int, offset: int, value: float, rtol: float = 0.0) -> None:
+    """``rtol`` 0: unchanged tokens bit-identical (the interpreter); on the GPU the chunk
+    scan's flagged chunk runs another compiled branch, so within rounding."""
     tok = seqs.starts[b] + offset % seqs.lengths[b]
     end = seqs.starts[b] + seqs.lengths[b]
     runs = {}
@@ -53,7 +60,7 @@ def _check_poison(seqs: Seqs, provider: str, clean: tuple[torch.Tensor, torch.Te
     clean_out, clean_state = clean
     where = f"{seqs.op} {provider}: {name}[{tok}] = {value} (sequence {b}, tokens up to {end})"
     changed = {t for t in range(sum(seqs.lengths))
-               if not torch.equal(seqs.token(out, t), seqs.token(clean_out, t))}
+               if not _same(seqs.token(out, t), seqs.token(clean_out, t), rtol)}
     assert changed <= set(range(tok, end)), (where, "outputs changed", sorted(changed))
     rows = [r for r in range(state.shape[0]) if r != seqs.dst[b]]
     assert torch.equal(state[rows], clean_state[rows]), (where, "another row changed")
@@ -160,14 +167,16 @@ def test_a_step_of_zero_keeps_the_state_whatever_the_rate():
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", sorted(BUILDERS))
 def test_a_poisoned_token_full_size_gpu(op):
-    """The poison property at Mamba2 size (bf16): sequences of several chunks and one of a
-    single chunk, a NaN x after earlier tokens of its 64-token scan block, and an inf step."""
-    lengths = [700, 300, 1100]
-    seqs = BUILDERS[op](lengths, "cuda", full=True)
+    """The poison property at Mamba2 size (bf16): sequences of several 256-token chunks and
+    one of a single chunk; a NaN x after earlier tokens of its 64-token scan block, an inf
+    x in the one-chunk sequence, a NaN step, and B, C, z."""
+    seqs = BUILDERS[op]([700, 200, 1100], "cuda", full=True)
     clean_call = seqs.clone()
     clean = seqs.run("triton", clean_call), clean_call[seqs.state]
-    names = list(seqs.inputs)
-    for name, (b, offset, value) in zip(names, [(2, 517, NAN), (0, 300, INF), (1, 40, NAN),
-                                               (2, 1000, -INF), (0, 3, NAN)], strict=False):
-        _check_poison(seqs, "triton", clean, name, b, offset, value)
+    names = list(seqs.inputs)  # x (or u) first, then the step, B, C, z
+    cases = [(0, 2, 517, NAN), (0, 1, 100, INF), (1, 0, 300, NAN), (2, 1, 40, INF),
+             (3, 2, 1000, -INF), (4, 0, 3, NAN)]
+    for which, b, offset, value in cases:
+        if which < len(names):
+            _check_poison(seqs, "triton", clean, names[which], b, offset, value, rtol=1e-2)
     torch.cuda.synchronize()

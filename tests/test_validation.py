@@ -247,3 +247,59 @@ def test_out_of_another_dtype_is_refused_before_anything_is_written(name, via):
         str(info.value))
     for k, value in before.items():
         assert torch.equal(call[k], value), f"{k} changed by a rejected call"
+def _scalar_cases():
+    """Every scalar argument of every op with a value of the wrong Python type: a float or a
+    bool for an int, an int or a string for a bool, a string for a float."""
+    import mamba_ir
+    from mamba_ir import checks
+
+    wrong = {int: [1.0, True], bool: [1, "yes"], float: ["0.5"]}
+    for name in sorted(mamba_ir.op.REGISTRY):
+        op = mamba_ir.get_op(name)
+        for arg, (kind, _) in checks.scalar_kinds(op.signature).items():
+            for value in wrong[kind]:
+                yield pytest.param(name, arg, value, id=f"{name}-{arg}-{value!r}")
+
+
+@pytest.mark.parametrize(("name", "arg", "value"), list(_scalar_cases()))
+def test_scalar_arguments_of_the_wrong_type_are_value_errors_naming_them(name, arg, value):
+    """``mamba_ir.ops.<op>`` refuses them with our ValueError before anything is written,
+    not torch's schema RuntimeError (which also took True for 1 and 1 for True)."""
+    import mamba_ir
+
+    op = mamba_ir.get_op(name)
+    call = op.bind(**op.example(torch.device("cpu"), torch.float32))
+    states = {k: v.clone() for k, v in call.items() if k in op.mutates_args and v is not None}
+    with pytest.raises(ValueError, match=rf"^{arg}: expected (an int|a bool|a number)"):
+        getattr(ops, name)(**{**call, arg: value})
+    for k, v in states.items():
+        assert torch.equal(call[k], v), k
+
+
+def test_every_op_has_its_scalar_arguments_checked():
+    from mamba_ir import checks, get_op
+
+    kinds = {name: sorted(checks.scalar_kinds(get_op(name).signature)) for name in (
+        "selective_state_update", "mamba_chunk_scan", "causal_conv1d_fn")}
+    assert kinds == {
+        "selective_state_update": ["dt_softplus", "pad_slot_id"],
+        "mamba_chunk_scan": ["block_size", "chunk_size", "dt_softplus", "pad_slot_id"],
+        "causal_conv1d_fn": ["pad_slot_id"],
+    }
+
+
+def test_conv_fn_without_channels_returns_an_empty_output():
+    """dim == 0: nothing to convolve or keep, in every provider (native's conv1d refuses
+    zero groups)."""
+    from mamba_ir import get_op
+
+    args = conv_fn_args()
+    args.update(x=torch.randn(0, 7), weight=torch.randn(0, 4), conv_states=torch.randn(4, 0, 3))
+    op = get_op("causal_conv1d_fn")
+    for provider in op.impls:
+        call = op.bind(**args)
+        if op.impls[provider].refusal(call) is not None:
+            continue
+        out = op.impls[provider].fn(**call)
+        assert out.shape == (0, 7), provider
+    assert ops.causal_conv1d_fn(**args).shape == (0, 7)

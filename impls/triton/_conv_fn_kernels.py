@@ -74,7 +74,8 @@ if triton is not None:
             below = tl.load(qsl_ptr + mid * s_qsl) <= toks
             lo = tl.where(below, mid, lo)
             hi = tl.where(below, hi, mid - 1)
-        start = tl.load(qsl_ptr + lo * s_qsl).to(tl.int32)
+        # a start before the tokens (unchecked) reads no x before the first one
+        start = tl.maximum(tl.load(qsl_ptr + lo * s_qsl).to(tl.int32), 0)
         near_start = (toks - start < W - 1) & tok_ok
         if tl.max(near_start.to(tl.int32), axis=0) > 0:
             # some token's taps reach before its sequence: redo the tile with windows
@@ -188,7 +189,8 @@ if triton is not None:
             lo = tl.where(below, mid, lo)
             hi = tl.where(below, hi, mid - 1)
         seq = lo
-        start = tl.load(qsl_ptr + seq * s_qsl).to(tl.int32)
+        # a start before the tokens (unchecked) reads no x before the first one
+        start = tl.maximum(tl.load(qsl_ptr + seq * s_qsl).to(tl.int32), 0)
         nxt = tl.load(qsl_ptr + (seq + 1) * s_qsl).to(tl.int32)
 
         # the inputs 1..W-1 tokens before the chunk, loaded once

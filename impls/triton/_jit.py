@@ -65,6 +65,14 @@ if triton is not None:
         return tl.where(cond, mask, False)
 
     @triton.jit
+    def clamped_range(first, end, ntokens):
+        """(first token, token count) of sequences whose offsets ``first`` and ``end``
+        (int64 scalars or blocks, unchecked in compiled calls) are clamped to
+        ``[0, ntokens]``: an end before the start is an empty sequence."""
+        first = tl.minimum(tl.maximum(first, 0), ntokens)
+        return first, tl.maximum(tl.minimum(end, ntokens) - first, 0)
+
+    @triton.jit
     def token_range(bounds_ptr, seq, s_bounds, ntokens):
         """(first token, token count) of sequence ``seq`` from cumulative ``bounds``, both
         int64; bounds outside ``[0, ntokens]`` (unchecked, compiled) shorten the sequence."""

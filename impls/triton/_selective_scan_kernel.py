@@ -15,7 +15,7 @@ is uniform across the program).
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import only_if, rate_step, real_row, step_size
+from ._jit import only_if, rate_step, real_row, step_size, token_range
 
 if triton is not None:
 
@@ -55,9 +55,8 @@ if triton is not None:
         s_ckpt_seq, s_ckpt_col = s_ckpt
         seq = tl.program_id(0).to(tl.int64)
         first_chan = tl.program_id(1) * BLOCK_D
-        bos = tl.load(qsl_ptr + seq * s_qsl).to(tl.int64)
-        # tokens past the call are never touched, whatever an unchecked call passes
-        length = tl.minimum(tl.load(qsl_ptr + (seq + 1) * s_qsl).to(tl.int64), ntok) - bos
+        # tokens outside the call are never touched, whatever an unchecked call passes
+        bos, length = token_range(qsl_ptr, seq, s_qsl, ntok)
         if HAS_DST:
             dst = tl.load(dst_ptr + seq * s_dst).to(tl.int64)
         else:
@@ -67,8 +66,8 @@ if triton is not None:
         else:
             src = dst
         done = seq * 0
-        if HAS_DONE:
-            done = tl.load(done_ptr + seq * s_done).to(tl.int64)
+        if HAS_DONE:  # at least 0: a negative count would give negative checkpoint columns
+            done = tl.maximum(tl.load(done_ptr + seq * s_done).to(tl.int64), 0)
 
         chans = (first_chan + tl.arange(0, BLOCK_D)).to(tl.int64)
         offs_n = tl.arange(0, BLOCK_N).to(tl.int64)

@@ -48,7 +48,17 @@ IEEE products when the inputs are fp32 or of mixed dtypes.
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import LOG2E, and_real_row, only_if, rate_step, real_row, silu, step_size
+from ._jit import (
+    LOG2E,
+    and_real_row,
+    clamped_range,
+    only_if,
+    rate_step,
+    real_row,
+    silu,
+    step_size,
+    token_range,
+)
 
 if triton is not None:
     # the optional row indices of the kernels that read and write state rows
@@ -64,15 +74,25 @@ if triton is not None:
     # underflows below -150): with A = -inf a chunk's decay sums stay exact multiples of it
     DECAY_FLOOR: tl.constexpr = tl.constexpr(256.0)
 
+    @triton.jit
+    def _computed(ptr, mask):
+        """Sequences' tokens already computed, int64, at least 0 (an unchecked negative count
+        would make ``done % chunk`` negative: chunks longer than a chunk)."""
+        return tl.maximum(tl.load(ptr, mask=mask, other=0).to(tl.int64), 0)
+
     @triton.heuristics({"HAS_DONE": given("done_ptr")})
     @triton.jit
     def chunk_plan_kernel(
-        cu_ptr, done_ptr, offs_ptr, table_ptr, nseq, chunk, bound,
+        cu_ptr, done_ptr, offs_ptr, table_ptr, nseq, ntokens, chunk, bound,
         s_cu, s_done,
         HAS_DONE: tl.constexpr, BLOCK: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     ):
         """``offs[b]``: the first global chunk of sequence b; ``offs[nseq]``: the chunk
-        count; ``table[0|1|2, c]``: chunk c's sequence, first token and length."""
+        count; ``table[0|1|2, c]``: chunk c's sequence, first token and length.
+
+        Unchecked (compiled) calls: offsets are clamped to ``[0, ntokens]``, computed-token
+        counts to ``>= 0``, and chunk offsets to ``bound`` (overlapping sequences can hold
+        more chunks than it), so no chunk reaches past the tokens or the scratch."""
         carry = tl.program_id(0).to(tl.int64) * 0
         tl.store(offs_ptr, carry.to(tl.int32))
         for start in range(0, nseq, BLOCK):
@@ -80,12 +100,13 @@ if triton is not None:
             live = b < nseq
             lo = tl.load(cu_ptr + b * s_cu, mask=live, other=0).to(tl.int64)
             hi = tl.load(cu_ptr + (b + 1) * s_cu, mask=live, other=0).to(tl.int64)
-            n = hi - lo
+            lo, n = clamped_range(lo, hi, ntokens)
             lead = tl.zeros_like(n)
             if HAS_DONE:
-                lead = tl.load(done_ptr + b * s_done, mask=live, other=0).to(tl.int64) % chunk
+                lead = _computed(done_ptr + b * s_done, live) % chunk
             count = tl.where(n > 0, (lead + n + chunk - 1) // chunk, 0)
-            tl.store(offs_ptr + 1 + b, (tl.cumsum(count, 0) + carry).to(tl.int32), mask=live)
+            ends = tl.minimum(tl.cumsum(count, 0) + carry, bound)
+            tl.store(offs_ptr + 1 + b, ends.to(tl.int32), mask=live)
             carry += tl.sum(count, 0)
         tl.debug_barrier()  # the offsets stored above are read back below by other threads
         # every chunk of the bound gets a row: the surplus ones length 0, which is how the
@@ -105,11 +126,12 @@ if triton is not None:
                 hi = tl.where(ok, hi, mid - 1)
             b = lo
             k = c - tl.load(offs_ptr + b, mask=live, other=0).to(tl.int64)
-            bos = tl.load(cu_ptr + b * s_cu, mask=live, other=0).to(tl.int64)
-            n = tl.load(cu_ptr + (b + 1) * s_cu, mask=live, other=0).to(tl.int64) - bos
+            bos, n = clamped_range(tl.load(cu_ptr + b * s_cu, mask=live, other=0).to(tl.int64),
+                                   tl.load(cu_ptr + (b + 1) * s_cu, mask=live,
+                                           other=0).to(tl.int64), ntokens)
             lead = tl.zeros_like(n)
             if HAS_DONE:
-                lead = tl.load(done_ptr + b * s_done, mask=live, other=0).to(tl.int64) % chunk
+                lead = _computed(done_ptr + b * s_done, live) % chunk
             first = tl.maximum(k * chunk - lead, 0)
             last = tl.minimum((k + 1) * chunk - lead, n)
             rows = c < bound
@@ -212,7 +234,7 @@ if triton is not None:
         state_ptr, decay_ptr, hin_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
         nheads: tl.constexpr, dim: tl.constexpr, dstate, heads_per_group: tl.constexpr,
         ngroups: tl.constexpr, bound,
-        pad_slot_id, nslots, chunk, block_size,
+        pad_slot_id, nslots, chunk, block_size, ncols,
         s_x, s_B, s_C, s_state, s_done, s_src, s_dst, s_ckpt,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
         HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr,
@@ -276,7 +298,7 @@ if triton is not None:
                 _pass_single(
                     h, seq, slot, head, length, offs_p, offs_n, mask_p, mask_n, tile,
                     state_ptr, decay_ptr, hin_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr,
-                    dim, pad_slot_id, nslots, chunk, block_size,
+                    dim, pad_slot_id, nslots, chunk, block_size, ncols,
                     s_state, s_done, s_src, s_dst, s_ckpt,
                     HAS_DONE, HAS_SRC, HAS_DST, HAS_CKPT, WIDTH_N,
                 )
@@ -297,7 +319,7 @@ if triton is not None:
     def _pass_single(
         contrib, seq, slot, head, length, offs_p, offs_n, mask_p, mask_n, scratch,
         state_ptr, decay_ptr, hin_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr,
-        dim, pad_slot_id, nslots, chunk, block_size,
+        dim, pad_slot_id, nslots, chunk, block_size, ncols,
         s_state, s_done, s_src, s_dst, s_ckpt,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
         HAS_CKPT: tl.constexpr, WIDTH_N: tl.constexpr,
@@ -309,7 +331,7 @@ if triton is not None:
         s_state_row, s_state_head, s_state_dim, s_state_n = s_state
         done = seq * 0
         if HAS_DONE:
-            done = tl.load(done_ptr + seq * s_done).to(tl.int64)
+            done = _computed(done_ptr + seq * s_done, True)
         src, dst = _seq_rows(seq, src_ptr, dst_ptr, s_src, s_dst, HAS_SRC, HAS_DST)
         head_off = head * s_state_head
         tile = offs_p[:, None] * s_state_dim + offs_n[None, :] * s_state_n
@@ -326,7 +348,7 @@ if triton is not None:
                  mask=mask_p[:, None])
         h = h.to(tl.float32) * tl.exp2(tl.load(decay_ptr + slot)) + contrib
         if HAS_CKPT:
-            _checkpoint(h, state_ptr, ckpt_ptr, seq, done + length, done, block_size,
+            _checkpoint(h, state_ptr, ckpt_ptr, seq, done + length, done, block_size, ncols,
                         head_off + tile, tile_mask, pad_slot_id, nslots, s_state_row, s_ckpt)
         tl.store(state_ptr + dst * s_state_row + head_off + tile,
                  h.to(state_ptr.dtype.element_ty),
@@ -346,14 +368,16 @@ if triton is not None:
         return src, dst
 
     @triton.jit
-    def _checkpoint(h, state_ptr, ckpt_ptr, seq, end, done, block_size, at, tile_mask,
+    def _checkpoint(h, state_ptr, ckpt_ptr, seq, end, done, block_size, ncols, at, tile_mask,
                     pad_slot_id, nslots, s_state_row, s_ckpt):
         """``h`` stored at ``at`` in the checkpoint row of request position ``end`` (of a
-        sequence ``done`` tokens in) when ``end`` is a block boundary."""
+        sequence ``done`` tokens in) when ``end`` is a block boundary; a boundary past the
+        index tensor's ``ncols`` columns (an unchecked call) stores nothing."""
         s_ckpt_seq, s_ckpt_col = s_ckpt
         if end % block_size == 0:
             col = end // block_size - done // block_size - 1
-            row = tl.load(ckpt_ptr + seq * s_ckpt_seq + col * s_ckpt_col).to(tl.int64)
+            row = tl.load(ckpt_ptr + seq * s_ckpt_seq + col * s_ckpt_col,
+                          mask=(col >= 0) & (col < ncols), other=pad_slot_id).to(tl.int64)
             tl.store(state_ptr + row * s_state_row + at, h.to(state_ptr.dtype.element_ty),
                      mask=only_if(real_row(row, pad_slot_id, nslots), tile_mask))
 
@@ -362,7 +386,7 @@ if triton is not None:
     def state_pass_kernel(
         state_ptr, contrib_ptr, decay_ptr, hin_ptr,
         cu_ptr, done_ptr, src_ptr, dst_ptr, ckpt_ptr, offs_ptr,
-        pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size,
+        pad_slot_id, nslots, nheads, dim, dstate, chunk, block_size, ncols, ntokens, bound,
         s_state, s_cu, s_done, s_src, s_dst, s_ckpt,
         HAS_DONE: tl.constexpr, HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
         HAS_CKPT: tl.constexpr, SINGLE: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -377,16 +401,17 @@ if triton is not None:
         pblk = tl.program_id(2)
         # strides: one tuple per tensor
         s_state_row, s_state_head, s_state_dim, s_state_n = s_state
-        bos = tl.load(cu_ptr + seq * s_cu).to(tl.int64)
-        length = tl.load(cu_ptr + (seq + 1) * s_cu).to(tl.int64) - bos
+        _, length = token_range(cu_ptr, seq, s_cu, ntokens)
         done = seq * 0
         if HAS_DONE:
-            done = tl.load(done_ptr + seq * s_done).to(tl.int64)
+            done = _computed(done_ptr + seq * s_done, True)
         lead = done % chunk
         nchunks = tl.where(length > 0, (lead + length + chunk - 1) // chunk, 0)
+        first = tl.load(offs_ptr + seq).to(tl.int64)
+        # the plan gives no chunk past the bound (only overlapping offsets reach it)
+        nchunks = tl.minimum(nchunks, bound - first)
         if SINGLE:
             nchunks = tl.where(nchunks == 1, 0, nchunks)
-        first = tl.load(offs_ptr + seq).to(tl.int64)
         # both row indices up front: the destination may be the source row
         src, dst = _seq_rows(seq, src_ptr, dst_ptr, s_src, s_dst, HAS_SRC, HAS_DST)
 
@@ -421,7 +446,7 @@ if triton is not None:
             if HAS_CKPT:
                 _checkpoint(h, state_ptr, ckpt_ptr, seq,
                             done + tl.minimum((k + 1) * chunk - lead, length), done,
-                            block_size, head_off + tile, tile_mask, pad_slot_id, nslots,
+                            block_size, ncols, head_off + tile, tile_mask, pad_slot_id, nslots,
                             s_state_row, s_ckpt)
         tl.store(state_ptr + dst * s_state_row + head_off + tile,
                  h.to(state_ptr.dtype.element_ty),

@@ -174,7 +174,8 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     plan = dict(table_ptr=table, bound=bound)
 
     call_kernel(chunk_plan_kernel, (1,),
-        cu_ptr=cu_seqlens, done_ptr=done, offs_ptr=offs, nseq=nseq, **plan, chunk=chunk,
+        cu_ptr=cu_seqlens, done_ptr=done, offs_ptr=offs, nseq=nseq, ntokens=ntok, **plan,
+        chunk=chunk,
         s_cu=stride0(cu_seqlens), s_done=stride0(done),
         BLOCK=min(1024, triton.next_power_of_2(max(nseq, bound))),
         SEARCH_STEPS=max(1, nseq.bit_length()),
@@ -193,7 +194,8 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     rows = dict(
         state_ptr=state, decay_ptr=decay, hin_ptr=hin, done_ptr=done, src_ptr=src,
         dst_ptr=dst, ckpt_ptr=ckpt, offs_ptr=offs, pad_slot_id=call["pad_slot_id"],
-        nslots=state.shape[0], chunk=chunk, block_size=block_size, s_state=state.stride(),
+        nslots=state.shape[0], chunk=chunk, block_size=block_size,
+        ncols=0 if ckpt is None else ckpt.shape[1], s_state=state.stride(),
         s_done=stride0(done), s_src=stride0(src), s_dst=stride0(dst), s_ckpt=strides(ckpt, 2),
     )
     block_h = min(cfg.dt_block_h, triton.next_power_of_2(nheads))
@@ -214,7 +216,8 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     pass_p = min(cfg.pass_block_p, _pow2(dim))
     call_kernel(state_pass_kernel, (nseq, nheads, triton.cdiv(dim, pass_p)),
         **rows, contrib_ptr=contrib, cu_ptr=cu_seqlens, nheads=nheads, dim=dim,
-        dstate=dstate, s_cu=stride0(cu_seqlens), SINGLE=cfg.single_chunk_pass,
+        dstate=dstate, ntokens=ntok, bound=bound, s_cu=stride0(cu_seqlens),
+        SINGLE=cfg.single_chunk_pass,
         BLOCK_P=pass_p, WIDTH_N=block_n, num_warps=cfg.pass_warps,
     )
     block_m = min(cfg.scan_block_m, block_l)

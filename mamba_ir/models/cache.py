@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -141,6 +141,13 @@ class PrefixCache:
     Running slots always exist (``StateCache`` holds one per request, and checkpoints are
     evicted to make room); a checkpoint that finds no slot (all held by running requests
     or by checkpoints the current step reads) is skipped, never an error.
+
+    Evicting is two-phase. A slot taken from a checkpoint (for a running request or a
+    checkpoint a step writes) is *claimed*: the checkpoint stays indexed but is neither
+    found by lookups nor claimed twice. The step that writes the slot settles the claim
+    (:meth:`settle`, :meth:`commit`: the checkpoint is evicted for good) or, failing,
+    gives it back (:meth:`give_back`): a step that never started leaves the checkpoint as
+    it was; one that started may have written part of its slot, so it is dropped.
     """
 
     def __init__(self, cache: StateCache, block_size: int, enabled: bool = True) -> None:
@@ -149,18 +156,45 @@ class PrefixCache:
         self.free_rows = list(range(cache.max_requests - 1, -1, -1))
         self.entries: OrderedDict[bytes, Checkpoint] = OrderedDict()
         self.pending: set[bytes] = set()
+        self.claimed: dict[int, bytes] = {}  # slot -> the checkpoint it still holds
         self.stats = PrefixStats()
 
     # -- slots ---------------------------------------------------------------------------
 
     def _take_slot(self, pinned: frozenset[int] = frozenset()) -> int | None:
+        """A free slot, else the claimed slot of the least recently used checkpoint that
+        is not ``pinned`` (read by the step) nor claimed already; None when none is left."""
         if self.free:
             return self.free.pop()
-        victim = next((d for d, e in self.entries.items() if e.slot not in pinned), None)
+        victim = next(((d, e.slot) for d, e in self.entries.items()
+                       if e.slot not in pinned and e.slot not in self.claimed), None)
         if victim is None:
             return None
-        self.stats.evicted += 1
-        return self.entries.pop(victim).slot
+        digest, slot = victim
+        self.claimed[slot] = digest
+        return slot
+
+    def settle(self, slots: Iterable[int]) -> None:
+        """A step that wrote ``slots`` succeeded: the checkpoints they were taken from are
+        evicted for good."""
+        for slot in slots:
+            digest = self.claimed.pop(slot, None)
+            if digest is not None:
+                del self.entries[digest]
+                self.stats.evicted += 1
+
+    def give_back(self, slots: Iterable[int], *, started: bool) -> None:
+        """Slots a failed step (or request) took: a free one goes back to the free list; one
+        taken from a checkpoint goes back to it, unless the step ``started`` and so may have
+        written part of it: then that checkpoint is dropped and the slot freed."""
+        for slot in slots:
+            digest = self.claimed.pop(slot, None)
+            if digest is None:
+                self.free.append(slot)
+            elif started:
+                del self.entries[digest]
+                self.stats.evicted += 1
+                self.free.append(slot)
 
     def admit(self) -> tuple[int, int]:
         """A running state slot and a KV row for a new request (both or neither)."""
@@ -173,8 +207,10 @@ class PrefixCache:
                                "held by live requests (raise num_slots)")
         return slot, self.free_rows.pop()
 
-    def release(self, slot: int, row: int) -> None:
-        self.free.append(slot)
+    def release(self, slot: int, row: int, *, started: bool = True) -> None:
+        """A request's running slot and KV row, when it is done or failed (``started``:
+        a step that may have written its slot ran, see :meth:`give_back`)."""
+        self.give_back([slot], started=started)
         self.free_rows.append(row)
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -190,7 +226,7 @@ class PrefixCache:
         covered, slot = 0, ZERO_SLOT
         for k in range((len(prompt) - 1) // self.block_size):
             entry = self.entries.get(digests[k])
-            if entry is None:
+            if entry is None or entry.slot in self.claimed:  # claimed: being overwritten
                 break
             self.entries.move_to_end(digests[k])
             covered, slot = (k + 1) * self.block_size, entry.slot
@@ -225,6 +261,7 @@ class PrefixCache:
     def commit(self, digest: bytes, slot: int, row: int, end: int) -> None:
         """Index the checkpoint a step wrote into ``slot``; ``end`` is the boundary's token
         count (the block's KV is taken from ``row``)."""
+        self.settle([slot])
         self.pending.discard(digest)
         span = slice(end - self.block_size, end)
         kv = [tuple(t[row, span].clone() for t in self.cache.kv(layer))
@@ -232,11 +269,11 @@ class PrefixCache:
         self.entries[digest] = Checkpoint(slot, kv)
         self.stats.saved += 1
 
-    def cancel(self, reserved: Sequence[tuple[bytes, int]]) -> None:
-        """Give back reservations of a step that did not run."""
-        for digest, slot in reserved:
+    def cancel(self, reserved: Sequence[tuple[bytes, int]], *, started: bool) -> None:
+        """Give back the reservations of a failed step (``started``: see :meth:`give_back`)."""
+        for digest, _ in reserved:
             self.pending.discard(digest)
-            self.free.append(slot)
+        self.give_back([slot for _, slot in reserved], started=started)
 
     def save(self, digest: bytes, slot: int, row: int, end: int) -> None:
         """Checkpoint the running state after ``end`` (a block multiple) tokens by copying
@@ -247,6 +284,6 @@ class PrefixCache:
         try:
             self.cache.copy_slots([slot], [new])
         except BaseException:
-            self.cancel([(digest, new)])
+            self.cancel([(digest, new)], started=True)
             raise
         self.commit(digest, new, row, end)

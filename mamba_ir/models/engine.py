@@ -11,7 +11,9 @@ dynamic size >= 2 and compiles once for all of them.
 
 Requests are validated before anything runs; if a step fails, every request of the call
 gives its KV row and state slot back and the step's reserved checkpoint slots are
-returned, so the engine is left as it was.
+returned, so the engine is left as it was: the checkpoints evicted for those slots are
+evicted only once a step writing them succeeds, and stay as they were if the failed step
+never started (one that started may have written part of them: they are dropped).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class _Live:
     row: int = -1
     processed: int = 0  # tokens whose effect is in the running state
     started: bool = False
+    written: bool = False  # a step that may write the running slot has started
     digests: list[bytes] = field(default_factory=list)  # of the sequence's complete blocks
 
     @property
@@ -260,7 +263,7 @@ class Engine:
                     on_step(new)
         except BaseException:
             for r in active:
-                self.prefix.release(r.slot, r.row)
+                self.prefix.release(r.slot, r.row, started=r.written)
             raise
         return results
 
@@ -316,17 +319,26 @@ class Engine:
         pinned = frozenset(origin for _, origin, _, _ in plan)
         reserved: list[tuple[bytes, int]] = []
         done = 0
+        started = False
+
+        def starting() -> None:  # from here on the step may write its requests' slots
+            nonlocal started
+            started = True
+            for r, _, _, _ in plan:
+                r.written = True
+
         try:
             n = sum(end - start for _, _, start, end in plan)
             shape = self._graph_shape(n) if self.prefill_graphs else None
             host, commits = self._prefill_args(plan, pinned, reserved, shape)
-            logits = self._run_prefill(host, shape)
+            logits = self._run_prefill(host, shape, starting)
             for (digest, slot), (r, boundary) in zip(reserved, commits, strict=True):
                 self.prefix.commit(digest, slot, r.row, boundary)
                 done += 1
         except BaseException:
-            self.prefix.cancel(reserved[done:])
+            self.prefix.cancel(reserved[done:], started=started)
             raise
+        self.prefix.settle(r.slot for r, _, _, _ in plan)
         self.stats.prefill_steps += 1
         self.stats.prefill_tokens += sum(end - start for _, _, start, end in plan)
         new = 0
@@ -406,16 +418,20 @@ class Engine:
                 window_index]
         return host, commits
 
-    def _run_prefill(self, host: list[list[Any]], shape: _Shape | None) -> torch.Tensor:
+    def _run_prefill(self, host: list[list[Any]], shape: _Shape | None,
+                     starting: Callable[[], None]) -> torch.Tensor:
         """One prefill step: the compiled step on these sizes, or the replay of the CUDA
-        graph captured for ``shape`` (its input buffers refilled)."""
+        graph captured for ``shape`` (its input buffers refilled). ``starting()`` is called
+        just before what may write state runs (a capture's all-pad step writes none)."""
         if shape is None or self.device.type != "cuda":
             args = tuple(self._tensor(v, dt) for v, dt in zip(host, _PREFILL_DTYPES, strict=True))
             torch._dynamo.maybe_mark_dynamic(args[8], 1)  # checkpoint columns
+            starting()
             return self._prefill(*_dynamic(args))
         graph, static, out = self._graphs.get(shape) or self._capture(shape)
         for buffer, values in zip(static, host, strict=True):
             buffer.copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
+        starting()
         graph.replay()
         return out
 

@@ -52,10 +52,11 @@ class Checkpoints:
 
 def computed(num_computed_tokens: torch.Tensor | None, count: int, device) -> torch.Tensor:
     """Tokens already in each sequence's source state (0 when not given), for ``count``
-    sequences (a longer tensor's tail is ignored)."""
+    sequences (a longer tensor's tail is ignored); an unchecked negative count is 0, as in
+    every provider."""
     if num_computed_tokens is None:
         return torch.zeros(count, dtype=torch.long, device=device)
-    return num_computed_tokens[:count].long()
+    return num_computed_tokens[:count].long().clamp(min=0)
 
 
 def checkpoint_columns(

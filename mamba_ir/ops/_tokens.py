@@ -75,10 +75,15 @@ def token_layout(
     cu_seqlens: torch.Tensor | None,
     device: torch.device,
 ) -> TokenLayout:
-    """The layout of a call whose per-token tensors have leading dims ``lead``."""
+    """The layout of a call whose per-token tensors have leading dims ``lead``.
+
+    Offsets are clamped to ``[0, tokens]`` and an end before its start is an empty
+    sequence, as in every provider: compiled calls skip the value checks, and an offset
+    outside the tokens must shorten a sequence rather than index past them."""
     if cu_seqlens is not None:
-        cu = cu_seqlens.long()
-        return TokenLayout(cu[:-1], cu[1:] - cu[:-1], 0)
+        cu = cu_seqlens.long().clamp(0, lead[0])
+        starts = cu[:-1]
+        return TokenLayout(starts, (cu[1:] - starts).clamp(min=0), 0)
     batch = lead[0]
     per_seq = lead[1] if len(lead) == 2 else 1
     starts = torch.arange(batch, device=device) * per_seq

@@ -39,7 +39,10 @@ def causal_conv1d_fn(
     """Convolve each sequence of ``x`` (dim, tokens) after its window; save the new window."""
     width = weight.shape[1]
     out = torch.empty_like(x)
-    bounds = query_start_loc.tolist()
+    if x.shape[0] == 0:  # no channels: nothing to convolve or keep (conv1d refuses 0 groups)
+        return out
+    # offsets outside the tokens (an unchecked call) shorten the sequence, as in every provider
+    bounds = query_start_loc.clamp(0, x.shape[1]).tolist()
     dst = range(len(bounds) - 1) if cache_indices is None else cache_indices.tolist()
     src = dst if src_cache_indices is None else src_cache_indices.tolist()
     initial = [False] * len(dst) if has_initial_state is None else has_initial_state.tolist()

@@ -78,8 +78,8 @@ def selective_scan(
     block boundary and after the last token (docs/ops.md)."""
     B, C = (t if t.dim() == 3 else t[None] for t in (B, C))  # (ngroups, dstate, tokens)
     per_group = u.shape[0] // B.shape[0]
-    # offsets past the tokens (an unchecked call) shorten the sequence
-    seq = token_layout(u.shape[1:], query_start_loc.clamp(max=u.shape[1]), u.device)
+    # offsets outside the tokens (an unchecked call) shorten the sequence
+    seq = token_layout(u.shape[1:], query_start_loc, u.device)
     # per-sequence tensors may be longer than the call's sequences: the tail is ignored
     dst, src, init, done, ckpt = (
         None if t is None else t[: seq.count]
