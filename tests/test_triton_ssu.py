@@ -520,7 +520,7 @@ def test_check_impl_gpu_quantized() -> None:
     quantized = calls("selective_state_update", device="cuda").filter(
         lambda c: c["state_scale"] is not None)
     check_impl("selective_state_update", "triton", device="cuda", strategy=quantized,
-               max_examples=30, min_accepted=30)
+               max_examples=20, min_accepted=20)
 
 
 @pytest.mark.gpu
@@ -534,15 +534,22 @@ def test_check_impl_gpu_large() -> None:
 
 def test_quantized_variants_compile_for_sm90() -> None:
     """What the bit-exact quantization needs of the compiler, in each quantized variant's
-    PTX: correctly rounded divisions only, no rounding add fused into an FMA with the
-    product before it, float8 written by the round-to-nearest-even conversion."""
+    PTX: correctly rounded divisions (no approximate one beyond the bf16 state kernel's,
+    the z gate's sigmoid), no rounding add fused into an FMA with the product before it,
+    float8 written by the round-to-nearest-even conversion; and no register spills (the
+    Mamba2 decode launch of a one-byte state uses about 255)."""
     from compile_sm90 import run
 
     report = run("compile_ssu_quant.py")
-    forms = ("one-token", "speculative")
+    forms = ("decode", "speculative")
     assert sorted(report) == sorted([f"{str(d).removeprefix('torch.')}-{f}"
-                                     for d in QUANTIZED for f in forms] + ["int8-stream"])
+                                     for d in (torch.bfloat16, *QUANTIZED) for f in forms]
+                                    + ["bfloat16-stream", "int8-stream"])
     for variant, ptx in report.items():
-        assert ptx["div_rn"] > 0 and ptx["approx_div"] == 0, (variant, ptx)
+        float_state = report[f"bfloat16-{variant.split('-')[1]}"]
+        assert ptx["approx_div"] == float_state["approx_div"], (variant, ptx)
+        if not variant.startswith("bfloat16"):
+            assert ptx["div_rn"] > float_state["div_rn"], (variant, ptx)
         assert ptx["fused_rounding"] == 0, (variant, ptx)
         assert (ptx["e4m3_rn"] > 0) == variant.startswith("float8"), (variant, ptx)
+        assert ptx["spill_bytes"] == 0, (variant, ptx)
