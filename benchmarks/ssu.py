@@ -10,8 +10,15 @@ Also measured: src redirect (read rows src, write rows dst) against in-place, an
 two-kernel alternative (copy_state_blocks, then in-place). ``--sweep`` times a grid of
 launch configurations per batch (how the defaults were chosen).
 
+``--quant`` measures the state dtypes instead: bf16 against quantized int16, int8 and
+float8 e4m3 states (one float32 scale per dstate block), Triton in place at the same
+shapes. There every byte the call moves counts (state and scales read and written, the
+per-token inputs read, the output written), against a same-run copy of as many bytes, and
+each dtype's time is also given as a speedup over the bf16 state's at the same batch.
+
     python -m benchmarks.ssu [--sweep] [--out DIR]      # on the GPU machine
-    python -m benchmarks.ssu --plot docs/ssu_bench.json  # the plot, from the JSON
+    python -m benchmarks.ssu --quant [--sweep] [--out DIR]
+    python -m benchmarks.ssu --plot docs/ssu_bench.json  # the plot, from the JSON (either)
 """
 
 from __future__ import annotations
@@ -29,27 +36,48 @@ from benchmarks.common import (
     kernel_copy_rate,
     plot_series,
     progress,
+    roof_rate,
     time_us,
     write_json,
 )
+from mamba_ir.ops._quant import QUANTIZED, quantize
 
 BATCHES = (1, 8, 32, 64, 128, 256, 512)
 NATIVE_MAX_BATCH = 128  # native eager allocates fp32 copies of every row: slow beyond this
 NHEADS, HEADDIM, DSTATE, NGROUPS = 128, 64, 128, 8
+STATE_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
 
 
-def decode_call(batch: int, *, redirect: bool, seed: int = 0) -> dict[str, Any]:
-    """A Mamba2 decode call on a cache of 2 x batch rows (in place: the first half)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    bf16, dev = torch.bfloat16, "cuda"
+def decode_call(
+    batch: int,
+    *,
+    redirect: bool,
+    seed: int = 0,
+    state_dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+) -> dict[str, Any]:
+    """A Mamba2 decode call on a cache of 2 x batch rows (in place: the first half); a
+    quantized ``state_dtype`` comes with its scales (``state_scale``)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    bf16, dev = torch.bfloat16, device
 
     def rand(*shape, dtype=bf16, scale=1.0):
         return (torch.randn(*shape, generator=g, device=dev) * scale).to(dtype)
 
-    state = rand(2 * batch, NHEADS, HEADDIM, DSTATE, scale=0.5)
+    h = rand(2 * batch, NHEADS, HEADDIM, DSTATE, dtype=torch.float32, scale=0.5)
+    if state_dtype in QUANTIZED:
+        state, state_scale = quantize(h, state_dtype)
+    else:
+        state, state_scale = h.to(state_dtype), None
     rows = torch.randperm(2 * batch, generator=g, device=dev).to(torch.int32)
     return dict(
         state=state,
+        state_scale=state_scale,
         x=rand(batch, NHEADS, HEADDIM),
         dt=rand(batch, NHEADS, 1, scale=0.5).expand(batch, NHEADS, HEADDIM),
         A=(-torch.rand(NHEADS, 1, 1, generator=g, device=dev) - 0.5).expand(
@@ -98,9 +126,26 @@ def raw_flashinfer_args(call: dict[str, Any]) -> dict[str, Any]:
     return {k: call[k] for k in keys}
 
 
-def state_bytes(batch: int) -> int:
+def state_bytes(batch: int, state_dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of state one call reads (and again writes)."""
-    return batch * NHEADS * HEADDIM * DSTATE * 2
+    return batch * NHEADS * HEADDIM * DSTATE * state_dtype.itemsize
+
+
+def moved_bytes(batch: int, state_dtype: torch.dtype) -> dict[str, int]:
+    """Every byte an in-place decode call of :func:`decode_call` moves, by part: the state
+    and its float32 scales (one per dstate block), each read and written once; the
+    per-token inputs read (x, z, B, C, dt one per head, bf16; the int32 row index) and
+    the output written; the per-head parameters (A float32, D and dt_bias bf16), once."""
+    rows = batch * NHEADS * HEADDIM
+    parts = {
+        "state": 2 * state_bytes(batch, state_dtype),
+        "scales": 2 * rows * 4 if state_dtype in QUANTIZED else 0,
+        "inputs": 2 * (2 * rows + 2 * batch * NGROUPS * DSTATE + batch * NHEADS) + 4 * batch,
+        "output": 2 * rows,
+        "parameters": NHEADS * (4 + 2 + 2),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 def sweep_configs() -> list[Any]:
@@ -201,6 +246,96 @@ def agreement(fi: Any) -> dict[str, float]:
     return result
 
 
+QUANT_SWEEP = ((8, 1), (16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4))
+
+
+def quant_sweep_configs() -> list[Any]:
+    from mamba_ir.impls.triton.selective_state_update import Config
+
+    return [Config(bd, w) for bd, w in QUANT_SWEEP]
+
+
+def measure_dtypes(batch: int, dtypes: list[str], sweep: bool) -> list[dict[str, Any]]:
+    """One row per state dtype at ``batch``: Triton in place, timed, against the copy roof
+    of as many bytes as the call moves."""
+    from mamba_ir.impls.triton.selective_state_update import selective_state_update as triton_ssu
+
+    rows = []
+    for name in dtypes:
+        call = decode_call(batch, redirect=False, state_dtype=STATE_DTYPES[name])
+        row: dict[str, Any] = {"batch": batch, "state_dtype": name,
+                               "bytes": moved_bytes(batch, STATE_DTYPES[name])}
+        roof = roof_rate(row["bytes"]["total"] // 2)  # a copy of half reads and writes all
+        row |= {"copy_tbs": roof["memcpy"] / 1e12, "kernel_copy_tbs": roof["kernel"] / 1e12,
+                "roof_tbs": roof["roof"] / 1e12}
+        row["triton_us"] = time_us(lambda call=call: triton_ssu(**call))
+        if sweep:
+            row["sweep"] = {
+                config_key(c): time_us(lambda c=c, call=call: triton_ssu(**call, config=c))
+                for c in quant_sweep_configs()
+            }
+        del call
+        rows.append(row)
+    return rows
+
+
+def quant_rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` of :func:`measure_dtypes` with what follows from their times: bytes/s,
+    the share of the copy roof, and the speedup over the bf16 state at the same batch."""
+    bf16 = {r["batch"]: r["triton_us"] for r in rows if r["state_dtype"] == "bfloat16"}
+    for r in rows:
+        r["triton_tbs"] = r["bytes"]["total"] / (r["triton_us"] * 1e-6) / 1e12
+        r["triton_vs_roof"] = r["triton_tbs"] / r["roof_tbs"]
+        if r["batch"] in bf16:
+            r["speedup_vs_bf16"] = bf16[r["batch"]] / r["triton_us"]
+    return rows
+
+
+def quant_agreement(dtypes: list[str]) -> dict[str, float]:
+    """Per quantized dtype, on one decode call at batch 64: Triton's output against
+    native's (max |difference|), and its written state against native's in quantization
+    steps (values that differ by more than one step: 0 expected)."""
+    from mamba_ir import get_op
+    from mamba_ir.impls.triton.selective_state_update import selective_state_update as triton_ssu
+
+    op = get_op("selective_state_update")
+    result = {}
+    for name in dtypes:
+        if STATE_DTYPES[name] not in QUANTIZED:
+            continue
+        base = decode_call(64, redirect=True, seed=1, state_dtype=STATE_DTYPES[name])
+        got = {}
+        for provider, fn in (("native", op.native), ("triton", triton_ssu)):
+            call = {k: v.clone() if isinstance(v, torch.Tensor) and 0 not in v.stride() else v
+                    for k, v in base.items()}
+            fn(**call)
+            dst = call["dst_state_batch_indices"].long()
+            got[provider] = (call["out"].float(),
+                             op.rows.value({"state": call["state"][dst],
+                                            "state_scale": call["state_scale"][dst]}))
+        (ref_v, ref_step), (tri_v, tri_step) = got["native"][1], got["triton"][1]
+        beyond = (tri_v - ref_v).abs() > torch.maximum(ref_step, tri_step) * (1 + 1e-6)
+        result[f"{name}_out"] = (got["triton"][0] - got["native"][0]).abs().max().item()
+        result[f"{name}_state_beyond_one_step"] = int(beyond.sum())
+    return result
+
+
+QUANT_COLUMNS = [
+    ("batch", "batch", "{:>5}"),
+    ("state_dtype", "state", "{:>13}"),
+    ("total_mib", "MiB moved", "{:>9.2f}"),
+    ("triton_us", "triton us", "{:>9.1f}"),
+    ("triton_tbs", "TB/s", "{:>5.2f}"),
+    ("roof_tbs", "roof TB/s", "{:>9.2f}"),
+    ("triton_vs_roof", "%roof", "{:>6.1%}"),
+    ("speedup_vs_bf16", "vs bf16", "{:>7.2f}"),
+]
+
+
+def quant_table(rows: list[dict[str, Any]]) -> str:
+    return table([r | {"total_mib": r["bytes"]["total"] / 2**20} for r in rows], QUANT_COLUMNS)
+
+
 COLUMNS = [
     ("batch", "batch", "{:>5}"),
     ("copy_tbs", "memcpy TB/s", "{:>11.2f}"),
@@ -218,12 +353,13 @@ COLUMNS = [
 ]
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    head = " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in COLUMNS)
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]] | None = None) -> str:
+    columns = COLUMNS if columns is None else columns
+    head = " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in columns)
     lines = [head]
     for row in rows:
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             width = len(fmt.format(0))
             cells.append(fmt.format(row[key]) if key in row else f"{'-':>{width}}")
         lines.append(" ".join(cells))
@@ -235,8 +371,11 @@ def _short(key: str) -> str:
 
 
 def plot(json_path: Path, extra: str | None = None) -> Path:
-    """TB/s against batch; ``extra`` names a swept launch config to draw as its own line."""
+    """TB/s against batch; ``extra`` names a swept launch config to draw as its own line.
+    The JSON of ``--quant`` draws one line per state dtype."""
     data = json.loads(json_path.read_text())
+    if "state_dtypes" in data:
+        return plot_quant(json_path, data)
     rows = data["rows"]
     x = [r["batch"] for r in rows]
     used = data.get("default_config", "the default launch config")
@@ -264,6 +403,70 @@ def plot(json_path: Path, extra: str | None = None) -> Path:
     )
 
 
+def plot_quant(json_path: Path, data: dict[str, Any]) -> Path:
+    """Bytes/s moved against batch, one line per state dtype, under the copy roof."""
+    rows = data["rows"]
+    batches = sorted({r["batch"] for r in rows})
+    by = {(r["state_dtype"], r["batch"]): r for r in rows}
+    series = {}
+    for name in data["state_dtypes"]:
+        last = by[(name, batches[-1])]
+        label = f"{name} state"
+        if "speedup_vs_bf16" in last and name != "bfloat16":
+            label += f" ({last['speedup_vs_bf16']:.2f}x bf16 at batch {batches[-1]})"
+        series[label] = [by[(name, b)]["triton_tbs"] for b in batches]
+    env = data["environment"]
+    return plot_series(
+        json_path.with_suffix(".png"),
+        batches,
+        series,
+        xlabel="batch (sequences, one token each)",
+        ylabel="TB/s moved (state, scales, inputs, output)",
+        title=f"selective_state_update decode by state dtype, Triton in place\n"
+        f"{env.get('device', '?')}, {env['date']}",
+        roof=[max(by[(n, b)]["roof_tbs"] for n in data["state_dtypes"]) for b in batches],
+        roof_label="device-to-device copy of as many bytes (best of memcpy and a kernel)",
+    )
+
+
+def main_quant(args: argparse.Namespace) -> None:
+    from mamba_ir.impls.triton.selective_state_update import default_config
+
+    dtypes = args.state_dtypes.split(",")
+    unknown = sorted(set(dtypes) - set(STATE_DTYPES))
+    if unknown:
+        raise SystemExit(f"--state-dtypes: unknown {unknown}; choose from {list(STATE_DTYPES)}")
+    rows = [r for b in progress(BATCHES, "ssu decode by state dtype")
+            for r in measure_dtypes(b, dtypes, args.sweep)]
+    rows = quant_rates(rows)
+    print(quant_table(rows))
+    if args.sweep:
+        for row in rows:
+            best = sorted(row["sweep"].items(), key=lambda kv: kv[1])[:4]
+            print("sweep", row["state_dtype"], row["batch"],
+                  "  ".join(f"{k}: {v:.1f}us" for k, v in best))
+    check = quant_agreement(dtypes)
+    print("agreement with native:", check)
+    payload = {
+        "shapes": dict(nheads=NHEADS, headdim=HEADDIM, dstate=DSTATE, ngroups=NGROUPS,
+                       inputs="bfloat16", A="float32 tied", tokens=1, dt_softplus=True,
+                       z=True, D=True, dt_bias=True, indices="int32", in_place=True),
+        "state_dtypes": dtypes,
+        "agreement": check,
+        "default_configs": {
+            name: config_key(default_config(HEADDIM, DSTATE, STATE_DTYPES[name].itemsize))
+            for name in dtypes
+        },
+        "rows": rows,
+    }
+    path = write_json("ssu_quant_bench.json", payload, args.out)
+    print(path)
+    try:
+        print(plot(path))
+    except ImportError:
+        print(f"matplotlib missing: plot later with --plot {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch configs")
@@ -272,9 +475,16 @@ def main() -> None:
     parser.add_argument(
         "--plot-config", help="a swept config to draw too, e.g. 'block_d=16,warps=1,stream=0'"
     )
+    parser.add_argument("--quant", action="store_true",
+                        help="compare state dtypes (ssu_quant_bench.json) instead")
+    parser.add_argument("--state-dtypes", default=",".join(STATE_DTYPES),
+                        help="with --quant: comma-separated, bfloat16 first for the speedups")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot, args.plot_config))
+        return
+    if args.quant:
+        main_quant(args)
         return
     fi = raw_flashinfer()
     rows = [measure(b, fi, args.sweep) for b in progress(BATCHES, "ssu decode")]

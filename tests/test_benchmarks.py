@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 common = pytest.importorskip("benchmarks.common")  # from a clone's root, as `mamba-ir bench`
 hybrid = pytest.importorskip("benchmarks.hybrid")
 prefill = pytest.importorskip("benchmarks.prefill")
+ssu = pytest.importorskip("benchmarks.ssu")
 
 CONFIG = HybridConfig(vocab_size=61, hidden_size=32, num_layers=3, attn_layer_indices=(1,),
                       mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
@@ -169,4 +170,77 @@ def test_prefill_plot_from_json(tmp_path: Path) -> None:
                                 "model": {"parameters": 1e9, "dtype": "bfloat16"},
                                 "prefill": pre, "decode": dec}))
     png = prefill.plot(path)
+    assert png == path.with_suffix(".png") and png.stat().st_size > 0
+
+
+# -- the SSU benchmark's state dtypes ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ssu.STATE_DTYPES))
+def test_ssu_decode_call_is_a_valid_call_of_each_state_dtype(name: str) -> None:
+    from mamba_ir import get_op
+
+    dtype = ssu.STATE_DTYPES[name]
+    call = ssu.decode_call(2, redirect=True, device="cpu", state_dtype=dtype)
+    op = get_op("selective_state_update")
+    op.check(op.bind(**call))  # raises on an invalid call
+    assert call["state"].dtype == dtype and call["state"].shape[0] == 4
+    if dtype == torch.bfloat16:
+        assert call["state_scale"] is None
+    else:
+        assert call["state_scale"].shape == (4, ssu.NHEADS, ssu.HEADDIM)
+        assert call["state_scale"].dtype == torch.float32 and bool(call["state_scale"].gt(0).all())
+
+
+def test_ssu_bf16_decode_call_keeps_its_values() -> None:
+    """The bf16 state is drawn as before quantized states were added: same seed, same
+    values (the published measurements stay comparable)."""
+    g = torch.Generator().manual_seed(0)
+    want = (torch.randn(4, ssu.NHEADS, ssu.HEADDIM, ssu.DSTATE, generator=g) * 0.5).to(
+        torch.bfloat16)
+    got = ssu.decode_call(2, redirect=False, device="cpu")["state"]
+    assert torch.equal(got, want)
+
+
+def test_ssu_moved_bytes_count_state_scales_inputs_and_output() -> None:
+    bf16, int8 = (ssu.moved_bytes(4, d) for d in (torch.bfloat16, torch.int8))
+    rows = 4 * ssu.NHEADS * ssu.HEADDIM
+    assert bf16["state"] == 2 * rows * ssu.DSTATE * 2 == 2 * int8["state"]
+    assert bf16["scales"] == 0 and int8["scales"] == 2 * rows * 4
+    assert bf16["output"] == int8["output"] == rows * 2
+    assert bf16["inputs"] == int8["inputs"] > 2 * rows * 2  # x and z at least
+    for parts in (bf16, int8):
+        assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+
+
+def _quant_rows() -> list[dict]:
+    rows = []
+    for batch, times in ((1, {"bfloat16": 8.0, "int8": 8.0}), (64, {"bfloat16": 100.0,
+                                                                    "int8": 50.0})):
+        for name, us in times.items():
+            nbytes = ssu.moved_bytes(batch, ssu.STATE_DTYPES[name])
+            rows.append({"batch": batch, "state_dtype": name, "bytes": nbytes,
+                         "triton_us": us, "roof_tbs": 3.0, "copy_tbs": 2.5,
+                         "kernel_copy_tbs": 3.0})
+    return ssu.quant_rates(rows)
+
+
+def test_ssu_quant_rates_and_table() -> None:
+    rows = _quant_rows()
+    big = {r["state_dtype"]: r for r in rows if r["batch"] == 64}
+    assert big["bfloat16"]["speedup_vs_bf16"] == 1.0 and big["int8"]["speedup_vs_bf16"] == 2.0
+    want = big["int8"]["bytes"]["total"] / 50e-6 / 1e12
+    assert big["int8"]["triton_tbs"] == pytest.approx(want)
+    assert big["int8"]["triton_vs_roof"] == pytest.approx(want / 3.0)
+    lines = ssu.quant_table(rows).splitlines()
+    assert len(lines) == 1 + len(rows) and "vs bf16" in lines[0] and "%roof" in lines[0]
+    assert lines[-1].split()[:2] == ["64", "int8"] and lines[-1].split()[-1] == "2.00"
+
+
+def test_ssu_quant_plot_from_json(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "ssu_quant_bench.json"
+    path.write_text(json.dumps({"environment": {"device": "test", "date": "today"},
+                                "state_dtypes": ["bfloat16", "int8"], "rows": _quant_rows()}))
+    png = ssu.plot(path)
     assert png == path.with_suffix(".png") and png.stat().st_size > 0

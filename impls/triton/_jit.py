@@ -86,3 +86,84 @@ if triton is not None:
         mask on every window load instead cost 4-17 % of decode time (H100, 2026-11-23,
         batch 16-512)."""
         return tl.minimum(tl.maximum(offset, 0), state_len - (W - 1))
+
+    # -- quantized state rows (mamba_ir/ops/_quant.py) ------------------------------------
+
+    ROUNDER: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2**23
+    ROUNDER_BITS: tl.constexpr = tl.constexpr(0x4B400000)  # its float32 bits
+    INF: tl.constexpr = tl.constexpr(float("inf"))
+    # Triton decides when a kernel is defined whether it runs interpreted
+    INTERPRETED: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
+
+    @triton.jit
+    def round_half_even(v):
+        """``v`` (fp32, ``|v| < 2**22``) rounded to an integer, ties to even, in fp32: the
+        sum with 1.5 * 2**23 keeps no fraction bits, and fp32 addition rounds to nearest
+        even. libdevice's ``rint`` would be one instruction, but the interpreter has no
+        libdevice. ``v`` must not be a product computed just before: the compiler would
+        fuse the multiply and the add into one FMA, which rounds the exact product rather
+        than its fp32 value (:func:`round_e4m3` may: its product is exact)."""
+        return (v + ROUNDER) - ROUNDER
+
+    @triton.jit
+    def round_to_int32(v):
+        """:func:`round_half_even` as an int32: the sum's low mantissa bits are the integer
+        (offset by the constant's), so an integer subtraction replaces the float one and
+        the float-to-integer conversion, which an SM issues at a fraction of its float32
+        rate."""
+        return (v + ROUNDER).to(tl.int32, bitcast=True) - ROUNDER_BITS
+
+    @triton.jit
+    def round_e4m3(v):
+        """``v`` (fp32, ``|v| <= 448``) rounded to the nearest float8 e4m3 value, ties to
+        even, still fp32, so that the conversion after it is exact: for the interpreter,
+        whose fp32 to e4m3 conversion rounds ties away from zero and mishandles a carry
+        into the exponent (the GPU's, ``cvt.rn.satfinite.e4m3x2.f32``, rounds to nearest
+        even as torch does, in one instruction for two values). At binary exponent ``e``
+        (at least -6, below which e4m3 is subnormal) e4m3 steps by ``2**(e - 3)``, so
+        ``|v| / 2**(e - 3)`` rounded to an integer and scaled back is the rounded value;
+        both scalings are by powers of two, exact. The sign is put back last, so a
+        negative value that rounds to zero is -0, as in torch."""
+        a = tl.abs(v)
+        e = tl.maximum((a.to(tl.int32, bitcast=True) >> 23), 121)  # biased; 121: 2**-6
+        up = ((257 - e) << 23).to(tl.float32, bitcast=True)  # 2**(3 - e)
+        down = ((e - 3) << 23).to(tl.float32, bitcast=True)  # 2**(e - 3)
+        r = round_half_even(a * up) * down
+        return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)
+
+    @triton.jit
+    def _max_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def quantize_rows(h, QMAX: tl.constexpr, DTYPE: tl.constexpr):
+        """Each row of ``h`` (fp32) as ``DTYPE`` values and one fp32 scale, bit for bit as
+        ``mamba_ir/ops/_quant.quantize`` computes them on the CPU: scale = absmax / QMAX,
+        values h * inverse rounded to nearest even and clamped to [-QMAX, QMAX]; an
+        all-zero row: scale 0 and zeros; a row with inf or NaN: zeros under a NaN scale.
+
+        The inverse is ``(1 / absmax) * QMAX``, two roundings, because that is what
+        native's ``qmax / absmax`` computes (torch's ``Tensor.__rtruediv__`` multiplies by
+        the reciprocal). Divisions are correctly rounded (``div_rn``: ``/`` may compile to
+        an approximate division). Columns of ``h`` past the block must hold zeros, or the
+        row be non-finite anyway, as in a state tile whose masked columns start at zero and
+        only ever gain ``dt * x * 0``."""
+        # NaN-propagating max: tl.max compiles to maxnum, which drops NaN
+        absmax = tl.reduce(tl.abs(h), 1, _max_nan)
+        finite = absmax < INF  # False for inf and NaN
+        scale = tl.where(finite, tl.math.div_rn(absmax, QMAX), float("nan"))
+        inverse = tl.where(finite & (absmax > 0.0), tl.math.div_rn(1.0, absmax) * QMAX, 0.0)
+        v = h * inverse[:, None]  # 0, or NaN for inf and NaN, in a non-finite row
+        if DTYPE.is_fp8():
+            v = tl.where(finite[:, None], v, 0.0)  # +0: the sign of a zero is kept
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            if INTERPRETED:
+                v = round_e4m3(v)
+            q = v.to(DTYPE)  # round to nearest even
+        else:
+            # clamped to [0, 0] in a non-finite row (min and max drop NaN): zeros without
+            # a select per value. Clamped before rounding, which is the same for an integer
+            # bound, so the rounding add reads a min, not the product, and cannot fuse with it
+            bound = tl.where(finite, QMAX, 0.0)[:, None]
+            q = round_to_int32(tl.minimum(tl.maximum(v, -bound), bound)).to(DTYPE)
+        return q, scale

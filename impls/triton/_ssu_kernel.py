@@ -13,12 +13,18 @@ Every index tensor is read through its strides (a column of a 2-D tensor is a st
 past the index tensor are never touched: compiled calls skip the value checks, and a bad
 index must not write into memory beside the state (the next layer's cache, when the state
 is a view of a larger one).
+
+A quantized state (``QUANT``: int16, int8 or float8 e4m3 values with one fp32 scale per row
+of the tile, ``mamba_ir/ops/_quant.py``) is dequantized as it is loaded and quantized as it
+is stored: a quantization block is one row of the tile, so its absolute maximum is a
+reduction within the program, and the state still crosses memory once each way. A float
+state compiles to the code it had before the flag.
 """
 
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import only_if, rate_step, real_row, step_size, token_range
+from ._jit import only_if, quantize_rows, rate_step, real_row, step_size, token_range
 
 if triton is not None:
 
@@ -80,18 +86,32 @@ if triton is not None:
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask_d)
         return h
 
+    @triton.jit
+    def _store_quantized(state_ptrs, scale_ptrs, h, tile_mask, scale_mask,
+                         QMAX: tl.constexpr, STREAM: tl.constexpr):
+        """Store the state tile ``h`` quantized: values where ``tile_mask``, one scale per
+        row where ``scale_mask``. The tile's columns past dstate hold zeros (loaded as
+        zeros, B's are zeros) unless the row is non-finite anyway (dt or x is), as
+        ``quantize_rows`` needs."""
+        value, scale = quantize_rows(h, QMAX, state_ptrs.dtype.element_ty)
+        tl.store(scale_ptrs, scale, mask=scale_mask)
+        if STREAM:
+            tl.store(state_ptrs, value, mask=tile_mask, eviction_policy="evict_first")
+        else:
+            tl.store(state_ptrs, value, mask=tile_mask)
+
     @triton.heuristics({
         "HAS_D": given("D_ptr"), "HAS_Z": given("z_ptr"), "HAS_BIAS": given("bias_ptr"),
         "HAS_LIMIT": given("dt_lo"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
-        "VARLEN": given("cu_ptr"), "SPEC": given("nacc_ptr"),
+        "VARLEN": given("cu_ptr"), "SPEC": given("nacc_ptr"), "QUANT": given("scale_ptr"),
     })
     @triton.jit
     def ssu_kernel(
         state_ptr, x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
-        src_ptr, dst_ptr, cu_ptr, nacc_ptr,
+        src_ptr, dst_ptr, cu_ptr, nacc_ptr, scale_ptr,
         pad_slot_id, nheads, dim, dstate, heads_per_group, tokens_per_seq,
         nslots, ntokens, src_cols, dst_cols, dt_lo, dt_hi, s_cu, s_nacc,
-        s_state, s_x, s_dt, s_z, s_out, s_B, s_C, s_A, s_D, s_bias, s_src, s_dst,
+        s_state, s_x, s_dt, s_z, s_out, s_B, s_C, s_A, s_D, s_bias, s_src, s_dst, s_scale,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
         HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
@@ -99,6 +119,7 @@ if triton is not None:
         DT_TIED: tl.constexpr, A_TIED: tl.constexpr, D_TIED: tl.constexpr,
         BIAS_TIED: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STREAM: tl.constexpr,
+        QUANT: tl.constexpr, QMAX: tl.constexpr,
     ):
         # one stride tuple per tensor; per-token tensors: (sequence, token, inner dims)
         s_state_row, s_state_head, s_state_dim, s_state_n = s_state
@@ -113,6 +134,7 @@ if triton is not None:
         s_bias_head, s_bias_dim = s_bias
         s_src_seq, s_src_col = s_src
         s_dst_seq, s_dst_col = s_dst
+        s_scale_row, s_scale_head, s_scale_dim = s_scale
 
         # programs run head-major within a sequence so the heads of one group (one B/C
         # vector) are neighbours and the state they stream is contiguous
@@ -163,6 +185,12 @@ if triton is not None:
         else:
             h = tl.load(src_tile, mask=src_mask, other=0.0)
         h = h.to(tl.float32)
+        if QUANT:  # one scale per row of the tile; a pad source's zeros stay zeros
+            scale_head = head * s_scale_head + offs_d * s_scale_dim
+            src_scale = tl.load(scale_ptr + src * s_scale_row + scale_head,
+                                mask=only_if(real_row(src, pad_slot_id, nslots), mask_d),
+                                other=0.0)
+            h = h * src_scale[:, None]
 
         if A_TIED:
             a = tl.load(A_ptr + head * s_A_head).to(tl.float32)
@@ -200,15 +228,25 @@ if triton is not None:
                 else:
                     row = tl.load(src_ptr + seq * s_src_seq + t * s_src_col,
                                   mask=t < src_cols, other=pad_slot_id).to(tl.int64)
-                tl.store(state_ptr + row * s_state_row + head_off + tile,
-                         h.to(state_ptr.dtype.element_ty),
-                         mask=only_if(real_row(row, pad_slot_id, nslots), tile_mask))
+                if QUANT:
+                    ok = real_row(row, pad_slot_id, nslots)
+                    _store_quantized(state_ptr + row * s_state_row + head_off + tile,
+                                     scale_ptr + row * s_scale_row + scale_head, h,
+                                     only_if(ok, tile_mask), only_if(ok, mask_d), QMAX, False)
+                else:
+                    tl.store(state_ptr + row * s_state_row + head_off + tile,
+                             h.to(state_ptr.dtype.element_ty),
+                             mask=only_if(real_row(row, pad_slot_id, nslots), tile_mask))
 
         if not SPEC:
             # a pad destination, or a sequence without tokens, writes nothing
             dst_mask = only_if(real_row(dst, pad_slot_id, nslots) & (length > 0), tile_mask)
             dst_tile = state_ptr + dst * s_state_row + head_off + tile
-            if STREAM:
+            if QUANT:
+                dst_ok = real_row(dst, pad_slot_id, nslots) & (length > 0)
+                _store_quantized(dst_tile, scale_ptr + dst * s_scale_row + scale_head, h,
+                                 dst_mask, only_if(dst_ok, mask_d), QMAX, STREAM)
+            elif STREAM:
                 tl.store(dst_tile, h.to(state_ptr.dtype.element_ty), mask=dst_mask,
                          eviction_policy="evict_first")
             else:

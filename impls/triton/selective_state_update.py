@@ -6,15 +6,21 @@ per-token stride for each per-token tensor. Ties (stride 0 over headdim, as Mamb
 dt, A, D and dt_bias) are detected from the strides and turn into scalar loads; dt stays a
 scalar only when dt_bias is tied too (a per-channel bias makes dt per channel). Every
 tensor is read through its strides, index tensors and ``cu_seqlens`` included.
+
+A quantized state (int16, int8, float8 e4m3 with ``state_scale``) runs the same kernel with
+dequantization fused into its load and quantization into its store (``QUANT``); its tile
+is sized by the quantized element, so it holds as many state bytes as a bf16 tile.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from mamba_ir.ops._quant import QMAX
 from mamba_ir.ops.selective_state_update import one_head
 from mamba_ir.ops.selective_state_update import selective_state_update as _op
 
@@ -59,14 +65,23 @@ def supports(**call: Any) -> bool | str:
     ok = runnable(call)
     if ok is not True:
         return ok
-    if call["state_scale"] is not None:
-        return "quantized state (state_scale): the Triton kernel reads float states only"
+    state = call["state"]
+    if state.dtype == torch.float8_e4m3fn and state.device.type == "cuda":
+        major, minor = _capability(state.device.index or 0)
+        if (major, minor) < (8, 9):
+            return (f"float8_e4m3fn state on compute capability {major}.{minor}: Triton "
+                    "converts to and from float8 e4m3 from 8.9 (Ada, Hopper) on")
     dstate = call["state"].shape[-1]
     if dstate == 0:
         return "dstate=0: the kernel's state tile needs at least one column"
     if dstate > MAX_DSTATE:
         return f"dstate={dstate} > {MAX_DSTATE}: one head's state row must fit one block"
     return True
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _tied(t: torch.Tensor, dims: tuple[int, ...]) -> bool:
@@ -102,10 +117,12 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         "state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "out"))
     cu_seqlens, nacc, dt_limit = call["cu_seqlens"], call["num_accepted_tokens"], call["dt_limit"]
     src, dst = call["state_batch_indices"], call["dst_state_batch_indices"]
+    scale = call["state_scale"]
     if state.dim() == 3:
         state, x, dt, A, B, C, D, z, dt_bias, out = one_head(
             state, x, dt, A, B, C, D, z, dt_bias, out
         )
+        scale = None if scale is None else scale.unsqueeze(1)
     _, nheads, dim, dstate = state.shape
     varlen = cu_seqlens is not None
     lead = x.dim() - 2
@@ -120,7 +137,7 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     call_kernel(ssu_kernel, (nseq * nheads * triton.cdiv(dim, block_d),),
         state_ptr=state, x_ptr=x, dt_ptr=dt, bias_ptr=dt_bias, A_ptr=A, B_ptr=B, C_ptr=C,
         D_ptr=D, z_ptr=z, out_ptr=out, src_ptr=src, dst_ptr=dst, cu_ptr=cu_seqlens,
-        nacc_ptr=nacc,
+        nacc_ptr=nacc, scale_ptr=scale,
         pad_slot_id=call["pad_slot_id"], nheads=nheads, dim=dim, dstate=dstate,
         heads_per_group=nheads // B.shape[-2], tokens_per_seq=per_seq,
         nslots=state.shape[0], ntokens=x.shape[0],
@@ -133,6 +150,8 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         s_out=_per_token(out, lead, varlen), s_B=_per_token(B, lead, varlen),
         s_C=_per_token(C, lead, varlen), s_A=A.stride(), s_D=strides(D, 2),
         s_bias=strides(dt_bias, 2), s_src=_index_strides(src), s_dst=_index_strides(dst),
+        # absent scales pass no stride parameters: a float state's launch is unchanged
+        s_scale=(None, None, None) if scale is None else scale.stride(),
         SOFTPLUS=bool(call["dt_softplus"]),
         ONE_TOKEN=not varlen and per_seq == 1 and nacc is None,
         DT_TIED=_tied(dt, (-1,)) and (dt_bias is None or _tied(dt_bias, (-1,))),
@@ -142,6 +161,7 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         STREAM=cfg.stream,
+        QMAX=QMAX.get(state.dtype, 0.0),
         num_warps=cfg.num_warps,
         num_stages=1,
     )
