@@ -244,20 +244,41 @@ def test_strided_and_padded_indices_are_accepted() -> None:
         assert fi.plan(make_call(state_batch_indices=idx), H100, True) == fi.Plan("one-token")
 
 
-def test_unchecked_indices_are_bounded_before_launch() -> None:
+@pytest.mark.parametrize("fix", [False, True])
+def test_unchecked_indices_are_bounded_before_launch(fix: bool) -> None:
     """What a compiled call may pass (no value checks): rows outside the state become pads,
     accepted counts name an existing column, offsets stay within the tokens. Valid values
-    are unchanged and everything comes out contiguous."""
+    are unchanged and everything comes out contiguous, from one launch."""
+    if fi.triton is None:
+        pytest.skip("needs triton")
+    state = torch.zeros(8, 2, 1, 4)
     cu = torch.tensor([0, 3, 2, 9, 0, 1, 2, 3], dtype=torch.int32)[::2]
-    sbi = torch.tensor([[1, -3], [7, 8], [2, 5]], dtype=torch.int32)
-    dst = torch.tensor([0, -1, 6, 99])[:3]
-    nacc = torch.tensor([0, 3, 2, 7])[::2]
-    cu, sbi, dst, nacc = fi._bounded(8, 5, -1, cu, sbi, dst, nacc)
+    sbi = torch.tensor([[1, -3], [7, 8], [2, 5], [4, 4]], dtype=torch.int32)[:3]
+    dst = torch.tensor([0, -1, 6, 99])[:3, None].expand(3, 2)
+    nacc = torch.tensor([0, 3, 2, 7, 1, 1])[::2]
+    x = torch.zeros(5, 2, 1)
+    cu, sbi, dst, nacc = fi._prepare(state, x, sbi, dst, nacc, cu, -1, fix)
     assert cu.tolist() == [0, 2, 2, 2]
     assert sbi.tolist() == [[1, -1], [7, -1], [2, 5]] and sbi.dtype == torch.int32
-    assert dst.tolist() == [0, -1, 6]
-    assert nacc.tolist() == [0, 2]
+    assert dst.tolist() == [[0, 0], [-1, -1], [6, 6]] and dst.dtype == torch.int32
+    assert nacc.tolist() == [0, 2, 1]
     assert all(t.is_contiguous() for t in (cu, sbi, dst, nacc))
+
+
+def test_prepared_indices_without_speculation_take_one_column() -> None:
+    """Only the final state is written: one column of each index tensor, cut to the
+    batch; no index tensors, no launch."""
+    if fi.triton is None:
+        pytest.skip("needs triton")
+    state = torch.zeros(4, 2, 1, 4)
+    x = torch.zeros(2, 2, 1)
+    sbi = torch.tensor([[3, 0], [9, 1], [1, 1]], dtype=torch.int64)
+    dst = torch.tensor([2, 1, 0], dtype=torch.int32)
+    cu, new, new_dst, nacc = fi._prepare(state, x, sbi, dst, None, None, -1, False)
+    assert (cu, nacc) == (None, None)
+    assert new.tolist() == [3, -1] and new_dst.tolist() == [2, 1]
+    assert new_dst.dtype == torch.int64
+    assert fi._prepare(state, x, None, None, None, None, -1, False) == (None,) * 4
 
 
 def test_shared_memory_model() -> None:
@@ -354,10 +375,12 @@ def test_per_head_makes_heads_contiguous() -> None:
 def test_indices_one_column_unless_speculative() -> None:
     sbi = torch.tensor([[1, 2], [3, 4]], dtype=torch.int32)
     dst = torch.tensor([[5, 6], [7, 8]])
-    s, d = fi._indices(sbi, dst, None)
+    pytest.importorskip("triton")
+    state, x = torch.zeros(9, 1, 1, 1), torch.zeros(2, 1, 1)
+    _, s, d, _ = fi._prepare(state, x, sbi, dst, None, None, -1, False)
     assert s.tolist() == [1, 3] and d.tolist() == [5, 7] and d.dtype == torch.int32
-    s, d = fi._indices(sbi, None, torch.tensor([1, 2]))
-    assert d is sbi and s is sbi
+    _, s, d, _ = fi._prepare(state, x, sbi, None, torch.tensor([1, 2]), None, -1, False)
+    assert s.tolist() == [[1, 2], [3, 4]] and d is s
 
 
 @pytest.mark.parametrize("pad", [-1, 0])
@@ -370,7 +393,7 @@ def test_pad_sources_start_from_a_zeroed_destination(pad: int) -> None:
     sbi = torch.tensor([pad, 1, pad], dtype=torch.int32, device=DEV)
     dst = torch.tensor([5, 6, pad], dtype=torch.int32, device=DEV)
     x = torch.zeros(3, 1, 2, 4, device=DEV)
-    new = fi._zero_pad_sources(state, sbi, dst, None, None, x, pad)
+    _, new, _, _ = fi._prepare(state, x, sbi, dst, None, None, pad, True)
     assert new.tolist() == [5, 1, pad] and sbi.tolist() == [pad, 1, pad]
     assert not state[5].any()
     keep = [r for r in range(12) if r != 5]
@@ -386,7 +409,8 @@ def test_pad_sources_speculative_varlen() -> None:
     nacc = torch.tensor([2, 1, 1, 1], device=DEV)
     # seq 0 reads a pad, writes 4 first (column 0 is a pad); seq 2 has no tokens
     cu = torch.tensor([0, 3, 5, 5, 6], device=DEV)
-    new = fi._zero_pad_sources(state, sbi, dst, nacc, cu, torch.zeros(6, 2, 4, device=DEV), -1)
+    x = torch.zeros(6, 2, 4, device=DEV)
+    _, new, _, _ = fi._prepare(state, x, sbi, dst, nacc, cu, -1, True)
     assert new.tolist() == [[-1, 4, 7], [0, 1, -1], [-1, 9, 10], [-1, -1, -1]]
     assert not state[4].any()
     keep = [r for r in range(12) if r != 4]

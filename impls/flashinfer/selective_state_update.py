@@ -13,7 +13,7 @@ kernel: the path of one-token calls that kernel cannot take, for tests and bench
 Where FlashInfer's meaning differs from the op's, the call is rewritten before launch:
 
 - a source pad with a real destination starts from zero state and still writes (the op),
-  whereas FlashInfer writes nothing for a pad source. :func:`_zero_pad_sources` (Triton)
+  whereas FlashInfer writes nothing for a pad source. :func:`_prepare` (Triton)
   zeroes that sequence's first destination row and points its source there;
 - FlashInfer's one-token kernel writes a pad destination row, so calls with destination
   indices take the multi-token kernel (T=1), which skips pad destinations;
@@ -21,8 +21,10 @@ Where FlashInfer's meaning differs from the op's, the call is rewritten before l
   passed as one column, so every step rewrites the same row and the last one stays;
 - D may be absent (FlashInfer needs it: zeros), dt/D/dt_bias may differ in dtype
   (widened to float32 together, exactly), and per-head vectors are made head-contiguous;
-- index tensors longer than the sequences are cut to them, and index tensors in any
-  layout (a column of a 2-D tensor, a stride) are passed as contiguous copies.
+- index tensors longer than the sequences are cut to them, index tensors in any layout
+  (a column of a 2-D tensor, a stride) are passed as contiguous copies, and values an
+  unchecked call may hold are bounded (FlashInfer checks none): all in one launch,
+  :func:`_prepare`.
 
 ``dt_limit`` is refused: FlashInfer 0.7.2 has no clamp of dt.
 """
@@ -354,19 +356,13 @@ def selective_state_update(
     assert not isinstance(fi, str), fi
     dt, D, dt_bias = _weights(dt, D, dt_bias, state.shape[1])
     A = _per_head(A)
-    nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
-    cu_seqlens, state_batch_indices, dst_state_batch_indices, num_accepted_tokens = _bounded(
-        state.shape[0], x.shape[0], pad_slot_id, cu_seqlens,
-        *(None if t is None else t[:nseq]
-          for t in (state_batch_indices, dst_state_batch_indices, num_accepted_tokens)),
-    )
-    sbi, dst = _indices(state_batch_indices, dst_state_batch_indices, num_accepted_tokens)
     if how.kernel == "multi-token" and cu_seqlens is None and x.dim() == 3:
         x, dt, B, C, z, out = (t if t is None else t.unsqueeze(1) for t in (x, dt, B, C, z, out))
-    if how.fix_pad_sources:
-        sbi = _zero_pad_sources(state, sbi, dst, num_accepted_tokens, cu_seqlens, x, pad_slot_id)
+    cu_seqlens, sbi, dst, nacc = _prepare(
+        state, x, state_batch_indices, dst_state_batch_indices, num_accepted_tokens,
+        cu_seqlens, pad_slot_id, how.fix_pad_sources,
+    )
     varlen = cu_seqlens is not None
-    nacc = None if num_accepted_tokens is None else num_accepted_tokens.contiguous()
     fi(
         state, x, dt, A, B, C, D,
         z=z,
@@ -380,28 +376,6 @@ def selective_state_update(
         cu_seqlens=cu_seqlens if varlen else None,
         num_accepted_tokens=nacc,
     )  # fmt: skip
-
-
-def _bounded(
-    nslots: int, ntokens: int, pad: int, cu: torch.Tensor | None, sbi: torch.Tensor | None,
-    dst: torch.Tensor | None, nacc: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, ...]:
-    """Contiguous copies (FlashInfer and the pad-source rewrite read them at unit stride)
-    that keep FlashInfer inside the state whatever an unchecked (compiled) call holds:
-    rows outside ``[0, nslots)`` become pads, accepted counts name an existing column,
-    offsets stay in ``[0, ntokens]`` and never decrease. Valid calls are unchanged."""
-
-    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
-        return torch.where((t >= 0) & (t < nslots), t, torch.full_like(t, pad))
-
-    if nacc is not None and sbi is not None and sbi.dim() == 2:
-        nacc = nacc.clamp(0, sbi.shape[1])
-    if cu is not None:
-        cu = torch.cummax(cu.clamp(0, ntokens), dim=0).values
-    nacc = None if nacc is None else nacc.contiguous()
-    return cu, rows(sbi), rows(dst), nacc
 
 
 def _per_head(t: torch.Tensor) -> torch.Tensor:
@@ -428,65 +402,97 @@ def _weights(
     return dt, D, dt_bias
 
 
-def _indices(
-    sbi: torch.Tensor | None, dst: torch.Tensor | None, nacc: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Index tensors as FlashInfer reads them.
-
-    Speculative decoding writes every token's state: the destinations are 2-D, and the
-    sources themselves when none are given. Otherwise only the final state is written,
-    so one column suffices (FlashInfer rewrites it at every step; the last one stays).
-    """
-    if nacc is not None:
-        dst = sbi if dst is None else dst
-    else:
-        sbi = sbi if sbi is None or sbi.dim() == 1 else sbi[:, 0]
-        dst = dst if dst is None or dst.dim() == 1 else dst[:, 0]
-    if sbi is not None and dst is not None and dst.dtype != sbi.dtype:
-        dst = dst.to(sbi.dtype)
-    return (None if sbi is None else sbi.contiguous()), (None if dst is None else dst.contiguous())
+# -- index tensors as FlashInfer reads them, in one launch ---------------------------------
 
 
-# -- pad sources with a real destination --------------------------------------------------
-
-
-def _zero_pad_sources(
+def _prepare(
     state: torch.Tensor,
-    sbi: torch.Tensor | None,
-    dst: torch.Tensor,
-    nacc: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
     x: torch.Tensor,
+    sbi: torch.Tensor | None,
+    dst: torch.Tensor | None,
+    nacc: torch.Tensor | None,
+    cu: torch.Tensor | None,
     pad: int,
-) -> torch.Tensor:
-    """Source indices under which FlashInfer starts pad-source sequences from zero and
-    still writes them: each such sequence's first destination row that it writes is
-    zeroed and becomes its source. Returns the new source indices (a copy)."""
-    nseq = dst.shape[0]
-    if sbi is None:
-        sbi = torch.arange(nseq, dtype=dst.dtype, device=dst.device)
-    new = sbi.clone()
-    dst2 = dst if dst.dim() == 2 else dst[:, None]
+    fix_pad_sources: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """``(cu_seqlens, state_batch_indices, dst_state_batch_indices, num_accepted_tokens)``
+    as FlashInfer takes them, written by one Triton launch (none without index tensors).
+
+    - **Bounded.** FlashInfer checks no index, and a compiled call has no value checks:
+      rows outside ``[0, slots)`` become pads, accepted counts name an existing column,
+      offsets stay in ``[0, tokens]`` and never decrease. Valid values are unchanged.
+    - **Contiguous**, cut to the sequences, the destinations in the sources' dtype.
+    - **Columns.** Speculative decoding writes every token's state: 2-D destinations, the
+      sources themselves when none are given. Otherwise only the final state is written,
+      so one column suffices (FlashInfer rewrites it at every step; the last one stays).
+    - **Pad sources** with a real destination (``fix_pad_sources``): the first destination
+      row such a sequence writes is zeroed and becomes its source, so FlashInfer reads
+      zeros and writes it, as the op does.
+
+    One launch because each torch operation is a kernel of its own: bounding four index
+    tensors that way cost more than FlashInfer's one-token kernel at small batch.
+    """
+    spec, varlen = nacc is not None, cu is not None
+    nseq = cu.shape[0] - 1 if varlen else x.shape[0]
+    if sbi is None and dst is None and not spec and not varlen:
+        return None, None, None, None
+    dev = state.device
+    s_2d = sbi is not None and sbi.dim() == 2
+    d_2d = dst is not None and dst.dim() == 2
+    src_cols = sbi.shape[1] if spec and s_2d else 1
+    if dst is not None:
+        dst_cols, dst_2d = (dst.shape[1], True) if spec and d_2d else (1, False)
+    else:
+        dst_cols, dst_2d = src_cols, spec and s_2d  # speculative: the sources are written
+    fix = fix_pad_sources and (sbi is not None or dst is not None)
+    dtype = next((t.dtype for t in (sbi, dst) if t is not None), torch.int32)
+
+    def empty(cols: int, two_d: bool, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.empty((nseq, cols) if two_d else (nseq,), dtype=dt, device=dev)
+
+    new_sbi = empty(src_cols, spec and s_2d) if sbi is not None or fix else None
+    if dst is not None or (spec and fix):
+        new_dst = empty(dst_cols, dst_2d)
+    else:  # speculative without destinations and nothing to fix: FlashInfer's own choice
+        new_dst = new_sbi if spec else None
+    new_nacc = empty(1, False, nacc.dtype) if spec else None
+    new_cu = torch.empty(nseq + 1, dtype=cu.dtype, device=dev) if varlen else None
+    if nseq == 0:
+        if varlen:
+            new_cu.copy_(cu[:1].clamp(0, x.shape[0]))
+        return new_cu, new_sbi, new_dst, new_nacc
     row = state[0].numel()
     block = 1024
     # Few programs per sequence: most sequences only read their indices and stop.
-    grid = (nseq, min(triton.cdiv(row, block), 8))
-    dummy = new
-    _zero_pad_sources_kernel[grid](
-        state, row, state.stride(0),
-        sbi, sbi.stride(0), sbi.stride(1) if sbi.dim() == 2 else 0,
-        new, new.stride(0), new.stride(1) if new.dim() == 2 else 0,
-        dst2, dst2.stride(0), dst2.stride(1), dst2.shape[1],
-        dummy if nacc is None else nacc,
-        dummy if cu_seqlens is None else cu_seqlens,
-        _written_columns(x, nacc is not None, dst2.shape[1]) if cu_seqlens is None else 0,
-        pad,
-        SPEC=nacc is not None,
-        VARLEN=cu_seqlens is not None,
-        NCOLS=triton.next_power_of_2(dst2.shape[1]),
+    grid = (nseq, min(triton.cdiv(row, block), 8) if fix else 1)
+    dummy = next(t for t in (new_sbi, new_dst, new_nacc, new_cu) if t is not None)
+
+    def strides(t: torch.Tensor | None) -> tuple[int, int]:
+        if t is None:
+            return 0, 0
+        return t.stride(0), (t.stride(1) if t.dim() == 2 else 0)
+
+    _prepare_kernel[grid](
+        state, row, state.stride(0), state.shape[0], pad,
+        dummy if sbi is None else sbi, *strides(sbi), src_cols,
+        dummy if dst is None else dst, *strides(dst), dst_cols,
+        dummy if nacc is None else nacc, nacc.stride(0) if spec else 0,
+        sbi.shape[1] if s_2d else 2**31 - 1,
+        dummy if cu is None else cu, cu.stride(0) if varlen else 0, x.shape[0],
+        dummy if new_sbi is None else new_sbi,
+        dummy if new_dst is None or new_dst is new_sbi else new_dst,
+        dummy if new_nacc is None else new_nacc,
+        dummy if new_cu is None else new_cu,
+        _written_columns(x, spec, dst_cols) if not varlen else 0,
+        HAS_SBI=sbi is not None, HAS_DST=dst is not None, S_2D=s_2d,
+        WRITE_SBI=new_sbi is not None,
+        WRITE_DST=new_dst is not None and new_dst is not new_sbi,
+        SPEC=spec, VARLEN=varlen, FIX=fix,
+        NCOLS=triton.next_power_of_2(max(src_cols, dst_cols)),
+        NCU=triton.next_power_of_2(nseq + 1) if varlen else 1,
         BLOCK=block,
     )  # fmt: skip
-    return new
+    return new_cu, new_sbi, new_dst, new_nacc
 
 
 def _written_columns(x: torch.Tensor, spec: bool, ncols: int) -> int:
@@ -497,38 +503,82 @@ def _written_columns(x: torch.Tensor, spec: bool, ncols: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _zero_pad_sources_kernel(
-        state_ptr, row_numel, row_stride,
-        src_ptr, src_s0, src_s1,
-        new_ptr, new_s0, new_s1,
-        dst_ptr, dst_s0, dst_s1, ncols,
-        nacc_ptr, cu_ptr, fixed_limit, pad,
-        SPEC: tl.constexpr, VARLEN: tl.constexpr, NCOLS: tl.constexpr, BLOCK: tl.constexpr,
+    def _bound_rows(rows, nslots, pad):
+        return tl.where((rows >= 0) & (rows < nslots), rows, pad)
+
+    @triton.jit
+    def _prepare_kernel(
+        state_ptr, row_numel, row_stride, nslots, pad,
+        sbi_ptr, sbi_s0, sbi_s1, src_cols,
+        dst_ptr, dst_s0, dst_s1, dst_cols,
+        nacc_ptr, nacc_s0, nacc_max, cu_ptr, cu_s0, ntokens,
+        new_sbi_ptr, new_dst_ptr, new_nacc_ptr, new_cu_ptr,
+        fixed_limit,
+        HAS_SBI: tl.constexpr, HAS_DST: tl.constexpr, S_2D: tl.constexpr,
+        WRITE_SBI: tl.constexpr, WRITE_DST: tl.constexpr,
+        SPEC: tl.constexpr, VARLEN: tl.constexpr, FIX: tl.constexpr,
+        NCOLS: tl.constexpr, NCU: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         seq = tl.program_id(0)
         part = tl.program_id(1)
-        col = 0
-        if SPEC:
-            col = tl.maximum(tl.load(nacc_ptr + seq).to(tl.int64) - 1, 0)
-        src = tl.load(src_ptr + seq * src_s0 + col * src_s1).to(tl.int64)
-        if VARLEN:  # the columns the op writes: one per token when speculative, else one
-            length = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int64)
-            limit = tl.minimum(length, ncols) if SPEC else tl.minimum(length, 1)
-        else:
-            limit = fixed_limit
         cols = tl.arange(0, NCOLS)
-        rows = tl.load(dst_ptr + seq * dst_s0 + cols * dst_s1, mask=cols < limit, other=pad)
-        real = (cols < limit) & (rows.to(tl.int64) != pad)
-        first = tl.min(tl.where(real, cols, NCOLS), axis=0)
-        target = tl.sum(tl.where(cols == first, rows.to(tl.int64), 0), axis=0)
-        if (src == pad) & (first < NCOLS):
-            zeros = tl.zeros([BLOCK], dtype=state_ptr.dtype.element_ty)
-            base = state_ptr + target * row_stride
-            for start in range(part * BLOCK, row_numel, tl.num_programs(1) * BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                tl.store(base + offs, zeros, mask=offs < row_numel)
+        length = 0
+        if VARLEN:  # the running maximum of the clamped offsets, up to this sequence's end
+            j = tl.arange(0, NCU)
+            offs = tl.load(cu_ptr + j * cu_s0, mask=j <= seq + 1, other=0)
+            offs = tl.minimum(tl.maximum(offs, 0), ntokens)
+            end = tl.max(tl.where(j <= seq + 1, offs, 0), axis=0)
+            start = tl.max(tl.where(j <= seq, offs, 0), axis=0)
+            length = end - start
             if part == 0:
-                tl.store(new_ptr + seq * new_s0 + col * new_s1, target.to(new_ptr.dtype.element_ty))
+                tl.store(new_cu_ptr + seq + 1, end.to(new_cu_ptr.dtype.element_ty))
+                if seq == 0:
+                    tl.store(new_cu_ptr, start.to(new_cu_ptr.dtype.element_ty))
+        accepted = 0
+        if SPEC:
+            accepted = tl.load(nacc_ptr + seq * nacc_s0)
+            if S_2D:
+                accepted = tl.minimum(tl.maximum(accepted, 0), nacc_max)
+            if part == 0:
+                tl.store(new_nacc_ptr + seq, accepted.to(new_nacc_ptr.dtype.element_ty))
+        if HAS_SBI:
+            src_row = tl.load(sbi_ptr + seq * sbi_s0 + cols * sbi_s1, mask=cols < src_cols,
+                              other=pad).to(tl.int64)
+            src_row = tl.where((src_row >= 0) & (src_row < nslots), src_row, pad)
+        else:
+            src_row = tl.where(cols == 0, seq, pad).to(tl.int64)
+        if HAS_DST:
+            dst_row = tl.load(dst_ptr + seq * dst_s0 + cols * dst_s1, mask=cols < dst_cols,
+                              other=pad).to(tl.int64)
+            dst_row = tl.where((dst_row >= 0) & (dst_row < nslots), dst_row, pad)
+        else:
+            dst_row = src_row
+        if FIX:  # a pad source with a real destination: zero that row and read it instead
+            col = 0
+            if SPEC and S_2D:
+                col = tl.maximum(accepted.to(tl.int64) - 1, 0)
+            src = tl.sum(tl.where(cols == col, src_row, 0), axis=0)
+            if VARLEN:  # the columns the op writes: one per token when speculative, else one
+                limit = tl.minimum(length, dst_cols) if SPEC else tl.minimum(length, 1)
+            else:
+                limit = fixed_limit
+            real = (cols < limit) & (cols < dst_cols) & (dst_row != pad)
+            first = tl.min(tl.where(real, cols, NCOLS), axis=0)
+            target = tl.sum(tl.where(cols == first, dst_row, 0), axis=0)
+            if (src == pad) & (first < NCOLS):
+                zeros = tl.zeros([BLOCK], dtype=state_ptr.dtype.element_ty)
+                base = state_ptr + target * row_stride
+                for begin in range(part * BLOCK, row_numel, tl.num_programs(1) * BLOCK):
+                    offs_r = begin + tl.arange(0, BLOCK)
+                    tl.store(base + offs_r, zeros, mask=offs_r < row_numel)
+                src_row = tl.where(cols == col, target, src_row)
+        if part == 0:
+            if WRITE_SBI:
+                tl.store(new_sbi_ptr + seq * src_cols + cols,
+                         src_row.to(new_sbi_ptr.dtype.element_ty), mask=cols < src_cols)
+            if WRITE_DST:
+                tl.store(new_dst_ptr + seq * dst_cols + cols,
+                         dst_row.to(new_dst_ptr.dtype.element_ty), mask=cols < dst_cols)
 
 
 _op.register_impl(PROVIDER, selective_state_update, supports=supports)
