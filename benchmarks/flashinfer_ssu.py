@@ -19,7 +19,7 @@ from benchmarks.ssu import decode_call, raw_flashinfer, raw_flashinfer_args, sta
 from mamba_ir import get_op
 from mamba_ir.impls.flashinfer import selective_state_update as provider
 
-BATCHES = (8, 64, 256)
+BATCHES = (1, 8, 64, 256)
 
 
 def measure() -> dict[str, Any]:

@@ -14,7 +14,8 @@ launch configurations per batch (how the defaults were chosen).
 float8 e4m3 states (one float32 scale per dstate block), Triton in place at the same
 shapes. There every byte the call moves counts (state and scales read and written, the
 per-token inputs read, the output written), against a same-run copy of as many bytes, and
-each dtype's time is also given as a speedup over the bf16 state's at the same batch.
+each dtype's time is also given as a speedup over the bf16 state's at the same batch, and
+with stochastic rounding (``rand_seed``) as its cost over rounding to nearest.
 
     python -m benchmarks.ssu [--sweep] [--out DIR]      # on the GPU machine
     python -m benchmarks.ssu --quant [--sweep] [--out DIR]
@@ -40,7 +41,7 @@ from benchmarks.common import (
     time_us,
     write_json,
 )
-from mamba_ir.ops._quant import QUANTIZED, quantize
+from mamba_ir.ops._quant import QUANTIZED, ROUNDED, quantize
 
 BATCHES = (1, 8, 32, 64, 128, 256, 512)
 NATIVE_MAX_BATCH = 128  # native eager allocates fp32 copies of every row: slow beyond this
@@ -269,6 +270,9 @@ def measure_dtypes(batch: int, dtypes: list[str], sweep: bool) -> list[dict[str,
         row |= {"copy_tbs": roof["memcpy"] / 1e12, "kernel_copy_tbs": roof["kernel"] / 1e12,
                 "roof_tbs": roof["roof"] / 1e12}
         row["triton_us"] = time_us(lambda call=call: triton_ssu(**call))
+        if STATE_DTYPES[name] in ROUNDED:  # the seed a serving step would pass, on the device
+            seeded = call | {"rand_seed": torch.tensor(batch, device=call["x"].device)}
+            row["triton_sr_us"] = time_us(lambda call=seeded: triton_ssu(**call))
         if sweep:
             row["sweep"] = {
                 config_key(c): time_us(lambda c=c, call=call: triton_ssu(**call, config=c))
@@ -288,6 +292,8 @@ def quant_rates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r["triton_vs_roof"] = r["triton_tbs"] / r["roof_tbs"]
         if r["batch"] in bf16:
             r["speedup_vs_bf16"] = bf16[r["batch"]] / r["triton_us"]
+        if "triton_sr_us" in r:
+            r["sr_slowdown"] = r["triton_sr_us"] / r["triton_us"] - 1
     return rows
 
 
@@ -329,6 +335,8 @@ QUANT_COLUMNS = [
     ("roof_tbs", "roof TB/s", "{:>9.2f}"),
     ("triton_vs_roof", "%roof", "{:>6.1%}"),
     ("speedup_vs_bf16", "vs bf16", "{:>7.2f}"),
+    ("triton_sr_us", "stoch. us", "{:>9.1f}"),
+    ("sr_slowdown", "stoch. cost", "{:>11.1%}"),
 ]
 
 

@@ -244,3 +244,19 @@ def test_ssu_quant_plot_from_json(tmp_path: Path) -> None:
                                 "state_dtypes": ["bfloat16", "int8"], "rows": _quant_rows()}))
     png = ssu.plot(path)
     assert png == path.with_suffix(".png") and png.stat().st_size > 0
+
+
+def test_state_precision_orders_the_dtypes_and_plots(tmp_path: Path) -> None:
+    """Two decode steps against the float64 recurrence: float32 state is exact to float32
+    rounding, and fewer state bits give larger errors; the JSON plots."""
+    from benchmarks.common import write_json
+    from benchmarks.state_precision import measure, plot
+
+    data = measure(2, "cpu")
+    last = {label: s["state_rel"][-1] for label, s in data["series"].items()}
+    assert last["float32"] < 1e-6
+    assert last["float32"] < last["int16"] < last["bfloat16"] < last["int8"]
+    assert set(last) >= {"int8 + stochastic", "bfloat16 + stochastic"}
+    assert "float32 + stochastic" not in last
+    pytest.importorskip("matplotlib")
+    assert plot(write_json("state_precision.json", data, tmp_path)).exists()

@@ -141,6 +141,9 @@ def plan(
     if call.get("state_scale") is not None:
         return ("quantized state (state_scale): FlashInfer's int16 scales are not yet "
                 "checked against the op's quantization (mamba_ir/ops/_quant.py)")
+    if call.get("rand_seed") is not None:
+        return ("stochastic rounding (rand_seed): FlashInfer draws other random bits than "
+                "the op's Philox counters (mamba_ir/ops/_quant.py), so results would differ")
     if x.numel() == 0:
         return Plan("none")  # no tokens: nothing to read or write
     _, nheads, dim, dstate = state.shape
@@ -339,6 +342,7 @@ def selective_state_update(
     num_accepted_tokens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     state_scale: torch.Tensor | None = None,
+    rand_seed: torch.Tensor | None = None,
     *,
     one_token: bool = True,
 ) -> None:

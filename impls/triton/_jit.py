@@ -135,8 +135,60 @@ if triton is not None:
     def _max_nan(a, b):
         return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
+    # -- stochastic rounding (mamba_ir/ops/_philox.py, _quant.py) ---------------------------
+
     @triton.jit
-    def quantize_rows(h, QMAX: tl.constexpr, DTYPE: tl.constexpr):
+    def philox(seed, c0, c1, c2):
+        """The first word of Philox4x32-10 for counter ``(c0, c1, c2, 0)`` (uint32) under
+        key ``(seed low word, seed high word)`` (``seed`` int64): ``_philox.philox``."""
+        k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+        k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        c3 = tl.zeros_like(c0)
+        for _ in tl.static_range(10):
+            a0, a2 = c0, c2
+            c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+            c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+            c1 = tl.mul(a2, tl.full([], 0xCD9E8D57, tl.uint32), sanitize_overflow=False)
+            c3 = tl.mul(a0, tl.full([], 0xD2511F53, tl.uint32), sanitize_overflow=False)
+            k0 = tl.add(k0, tl.full([], 0x9E3779B9, tl.uint32), sanitize_overflow=False)
+            k1 = tl.add(k1, tl.full([], 0xBB67AE85, tl.uint32), sanitize_overflow=False)
+        return c0
+
+    @triton.jit
+    def tile_bits(seed, row, column, element):
+        """The random bits of the state tile's elements (``element``: their flat index
+        within the row) stored into ``row`` for token ``column``: ``_philox.state_bits``."""
+        zero = tl.zeros_like(element).to(tl.int64)
+        # int64 to uint32 keeps the low word, as the native counter's mask does
+        return philox(seed, element.to(tl.uint32), (zero + row).to(tl.uint32),
+                      (zero + column).to(tl.uint32))
+
+    @triton.jit
+    def round_stochastic(v, bits, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                         FMAX: tl.constexpr):
+        """``v`` (fp32) rounded to one of its two neighbours on a grid, up with probability
+        its distance from the lower one in steps (``_quant.round_stochastic``), still fp32
+        and exactly representable, so the conversion after it does not round again.
+        ``MBITS`` 0: the integers; else a float grid of ``MBITS`` mantissa bits whose step
+        is ``2**(max(e, EMIN) - MBITS)`` at binary exponent ``e``; beyond ``FMAX``, inf and
+        NaN, ``v`` itself (the conversion rounds those to nearest)."""
+        r = (bits >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24: exact
+        if MBITS == 0:
+            t = v
+        else:
+            e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+            k = tl.maximum(e, EMIN) - MBITS
+            step = ((k + 127) << 23).to(tl.float32, bitcast=True)
+            t = v * ((127 - k) << 23).to(tl.float32, bitcast=True)
+        low = tl.floor(t)
+        q = tl.where(r < t - low, low + 1.0, low)
+        if MBITS != 0:
+            q = tl.where(tl.abs(v) <= FMAX, q * step, v)
+        return q
+
+    @triton.jit
+    def quantize_rows(h, QMAX: tl.constexpr, DTYPE: tl.constexpr, bits=None,
+                      SR: tl.constexpr = False):
         """Each row of ``h`` (fp32) as ``DTYPE`` values and one fp32 scale, bit for bit as
         ``mamba_ir/ops/_quant.quantize`` computes them on the CPU: scale = absmax / QMAX,
         values h * inverse rounded to nearest even and clamped to [-QMAX, QMAX]; an
@@ -157,13 +209,19 @@ if triton is not None:
         if DTYPE.is_fp8():
             v = tl.where(finite[:, None], v, 0.0)  # +0: the sign of a zero is kept
             v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-            if INTERPRETED:
+            if SR:
+                v = round_stochastic(v, bits, 3, -6, 448.0)
+            elif INTERPRETED:
                 v = round_e4m3(v)
-            q = v.to(DTYPE)  # round to nearest even
+            q = v.to(DTYPE)  # round to nearest even (exact after a stochastic round)
         else:
             # clamped to [0, 0] in a non-finite row (min and max drop NaN): zeros without
             # a select per value. Clamped before rounding, which is the same for an integer
             # bound, so the rounding add reads a min, not the product, and cannot fuse with it
             bound = tl.where(finite, QMAX, 0.0)[:, None]
-            q = round_to_int32(tl.minimum(tl.maximum(v, -bound), bound)).to(DTYPE)
+            if SR:
+                v = round_stochastic(tl.minimum(tl.maximum(v, -bound), bound), bits, 0, 0, 0.0)
+                q = v.to(tl.int32).to(DTYPE)
+            else:
+                q = round_to_int32(tl.minimum(tl.maximum(v, -bound), bound)).to(DTYPE)
         return q, scale

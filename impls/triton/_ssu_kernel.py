@@ -24,7 +24,16 @@ state compiles to the code it had before the flag.
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import only_if, quantize_rows, rate_step, real_row, step_size, token_range
+from ._jit import (
+    only_if,
+    quantize_rows,
+    rate_step,
+    real_row,
+    round_stochastic,
+    step_size,
+    tile_bits,
+    token_range,
+)
 
 if triton is not None:
 
@@ -87,14 +96,27 @@ if triton is not None:
         return h
 
     @triton.jit
-    def _store_quantized(state_ptrs, scale_ptrs, h, tile_mask, scale_mask,
-                         QMAX: tl.constexpr, STREAM: tl.constexpr):
-        """Store the state tile ``h`` quantized: values where ``tile_mask``, one scale per
-        row where ``scale_mask``. The tile's columns past dstate hold zeros (loaded as
-        zeros, B's are zeros) unless the row is non-finite anyway (dt or x is), as
-        ``quantize_rows`` needs."""
-        value, scale = quantize_rows(h, QMAX, state_ptrs.dtype.element_ty)
-        tl.store(scale_ptrs, scale, mask=scale_mask)
+    def _store_tile(state_ptrs, scale_ptrs, h, tile_mask, scale_mask, seed, row, column,
+                    element, QUANT: tl.constexpr, QMAX: tl.constexpr, STREAM: tl.constexpr,
+                    SR: tl.constexpr, SR_MBITS: tl.constexpr, SR_EMIN: tl.constexpr,
+                    SR_FMAX: tl.constexpr):
+        """Store the state tile ``h`` into ``row``: rounded to the state's dtype (to
+        nearest, or stochastically under ``SR`` by the bits of ``row``, token ``column``
+        and each value's ``element`` index), or quantized (``QUANT``): values where
+        ``tile_mask``, one scale per row of the tile where ``scale_mask``. A quantized
+        tile's columns past dstate hold zeros (loaded as zeros, B's are zeros) unless the
+        row is non-finite anyway (dt or x is), as ``quantize_rows`` needs."""
+        bits = None
+        if SR:
+            bits = tile_bits(seed, row, column, element)
+        if QUANT:
+            value, scale = quantize_rows(h, QMAX, state_ptrs.dtype.element_ty, bits, SR)
+            tl.store(scale_ptrs, scale, mask=scale_mask)
+        elif SR:
+            value = round_stochastic(h, bits, SR_MBITS, SR_EMIN, SR_FMAX)
+            value = value.to(state_ptrs.dtype.element_ty)
+        else:
+            value = h.to(state_ptrs.dtype.element_ty)
         if STREAM:
             tl.store(state_ptrs, value, mask=tile_mask, eviction_policy="evict_first")
         else:
@@ -104,11 +126,12 @@ if triton is not None:
         "HAS_D": given("D_ptr"), "HAS_Z": given("z_ptr"), "HAS_BIAS": given("bias_ptr"),
         "HAS_LIMIT": given("dt_lo"), "HAS_SRC": given("src_ptr"), "HAS_DST": given("dst_ptr"),
         "VARLEN": given("cu_ptr"), "SPEC": given("nacc_ptr"), "QUANT": given("scale_ptr"),
+        "SR": given("seed_ptr"),
     })
     @triton.jit
     def ssu_kernel(
         state_ptr, x_ptr, dt_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
-        src_ptr, dst_ptr, cu_ptr, nacc_ptr, scale_ptr,
+        src_ptr, dst_ptr, cu_ptr, nacc_ptr, scale_ptr, seed_ptr,
         pad_slot_id, nheads, dim, dstate, heads_per_group, tokens_per_seq,
         nslots, ntokens, src_cols, dst_cols, dt_lo, dt_hi, s_cu, s_nacc,
         s_state, s_x, s_dt, s_z, s_out, s_B, s_C, s_A, s_D, s_bias, s_src, s_dst, s_scale,
@@ -120,6 +143,7 @@ if triton is not None:
         BIAS_TIED: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STREAM: tl.constexpr,
         QUANT: tl.constexpr, QMAX: tl.constexpr,
+        SR: tl.constexpr, SR_MBITS: tl.constexpr, SR_EMIN: tl.constexpr, SR_FMAX: tl.constexpr,
     ):
         # one stride tuple per tensor; per-token tensors: (sequence, token, inner dims)
         s_state_row, s_state_head, s_state_dim, s_state_n = s_state
@@ -176,6 +200,12 @@ if triton is not None:
         tile = offs_d[:, None] * s_state_dim + offs_n[None, :] * s_state_n
         tile_mask = mask_d[:, None] & mask_n[None, :]
         head_off = head * s_state_head
+        seed = 0
+        element = tile  # unused without stochastic rounding
+        if SR:  # the seed is read on the device: a CUDA graph replays each step's own
+            seed = tl.load(seed_ptr).to(tl.int64)
+            element = (head * dim + offs_d)[:, None] * dstate + offs_n[None, :]
+        scale_head = 0
 
         # a pad source means a zero initial state: the masked load reads nothing
         src_mask = only_if(real_row(src, pad_slot_id, nslots), tile_mask)
@@ -228,26 +258,22 @@ if triton is not None:
                 else:
                     row = tl.load(src_ptr + seq * s_src_seq + t * s_src_col,
                                   mask=t < src_cols, other=pad_slot_id).to(tl.int64)
+                ok = real_row(row, pad_slot_id, nslots)
+                row_scale = scale_ptr
                 if QUANT:
-                    ok = real_row(row, pad_slot_id, nslots)
-                    _store_quantized(state_ptr + row * s_state_row + head_off + tile,
-                                     scale_ptr + row * s_scale_row + scale_head, h,
-                                     only_if(ok, tile_mask), only_if(ok, mask_d), QMAX, False)
-                else:
-                    tl.store(state_ptr + row * s_state_row + head_off + tile,
-                             h.to(state_ptr.dtype.element_ty),
-                             mask=only_if(real_row(row, pad_slot_id, nslots), tile_mask))
+                    row_scale = scale_ptr + row * s_scale_row + scale_head
+                _store_tile(state_ptr + row * s_state_row + head_off + tile, row_scale, h,
+                            only_if(ok, tile_mask), only_if(ok, mask_d), seed, row, t, element,
+                            QUANT, QMAX, False, SR, SR_MBITS, SR_EMIN, SR_FMAX)
 
         if not SPEC:
             # a pad destination, or a sequence without tokens, writes nothing
             dst_mask = only_if(real_row(dst, pad_slot_id, nslots) & (length > 0), tile_mask)
             dst_tile = state_ptr + dst * s_state_row + head_off + tile
+            dst_ok = real_row(dst, pad_slot_id, nslots) & (length > 0)
+            dst_scale = scale_ptr
             if QUANT:
-                dst_ok = real_row(dst, pad_slot_id, nslots) & (length > 0)
-                _store_quantized(dst_tile, scale_ptr + dst * s_scale_row + scale_head, h,
-                                 dst_mask, only_if(dst_ok, mask_d), QMAX, STREAM)
-            elif STREAM:
-                tl.store(dst_tile, h.to(state_ptr.dtype.element_ty), mask=dst_mask,
-                         eviction_policy="evict_first")
-            else:
-                tl.store(dst_tile, h.to(state_ptr.dtype.element_ty), mask=dst_mask)
+                dst_scale = scale_ptr + dst * s_scale_row + scale_head
+            _store_tile(dst_tile, dst_scale, h, dst_mask,
+                        only_if(dst_ok, mask_d), seed, dst, 0, element,
+                        QUANT, QMAX, STREAM, SR, SR_MBITS, SR_EMIN, SR_FMAX)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mamba_ir.ops._quant import QMAX
+from mamba_ir.ops._quant import FLOAT_GRIDS, QMAX
 from mamba_ir.ops.selective_state_update import one_head
 from mamba_ir.ops.selective_state_update import selective_state_update as _op
 
@@ -137,7 +137,7 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     call_kernel(ssu_kernel, (nseq * nheads * triton.cdiv(dim, block_d),),
         state_ptr=state, x_ptr=x, dt_ptr=dt, bias_ptr=dt_bias, A_ptr=A, B_ptr=B, C_ptr=C,
         D_ptr=D, z_ptr=z, out_ptr=out, src_ptr=src, dst_ptr=dst, cu_ptr=cu_seqlens,
-        nacc_ptr=nacc, scale_ptr=scale,
+        nacc_ptr=nacc, scale_ptr=scale, seed_ptr=call["rand_seed"],
         pad_slot_id=call["pad_slot_id"], nheads=nheads, dim=dim, dstate=dstate,
         heads_per_group=nheads // B.shape[-2], tokens_per_seq=per_seq,
         nslots=state.shape[0], ntokens=x.shape[0],
@@ -162,9 +162,19 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         BLOCK_N=block_n,
         STREAM=cfg.stream,
         QMAX=QMAX.get(state.dtype, 0.0),
+        **_rounding(state.dtype, scale is not None),
         num_warps=cfg.num_warps,
         num_stages=1,
     )
+
+
+def _rounding(dtype: torch.dtype, quantized: bool) -> dict[str, Any]:
+    """The grid a float state's stochastic round targets (a quantized one's is the
+    quantizer's), as the kernel's constants."""
+    if quantized or dtype not in FLOAT_GRIDS:
+        return dict(SR_MBITS=0, SR_EMIN=0, SR_FMAX=0.0)
+    mbits, emin = FLOAT_GRIDS[dtype]
+    return dict(SR_MBITS=mbits, SR_EMIN=emin, SR_FMAX=torch.finfo(dtype).max)
 
 
 selective_state_update = register(_op, launch, supports)

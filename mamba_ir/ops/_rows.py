@@ -8,7 +8,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import checks
 from ..op import Rows
-from ._quant import quantize, values
+from ._philox import state_bits
+from ._quant import quantize, round_stochastic, values
 
 
 def store(
@@ -18,15 +19,23 @@ def store(
     live: torch.Tensor,
     pad: int,
     scale: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    column: int = 0,
 ):
     """``state[rows[i]] = h[i]`` where ``live[i]`` and ``rows[i]`` names a row of the state
     (pads and out-of-range rows of an unchecked call write nothing); a quantized state
-    stores values and ``scale`` (``_quant``)."""
+    stores values and ``scale`` (``_quant``). With ``seed`` values round stochastically,
+    by the bits of their destination row and token ``column`` (``_philox.state_bits``)."""
     keep = live & checks.real_rows(rows, state.shape[0], pad)
-    if scale is None:
-        state[rows[keep]] = h[keep].to(state.dtype)
+    bits = None
+    if seed is not None:
+        bits = state_bits(seed, rows[keep], tuple(state.shape[1:]), column)
+    if scale is not None:
+        state[rows[keep]], scale[rows[keep]] = quantize(h[keep], state.dtype, bits)
+    elif bits is not None:
+        state[rows[keep]] = round_stochastic(h[keep], state.dtype, bits)
     else:
-        state[rows[keep]], scale[rows[keep]] = quantize(h[keep], state.dtype)
+        state[rows[keep]] = h[keep].to(state.dtype)
 
 
 class Checkpoints:

@@ -10,7 +10,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import checks
 from ..op import Redirect, Rows, RowSpec, register_op
 from . import _example
-from ._quant import STATE_DTYPES, check_scale, row_value
+from ._quant import STATE_DTYPES, check_scale, check_seed, row_value
 from ._rows import initial, store
 from ._step import decay, step_size
 from ._tokens import token_layout
@@ -75,6 +75,7 @@ def selective_state_update(
     num_accepted_tokens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     state_scale: torch.Tensor | None = None,
+    rand_seed: torch.Tensor | None = None,
 ) -> None:
     """Run each sequence's tokens through the recurrence from its source row (docs/ops.md)."""
     if state.dim() == 3:
@@ -103,9 +104,9 @@ def selective_state_update(
             y = y * F.silu(seq.gather(z, tok).float())
         seq.scatter(out, tok[live], y[live])
         if num_accepted_tokens is not None and t < dst.shape[1]:  # speculative: a slot per token
-            store(state, dst[:, t], h, live, pad_slot_id, state_scale)
+            store(state, dst[:, t], h, live, pad_slot_id, state_scale, rand_seed, t)
     if num_accepted_tokens is None:
-        store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id, state_scale)
+        store(state, dst[:, 0], h, seq.lengths > 0, pad_slot_id, state_scale, rand_seed)
 
 
 def one_head(*args: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -123,6 +124,7 @@ def one_head(*args: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
 def _check(call: dict) -> None:
     state = checks.tensor(call, "state", ndim=(3, 4), dtypes=STATE_DTYPES)
     check_scale(call)
+    check_seed(call)
     checks.writable(call, "state")
     checks.same_device(call, "state")
     heads = tuple(state.shape[1:-2])  # () for Mamba1, (nheads,) for Mamba2

@@ -19,7 +19,7 @@ import torch
 from hypothesis import strategies as st
 
 from ..op import IrOp, get_op
-from ..ops._quant import QUANTIZED, quantize
+from ..ops._quant import QUANTIZED, ROUNDED, quantize
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 STATE_DTYPES = (*FLOATS, *QUANTIZED)  # a quantized state comes with its scales
@@ -304,6 +304,10 @@ def selective_state_update_calls(draw: st.DrawFn, device: str = "cpu", sizes: Si
         for name in ("state_batch_indices", "dst_state_batch_indices", "num_accepted_tokens"):
             call[name] = _laid_out(call[name], layout)
     call["out"] = None
+    call["rand_seed"] = None
+    if state_dtype in ROUNDED and draw(st.booleans()):  # any 64-bit seed, negative included
+        seed = draw(st.sampled_from([0, -1, 2**63 - 1, rng.randrange(-(2**63), 2**63)]))
+        call["rand_seed"] = torch.tensor([seed] if rng.random() < 0.5 else seed, device=device)
     return call
 
 
