@@ -313,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def state_dtype(p: argparse.ArgumentParser) -> None:
         p.add_argument("--state-dtype", choices=list(STATE_DTYPES),
-                       help="SSM state dtype; int16, int8 and float8_e4m3fn store one float32 "
-                            "scale per block of d_state values, the conv state staying in "
-                            "--dtype (default: --dtype)")
+                       help="dtype of the Mamba states (default: --dtype); int16, int8 and "
+                            "float8_e4m3fn quantize the SSM state, one float32 scale per "
+                            "block of d_state values, the conv state staying in --dtype")
 
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
