@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mamba_ir.models import Engine, HybridConfig, StateCache, random_model
-from mamba_ir.models.cache import RESERVED_SLOTS, ZERO_SLOT
-from mamba_ir.ops._quant import QMAX, values
+from mamba_ir.models.cache import RESERVED_SLOTS, SCRATCH_SLOT, ZERO_SLOT
+from mamba_ir.ops._quant import QMAX, quantize, values
 
 BLOCK = 8
 NEW = 6
@@ -100,6 +100,41 @@ def test_split_and_padded_prefill_steps_give_the_same_tokens(model, state_dtype,
         assert error <= 4 * want.abs().max().item() / QMAX[torch.int16]
     for ssm, scale in _ssm(engine):
         assert not bool(ssm[ZERO_SLOT].float().any()) and not bool(scale[ZERO_SLOT].any())
+
+
+@torch.inference_mode()
+def test_prefill_writes_the_rows_the_float_scan_writes_and_no_other(model):
+    """One mixer prefill call on an int16 cache and on a float32 cache holding the same
+    values: a sequence crossing a boundary with a second, unused checkpoint column; an
+    empty sequence on a real slot; one continuing from its running row; a pad sequence."""
+    mixer = model.layers[CONFIG.mamba_layers[0]].mixer
+    caches = {dt: StateCache(CONFIG, num_slots=9, max_requests=3, max_len=16, state_dtype=dt)
+              for dt in (torch.float32, torch.int16)}
+    layer = CONFIG.mamba_layers[0]
+    q, s = caches[torch.int16].states(layer)[1], caches[torch.int16].ssm_scale(layer)
+    g = torch.Generator().manual_seed(7)
+    old = [3, 4, 6]  # the empty sequence's slot, the continuing one's, the unused column's
+    q[old], s[old] = quantize(torch.randn(3, *q.shape[1:], generator=g), torch.int16)
+    caches[torch.float32].states(layer)[1][old] = values(q[old], s[old])
+    before = {dt: c.states(layer)[1].clone() for dt, c in caches.items()}
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    cu, slots, src = i32(0, 5, 5, 9, 10), i32(2, 3, 4, -1), i32(0, 3, 4, -1)
+    step = (cu, slots, src, -1, 4, i32(0, 0, 4, 0), i32(5, 6, -1, -1, 7, -1, -1, -1).view(4, 2),
+            torch.tensor([1, 1]), torch.zeros(2, 3, dtype=torch.long))
+    hidden = torch.randn(10, CONFIG.hidden_size, generator=g)
+    out = {dt: mixer(hidden, *c.states(layer), c.ssm_scale(layer), *step, prefill=True)
+           for dt, c in caches.items()}
+    torch.testing.assert_close(out[torch.int16], out[torch.float32], rtol=0, atol=1e-6)
+    want = caches[torch.float32].states(layer)[1]
+    changed = [i for i in range(9) if not torch.equal(want[i], before[torch.float32][i])]
+    assert changed == [2, 4, 5, 7]  # the running rows of sequences with tokens, 2 checkpoints
+    got = values(q, s)
+    # rounded to nearest: half a step, and float32's rounding of h * QMAX / absmax (ulps
+    # of QMAX, a few thousandths of a step)
+    steps = (got[changed] - want[changed]).abs() / s[changed][..., None]
+    assert float(steps.max()) <= 0.5 + QMAX[torch.int16] * 2.0**-22
+    untouched = [i for i in range(9) if i not in changed and i != SCRATCH_SLOT]
+    assert torch.equal(q[untouched], before[torch.int16][untouched])
 
 
 def test_cache_layout_and_bytes_per_slot():

@@ -96,7 +96,8 @@ class StateCache(nn.Module):
         self.pad_slot_id = pad_slot_id
         self.scratch_row = max_requests
         self.state_dtype = sdt
-        quantized = sdt in QUANTIZED
+        # a quantized dtype is the SSM state's; the conv window stays in the activations'
+        conv_dtype = dtype if sdt in QUANTIZED else sdt
         for i, kind in enumerate(c.layer_types):
             if kind == ATTENTION:
                 shape = (max_requests + 1, max_len, c.num_key_value_heads, c.attention_head_dim)
@@ -105,11 +106,10 @@ class StateCache(nn.Module):
             else:
                 conv = (num_slots, c.conv_dim, c.mamba_d_conv - 1)
                 ssm = (num_slots, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state)
-                conv_dtype = dtype if quantized else sdt
                 self.register_buffer(f"conv{i}", torch.zeros(conv, device=device,
                                                              dtype=conv_dtype))
                 self.register_buffer(f"ssm{i}", torch.zeros(ssm, device=device, dtype=sdt))
-                if quantized:  # all-zero scales: every slot, the zero slot too, reads 0
+                if sdt in QUANTIZED:  # all-zero scales: every slot, the zero slot too, reads 0
                     self.register_buffer(f"ssm_scale{i}", torch.zeros(
                         ssm[:-1], device=device, dtype=torch.float32))
         self.mamba_layers = c.mamba_layers

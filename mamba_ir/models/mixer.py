@@ -24,6 +24,8 @@ quantized rows itself would need none.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -202,7 +204,7 @@ def _scan_through_float_rows(
     slots: torch.Tensor,
     checkpoint_slots: torch.Tensor,
     pad_slot_id: int,
-    scan: dict,
+    scan: dict[str, Any],
 ) -> torch.Tensor:
     """``mamba_chunk_scan`` for a quantized ``state``: on float32 scratch rows, sequence
     ``i``'s running row and checkpoint columns at rows ``i * (1 + cols) + k`` (its running
