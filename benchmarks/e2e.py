@@ -94,19 +94,19 @@ def run(args: argparse.Namespace) -> int:
     model = hybrid.model_from_args(args)
     max_batch = max(args.batches)
     engine = Engine(model, max_requests=max_batch, max_len=args.context + 1,
-                    num_slots=max_batch + RESERVED_SLOTS, compile=True, priority=args.priority)
-    with torch.no_grad():
-        for buf in engine.cache.buffers():
-            buf.normal_(0, 0.1)
+                    num_slots=max_batch + RESERVED_SLOTS, compile=True, priority=args.priority,
+                    state_dtype=args.state_dtype)
+    hybrid.random_states(engine.cache)
     config, params, dtype = model.config, model.num_parameters(), hybrid.dtype_name(model)
+    state = hybrid.state_dtype_name(engine.cache)
     logger.info("model ready in %.1f s", time.perf_counter() - t0)
-    print(f"{config.describe()}: {params / 1e9:.2f}B parameters, {dtype}, context "
-          f"{args.context}")
+    print(f"{config.describe()}: {params / 1e9:.2f}B parameters, {dtype}, {state} SSM state, "
+          f"context {args.context}")
 
     payload: dict[str, Any] = {
         "benchmark": "end-to-end decode step, random-init hybrid",
         "model": {"config": config.describe(), "parameters": params, "dtype": dtype,
-                  "context": args.context},
+                  "state_dtype": state, "context": args.context},
         "roof": "bytes(weights + 2 x states + KV read/write) / best measured copy rate",
         "rows": [],
     }

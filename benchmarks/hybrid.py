@@ -12,6 +12,7 @@ import torch
 from benchmarks import common
 from mamba_ir.models import HybridModel, StateCache, bench_config, random_model
 from mamba_ir.models.cache import RESERVED_SLOTS
+from mamba_ir.ops._quant import quantize
 
 
 def model_from_args(args: argparse.Namespace) -> HybridModel:
@@ -25,6 +26,30 @@ def model_from_args(args: argparse.Namespace) -> HybridModel:
                               attn_layer_indices=tuple(i for i in config.attn_layer_indices
                                                        if i < args.layers))
     return random_model(config, device=device, dtype=dtype)
+
+
+def random_states(cache: StateCache, std: float = 0.1) -> None:
+    """Fill every state and KV row with N(0, std) values (a quantized SSM state as
+    ``quantize`` stores them, with its scales), so no kernel meets an all-zero state."""
+    with torch.no_grad():
+        for layer in cache.attention_layers:
+            for kv in cache.kv(layer):
+                kv.normal_(0, std)
+        for layer in cache.mamba_layers:
+            conv, ssm = cache.states(layer)
+            conv.normal_(0, std)
+            h = torch.empty(ssm.shape, device=ssm.device).normal_(0, std)
+            scale = cache.ssm_scale(layer)
+            if scale is None:
+                ssm.copy_(h)
+            else:
+                q, s = quantize(h, ssm.dtype)
+                ssm.copy_(q)
+                scale.copy_(s)
+
+
+def state_dtype_name(cache: StateCache) -> str:
+    return str(cache.state_dtype).removeprefix("torch.")
 
 
 def dtype_name(model: HybridModel) -> str:

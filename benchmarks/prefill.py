@@ -121,13 +121,15 @@ def run(args: argparse.Namespace) -> int:
         model, block_size=block, max_requests=max(batches), max_len=max_len,
         num_slots=RESERVED_SLOTS + max(batches) + max_len // block + 8, compile=True,
         priority=args.priority, record_logits=False, prefill_tokens=args.prefill_tokens,
+        state_dtype=args.state_dtype,
     )
+    state = hybrid.state_dtype_name(engine.cache)
     print(f"{config.describe()}: {model.num_parameters() / 1e9:.2f}B parameters, {dtype}, "
-          f"block {block}, {args.prefill_tokens} tokens per prefill step")
+          f"{state} SSM state, block {block}, {args.prefill_tokens} tokens per prefill step")
     payload: dict[str, Any] = {
         "benchmark": "time to first token and decode, compiled random-init hybrid",
         "model": {"config": config.describe(), "parameters": model.num_parameters(),
-                  "dtype": dtype, "block_size": block,
+                  "dtype": dtype, "state_dtype": state, "block_size": block,
                   "prefill_tokens_per_step": args.prefill_tokens},
         "prefill": [], "decode": [],
     }

@@ -135,6 +135,22 @@ def test_step_bytes_are_weights_plus_per_sequence_traffic(engine: Engine) -> Non
     assert two == 2 * one > 2 * cache.state_bytes_per_slot()  # states and KV, per sequence
 
 
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
+def test_random_states_fill_every_state_a_quantized_one_through_its_scales(state_dtype) -> None:
+    cache = Engine(random_model(CONFIG, seed=1), max_requests=2, max_len=8, num_slots=4,
+                   state_dtype=state_dtype).cache
+    hybrid.random_states(cache, std=0.1)
+    for layer in cache.mamba_layers:
+        conv, ssm = cache.states(layer)
+        scale = cache.ssm_scale(layer)
+        h = ssm.float() if scale is None else ssm.float() * scale[..., None]
+        assert 0.05 < float(h.std()) < 0.2 and 0.05 < float(conv.float().std()) < 0.2
+        assert (scale is None) == (state_dtype == "bfloat16")
+    for layer in cache.attention_layers:
+        assert all(0.05 < float(t.std()) < 0.2 for t in cache.kv(layer))
+    assert hybrid.state_dtype_name(cache) == state_dtype
+
+
 def test_kernel_categories() -> None:
     kernels = {"flash_fwd_kernel": 5.0, "_ssu_kernel": 3.0, "nvjet_tst_gemm": 2.0,
                "triton_poi_fused_add": 1.0}

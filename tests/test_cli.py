@@ -51,6 +51,8 @@ def test_ops_forced_priority_gives_reasons(capsys: pytest.CaptureFixture[str]) -
         (["ops", "--device", "foo"], "argument --device: 'foo' is not a torch device"),
         (["ops", "--priority", "nosuch"], "--priority: entry 'nosuch' names provider 'nosuch'"),
         (["bench", "--batches", "0"], "argument --batches: expected an integer >= 1, got 0"),
+        (["demo", "--state-dtype", "int4"], "argument --state-dtype: invalid choice: 'int4'"),
+        (["bench", "--state-dtype", "fp8"], "argument --state-dtype: invalid choice: 'fp8'"),
     ],
 )
 def test_bad_values_are_usage_errors(
@@ -125,6 +127,25 @@ def test_demo_eager_dispatch(capsys: pytest.CaptureFixture[str]) -> None:
     assert "tokens 12/12 identical" in out
 
 
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_state_dtype_option(command: str) -> None:
+    parser = build_parser()
+    assert parser.parse_args([command]).state_dtype is None  # the model's dtype
+    for name in ("float32", "bfloat16", "float16", "int16", "int8", "float8_e4m3fn"):
+        assert parser.parse_args([command, "--state-dtype", name]).state_dtype == name
+
+
+def test_demo_on_a_quantized_state(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["demo", "--no-compile", "--conversations", "2", "--turns", "2",
+                 "--new-tokens", "3", "--system-tokens", "20", "--block-size", "8",
+                 "--state-dtype", "int8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "SSM state: int8" in out
+    assert "prefix cache (block 8, align mode): 2/4 requests hit" in out
+    assert "tokens 12/12 identical" in out
+
+
 def test_demo_log_has_no_progress_frames(tmp_path) -> None:
     """Run with output to files (as in a log of ``make demo``): no carriage returns."""
     out, err = tmp_path / "out", tmp_path / "err"
@@ -161,11 +182,14 @@ def test_bench_plot_from_json(tmp_path) -> None:
 
 
 @pytest.mark.gpu
-def test_bench_small_model_on_gpu(tmp_path) -> None:
+@pytest.mark.parametrize("state", [[], ["--state-dtype", "int8"]])
+def test_bench_small_model_on_gpu(tmp_path, state: list[str]) -> None:
     path = tmp_path / "e2e.json"
     assert main(["bench", "--layers", "2", "--batches", "1", "2", "--context", "32",
-                 "--out", str(path)]) == 0
-    rows = json.loads(path.read_text())["rows"]
+                 "--out", str(path), *state]) == 0
+    data = json.loads(path.read_text())
+    assert data["model"]["state_dtype"] == (state[-1] if state else "bfloat16")
+    rows = data["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["compiled_us"] > 0 and r["roof_us"] > 0 for r in rows)
 

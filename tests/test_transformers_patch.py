@@ -372,6 +372,16 @@ def test_refusals():
         hf.patch(llama)
     with pytest.raises(ValueError, match="prefill_op"):
         hf.patch(mamba2(), prefill_op="scan")
+    for dtype in ("int8", torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match=r"state_dtype: quantized SSM states .* not "
+                                             r"supported yet by the transformers integration"):
+            hf.patch(mamba2(), state_dtype=dtype)
+    with pytest.raises(ValueError, match="state_dtype: expected float32"):
+        hf.patch(mamba2(), state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="state_dtype: expected one of"):
+        hf.patch(mamba2(), state_dtype="int4")
+    accepted = hf.patch(mamba2(), state_dtype="float32")  # the default, by name
+    assert hf.is_patched(accepted.backbone.layers[0].mixer)
     model = mamba2()
     model.backbone.layers[1].mixer.activation = "gelu"
     with pytest.raises(ValueError, match="layers.1.mixer uses activation 'gelu'"):

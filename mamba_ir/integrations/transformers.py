@@ -113,7 +113,12 @@ class _Setup:
     prefill_op: str
 
 
-def patch(model: nn.Module, *, prefill_op: str = "mamba_chunk_scan") -> nn.Module:
+def patch(
+    model: nn.Module,
+    *,
+    prefill_op: str = "mamba_chunk_scan",
+    state_dtype: torch.dtype | str = torch.float32,
+) -> nn.Module:
     """Make every Mamba2 mixer of a loaded transformers ``model`` run on the IR ops.
 
     Supported mixers: Bamba, Mamba2, NemotronH, GraniteMoeHybrid and FalconH1 (``MIXERS``),
@@ -124,11 +129,14 @@ def patch(model: nn.Module, *, prefill_op: str = "mamba_chunk_scan") -> nn.Modul
     transformers version) on a tiny float32 CPU instance, never on ``model`` or its cache.
     ``prefill_op`` picks the prefill SSM op: ``"mamba_chunk_scan"`` or the multi-token
     ``"selective_state_update"`` (same result; the check runs both).
+    ``state_dtype`` is the SSM state's dtype in the cache: float32 only, as transformers'
+    own prefill leaves it (quantized states are refused: see :func:`_check_state_dtype`).
     Modules in training mode, and caches recording past states (rollback), keep
     transformers' own forward. Patching twice is a no-op. Returns ``model``.
     """
     if prefill_op not in PREFILL_OPS:
         raise ValueError(f"prefill_op: expected one of {PREFILL_OPS}, got {prefill_op!r}")
+    _check_state_dtype(state_dtype)
     version = _supported_version(_installed_transformers())
     mixers = []
     for name, module in model.named_modules():
@@ -158,6 +166,26 @@ def patch(model: nn.Module, *, prefill_op: str = "mamba_chunk_scan") -> nn.Modul
         module._mamba_ir = setup
         module.forward = types.MethodType(_forward, module)
     return model
+
+
+def _check_state_dtype(value: torch.dtype | str) -> None:
+    """float32 passes. A quantized state is not supported yet: its scales would need a
+    place in transformers' cache layers that transformers' own forward (training,
+    rollback) and beam search's reorders keep in step with the state; other floats would
+    leave the state in a dtype transformers' own forward does not."""
+    from ..models.cache import resolve_state_dtype
+    from ..ops._quant import QUANTIZED
+
+    dtype = resolve_state_dtype(value, torch.float32)  # an unknown name: ValueError
+    if dtype in QUANTIZED:
+        raise ValueError(
+            f"state_dtype: quantized SSM states ({value!r}) are not supported yet by the "
+            "transformers integration (transformers' cache has no place for their scales); "
+            "the bundled engine serves them: mamba_ir.models.Engine(state_dtype=...)"
+        )
+    if dtype != torch.float32:
+        raise ValueError(f"state_dtype: expected float32 (the SSM state dtype transformers' "
+                         f"own prefill leaves in its cache), got {value!r}")
 
 
 def _installed_transformers() -> str:

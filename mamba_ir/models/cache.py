@@ -17,6 +17,10 @@ prefill issues ``copy_state_blocks(checkpoint -> running)`` before each layer's 
 call, which the compiler may fold into those calls. Attention KV of a checkpointed block
 is stored with the block and copied back into the request's KV row on a hit (no recompute).
 Pad rows of a padded batch use ``pad_slot_id`` for state and a scratch KV row.
+
+SSM states may be quantized (``state_dtype`` int16, int8 or float8_e4m3fn): each Mamba
+layer then has ``ssm_scale{i}`` beside ``ssm{i}``, one float32 scale per block of
+``d_state`` values (``mamba_ir/ops/_quant.py``), moved with its row by every copy.
 """
 
 from __future__ import annotations
@@ -30,17 +34,43 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._quant import QUANTIZED
 from .config import ATTENTION, HybridConfig
 
 ZERO_SLOT = 0
 SCRATCH_SLOT = 1
 RESERVED_SLOTS = 2  # zero and scratch
 
+STATE_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
+
+
+def resolve_state_dtype(value: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
+    """``state_dtype`` as a torch dtype: one of ``STATE_DTYPES`` by name or dtype, ``None``
+    for ``default`` (the activation dtype)."""
+    if value is None:
+        return default
+    dtype = STATE_DTYPES.get(value) if isinstance(value, str) else value
+    if dtype not in STATE_DTYPES.values():
+        raise ValueError(f"state_dtype: expected one of {', '.join(STATE_DTYPES)} (a name or "
+                         f"a torch dtype), got {value!r}")
+    return dtype
+
 
 class StateCache(nn.Module):
     """Per-layer state tensors: conv ``(slots, conv_dim, d_conv-1)``, SSM ``(slots, heads,
-    head_dim, d_state)``; per attention layer K and V ``(rows+1, max_len, kv_heads, head_dim)``
-    whose last row is scratch for pad tokens."""
+    head_dim, d_state)`` (with float32 scales ``(slots, heads, head_dim)`` when quantized);
+    per attention layer K and V ``(rows+1, max_len, kv_heads, head_dim)`` whose last row is
+    scratch for pad tokens.
+
+    ``state_dtype`` (default ``dtype``) is the states' dtype. A quantized one applies to the
+    SSM state only: the conv state, a window of a few activations, stays in ``dtype``."""
 
     def __init__(
         self,
@@ -51,11 +81,12 @@ class StateCache(nn.Module):
         max_len: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         pad_slot_id: int = -1,
     ) -> None:
         super().__init__()
         c = config
+        sdt = resolve_state_dtype(state_dtype, dtype)
         if num_slots < RESERVED_SLOTS + max_requests:
             raise ValueError(
                 f"num_slots: expected at least {RESERVED_SLOTS + max_requests} (the zero and "
@@ -64,7 +95,9 @@ class StateCache(nn.Module):
         self.num_slots, self.max_requests, self.max_len = num_slots, max_requests, max_len
         self.pad_slot_id = pad_slot_id
         self.scratch_row = max_requests
-        sdt = state_dtype or dtype
+        self.state_dtype = sdt
+        # a quantized dtype is the SSM state's; the conv window stays in the activations'
+        conv_dtype = dtype if sdt in QUANTIZED else sdt
         for i, kind in enumerate(c.layer_types):
             if kind == ATTENTION:
                 shape = (max_requests + 1, max_len, c.num_key_value_heads, c.attention_head_dim)
@@ -73,13 +106,21 @@ class StateCache(nn.Module):
             else:
                 conv = (num_slots, c.conv_dim, c.mamba_d_conv - 1)
                 ssm = (num_slots, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state)
-                self.register_buffer(f"conv{i}", torch.zeros(conv, device=device, dtype=sdt))
+                self.register_buffer(f"conv{i}", torch.zeros(conv, device=device,
+                                                             dtype=conv_dtype))
                 self.register_buffer(f"ssm{i}", torch.zeros(ssm, device=device, dtype=sdt))
+                if sdt in QUANTIZED:  # all-zero scales: every slot, the zero slot too, reads 0
+                    self.register_buffer(f"ssm_scale{i}", torch.zeros(
+                        ssm[:-1], device=device, dtype=torch.float32))
         self.mamba_layers = c.mamba_layers
         self.attention_layers = c.attention_layers
 
     def states(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"conv{layer}"), getattr(self, f"ssm{layer}")
+
+    def ssm_scale(self, layer: int) -> torch.Tensor | None:
+        """The SSM state's block scales (``state_scale``); None for a float state."""
+        return getattr(self, f"ssm_scale{layer}", None)
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
@@ -90,18 +131,21 @@ class StateCache(nn.Module):
         s = torch.tensor(src, dtype=torch.int32, device=device)
         d = torch.tensor(dst, dtype=torch.int32, device=device)
         for layer in self.mamba_layers:
-            for state in self.states(layer):
-                ops.copy_state_blocks(state, s, d, self.pad_slot_id)
+            conv, ssm = self.states(layer)
+            ops.copy_state_blocks(conv, s, d, self.pad_slot_id)
+            ops.copy_state_blocks(ssm, s, d, self.pad_slot_id, state_scale=self.ssm_scale(layer))
 
     @property
     def conv_device(self) -> torch.device:
         return next(self.buffers()).device
 
     def state_bytes_per_slot(self) -> int:
+        """Bytes of one slot over every Mamba layer: conv and SSM state, and scales."""
         total = 0
         for layer in self.mamba_layers:
-            for state in self.states(layer):
-                total += state[0].numel() * state.element_size()
+            for state in (*self.states(layer), self.ssm_scale(layer)):
+                if state is not None:
+                    total += state[0].numel() * state.element_size()
         return total
 
 

@@ -128,8 +128,9 @@ class HybridModel(nn.Module):
                 out = layer.attn(x, positions, *cache.kv(i), cu_seqlens, kv_rows, context_lens)
             else:
                 out = layer.mixer(
-                    x, *cache.states(i), cu_seqlens, slots, src_slots, pad, block_size,
-                    num_computed, checkpoint_slots, window_slots, window_index, prefill=True,
+                    x, *cache.states(i), cache.ssm_scale(i), cu_seqlens, slots, src_slots, pad,
+                    block_size, num_computed, checkpoint_slots, window_slots, window_index,
+                    prefill=True,
                 )
             hidden = layer._residual(hidden, out)
         return self._logits(hidden[cu_seqlens[1:] - 1])
@@ -152,7 +153,8 @@ class HybridModel(nn.Module):
             if layer.kind == ATTENTION:
                 out = layer.attn(x, positions, *cache.kv(i), None, kv_rows, context_lens)
             else:
-                out = layer.mixer(x, *cache.states(i), slots, pad, prefill=False)
+                out = layer.mixer(x, *cache.states(i), cache.ssm_scale(i), slots, pad,
+                                  prefill=False)
             hidden = layer._residual(hidden, out)
         return self._logits(hidden)
 

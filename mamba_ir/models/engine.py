@@ -143,6 +143,9 @@ class Engine:
 
     ``compile=True`` compiles both step functions with :func:`mamba_ir.compile`
     (``compile_kwargs`` go to ``torch.compile``); otherwise every op dispatches eagerly.
+    ``state_dtype`` (a name or torch dtype: float32, bfloat16, float16, int16, int8,
+    float8_e4m3fn; default the model's dtype) is the dtype of the Mamba states; a quantized
+    one applies to the SSM state, with float32 block scales (:class:`StateCache`).
     """
 
     def __init__(
@@ -158,7 +161,7 @@ class Engine:
         priority: Any = None,
         compile_kwargs: dict[str, Any] | None = None,
         record_logits: bool = True,
-        state_dtype: torch.dtype | None = None,
+        state_dtype: torch.dtype | str | None = None,
         prefill_tokens: int = PREFILL_TOKENS,
         prefill_graphs: bool = False,
     ) -> None:

@@ -12,15 +12,28 @@ Align-mode checkpoints inside a prefill step: the scan stores the SSM state at e
 boundary into the given checkpoint slots, and the conv window at a boundary -- the
 ``width - 1`` conv inputs before it -- is gathered from the step's own inputs, or from the
 sequence's initial window for a boundary within its first ``width - 1`` tokens.
+
+A quantized SSM state (``ssm_scale`` given) is read and written by decode's
+``selective_state_update`` as it is. ``mamba_chunk_scan`` takes float states only, so
+prefill runs it on float32 scratch rows: the running rows dequantized after the copy, and
+the final and checkpoint states quantized back into their slots after the scan (rows the
+scan does not write, and pads, go to the cache's scratch slot). This interim path costs one
+float32 row per sequence and checkpoint for the step; a chunk scan reading and writing the
+quantized rows itself would need none.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import checks, ops
+from ..ops._quant import quantize, values
+from ..ops._rows import checkpoint_columns
+from .cache import SCRATCH_SLOT
 from .config import HybridConfig
 
 # the scan's chunk: the Triton provider's tile along tokens, vLLM's default for Mamba2
@@ -100,21 +113,23 @@ class Mamba2Mixer(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
-        *step: torch.Tensor | int, prefill: bool,
+        ssm_scale: torch.Tensor | None, *step: torch.Tensor | int, prefill: bool,
     ) -> torch.Tensor:
-        """:meth:`prefill` or :meth:`decode` (``step``: their arguments after the states).
+        """:meth:`prefill` or :meth:`decode` (``step``: their arguments after the states;
+        ``ssm_scale``: a quantized SSM state's scales, None for a float state).
 
         The decoder calls the mixer as a module, not its methods: TorchDynamo records the
         path of a module called so (``model.layers.3.mixer``) on the ops it calls, and the
         lowering report names call sites by it."""
         run = self.prefill if prefill else self.decode
-        return run(hidden, conv_state, ssm_state, *step)
+        return run(hidden, conv_state, ssm_state, ssm_scale, *step)
 
     def prefill(
         self,
         hidden: torch.Tensor,
         conv_state: torch.Tensor,
         ssm_state: torch.Tensor,
+        ssm_scale: torch.Tensor | None,
         cu_seqlens: torch.Tensor,
         slots: torch.Tensor,
         src_slots: torch.Tensor,
@@ -148,13 +163,17 @@ class Mamba2Mixer(nn.Module):
         windows = torch.where(own[..., None], xbc[window_index.clamp(min=0)],
                               initial[(-1 - window_index).clamp(min=0)].to(xbc.dtype))
         conv_state[window_slots] = windows.transpose(1, 2).to(conv_state.dtype)
-        ops.copy_state_blocks(ssm_state, src_slots, slots, pad_slot_id)
-        y = ops.mamba_chunk_scan(
-            ssm_state, **self._scan_args(conv, dt), chunk_size=CHUNK_SIZE,
-            cu_seqlens=cu_seqlens, dt_softplus=True, dt_limit=self.dt_limit,
-            state_batch_indices=slots, pad_slot_id=pad_slot_id, block_size=block_size,
-            num_computed_tokens=num_computed, checkpoint_state_indices=checkpoint_slots,
-        )
+        ops.copy_state_blocks(ssm_state, src_slots, slots, pad_slot_id, state_scale=ssm_scale)
+        scan = dict(**self._scan_args(conv, dt), chunk_size=CHUNK_SIZE, cu_seqlens=cu_seqlens,
+                    dt_softplus=True, dt_limit=self.dt_limit, block_size=block_size,
+                    num_computed_tokens=num_computed)
+        if ssm_scale is None:
+            y = ops.mamba_chunk_scan(ssm_state, **scan, state_batch_indices=slots,
+                                     pad_slot_id=pad_slot_id,
+                                     checkpoint_state_indices=checkpoint_slots)
+        else:
+            y = _scan_through_float_rows(ssm_state, ssm_scale, slots, checkpoint_slots,
+                                         pad_slot_id, scan)
         return self._finish(y, z)
 
     def decode(
@@ -162,6 +181,7 @@ class Mamba2Mixer(nn.Module):
         hidden: torch.Tensor,
         conv_state: torch.Tensor,
         ssm_state: torch.Tensor,
+        ssm_scale: torch.Tensor | None,
         slots: torch.Tensor,
         pad_slot_id: int,
     ) -> torch.Tensor:
@@ -173,6 +193,40 @@ class Mamba2Mixer(nn.Module):
         )
         y = ops.selective_state_update(
             ssm_state, **self._ssm_args(xbc, dt), dt_softplus=True, dt_limit=self.dt_limit,
-            state_batch_indices=slots, pad_slot_id=pad_slot_id,
+            state_batch_indices=slots, pad_slot_id=pad_slot_id, state_scale=ssm_scale,
         )
         return self._finish(y, z)
+
+
+def _scan_through_float_rows(
+    state: torch.Tensor,
+    scale: torch.Tensor,
+    slots: torch.Tensor,
+    checkpoint_slots: torch.Tensor,
+    pad_slot_id: int,
+    scan: dict[str, Any],
+) -> torch.Tensor:
+    """``mamba_chunk_scan`` for a quantized ``state``: on float32 scratch rows, sequence
+    ``i``'s running row and checkpoint columns at rows ``i * (1 + cols) + k`` (its running
+    row dequantized in column 0), each written row quantized back into its slot."""
+    seqs, cols = checkpoint_slots.shape
+    rows = torch.cat([slots[:, None], checkpoint_slots], dim=1)
+    real = checks.real_rows(rows, state.shape[0], pad_slot_id)
+    running = torch.where(real[:, 0], slots, 0).long()
+    h = torch.cat([values(state[running], scale[running])[:, None],
+                   state.new_zeros((seqs, cols, *state.shape[1:]), dtype=torch.float32)],
+                  dim=1).flatten(0, 1)
+    scratch_pad = -1  # the scratch's own pad: its indices run from 0
+    local = torch.arange(rows.numel(), dtype=rows.dtype, device=rows.device).view(rows.shape)
+    local = torch.where(real, local, scratch_pad)
+    y = ops.mamba_chunk_scan(h, **scan, state_batch_indices=local[:, 0],
+                             pad_slot_id=scratch_pad, checkpoint_state_indices=local[:, 1:])
+    # what the scan wrote: the running row of a sequence with tokens, its crossed boundaries
+    cu = scan["cu_seqlens"]
+    lengths = (cu[1:] - cu[:-1])[:seqs].long()
+    used = checkpoint_columns(lengths, scan["num_computed_tokens"], scan["block_size"])
+    column = torch.arange(1 + cols, device=rows.device)
+    written = real & torch.where(column == 0, lengths[:, None] > 0, column <= used[:, None])
+    dst = torch.where(written, rows, SCRATCH_SLOT).flatten().long()
+    state[dst], scale[dst] = quantize(h, state.dtype)
+    return y
