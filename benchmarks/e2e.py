@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     max_batch = max(args.batches)
     engine = Engine(model, max_requests=max_batch, max_len=args.context + 1,
                     num_slots=max_batch + RESERVED_SLOTS, compile=True, priority=args.priority,
-                    state_dtype=args.state_dtype)
+                    state_dtype=args.state_dtype,
+                    state_rounding=args.state_rounding)
     hybrid.random_states(engine.cache)
     config, params, dtype = model.config, model.num_parameters(), hybrid.dtype_name(model)
     state = hybrid.state_dtype_name(engine.cache)

@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         num_slots=RESERVED_SLOTS + max(batches) + max_len // block + 8, compile=True,
         priority=args.priority, record_logits=False, prefill_tokens=args.prefill_tokens,
         state_dtype=args.state_dtype,
+        state_rounding=args.state_rounding,
     )
     state = hybrid.state_dtype_name(engine.cache)
     print(f"{config.describe()}: {model.num_parameters() / 1e9:.2f}B parameters, {dtype}, "

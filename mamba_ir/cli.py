@@ -186,16 +186,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{torch.__version__}")
     print(f"model: {cfg.describe()}; {model.num_parameters() / 1e6:.2f}M parameters ({source})")
     if args.state_dtype:
-        print(f"SSM state: {args.state_dtype}")
+        rounded = ", rounded stochastically" if args.state_rounding == "stochastic" else ""
+        print(f"SSM state: {args.state_dtype}{rounded}")
 
     system, users = _conversations(args.conversations, args.system_tokens, cfg.vocab_size,
                                    args.seed)
     max_len = args.system_tokens + args.turns * (14 + args.new_tokens) + 8
     kwargs = dict(block_size=args.block_size, max_requests=args.conversations, max_len=max_len,
-                  state_dtype=args.state_dtype)
+                  state_dtype=args.state_dtype, state_rounding=args.state_rounding)
 
     # compile: one graph per step kind serves every batch and chunk size
-    engine = Engine(model, compile=not args.no_compile, priority=args.priority, **kwargs)
+    try:
+        engine = Engine(model, compile=not args.no_compile, priority=args.priority, **kwargs)
+    except ValueError as exc:  # a state option the model's states cannot take
+        _error("demo", str(exc))
     if not args.no_compile:
         t0 = time.perf_counter()
         print("compiling the prefill and decode steps (lowering + align fusion) ...")
@@ -316,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the Mamba states (default: --dtype); int16, int8 and "
                             "float8_e4m3fn quantize the SSM state, one float32 scale per "
                             "block of d_state values, the conv state staying in --dtype")
+        p.add_argument("--state-rounding", choices=["nearest", "stochastic"], default="nearest",
+                       help="how decode rounds the stored SSM state: stochastic (float16, "
+                            "bfloat16 and quantized states) is unbiased over long decodes")
 
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
@@ -437,6 +444,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "bench" and not args.plot_only and args.device is None:
         if (why := device_missing(torch.device("cuda"))) is not None:
             args.parser.error(f"bench times CUDA kernels and needs a GPU: {why}")
+    if args.command in ("demo", "bench") and args.state_rounding == "stochastic" and (
+            (args.state_dtype or args.dtype) == "float32"):
+        _error(args.command, "--state-rounding stochastic: rounds float16, bfloat16 and "
+               "quantized states (--state-dtype), not a float32 one")
     if args.command == "demo" and args.model:
         _require("safetensors", "--model", "hf")
     return int(args.func(args) or 0)

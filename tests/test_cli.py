@@ -53,6 +53,7 @@ def test_ops_forced_priority_gives_reasons(capsys: pytest.CaptureFixture[str]) -
         (["bench", "--batches", "0"], "argument --batches: expected an integer >= 1, got 0"),
         (["demo", "--state-dtype", "int4"], "argument --state-dtype: invalid choice: 'int4'"),
         (["bench", "--state-dtype", "fp8"], "argument --state-dtype: invalid choice: 'fp8'"),
+        (["demo", "--state-rounding", "up"], "argument --state-rounding: invalid choice: 'up'"),
     ],
 )
 def test_bad_values_are_usage_errors(
@@ -127,6 +128,19 @@ def test_demo_eager_dispatch(capsys: pytest.CaptureFixture[str]) -> None:
     assert "tokens 12/12 identical" in out
 
 
+@pytest.mark.parametrize("state", [["--state-dtype", "float32"], []])
+def test_stochastic_rounding_of_a_float32_state_is_a_sentence(
+        capsys: pytest.CaptureFixture[str], state: list[str]) -> None:
+    """Named (refused before anything runs) or the CPU's default float32 state (refused
+    when the engine is built): one line, exit status 2."""
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--no-compile", "--device", "cpu", *state, "--state-rounding",
+              "stochastic"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert "rounds float16, bfloat16 and quantized states" in err
+
+
 @pytest.mark.parametrize("command", ["demo", "bench"])
 def test_state_dtype_option(command: str) -> None:
     parser = build_parser()
@@ -135,13 +149,15 @@ def test_state_dtype_option(command: str) -> None:
         assert parser.parse_args([command, "--state-dtype", name]).state_dtype == name
 
 
-def test_demo_on_a_quantized_state(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_demo_on_a_quantized_state(capsys: pytest.CaptureFixture[str], rounding: str) -> None:
     code = main(["demo", "--no-compile", "--conversations", "2", "--turns", "2",
                  "--new-tokens", "3", "--system-tokens", "20", "--block-size", "8",
-                 "--state-dtype", "int8"])
+                 "--state-dtype", "int8", "--state-rounding", rounding])
     out = capsys.readouterr().out
     assert code == 0
-    assert "SSM state: int8" in out
+    assert ("SSM state: int8, rounded stochastically" if rounding == "stochastic"
+            else "SSM state: int8\n") in out
     assert "prefix cache (block 8, align mode): 2/4 requests hit" in out
     assert "tokens 12/12 identical" in out
 

@@ -204,3 +204,29 @@ def test_compiled_decode_reads_and_writes_the_quantized_rows(model):
                                        for i in CONFIG.mamba_layers]
     # on a CPU native serves it (Triton and FlashInfer register for CUDA only)
     assert all(s.graph_name == "decode" and s.provider == "native" for s in sites)
+
+
+@pytest.mark.parametrize("state_dtype", ["int8", "bfloat16"])
+def test_stochastic_rounding_decodes_and_draws_new_bits_each_step(model, float32, state_dtype):
+    """``state_rounding="stochastic"``: every decode step advances every layer's seed once
+    (the same stream from the same start), the tokens stay those of float32 state within
+    the dtype's rounding (int8: the first token, from prefill, which rounds to nearest),
+    and the states differ from rounding to nearest."""
+    seeded = _engine(model, state_dtype, state_rounding="stochastic")
+    start = seeded.cache.seeds.clone()
+    done = seeded.generate(_prompts(), NEW)
+    steps = seeded.cache.seeds - start
+    assert torch.all(steps == steps[0]) and int(steps[0]) >= NEW - 1
+    assert len(set(start.tolist())) == len(start)  # layers apart
+    again = _engine(model, state_dtype, state_rounding="stochastic").generate(_prompts(), NEW)
+    assert torch.equal(_logits(done), _logits(again))
+    nearest = _engine(model, state_dtype).generate(_prompts(), NEW)
+    assert not torch.equal(_logits(done), _logits(nearest))
+    assert [c.tokens[0] for c in done] == [c.tokens[0] for c in float32]
+
+
+def test_stochastic_rounding_needs_a_rounded_state(model):
+    with pytest.raises(ValueError, match=r"^state_rounding: 'stochastic' rounds float16"):
+        _engine(model, "float32", state_rounding="stochastic")
+    with pytest.raises(ValueError, match=r"^state_rounding: expected one of nearest, stoch"):
+        _engine(model, "int8", state_rounding="up")

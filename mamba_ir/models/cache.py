@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._quant import QUANTIZED
+from ..ops._quant import QUANTIZED, ROUNDED
 from .config import ATTENTION, HybridConfig
 
 ZERO_SLOT = 0
@@ -63,6 +63,9 @@ def resolve_state_dtype(value: torch.dtype | str | None, default: torch.dtype) -
     return dtype
 
 
+ROUNDINGS = ("nearest", "stochastic")
+
+
 class StateCache(nn.Module):
     """Per-layer state tensors: conv ``(slots, conv_dim, d_conv-1)``, SSM ``(slots, heads,
     head_dim, d_state)`` (with float32 scales ``(slots, heads, head_dim)`` when quantized);
@@ -70,7 +73,12 @@ class StateCache(nn.Module):
     scratch for pad tokens.
 
     ``state_dtype`` (default ``dtype``) is the states' dtype. A quantized one applies to the
-    SSM state only: the conv state, a window of a few activations, stays in ``dtype``."""
+    SSM state only: the conv state, a window of a few activations, stays in ``dtype``.
+
+    ``state_rounding="stochastic"`` rounds each decode step's SSM state stores
+    stochastically (``rand_seed``) for 16-bit float and quantized states: ``seeds`` holds
+    one int64 per layer, advanced on the device once per decode step (CUDA-graph safe),
+    apart by layer so that layers draw different bits."""
 
     def __init__(
         self,
@@ -82,11 +90,19 @@ class StateCache(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         state_dtype: torch.dtype | str | None = None,
+        state_rounding: str = "nearest",
         pad_slot_id: int = -1,
     ) -> None:
         super().__init__()
         c = config
         sdt = resolve_state_dtype(state_dtype, dtype)
+        if state_rounding not in ROUNDINGS:
+            raise ValueError(f"state_rounding: expected one of {', '.join(ROUNDINGS)}, "
+                             f"got {state_rounding!r}")
+        if state_rounding == "stochastic" and sdt not in ROUNDED:
+            raise ValueError(
+                f"state_rounding: 'stochastic' rounds float16, bfloat16 and quantized states; "
+                f"the state is {str(sdt).removeprefix('torch.')}")
         if num_slots < RESERVED_SLOTS + max_requests:
             raise ValueError(
                 f"num_slots: expected at least {RESERVED_SLOTS + max_requests} (the zero and "
@@ -114,9 +130,25 @@ class StateCache(nn.Module):
                         ssm[:-1], device=device, dtype=torch.float32))
         self.mamba_layers = c.mamba_layers
         self.attention_layers = c.attention_layers
+        self.state_rounding = state_rounding
+        if state_rounding == "stochastic":
+            self.register_buffer("seeds", torch.arange(len(c.layer_types), device=device,
+                                                       dtype=torch.int64) << 40)
 
     def states(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"conv{layer}"), getattr(self, f"ssm{layer}")
+
+    def rand_seed(self, layer: int) -> torch.Tensor | None:
+        """The layer's stochastic rounding seed (``rand_seed``), None when rounding to
+        nearest."""
+        seeds = getattr(self, "seeds", None)
+        return None if seeds is None else seeds[layer]
+
+    def advance_seeds(self) -> None:
+        """A new seed for every layer: once per decode step, on the device."""
+        seeds = getattr(self, "seeds", None)
+        if seeds is not None:
+            seeds.add_(1)
 
     def ssm_scale(self, layer: int) -> torch.Tensor | None:
         """The SSM state's block scales (``state_scale``); None for a float state."""

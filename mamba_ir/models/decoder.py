@@ -148,13 +148,14 @@ class HybridModel(nn.Module):
         hidden = self._embed(tokens)
         pad = cache.pad_slot_id
         context_lens = positions + 1
+        cache.advance_seeds()
         for i, layer in enumerate(self.layers):
             x = layer._in(hidden)
             if layer.kind == ATTENTION:
                 out = layer.attn(x, positions, *cache.kv(i), None, kv_rows, context_lens)
             else:
                 out = layer.mixer(x, *cache.states(i), cache.ssm_scale(i), slots, pad,
-                                  prefill=False)
+                                  cache.rand_seed(i), prefill=False)
             hidden = layer._residual(hidden, out)
         return self._logits(hidden)
 

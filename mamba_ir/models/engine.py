@@ -146,6 +146,8 @@ class Engine:
     ``state_dtype`` (a name or torch dtype: float32, bfloat16, float16, int16, int8,
     float8_e4m3fn; default the model's dtype) is the dtype of the Mamba states; a quantized
     one applies to the SSM state, with float32 block scales (:class:`StateCache`).
+    ``state_rounding`` ("nearest" or "stochastic") is how decode rounds the stored SSM
+    state (stochastic: 16-bit float and quantized states; docs/model.md).
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class Engine:
         compile_kwargs: dict[str, Any] | None = None,
         record_logits: bool = True,
         state_dtype: torch.dtype | str | None = None,
+        state_rounding: str = "nearest",
         prefill_tokens: int = PREFILL_TOKENS,
         prefill_graphs: bool = False,
     ) -> None:
@@ -179,6 +182,7 @@ class Engine:
         self.cache = StateCache(
             model.config, num_slots=slots, max_requests=max_requests, max_len=max_len,
             device=param.device, dtype=param.dtype, state_dtype=state_dtype,
+            state_rounding=state_rounding,
         )
         self.prefix = PrefixCache(self.cache, block_size, enabled=prefix_cache)
         self.steps = Steps(model, self.cache, block_size)

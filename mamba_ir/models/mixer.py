@@ -184,8 +184,10 @@ class Mamba2Mixer(nn.Module):
         ssm_scale: torch.Tensor | None,
         slots: torch.Tensor,
         pad_slot_id: int,
+        rand_seed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One token per sequence; pad rows (``pad_slot_id``) touch no state."""
+        """One token per sequence; pad rows (``pad_slot_id``) touch no state. With
+        ``rand_seed`` the SSM state is stored rounded stochastically."""
         z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.heads], dim=-1)
         xbc = ops.causal_conv1d_update(
             xbc, conv_state, self.conv_weight, self.conv_bias, activation="silu",
@@ -194,6 +196,7 @@ class Mamba2Mixer(nn.Module):
         y = ops.selective_state_update(
             ssm_state, **self._ssm_args(xbc, dt), dt_softplus=True, dt_limit=self.dt_limit,
             state_batch_indices=slots, pad_slot_id=pad_slot_id, state_scale=ssm_scale,
+            rand_seed=rand_seed,
         )
         return self._finish(y, z)
 
