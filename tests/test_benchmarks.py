@@ -238,6 +238,8 @@ def _quant_rows() -> list[dict]:
             rows.append({"batch": batch, "state_dtype": name, "bytes": nbytes,
                          "triton_us": us, "roof_tbs": 3.0, "copy_tbs": 2.5,
                          "kernel_copy_tbs": 3.0})
+            if name == "int8":  # stochastic rounding: 10 % over rounding to nearest
+                rows[-1]["triton_sr_us"] = us * 1.1
     return ssu.quant_rates(rows)
 
 
@@ -250,7 +252,9 @@ def test_ssu_quant_rates_and_table() -> None:
     assert big["int8"]["triton_vs_roof"] == pytest.approx(want / 3.0)
     lines = ssu.quant_table(rows).splitlines()
     assert len(lines) == 1 + len(rows) and "vs bf16" in lines[0] and "%roof" in lines[0]
-    assert lines[-1].split()[:2] == ["64", "int8"] and lines[-1].split()[-1] == "2.00"
+    assert lines[-1].split()[:2] == ["64", "int8"]
+    assert lines[-1].split()[-3:] == ["2.00", "55.0", "10.0%"]
+    assert rows[-1]["sr_slowdown"] == pytest.approx(0.1)
 
 
 def test_ssu_quant_plot_from_json(tmp_path: Path) -> None:
