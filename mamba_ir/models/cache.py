@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import ops
 from .config import ATTENTION, HybridConfig
+from .tp import TensorParallel, plan_of
 
 ZERO_SLOT = 0
 SCRATCH_SLOT = 1
@@ -40,7 +41,8 @@ RESERVED_SLOTS = 2  # zero and scratch
 class StateCache(nn.Module):
     """Per-layer state tensors: conv ``(slots, conv_dim, d_conv-1)``, SSM ``(slots, heads,
     head_dim, d_state)``; per attention layer K and V ``(rows+1, max_len, kv_heads, head_dim)``
-    whose last row is scratch for pad tokens."""
+    whose last row is scratch for pad tokens. With ``tp``, the sizes of that rank's shard:
+    its conv channels, SSM heads and KV heads (slots and rows are the same on every rank)."""
 
     def __init__(
         self,
@@ -53,9 +55,10 @@ class StateCache(nn.Module):
         dtype: torch.dtype = torch.float32,
         state_dtype: torch.dtype | None = None,
         pad_slot_id: int = -1,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
-        c = config
+        c, plan = config, plan_of(config, tp)
         if num_slots < RESERVED_SLOTS + max_requests:
             raise ValueError(
                 f"num_slots: expected at least {RESERVED_SLOTS + max_requests} (the zero and "
@@ -67,12 +70,12 @@ class StateCache(nn.Module):
         sdt = state_dtype or dtype
         for i, kind in enumerate(c.layer_types):
             if kind == ATTENTION:
-                shape = (max_requests + 1, max_len, c.num_key_value_heads, c.attention_head_dim)
+                shape = (max_requests + 1, max_len, plan.kv_heads, c.attention_head_dim)
                 self.register_buffer(f"k{i}", torch.zeros(shape, device=device, dtype=dtype))
                 self.register_buffer(f"v{i}", torch.zeros(shape, device=device, dtype=dtype))
             else:
-                conv = (num_slots, c.conv_dim, c.mamba_d_conv - 1)
-                ssm = (num_slots, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state)
+                conv = (num_slots, plan.conv_dim, c.mamba_d_conv - 1)
+                ssm = (num_slots, plan.mamba_heads, c.mamba_d_head, c.mamba_d_state)
                 self.register_buffer(f"conv{i}", torch.zeros(conv, device=device, dtype=sdt))
                 self.register_buffer(f"ssm{i}", torch.zeros(ssm, device=device, dtype=sdt))
         self.mamba_layers = c.mamba_layers

@@ -175,7 +175,7 @@ class Engine:
         slots = num_slots or RESERVED_SLOTS + max_requests + checkpoints
         self.cache = StateCache(
             model.config, num_slots=slots, max_requests=max_requests, max_len=max_len,
-            device=param.device, dtype=param.dtype, state_dtype=state_dtype,
+            device=param.device, dtype=param.dtype, state_dtype=state_dtype, tp=model.plan.tp,
         )
         self.prefix = PrefixCache(self.cache, block_size, enabled=prefix_cache)
         self.steps = Steps(model, self.cache, block_size)
