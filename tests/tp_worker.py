@@ -5,6 +5,7 @@ and saves what it saw for the test process to compare with the unsharded model."
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ BLOCK = 8
 NEW_TOKENS = 4
 # every sharded size divisible by 4; 2 B/C groups (split at tp 2, replicated at tp 4) and
 # 2 KV heads (likewise); biases on, so a row-parallel bias added on every rank would show
-CONFIG = HybridConfig(vocab_size=61, hidden_size=32, num_layers=3, attn_layer_indices=(1,),
+CONFIG = HybridConfig(vocab_size=61, hidden_size=32, num_layers=2, attn_layer_indices=(1,),
                       mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
                       num_attention_heads=4, num_key_value_heads=2, attention_head_dim=8,
                       intermediate_size=48, mamba_proj_bias=True, attention_bias=True,
@@ -76,8 +77,13 @@ def run(rank: int, size: int, init: str, out: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     import torch.distributed as dist
+    from torch._inductor import config as inductor
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    inductor.compile_threads = 1  # no pool of compile workers in every rank
+
+    # a rank that dies makes the launcher end the others; one that hangs times out
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=600))
     try:
         tp = TensorParallel.of_group()
         m = model(tp)

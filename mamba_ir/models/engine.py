@@ -143,6 +143,10 @@ class Engine:
 
     ``compile=True`` compiles both step functions with :func:`mamba_ir.compile`
     (``compile_kwargs`` go to ``torch.compile``); otherwise every op dispatches eagerly.
+
+    A tensor-parallel shard (``HybridModel(config, tp)``) gets a cache of its rank's rows;
+    every rank runs its own engine on the same requests, and since every rank computes
+    the same logits, every engine makes the same choices (slots, checkpoints, tokens).
     """
 
     def __init__(

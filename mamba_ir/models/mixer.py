@@ -40,7 +40,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.groups = groups
         self.eps = eps
-        # the group a rank shares, of how many, over which process group, of what width
+        # with a group shared by several ranks: the group this rank holds, of how many,
+        # the process group and the group's width
         self.shared = None
         if plan is not None and plan.norm_ranks > 1:
             c = plan.config

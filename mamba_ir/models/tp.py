@@ -237,11 +237,12 @@ def row_parallel(in_features: int, out_features: int, bias: bool, plan: ShardPla
     return RowParallelLinear(in_features, out_features, bias, plan.tp.group)
 
 
-def shared_group_mean(partial: torch.Tensor, group_index: int, groups: int, group: Any,
-                      width: int) -> torch.Tensor:
+def shared_group_mean(partial: torch.Tensor, index: int, groups: int, group: Any, width: int
+                      ) -> torch.Tensor:
     """The mean over a norm group of ``width`` channels spread over several ranks, from
     this rank's sums ``partial`` ``(..., 1)``: each rank places its sum in its group's
-    column of a ``(..., groups)`` tensor, one all-reduce over the whole process group adds
-    them, and each takes back its column (one process group serves every set of ranks)."""
-    spread = F.pad(partial, (group_index, groups - 1 - group_index))
-    return all_reduce(spread, group)[..., group_index:group_index + 1] / width
+    column ``index`` of a ``(..., groups)`` tensor of zeros, one all-reduce over the whole
+    process group adds them, and each takes back its column (one process group serves
+    every set of ranks)."""
+    spread = F.pad(partial, (index, groups - 1 - index))
+    return all_reduce(spread, group)[..., index:index + 1] / width
