@@ -26,7 +26,9 @@ class SiteReport:
     ``fusion`` says whether a preceding copy was folded into it, or why not. ``residual``:
     the copy was folded but stays for the rows of empty sequences (varlen calls), which
     the op does not write. ``graph_name`` labels the graph (see
-    :meth:`LoweringReport.add_graph`).
+    :meth:`LoweringReport.add_graph`); ``rank`` is the process's rank where
+    ``torch.distributed`` was initialised when the graph compiled (tensor parallelism:
+    every rank compiles its own graphs), else None.
     """
 
     graph: int
@@ -42,6 +44,13 @@ class SiteReport:
     residual: bool = False
     module: str = ""
     call: str = ""
+    rank: int | None = None
+
+    @property
+    def label(self) -> str:
+        """The graph's label, with the rank that compiled it where there are ranks."""
+        label = self.graph_name or f"graph {self.graph}"
+        return label if self.rank is None else f"{label}, rank {self.rank}"
 
     @property
     def site(self) -> str:
@@ -64,9 +73,8 @@ class SiteReport:
         return other
 
     def __str__(self) -> str:
-        label = self.graph_name or f"graph {self.graph}"
         partner = self._partner()
-        text = f"[{label}] {self.site}"
+        text = f"[{self.label}] {self.site}"
         if self.folded:
             return text + f" folded into {partner}, which reads the copy's source rows"
         text += f" -> {self.provider}"
@@ -122,7 +130,8 @@ class LoweringReport:
         next ``name 1``, ``name 2``, ... (``graph 0``, ``graph 1``, ... without a name).
         Graphs without an IR call are compiled too (a graph break, code around the model)
         but neither shown nor counted in the labels, so a label does not shift with how
-        a torch version splits the code around the model."""
+        a torch version splits the code around the model. Each site carries the rank of
+        the process, where ``torch.distributed`` is initialised (``SiteReport.rank``)."""
         if cached:
             self.cached.append(self.graphs)
         if sites:
@@ -132,11 +141,12 @@ class LoweringReport:
             else:
                 label = f"graph {shown}"
         by_site = {site.site: site for site in sites}
+        rank = _process_rank()
         for site in sites:
             partner = by_site.get(site.fused_with) if site.fused_with else None
             copy = site if site.op == COPY else partner
             site = replace(
-                site, graph=self.graphs, graph_name=label,
+                site, graph=self.graphs, graph_name=label, rank=rank,
                 fused_with_op=partner.op if partner is not None else site.fused_with_op,
                 residual=site.residual or bool(
                     site.fused and copy is not None and copy.provider is not None),
@@ -183,7 +193,7 @@ class LoweringReport:
                 chosen, note = f"folded into {site.fused_with_op}", "reads the copy's source rows"
             else:
                 chosen, note = str(site.provider), _fusion_note(site)
-            graph = site.graph_name or f"graph {site.graph}"
+            graph = site.label
             groups.setdefault((graph, site.op, chosen, note), []).append(site)
         graphs = list(dict.fromkeys(key[0] for key in groups))
         lines: list[str] = []
@@ -220,6 +230,13 @@ class LoweringReport:
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [s.to_dict() for s in self.sites]
+
+
+def _process_rank() -> int | None:
+    """This process's rank, where ``torch.distributed`` is initialised."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
 
 
 def _fusion_note(site: SiteReport) -> str:

@@ -139,3 +139,17 @@ def test_merged_report_prints_and_round_trips() -> None:
     assert repr(merged).startswith("<LoweringReport: 3 call sites in 2 graphs>\n[prefill]")
     assert [SiteReport.from_dict(s.to_dict()) for s in merged] == list(merged)
     assert str(LoweringReport()) == "no mamba_ir call sites compiled"
+
+
+def test_sites_say_which_rank_compiled_them(monkeypatch) -> None:
+    # where torch.distributed is initialised (tests/test_tp.py compiles on gloo ranks)
+    from mamba_ir.passes import report as report_module
+
+    monkeypatch.setattr(report_module, "_process_rank", lambda: 1)
+    report = LoweringReport(name="decode")
+    report.add_graph(_graph(residual=False))
+    assert [s.rank for s in report] == [1, 1]
+    assert str(report).splitlines()[1].startswith(f"[decode, rank 1] {MIXER}: {SSU} -> triton")
+    assert report.summary().splitlines()[0] == "decode, rank 1:"
+    merged = LoweringReport.merged([report])
+    assert [SiteReport.from_dict(s.to_dict()) for s in merged] == list(merged)

@@ -5,6 +5,7 @@ from .config import HybridConfig, bench_config, demo_config
 from .decoder import HybridModel
 from .engine import Completion, Engine
 from .loading import from_pretrained, from_state_dict, from_transformers, random_model
+from .tp import ShardPlan, TensorParallel
 
 __all__ = [
     "Completion",
@@ -12,7 +13,9 @@ __all__ = [
     "HybridConfig",
     "HybridModel",
     "PrefixCache",
+    "ShardPlan",
     "StateCache",
+    "TensorParallel",
     "bench_config",
     "demo_config",
     "from_pretrained",

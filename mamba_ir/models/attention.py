@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HybridConfig
+from .tp import ShardPlan, plan_of, row_parallel
 
 
 def rotary(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,10 +191,13 @@ def _flash(
 
 
 class Attention(nn.Module):
-    def __init__(self, config: HybridConfig) -> None:
+    """GQA over the KV rows; with a :class:`~mamba_ir.models.tp.ShardPlan` of several ranks
+    the rank's query heads and the KV heads they read, and a row-parallel ``o_proj``."""
+
+    def __init__(self, config: HybridConfig, plan: ShardPlan | None = None) -> None:
         super().__init__()
-        c = config
-        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
+        c, plan = config, plan_of(config, None) if plan is None else plan
+        self.heads, self.kv_heads = plan.attention_heads, plan.kv_heads
         self.head_dim = c.attention_head_dim
         self.rotary_dim, self.theta = c.rotary_dim, c.rope_theta
         # Granite-4-H scales scores by attention_multiplier
@@ -201,7 +205,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.o_proj = row_parallel(self.heads * self.head_dim, c.hidden_size, c.attention_bias,
+                                   plan)
 
     def forward(
         self,

@@ -36,6 +36,7 @@ from torch import nn
 from .. import ops
 from ..ops._quant import QUANTIZED, ROUNDED
 from .config import ATTENTION, HybridConfig
+from .tp import TensorParallel, plan_of
 
 ZERO_SLOT = 0
 SCRATCH_SLOT = 1
@@ -70,7 +71,8 @@ class StateCache(nn.Module):
     """Per-layer state tensors: conv ``(slots, conv_dim, d_conv-1)``, SSM ``(slots, heads,
     head_dim, d_state)`` (with float32 scales ``(slots, heads, head_dim)`` when quantized);
     per attention layer K and V ``(rows+1, max_len, kv_heads, head_dim)`` whose last row is
-    scratch for pad tokens.
+    scratch for pad tokens. With ``tp``, the sizes of that rank's shard: its conv channels,
+    SSM heads and KV heads (slots and rows are the same on every rank).
 
     ``state_dtype`` (default ``dtype``) is the states' dtype. A quantized one applies to the
     SSM state only: the conv state, a window of a few activations, stays in ``dtype``.
@@ -92,9 +94,10 @@ class StateCache(nn.Module):
         state_dtype: torch.dtype | str | None = None,
         state_rounding: str = "nearest",
         pad_slot_id: int = -1,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
-        c = config
+        c, plan = config, plan_of(config, tp)
         sdt = resolve_state_dtype(state_dtype, dtype)
         if state_rounding not in ROUNDINGS:
             raise ValueError(f"state_rounding: expected one of {', '.join(ROUNDINGS)}, "
@@ -116,12 +119,12 @@ class StateCache(nn.Module):
         conv_dtype = dtype if sdt in QUANTIZED else sdt
         for i, kind in enumerate(c.layer_types):
             if kind == ATTENTION:
-                shape = (max_requests + 1, max_len, c.num_key_value_heads, c.attention_head_dim)
+                shape = (max_requests + 1, max_len, plan.kv_heads, c.attention_head_dim)
                 self.register_buffer(f"k{i}", torch.zeros(shape, device=device, dtype=dtype))
                 self.register_buffer(f"v{i}", torch.zeros(shape, device=device, dtype=dtype))
             else:
-                conv = (num_slots, c.conv_dim, c.mamba_d_conv - 1)
-                ssm = (num_slots, c.mamba_n_heads, c.mamba_d_head, c.mamba_d_state)
+                conv = (num_slots, plan.conv_dim, c.mamba_d_conv - 1)
+                ssm = (num_slots, plan.mamba_heads, c.mamba_d_head, c.mamba_d_state)
                 self.register_buffer(f"conv{i}", torch.zeros(conv, device=device,
                                                              dtype=conv_dtype))
                 self.register_buffer(f"ssm{i}", torch.zeros(ssm, device=device, dtype=sdt))

@@ -16,6 +16,7 @@ from .attention import Attention
 from .cache import StateCache
 from .config import ATTENTION, HybridConfig
 from .mixer import Mamba2Mixer
+from .tp import ShardPlan, TensorParallel, plan_of, row_parallel
 
 
 class RMSNorm(nn.Module):
@@ -32,12 +33,13 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: HybridConfig) -> None:
+    def __init__(self, config: HybridConfig, plan: ShardPlan | None = None) -> None:
         super().__init__()
-        c = config
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        plan = plan_of(config, None) if plan is None else plan
+        c, size = config, plan.mlp_size
+        self.gate_proj = nn.Linear(c.hidden_size, size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, size, bias=c.mlp_bias)
+        self.down_proj = row_parallel(size, c.hidden_size, c.mlp_bias, plan)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -46,19 +48,20 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """``norm -> mixer|attn -> +residual [-> ffn_norm -> mlp -> +residual]``."""
 
-    def __init__(self, config: HybridConfig, kind: str) -> None:
+    def __init__(self, config: HybridConfig, kind: str, plan: ShardPlan | None = None
+                 ) -> None:
         super().__init__()
         self.kind = kind
         self.residual_in_fp32 = config.residual_in_fp32
         self.residual_multiplier = config.residual_multiplier
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         if kind == ATTENTION:
-            self.attn = Attention(config)
+            self.attn = Attention(config, plan)
         else:
-            self.mixer = Mamba2Mixer(config)
+            self.mixer = Mamba2Mixer(config, plan)
         if config.intermediate_size:
             self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-            self.mlp = MLP(config)
+            self.mlp = MLP(config, plan)
 
     def _residual(self, residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.residual_in_fp32:
@@ -75,11 +78,17 @@ class DecoderLayer(nn.Module):
 
 
 class HybridModel(nn.Module):
-    def __init__(self, config: HybridConfig) -> None:
+    """The decoder; with ``tp`` (a :class:`~mamba_ir.models.tp.TensorParallel` of several
+    ranks) this rank's shard of it (:mod:`mamba_ir.models.tp`): the same step functions,
+    run on every rank with the same arguments, give every rank the unsharded logits."""
+
+    def __init__(self, config: HybridConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
+        self.plan = plan_of(config, tp)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, kind) for kind in config.layer_types)
+        self.layers = nn.ModuleList(DecoderLayer(config, kind, self.plan)
+                                    for kind in config.layer_types)
         self.final_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -148,6 +148,10 @@ class Engine:
     one applies to the SSM state, with float32 block scales (:class:`StateCache`).
     ``state_rounding`` ("nearest" or "stochastic") is how decode rounds the stored SSM
     state (stochastic: 16-bit float and quantized states; docs/model.md).
+
+    A tensor-parallel shard (``HybridModel(config, tp)``) gets a cache of its rank's rows;
+    every rank runs its own engine on the same requests, and since every rank computes
+    the same logits, every engine makes the same choices (slots, checkpoints, tokens).
     """
 
     def __init__(
@@ -182,7 +186,7 @@ class Engine:
         self.cache = StateCache(
             model.config, num_slots=slots, max_requests=max_requests, max_len=max_len,
             device=param.device, dtype=param.dtype, state_dtype=state_dtype,
-            state_rounding=state_rounding,
+            state_rounding=state_rounding, tp=model.plan.tp,
         )
         self.prefix = PrefixCache(self.cache, block_size, enabled=prefix_cache)
         self.steps = Steps(model, self.cache, block_size)

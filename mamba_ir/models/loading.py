@@ -22,6 +22,7 @@ import torch
 
 from .config import HybridConfig
 from .decoder import HybridModel
+from .tp import TensorParallel
 
 _RULES: list[tuple[str, str]] = [
     # Bamba
@@ -73,15 +74,18 @@ def from_state_dict(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    tp: TensorParallel | None = None,
 ) -> HybridModel:
-    """A model with ``state`` (transformers or native names) loaded strictly."""
+    """A model with ``state`` (transformers or native names, unsharded) loaded strictly;
+    with ``tp``, that rank's shard of it (each parameter sliced to the rows it holds)."""
     with torch.device("meta"):
-        model = HybridModel(config)
+        model = HybridModel(config, tp)
     weights = convert_state_dict(state)
     if config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["embed.weight"]
     elif "lm_head.weight" not in weights:
         raise KeyError("lm_head.weight missing and tie_word_embeddings is False")
+    weights = model.plan.shard_state_dict(weights)
     model.load_state_dict(weights, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -89,20 +93,30 @@ def from_state_dict(
 
 
 def from_transformers(
-    hf_model: Any, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    hf_model: Any,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    tp: TensorParallel | None = None,
 ) -> HybridModel:
-    """Copy a ``BambaForCausalLM`` / ``Mamba2ForCausalLM`` object's weights."""
+    """Copy a ``BambaForCausalLM`` / ``Mamba2ForCausalLM`` object's weights (with ``tp``,
+    that rank's shard of them)."""
     config = HybridConfig.from_hf(hf_model.config)
     state = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
     if device is None:
         device = next(hf_model.parameters()).device
-    return from_state_dict(config, state, device=device, dtype=dtype)
+    return from_state_dict(config, state, device=device, dtype=dtype, tp=tp)
 
 
 def from_pretrained(
-    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    tp: TensorParallel | None = None,
 ) -> HybridModel:
-    """Load a local checkpoint folder (``config.json`` + safetensors shards)."""
+    """Load a local checkpoint folder (``config.json`` + safetensors shards); with ``tp``,
+    that rank's shard of it."""
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -116,7 +130,7 @@ def from_pretrained(
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update(load_file(str(shard)))
-    return from_state_dict(config, state, device=device, dtype=dtype)
+    return from_state_dict(config, state, device=device, dtype=dtype, tp=tp)
 
 
 def random_model(
@@ -126,9 +140,14 @@ def random_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     std: float = 0.02,
+    tp: TensorParallel | None = None,
 ) -> HybridModel:
     """Random weights of a trained model's scale: normal(std) matrices, unit norms,
-    A = -[1..heads], D = 1, dt_bias = 1 (transformers' Bamba initialisation)."""
+    A = -[1..heads], D = 1, dt_bias = 1 (transformers' Bamba initialisation). With ``tp``,
+    that rank's shard of the unsharded model drawn from ``seed``."""
+    if tp is not None and tp.size > 1:
+        full = random_model(config, seed=seed, device=device, dtype=dtype, std=std)
+        return from_state_dict(config, full.state_dict(), device=device, dtype=dtype, tp=tp)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.device(device):
         model = HybridModel(config)

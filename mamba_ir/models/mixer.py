@@ -35,38 +35,58 @@ from ..ops._quant import quantize, values
 from ..ops._rows import checkpoint_columns
 from .cache import SCRATCH_SLOT
 from .config import HybridConfig
+from .tp import ShardPlan, plan_of, row_parallel, shared_group_mean
 
 # the scan's chunk: the Triton provider's tile along tokens, vLLM's default for Mamba2
 CHUNK_SIZE = 256
 
 
 class GatedRMSNorm(nn.Module):
-    """``weight * rmsnorm_per_group(x * silu(gate))`` in float32 (the norm after the gate)."""
+    """``weight * rmsnorm_per_group(x * silu(gate))`` in float32 (the norm after the gate).
 
-    def __init__(self, size: int, groups: int, eps: float) -> None:
+    Under tensor parallelism with fewer groups than ranks (``plan.norm_ranks > 1``) this
+    rank holds part of one group: the mean square is summed with the ranks sharing it."""
+
+    def __init__(self, size: int, groups: int, eps: float, plan: ShardPlan | None = None
+                 ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.groups = groups
         self.eps = eps
+        # with a group shared by several ranks: the group this rank holds, of how many,
+        # the process group and the group's width
+        self.shared = None
+        if plan is not None and plan.norm_ranks > 1:
+            c = plan.config
+            self.shared = (plan.first_group, c.mamba_n_groups, plan.tp.group,
+                           c.intermediate_mamba // c.mamba_n_groups)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float() * F.silu(gate.float())
         h = h.unflatten(-1, (self.groups, -1))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.shared is None:
+            mean_square = h.pow(2).mean(-1, keepdim=True)
+        else:
+            mean_square = shared_group_mean(h.pow(2).sum(-1, keepdim=True), *self.shared)
+        h = h * torch.rsqrt(mean_square + self.eps)
         return self.weight * h.flatten(-2).to(dtype)
 
 
 class Mamba2Mixer(nn.Module):
-    """One Mamba2 layer over flat tokens ``(tokens, hidden)``; states live in the cache."""
+    """One Mamba2 layer over flat tokens ``(tokens, hidden)``; states live in the cache.
 
-    def __init__(self, config: HybridConfig) -> None:
+    With a :class:`~mamba_ir.models.tp.ShardPlan` of several ranks it is the rank's shard:
+    its heads, groups and conv channels (the ops see a layer of that many), the gated norm
+    over its channels and a row-parallel ``out_proj``."""
+
+    def __init__(self, config: HybridConfig, plan: ShardPlan | None = None) -> None:
         super().__init__()
-        c = config
-        self.heads, self.head_dim = c.mamba_n_heads, c.mamba_d_head
-        self.groups, self.d_state = c.mamba_n_groups, c.mamba_d_state
-        self.inner = c.intermediate_mamba
-        self.conv_dim = c.conv_dim
+        c, plan = config, plan_of(config, None) if plan is None else plan
+        self.heads, self.head_dim = plan.mamba_heads, c.mamba_d_head
+        self.groups, self.d_state = plan.mamba_groups, c.mamba_d_state
+        self.inner = plan.inner
+        self.conv_dim = plan.conv_dim
         self.in_proj = nn.Linear(c.hidden_size, self.inner + self.conv_dim + self.heads,
                                  bias=c.mamba_proj_bias)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, c.mamba_d_conv))
@@ -74,8 +94,8 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(self.heads))
-        self.norm = GatedRMSNorm(self.inner, self.groups, c.norm_eps)
-        self.out_proj = nn.Linear(self.inner, c.hidden_size, bias=c.mamba_proj_bias)
+        self.norm = GatedRMSNorm(self.inner, self.groups, c.norm_eps, plan)
+        self.out_proj = row_parallel(self.inner, c.hidden_size, c.mamba_proj_bias, plan)
         self.dt_limit = c.time_step_limit  # None: the default (0, inf), nothing to clamp
         nn.init.kaiming_uniform_(self.conv_weight, a=5**0.5)
 
