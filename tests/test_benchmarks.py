@@ -145,6 +145,7 @@ def test_kernel_categories() -> None:
 
 @pytest.mark.parametrize(("module", "category"), [
     ("_ssd_kernels", "scan"), ("_ssu_kernel", "scan"), ("_selective_scan_kernel", "scan"),
+    ("_replay_kernel", "scan"),
     ("_conv_fn_kernels", "conv"), ("_conv_update_kernel", "conv"),
 ])
 def test_provider_kernels_land_in_their_category(module: str, category: str) -> None:
