@@ -10,8 +10,11 @@ cycle, so the cursor advances inside it and each replay ends where it began; the
 step is the cycle's over ``L + 1``. Two phases: every sequence starting the cycle with an
 empty ring (``aligned``: they flush on the same step, as sequences that started together
 do) and sequence ``b`` starting with ``b mod (L + 1)`` entries (``staggered``: every step
-flushes some). The baseline is the standard Triton ``selective_state_update`` in place on
-a bf16 state at the same batch, ``L + 1`` steps in one graph as well.
+flushes some). Appends take their output from the checkpoint and the ring without
+building the state (the provider's default); ``rebuild`` times the other route, the ring
+replayed into the state as a flush does, aligned. The baseline is the standard Triton
+``selective_state_update`` in place on a bf16 state at the same batch, ``L + 1`` steps in
+one graph as well.
 
 Bytes per step count the state rows only (checkpoint, ring entries, lengths), as
 ``benchmarks.ssu`` counts the state: the per-token inputs and the output are the same for
@@ -24,6 +27,7 @@ both ops. The roof is a same-run device copy of one step's standard state traffi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +41,10 @@ from benchmarks.ssu import DSTATE, HEADDIM, NGROUPS, NHEADS, decode_call
 BATCHES = (1, 8, 32, 64, 128, 256, 512)
 RINGS = (8, 16, 32)
 PHASES = ("aligned", "staggered")
+# (column, phase, the launcher's ``direct``): appends take their output from the checkpoint
+# and the ring (the default), or replay the ring into the state as a flush does
+VARIANTS = (("replay_aligned", "aligned", None), ("replay_staggered", "staggered", None),
+            ("replay_rebuild_aligned", "aligned", False))
 BF16, F32, I32 = 2, 4, 4  # bytes
 
 
@@ -121,10 +129,11 @@ def measure(batch: int, ring: int) -> dict[str, Any]:
     row["bytes_per_step"] = {"ssu": standard_step, "replay": batch * cycle_bytes(ring) / steps}
 
     row["ssu_us"] = time_us(cycle(triton_ssu, decode_call(batch, redirect=False), steps)) / steps
-    for phase in PHASES:
+    for name, phase, direct in VARIANTS:
         call = replay_call(batch, ring, phase)
         start = call["ring_len"].clone()
-        row[f"replay_{phase}_us"] = time_us(cycle(triton_replay, call, steps)) / steps
+        run = cycle(functools.partial(triton_replay, direct=direct), call, steps)
+        row[f"{name}_us"] = time_us(run) / steps
         # a whole number of cycles ran: every length is back where it started
         assert torch.equal(call["ring_len"], start), "the cycle did not close"
         del call
@@ -173,6 +182,8 @@ COLUMNS = [
     ("replay_aligned_speedup", "x ssu", "{:>5.2f}"),
     ("replay_staggered_us", "staggered us", "{:>12.1f}"),
     ("replay_staggered_speedup", "x ssu", "{:>5.2f}"),
+    ("replay_rebuild_aligned_us", "rebuild us", "{:>10.1f}"),
+    ("replay_rebuild_aligned_speedup", "x ssu", "{:>5.2f}"),
     ("replay_aligned_tbs", "TB/s", "{:>5.2f}"),
     ("roof_tbs", "roof TB/s", "{:>9.2f}"),
 ]
@@ -191,16 +202,17 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(json_path: Path) -> Path:
-    """Speedup over the standard Triton SSU against batch, one line per ring and phase."""
+    """Speedup over the standard Triton SSU against batch, one line per ring and variant."""
     data = json.loads(json_path.read_text())
     rows = data["rows"]
     batches = sorted({r["batch"] for r in rows})
     by = {(r["ring"], r["batch"]): r for r in rows}
     series = {}
     for ring in sorted({r["ring"] for r in rows}):
-        for phase in PHASES:
-            series[f"L = {ring}, {phase}"] = [
-                by[(ring, b)].get(f"replay_{phase}_speedup", float("nan")) for b in batches]
+        for name, _, _ in VARIANTS:
+            label = name.removeprefix("replay_").replace("_", ", ")
+            series[f"L = {ring}, {label}"] = [
+                by[(ring, b)].get(f"{name}_speedup", float("nan")) for b in batches]
     env = data["environment"]
     return plot_series(
         json_path.with_suffix(".png"), batches, series,

@@ -81,16 +81,18 @@ def _clone(d: dict) -> dict:
     return {k: v.clone() for k, v in d.items()}
 
 
-@pytest.mark.parametrize(("state_dtype", "in_dtype", "moves"), [
-    (torch.float32, torch.float32, False),
-    (torch.bfloat16, torch.float16, True),
+@pytest.mark.parametrize(("state_dtype", "in_dtype", "moves", "direct"), [
+    (torch.float32, torch.float32, False, None),
+    (torch.bfloat16, torch.float16, True, None),
+    (torch.float32, torch.bfloat16, True, False),
 ])
-def test_streams_match_native_call_by_call(state_dtype, in_dtype, moves) -> None:
+def test_streams_match_native_call_by_call(state_dtype, in_dtype, moves, direct) -> None:
     """Three sequences step from empty rings through two flushes, rows carried over from
     call to call under each provider; one sequence is padded on one step, and with
     ``moves`` every sequence moves to a fresh row on each step (the source rows are
-    left as they were)."""
-    nheads, dim, ngroups, dstate, ring, batch = 4, 8, 2, 8, 3, 3
+    left as they were). Appends take the output from the checkpoint and the ring directly
+    (the default), or, ``direct=False``, from the state replayed as a flush builds it."""
+    nheads, dim, ngroups, dstate, ring, batch = 4, 8, 2, 8, 2, 3
     nslots = 2 * batch + 1
     start = rows(nslots, ring, nheads, dim, ngroups, dstate, state_dtype=state_dtype,
                  in_dtype=in_dtype, fill=torch.zeros(nslots, dtype=torch.long))
@@ -108,7 +110,7 @@ def test_streams_match_native_call_by_call(state_dtype, in_dtype, moves) -> None
                 "dst_state_batch_indices": torch.tensor(dst, dtype=torch.int32)}
         out_want, out_got = torch.empty_like(call["x"]), torch.empty_like(call["x"])
         OP.native(**want, **call, out=out_want)
-        triton_replay(**got, **call, out=out_got)
+        triton_replay(**got, **call, out=out_got, direct=direct)
         torch.testing.assert_close(out_got, out_want, atol=atol, rtol=rtol)
         assert torch.equal(got["ring_len"], want["ring_len"]), step
         (value_want, spacing), (value_got, _) = OP.rows.value(want), OP.rows.value(got)

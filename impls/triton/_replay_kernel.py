@@ -40,39 +40,97 @@ if triton is not None:
     SHIFT: tl.constexpr = tl.constexpr(32 - TICKET_BITS)
 
     @triton.jit
-    def _entry(rx_ptr, rdt_ptr, rB_ptr, row, i, head, group, offs_d, offs_n, mask_d, mask_n,
-               s_rx_row, s_rx_i, s_rx_head, s_rx_dim, s_rdt_row, s_rdt_i, s_rdt_head,
-               s_rB_row, s_rB_i, s_rB_group, s_rB_n, filled):
-        """Ring entry ``i`` of ``row`` (x in its dtype, dt in fp32, B in its dtype), where
-        ``i < filled``; zeros past it (entries past the ring's length are not the row's)."""
-        ok = i < filled
-        x = tl.load(rx_ptr + row * s_rx_row + i * s_rx_i + head * s_rx_head + offs_d * s_rx_dim,
-                    mask=only_if(ok, mask_d), other=0.0)
-        dt = tl.load(rdt_ptr + row * s_rdt_row + i * s_rdt_i + head * s_rdt_head, mask=ok,
-                     other=0.0)
-        b = tl.load(rB_ptr + row * s_rB_row + i * s_rB_i + group * s_rB_group + offs_n * s_rB_n,
-                    mask=only_if(ok, mask_n), other=0.0)
+    def _entries(rx, rdt, rB, k, filled, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim,
+                 s_rdt_i, s_rB_i, s_rB_n):
+        """Ring entries ``k`` (a scalar or a block) of a row whose head (x, dt) and group
+        (B) start at ``rx``, ``rdt``, ``rB``: x and B in their dtypes, dt in fp32, each
+        entry from its own row of the blocks; zeros from ``filled`` on (entries past the
+        ring's length are not the row's)."""
+        ok = k < filled
+        x = tl.load(rx + k[:, None] * s_rx_i + offs_d[None, :] * s_rx_dim,
+                    mask=ok[:, None] & mask_d[None, :], other=0.0)
+        dt = tl.load(rdt + k * s_rdt_i, mask=ok, other=0.0)
+        b = tl.load(rB + k[:, None] * s_rB_i + offs_n[None, :] * s_rB_n,
+                    mask=ok[:, None] & mask_n[None, :], other=0.0)
         return x, dt, b
 
     @triton.jit
-    def _store_entry(rx_ptr, rdt_ptr, rB_ptr, row, i, head, group, offs_d, offs_n, mask_d,
-                     mask_n, s_rx_row, s_rx_i, s_rx_head, s_rx_dim, s_rdt_row, s_rdt_i,
-                     s_rdt_head, s_rB_row, s_rB_i, s_rB_group, s_rB_n,
-                     x, dt, b, write, owns_dt, owns_b):
-        """Write ring entry ``i`` of ``row`` where ``write``: this program's tile of x, the
-        step size if it owns the head's, B if it owns the group's."""
-        tl.store(rx_ptr + row * s_rx_row + i * s_rx_i + head * s_rx_head + offs_d * s_rx_dim,
-                 x, mask=only_if(write, mask_d))
-        tl.store(rdt_ptr + row * s_rdt_row + i * s_rdt_i + head * s_rdt_head, dt,
-                 mask=write & owns_dt)
-        tl.store(rB_ptr + row * s_rB_row + i * s_rB_i + group * s_rB_group + offs_n * s_rB_n,
-                 b, mask=only_if(write & owns_b, mask_n))
+    def _store_entries(rx, rdt, rB, k, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim,
+                       s_rdt_i, s_rB_i, s_rB_n, x, dt, b, write, owns_dt, owns_b):
+        """Write ring entries ``k`` (a block, ``write`` per entry) of a row, laid out as
+        :func:`_entries` reads them: this program's tile of x, the step size if it owns
+        the head's, B if it owns the group's."""
+        tl.store(rx + k[:, None] * s_rx_i + offs_d[None, :] * s_rx_dim, x,
+                 mask=write[:, None] & mask_d[None, :])
+        tl.store(rdt + k * s_rdt_i, dt, mask=only_if(owns_dt, write))
+        tl.store(rB + k[:, None] * s_rB_i + offs_n[None, :] * s_rB_n, b,
+                 mask=only_if(owns_b, write)[:, None] & mask_n[None, :])
 
     @triton.jit
     def _advance(h, a, x, dt, b):
         """One step of the recurrence in native's order: ``h * exp(A dt) + (dt B) x``;
         ``a`` is one value per head (A tied) or A's tile."""
         return h * tl.exp(a * dt) + (dt * b)[None, :] * x[:, None]
+
+    @triton.jit
+    def _rebuild(h, a, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry, owns_dt, owns_b,
+                 offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n):
+        """The checkpoint tile ``h`` advanced by the ring's ``filled`` entries, in order, each
+        loaded while the one before it is applied; each also copied to the destination
+        row where ``carry``."""
+        one = tl.arange(0, 1)  # an entry as a block of one, so loads and stores share code
+        ex, edt, eb = _entries(rx, rdt, rB, one, filled, offs_d, offs_n, mask_d, mask_n,
+                               s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n)
+        for i in range(filled):
+            nx, ndt, nb = _entries(rx, rdt, rB, one + i + 1, filled, offs_d, offs_n, mask_d,
+                                   mask_n, s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n)
+            _store_entries(rx_dst, rdt_dst, rB_dst, one + i, offs_d, offs_n, mask_d, mask_n,
+                           s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, ex, edt, eb,
+                           only_if(carry, one == 0), owns_dt, owns_b)
+            h = _advance(h, a, tl.reshape(ex, (ex.shape[1],)).to(tl.float32),
+                         tl.sum(edt, axis=0), tl.reshape(eb, (eb.shape[1],)).to(tl.float32))
+            ex, edt, eb = nx, ndt, nb
+        return h
+
+    @triton.jit
+    def _product(p, q):
+        return p * q
+
+    @triton.jit
+    def _direct(h, a_new, a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry, owns_dt,
+                owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i, s_rB_i,
+                s_rB_n, CHUNK: tl.constexpr):
+        """``C . h`` of the state the checkpoint tile ``h`` and the ring's ``filled`` entries
+        stand for, advanced by a token that decays it by ``a_new``, without building that
+        state (A tied, ``a`` one value per head):
+
+            C . h = decay(0) (C . h0) + sum_k decay(k + 1) dt_k (C . B_k) x_k
+
+        where ``decay(k)`` is the product of ``exp(A dt_j)`` over entries ``j >= k`` and
+        the new token. A tile's ``(C . B_k) x_k`` costs ``dstate + headdim`` operations
+        against the ``2 headdim dstate`` of a replayed entry. Entries go in chunks, last
+        chunk first, carrying the decay from after the chunk to the end; each chunk is
+        copied to the destination row where ``carry``."""
+        running = a_new  # the decay from after the current chunk to the end
+        acc = tl.zeros_like(tl.sum(h, axis=1))
+        chunks = tl.cdiv(filled, CHUNK)
+        for j in range(chunks):
+            k = (chunks - 1 - j) * CHUNK + tl.arange(0, CHUNK)
+            ex, edt, eb = _entries(rx, rdt, rB, k, filled, offs_d, offs_n, mask_d, mask_n,
+                                   s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n)
+            _store_entries(rx_dst, rdt_dst, rB_dst, k, offs_d, offs_n, mask_d, mask_n,
+                           s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, ex, edt, eb,
+                           only_if(carry, k < filled), owns_dt, owns_b)
+            decay = tl.where(k < filled, tl.exp(a * edt), 1.0)
+            # the step after entry k, within the chunk (the chunk's last: in ``running``)
+            later = (k + 1 < filled) & (tl.arange(0, CHUNK) < CHUNK - 1)
+            after = tl.where(later, tl.exp(a * tl.load(rdt + (k + 1) * s_rdt_i, mask=later,
+                                                       other=0.0)), 1.0)
+            weight = tl.cumprod(after, axis=0, reverse=True) * running * edt
+            cb = tl.sum(eb.to(tl.float32) * c[None, :], axis=1)
+            acc += tl.sum((weight * cb)[:, None] * ex.to(tl.float32), axis=0)
+            running = running * tl.reduce(decay, 0, _product)
+        return running * tl.sum(h * c[None, :], axis=1) + acc
 
     @triton.heuristics({
         "HAS_D": given("D_ptr"), "HAS_Z": given("z_ptr"), "HAS_BIAS": given("bias_ptr"),
@@ -88,8 +146,8 @@ if triton is not None:
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
         SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
         HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
-        A_TIED: tl.constexpr, D_TIED: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        A_TIED: tl.constexpr, D_TIED: tl.constexpr, DIRECT: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
     ):
         s_state_row, s_state_head, s_state_dim, s_state_n = s_state
         s_rx_row, s_rx_i, s_rx_head, s_rx_dim = s_rx
@@ -158,22 +216,6 @@ if triton is not None:
             a = tl.load(A_ptr + head * s_A_head + offs_d[:, None] * s_A_dim
                         + offs_n[None, :] * s_A_n, mask=tile_mask, other=0.0).to(tl.float32)
 
-        # the ring's entries in order, each loaded while the one before it is applied
-        ex, edt, eb = _entry(rx_ptr, rdt_ptr, rB_ptr, src, 0, head, group, offs_d, offs_n,
-                             mask_d, mask_n, s_rx_row, s_rx_i, s_rx_head, s_rx_dim, s_rdt_row,
-                             s_rdt_i, s_rdt_head, s_rB_row, s_rB_i, s_rB_group, s_rB_n, filled)
-        for i in range(filled):
-            nx, ndt, nb = _entry(rx_ptr, rdt_ptr, rB_ptr, src, i + 1, head, group, offs_d,
-                                 offs_n, mask_d, mask_n, s_rx_row, s_rx_i, s_rx_head, s_rx_dim,
-                                 s_rdt_row, s_rdt_i, s_rdt_head, s_rB_row, s_rB_i, s_rB_group,
-                                 s_rB_n, filled)
-            _store_entry(rx_ptr, rdt_ptr, rB_ptr, dst, i, head, group, offs_d, offs_n, mask_d,
-                         mask_n, s_rx_row, s_rx_i, s_rx_head, s_rx_dim, s_rdt_row, s_rdt_i,
-                         s_rdt_head, s_rB_row, s_rB_i, s_rB_group, s_rB_n,
-                         ex, edt, eb, carry, owns_dt, owns_b)
-            h = _advance(h, a, ex.to(tl.float32), edt, eb.to(tl.float32))
-            ex, edt, eb = nx, ndt, nb
-
         # the new token
         x_in = tl.load(x_ptr + seq * s_x_seq + head * s_x_head + offs_d * s_x_dim, mask=mask_d,
                        other=0.0)
@@ -185,10 +227,40 @@ if triton is not None:
         dt = step_size(dt, bias, dt_lo, dt_hi, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
         b_in = tl.load(B_ptr + seq * s_B_seq + group * s_B_group + offs_n * s_B_n, mask=mask_n,
                        other=0.0)
+        b = b_in.to(tl.float32)
         c = tl.load(C_ptr + seq * s_C_seq + group * s_C_group + offs_n * s_C_n, mask=mask_n,
                     other=0.0).to(tl.float32)
-        h = _advance(h, a, x, dt, b_in.to(tl.float32))
-        y = tl.sum(h * c[None, :], axis=1)
+
+        # the head's (x, dt) and the group's B in the source and destination rows
+        rx = rx_ptr + src * s_rx_row + head * s_rx_head
+        rdt = rdt_ptr + src * s_rdt_row + head * s_rdt_head
+        rB = rB_ptr + src * s_rB_row + group * s_rB_group
+        rx_dst = rx_ptr + dst * s_rx_row + head * s_rx_head
+        rdt_dst = rdt_ptr + dst * s_rdt_row + head * s_rdt_head
+        rB_dst = rB_ptr + dst * s_rB_row + group * s_rB_group
+        state_dst = state_ptr + dst * s_state_row + tile
+        if DIRECT:
+            if filled < ring:  # an append: the output without the state
+                y = _direct(h, tl.exp(a * dt), a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst,
+                            filled, carry, owns_dt, owns_b, offs_d, offs_n, mask_d, mask_n,
+                            s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, CHUNK)
+                y += dt * tl.sum(b * c, axis=0) * x
+            else:  # a flush: the state, rounded once, is the new checkpoint
+                h = _rebuild(h, a, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry,
+                             owns_dt, owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim,
+                             s_rdt_i, s_rB_i, s_rB_n)
+                h = _advance(h, a, x, dt, b)
+                y = tl.sum(h * c[None, :], axis=1)
+                tl.store(state_dst, h.to(state_ptr.dtype.element_ty),
+                         mask=only_if(has_dst, tile_mask))
+        else:
+            h = _rebuild(h, a, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry, owns_dt,
+                         owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i,
+                         s_rB_i, s_rB_n)
+            h = _advance(h, a, x, dt, b)
+            y = tl.sum(h * c[None, :], axis=1)
+            tl.store(state_dst, h.to(state_ptr.dtype.element_ty),
+                     mask=only_if(has_dst & flush, tile_mask))
         if HAS_D:
             y = y + per_head(D_ptr, head, s_D_head, offs_d, s_D_dim, mask_d, D_TIED) * x
         if HAS_Z:
@@ -198,12 +270,10 @@ if triton is not None:
         tl.store(out_ptr + seq * s_out_seq + head * s_out_head + offs_d * s_out_dim,
                  y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
-        # a full ring: the state, rounded once, is the new checkpoint; else the token's entry
-        tl.store(state_ptr + dst * s_state_row + tile, h.to(state_ptr.dtype.element_ty),
-                 mask=only_if(has_dst & flush, tile_mask))
-        _store_entry(rx_ptr, rdt_ptr, rB_ptr, dst, filled, head, group, offs_d, offs_n, mask_d,
-                     mask_n, s_rx_row, s_rx_i, s_rx_head, s_rx_dim, s_rdt_row, s_rdt_i,
-                     s_rdt_head, s_rB_row, s_rB_i, s_rB_group, s_rB_n,
-                     x_in, dt, b_in, has_dst & (filled < ring), owns_dt, owns_b)
+        # not full: the token's entry
+        one = tl.arange(0, 1)
+        _store_entries(rx_dst, rdt_dst, rB_dst, one + filled, offs_d, offs_n, mask_d, mask_n,
+                       s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, x_in[None, :], dt + one * 0.0,
+                       b_in[None, :], only_if(has_dst & (filled < ring), one == 0), owns_dt, owns_b)
         length = tl.where(flush, 0, filled + 1).to(len_ptr.dtype.element_ty)
         tl.store(len_ptr + dst * s_len, length, mask=tl.where(in_place, last, has_dst & first))

@@ -23,6 +23,10 @@ from .selective_state_update import MAX_DSTATE, Config, default_config
 if triton is not None:
     from ._replay_kernel import replay_kernel
 
+# Ring entries an append's output takes in at once (the direct route): a chunk of B is
+# CHUNK x dstate values in registers beside the checkpoint tile.
+CHUNK = 8
+
 
 def supports(**call: Any) -> bool | str:
     ok = runnable(call)
@@ -55,9 +59,13 @@ def _block_d(cfg: Config, dim: int, nheads: int) -> int:
     return max(block_d, triton.next_power_of_2(fewest))
 
 
-def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
+def launch(call: dict[str, Any], *, config: Config | None = None,
+           direct: bool | None = None) -> None:
     """Run the kernel on a bound call; ``config`` overrides the tuned tile height and warps
-    (``stream`` is not used)."""
+    (``stream`` is not used). ``direct`` picks how an append computes its output: from the
+    checkpoint and the ring without building the state (the default where A is tied), or,
+    ``False``, by replaying the ring into the state as a flush does (always, for an A
+    that is not tied: its decay differs within a tile)."""
     state, x, dt, A, B, C, D, z, dt_bias, out = (call[k] for k in (
         "state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "out"))
     src, dst, dt_limit = (call[k] for k in (
@@ -69,6 +77,7 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
     block_n = triton.next_power_of_2(dstate)
     cfg = config or default_config(dim, block_n, state.element_size(), batch * nheads)
     block_d = _block_d(cfg, dim, nheads)
+    a_tied = _tied(A, (-1, -2))
     call_kernel(replay_kernel, (batch * nheads * triton.cdiv(dim, block_d),),
         state_ptr=state, rx_ptr=call["ring_x"], rdt_ptr=call["ring_dt"], rB_ptr=call["ring_B"],
         len_ptr=call["ring_len"], x_ptr=x, dt_ptr=dt, bias_ptr=dt_bias, A_ptr=A, B_ptr=B,
@@ -84,10 +93,12 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         s_B=B.stride(), s_C=C.stride(), s_D=strides(D, 2), s_z=strides(z, 3),
         s_out=out.stride(), s_src=stride0(src), s_dst=stride0(dst),
         SOFTPLUS=bool(call["dt_softplus"]),
-        A_TIED=_tied(A, (-1, -2)),
+        A_TIED=a_tied,
         D_TIED=D is not None and _tied(D, (-1,)),
+        DIRECT=a_tied and direct is not False,
         BLOCK_D=block_d,
         BLOCK_N=block_n,
+        CHUNK=CHUNK,
         num_warps=cfg.num_warps,
         num_stages=1,
     )
