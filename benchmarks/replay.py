@@ -20,7 +20,7 @@ Bytes per step count the state rows only (checkpoint, ring entries, lengths), as
 ``benchmarks.ssu`` counts the state: the per-token inputs and the output are the same for
 both ops. The roof is a same-run device copy of one step's standard state traffic.
 
-    python -m benchmarks.replay [--rings 8,16,32] [--batches 1,64] [--out DIR]  # on a GPU
+    python -m benchmarks.replay [--rings 8,16,32] [--batches 1,64] [--sweep] [--out DIR]
     python -m benchmarks.replay --plot docs/replay_bench.json    # the plot, from the JSON
 """
 
@@ -116,7 +116,17 @@ def cycle(fn: Callable[..., Any], call: dict[str, Any], steps: int) -> Callable[
     return run
 
 
-def measure(batch: int, ring: int) -> dict[str, Any]:
+# launch forms --sweep times (default phase aligned, the direct route): tile height, warps,
+# register cap (the direct route's kernel uses 168 registers uncapped on sm_90)
+SWEEP = ((16, 1, None), (16, 1, 128), (32, 1, None), (32, 2, None), (64, 2, None),
+         (64, 4, None))
+
+
+def sweep_key(block_d: int, warps: int, maxnreg: int | None) -> str:
+    return f"block_d={block_d},warps={warps},maxnreg={maxnreg or 0}"
+
+
+def measure(batch: int, ring: int, sweep: bool = False) -> dict[str, Any]:
     from mamba_ir.impls.triton.replay_state_update import replay_state_update as triton_replay
     from mamba_ir.impls.triton.selective_state_update import selective_state_update as triton_ssu
 
@@ -136,6 +146,16 @@ def measure(batch: int, ring: int) -> dict[str, Any]:
         row[f"{name}_us"] = time_us(run) / steps
         # a whole number of cycles ran: every length is back where it started
         assert torch.equal(call["ring_len"], start), "the cycle did not close"
+        del call
+    if sweep:
+        from mamba_ir.impls.triton.selective_state_update import Config
+
+        call = replay_call(batch, ring, "aligned")
+        row["sweep"] = {
+            sweep_key(bd, w, reg): time_us(cycle(functools.partial(
+                triton_replay, config=Config(bd, w), maxnreg=reg), call, steps)) / steps
+            for bd, w, reg in SWEEP
+        }
         del call
     for key in [k for k in row if k.endswith("_us")]:
         name = key.removesuffix("_us")
@@ -234,13 +254,20 @@ def main() -> None:
     parser.add_argument("--batches", type=_ints, default=BATCHES, help="e.g. 1,64,512")
     parser.add_argument("--out", type=Path, default=DOCS, help="directory for the JSON")
     parser.add_argument("--plot", type=Path, help="only draw the PNG from this JSON")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time launch forms (tile, warps, register cap), aligned")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
         return
     cases = [(r, b) for r in args.rings for b in args.batches]
-    rows = [measure(b, r) for r, b in progress(cases, "replay decode")]
+    rows = [measure(b, r, args.sweep) for r, b in progress(cases, "replay decode")]
     print(table(rows))
+    if args.sweep:
+        for row in rows:
+            best = sorted(row["sweep"].items(), key=lambda kv: kv[1])[:3]
+            print("sweep", row["ring"], row["batch"],
+                  "  ".join(f"{k}: {v:.1f}us" for k, v in best))
     check = {f"L={r}": agreement(r) for r in args.rings}
     print("agreement with native (max relative error):", check)
     memory = {str(r): memory_per_request(r) for r in args.rings}

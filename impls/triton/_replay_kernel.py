@@ -37,7 +37,8 @@ MAX_RING = (1 << (TICKET_BITS - 1)) - 1  # a length must survive the sign extens
 
 if triton is not None:
     TICKET: tl.constexpr = tl.constexpr(1 << TICKET_BITS)
-    SHIFT: tl.constexpr = tl.constexpr(32 - TICKET_BITS)
+    TICKETS_AT: tl.constexpr = tl.constexpr(TICKET_BITS)  # a length's ticket count: >> this
+    SIGN_SHIFT: tl.constexpr = tl.constexpr(32 - TICKET_BITS)  # << then >>: the low half
 
     @triton.jit
     def _entries(rx, rdt, rB, k, filled, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim,
@@ -97,12 +98,12 @@ if triton is not None:
         return p * q
 
     @triton.jit
-    def _direct(h, a_new, a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry, owns_dt,
+    def _direct(hc, a_new, a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry, owns_dt,
                 owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i, s_rB_i,
                 s_rB_n, CHUNK: tl.constexpr):
-        """``C . h`` of the state the checkpoint tile ``h`` and the ring's ``filled`` entries
-        stand for, advanced by a token that decays it by ``a_new``, without building that
-        state (A tied, ``a`` one value per head):
+        """``C . h`` of the state that the checkpoint tile (``hc``: its ``C . h0``) and the
+        ring's ``filled`` entries stand for, decayed by a token's ``a_new``, without
+        building that state (A tied, ``a`` one value per head):
 
             C . h = decay(0) (C . h0) + sum_k decay(k + 1) dt_k (C . B_k) x_k
 
@@ -112,7 +113,7 @@ if triton is not None:
         chunk first, carrying the decay from after the chunk to the end; each chunk is
         copied to the destination row where ``carry``."""
         running = a_new  # the decay from after the current chunk to the end
-        acc = tl.zeros_like(tl.sum(h, axis=1))
+        acc = tl.zeros_like(hc)
         chunks = tl.cdiv(filled, CHUNK)
         for j in range(chunks):
             k = (chunks - 1 - j) * CHUNK + tl.arange(0, CHUNK)
@@ -130,7 +131,7 @@ if triton is not None:
             cb = tl.sum(eb.to(tl.float32) * c[None, :], axis=1)
             acc += tl.sum((weight * cb)[:, None] * ex.to(tl.float32), axis=0)
             running = running * tl.reduce(decay, 0, _product)
-        return running * tl.sum(h * c[None, :], axis=1) + acc
+        return running * hc + acc
 
     @triton.heuristics({
         "HAS_D": given("D_ptr"), "HAS_Z": given("z_ptr"), "HAS_BIAS": given("bias_ptr"),
@@ -190,9 +191,9 @@ if triton is not None:
         length_ptr = len_ptr + src * s_len
         ticket = tl.atomic_add(length_ptr, TICKET, mask=in_place, sem="acq_rel")
         plain = tl.load(length_ptr, mask=has_src & (dst != src), other=0)
-        filled = tl.where(in_place, (ticket << SHIFT) >> SHIFT, plain)
+        filled = tl.where(in_place, (ticket << SIGN_SHIFT) >> SIGN_SHIFT, plain)
         filled = tl.minimum(tl.maximum(filled, 0), ring)  # clamped: unchecked calls
-        last = in_place & ((ticket >> TICKET_BITS) == nheads * nblk - 1)
+        last = in_place & ((ticket >> TICKETS_AT) == nheads * nblk - 1)
         flush = filled == ring
         # an append into another row carries the checkpoint and the entries along
         carry = has_dst & (dst != src) & (filled < ring)
@@ -240,19 +241,19 @@ if triton is not None:
         rB_dst = rB_ptr + dst * s_rB_row + group * s_rB_group
         state_dst = state_ptr + dst * s_state_row + tile
         if DIRECT:
-            if filled < ring:  # an append: the output without the state
-                y = _direct(h, tl.exp(a * dt), a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst,
-                            filled, carry, owns_dt, owns_b, offs_d, offs_n, mask_d, mask_n,
-                            s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, CHUNK)
-                y += dt * tl.sum(b * c, axis=0) * x
-            else:  # a flush: the state, rounded once, is the new checkpoint
-                h = _rebuild(h, a, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry,
-                             owns_dt, owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim,
-                             s_rdt_i, s_rB_i, s_rB_n)
-                h = _advance(h, a, x, dt, b)
-                y = tl.sum(h * c[None, :], axis=1)
-                tl.store(state_dst, h.to(state_ptr.dtype.element_ty),
+            # a flush replays the ring into the state, an append only reads its entries
+            h = _rebuild(h, a, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, tl.where(flush, filled, 0),
+                         carry, owns_dt, owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i,
+                         s_rx_dim, s_rdt_i, s_rB_i, s_rB_n)
+            hc = tl.sum(h * c[None, :], axis=1)
+            if flush:  # the state, rounded once, is the new checkpoint
+                tl.store(state_dst, _advance(h, a, x, dt, b).to(state_ptr.dtype.element_ty),
                          mask=only_if(has_dst, tile_mask))
+            # the tile is dead from here: its registers hold the ring's chunks
+            y = _direct(hc, tl.exp(a * dt), a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst,
+                        tl.where(flush, 0, filled), carry, owns_dt, owns_b, offs_d, offs_n,
+                        mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, CHUNK)
+            y += dt * tl.sum(b * c, axis=0) * x
         else:
             h = _rebuild(h, a, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry, owns_dt,
                          owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i,

@@ -60,12 +60,14 @@ def _block_d(cfg: Config, dim: int, nheads: int) -> int:
 
 
 def launch(call: dict[str, Any], *, config: Config | None = None,
-           direct: bool | None = None) -> None:
+           direct: bool | None = None, maxnreg: int | None = None) -> None:
     """Run the kernel on a bound call; ``config`` overrides the tuned tile height and warps
     (``stream`` is not used). ``direct`` picks how an append computes its output: from the
     checkpoint and the ring without building the state (the default where A is tied), or,
     ``False``, by replaying the ring into the state as a flush does (always, for an A
-    that is not tied: its decay differs within a tile)."""
+    that is not tied: its decay differs within a tile). ``maxnreg`` caps the registers
+    per thread (ptxas, sm_90, the Mamba2 benchmark call: 168 with ``direct``, 128
+    without; capped at 128, ``direct`` spills 56 bytes)."""
     state, x, dt, A, B, C, D, z, dt_bias, out = (call[k] for k in (
         "state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "out"))
     src, dst, dt_limit = (call[k] for k in (
@@ -101,6 +103,7 @@ def launch(call: dict[str, Any], *, config: Config | None = None,
         CHUNK=CHUNK,
         num_warps=cfg.num_warps,
         num_stages=1,
+        maxnreg=maxnreg,
     )
 
 
