@@ -186,3 +186,21 @@ def test_mamba2_decode_size_gpu(ring: int, form: str) -> None:
 @pytest.mark.gpu
 def test_check_impl_gpu() -> None:
     check_impl("replay_state_update", "triton", device="cuda", max_examples=100)
+
+
+# registers a thread on sm_90 as the kernel compiles today: more cost programs per SM (a
+# first version of the direct route held the checkpoint tile across both routes: 222)
+REGISTERS = {"direct": 168, "rebuild": 128}
+
+
+def test_no_spills_at_mamba2_size() -> None:
+    """Both append routes compile for sm_90 at Mamba2 decode size without spilling and
+    within their register counts (only ptxas sees either; the GPU run is the final word
+    on speed)."""
+    from compile_sm90 import run
+
+    usage = run("registers_replay_sm90.py")
+    assert set(usage) == set(REGISTERS)
+    for route, (registers, spill_stores, spill_loads) in usage.items():
+        assert spill_stores == spill_loads == 0, (route, registers, spill_stores, spill_loads)
+        assert registers <= REGISTERS[route], (route, registers)

@@ -1,17 +1,26 @@
 """The Triton kernel behind ``replay_state_update``.
 
 One program owns ``BLOCK_D`` rows of one head's state for one sequence, as the
-``selective_state_update`` kernel does: it loads that tile of the source row's checkpoint
-once, replays the ring's filled entries into it in fp32 registers (each entry loaded while
-the one before it is applied), runs the new token and stores its output. Then the row
-advances: an append writes the token's entry (``x`` by every program of the sequence,
-its tile of it; the step size by one program per head; ``B`` by one program per group),
-a flush writes the state, rounded once, as the new checkpoint. A step writes the state
-only at a flush, or where the destination is another row (the checkpoint moves along
-with the ring's entries, as native's append does).
+``selective_state_update`` kernel does, and loads that tile of the source row's checkpoint
+once. What it does next depends on the ring:
 
-The replay repeats native's arithmetic in its order, ``h * exp(A dt) + (dt B) x`` per
-entry, so the two differ by the rounding of fused multiply-adds, not by reassociation.
+- **A flush** (the ring is full) replays the ring's entries into the tile in fp32
+  registers, each entry loaded while the one before it is applied, in native's order
+  (``h * exp(A dt) + (dt B) x``, so the two differ by the rounding of fused multiply-adds,
+  not by reassociation), advances it by the new token and stores it, rounded once, as the
+  new checkpoint.
+- **An append** (``DIRECT``, A tied) computes the output without building the state:
+  ``C . h0`` decayed over the ring and the token, plus each entry's ``(C . B_k) x_k``
+  weighted by its decay (``_direct``): about one multiply-add per state element, where
+  the replay costs two per element and entry. Without ``DIRECT`` an append replays as a
+  flush does and stores nothing.
+
+Either way the output is ``C . h`` (for a flush, of the replayed state before the token's
+decay, as ``_direct`` with no entries left) plus ``D x``, gated by ``z``. An append then
+writes the token's entry (``x`` by every program of the sequence, its tile of it; the step
+size by one program per head; ``B`` by one program per group). A step writes the state
+only at a flush, or where the destination is another row (the checkpoint and the entries
+move along, as native's append defines).
 
 **Who writes ``ring_len``.** Every program of a sequence reads the source row's length,
 and one length is written per sequence. Where the destination is another row nobody
