@@ -31,8 +31,10 @@ length under the tickets of the programs before it; the program that draws the l
 ticket knows every other one has read, and stores the new length over the tickets. A
 row's length lies in ``[0, ring]`` (checked calls), so the low 16 bits, sign-extended,
 are the length whatever the tickets above them; the launcher keeps a sequence's program
-count below ``2**15`` so that no ticket reaches the sign bit. One launch, no scratch
-memory, nothing to reset between CUDA graph replays.
+count below ``2**15`` so that no ticket reaches the sign bit. (An unchecked in-place
+length outside ``[-2**15, 2**15)`` reads as another one, clamped to ``[0, ring]`` as
+native clamps; nothing outside the tensors is touched.) One launch, no scratch memory,
+nothing to reset between CUDA graph replays.
 """
 
 from __future__ import annotations
@@ -196,9 +198,12 @@ if triton is not None:
         has_dst = real_row(dst, pad_slot_id, nslots)
         in_place = has_dst & (dst == src)
 
-        # the source row's length: in place a ticket (module docstring), else a plain read
+        # the source row's length: in place a ticket (module docstring), else a plain read.
+        # Relaxed: the tickets guard the length alone (no program reads a ring entry or a
+        # tile another program of the sequence writes), and the last holder's store follows
+        # every ticket in the length's own order; so the checkpoint load need not wait
         length_ptr = len_ptr + src * s_len
-        ticket = tl.atomic_add(length_ptr, TICKET, mask=in_place, sem="acq_rel")
+        ticket = tl.atomic_add(length_ptr, TICKET, mask=in_place, sem="relaxed")
         plain = tl.load(length_ptr, mask=has_src & (dst != src), other=0)
         filled = tl.where(in_place, (ticket << SIGN_SHIFT) >> SIGN_SHIFT, plain)
         filled = tl.minimum(tl.maximum(filled, 0), ring)  # clamped: unchecked calls
