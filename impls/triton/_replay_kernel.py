@@ -54,7 +54,7 @@ if triton is not None:
     @triton.jit
     def _entries(rx, rdt, rB, k, filled, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim,
                  s_rdt_i, s_rB_i, s_rB_n):
-        """Ring entries ``k`` (a scalar or a block) of a row whose head (x, dt) and group
+        """Ring entries ``k`` (a block) of a row whose head (x, dt) and group
         (B) start at ``rx``, ``rdt``, ``rB``: x and B in their dtypes, dt in fp32, each
         entry from its own row of the blocks; zeros from ``filled`` on (entries past the
         ring's length are not the row's)."""
