@@ -33,7 +33,8 @@ from mamba_ir.models.cache import RESERVED_SLOTS
 CATEGORIES = (
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     # the providers' kernel names (tests/test_benchmarks.py checks every one lands here)
-    ("scan", ("chunk_", "state_pass", "ssd", "selective_state", "ssu", "scan_kernel")),
+    ("scan", ("chunk_", "state_pass", "ssd", "selective_state", "ssu", "scan_kernel",
+              "replay")),
     ("conv", ("conv1d", "conv_", "stream_kernel", "tile_kernel", "final_window_kernel",
               "update_kernel")),
     ("GEMM", ("gemm", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "splitk", "gemv",

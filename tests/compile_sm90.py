@@ -83,6 +83,7 @@ def main() -> None:
         "causal_conv1d_fn": [{}, {"kernel": "tile"}, {"kernel": "stream", "depth": 8}],
         "causal_conv1d_update": [{}],
         "copy_state_blocks": [{}],
+        "replay_state_update": [{}, {"direct": False}],
     }
     for name, tunings in forms.items():
         op = get_op(name)

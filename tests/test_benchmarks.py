@@ -161,6 +161,7 @@ def test_kernel_categories() -> None:
 
 @pytest.mark.parametrize(("module", "category"), [
     ("_ssd_kernels", "scan"), ("_ssu_kernel", "scan"), ("_selective_scan_kernel", "scan"),
+    ("_replay_kernel", "scan"),
     ("_conv_fn_kernels", "conv"), ("_conv_update_kernel", "conv"),
 ])
 def test_provider_kernels_land_in_their_category(module: str, category: str) -> None:
@@ -280,3 +281,54 @@ def test_state_precision_orders_the_dtypes_and_plots(tmp_path: Path) -> None:
     assert "float32 + stochastic" not in last
     pytest.importorskip("matplotlib")
     assert plot(write_json("state_precision.json", data, tmp_path)).exists()
+# -- the replay benchmark -----------------------------------------------------------------
+
+replay = pytest.importorskip("benchmarks.replay")
+
+
+@pytest.mark.parametrize("phase", replay.PHASES)
+def test_replay_call_is_a_valid_call_that_closes_its_cycle(phase: str) -> None:
+    """The benchmark's call passes the op's checks, and ``L + 1`` steps bring every length
+    back to where it started (what timing whole cycles in one graph relies on)."""
+    from mamba_ir import get_op, ops
+
+    ring = 3
+    call = replay.replay_call(5, ring, phase, device="cpu")
+    op = get_op("replay_state_update")
+    op.check(op.bind(**call))  # raises on an invalid call
+    rows = call["state_batch_indices"].long()
+    start = call["ring_len"].clone()
+    want = [0] * 5 if phase == "aligned" else [b % (ring + 1) for b in range(5)]
+    assert start[rows].tolist() == want
+    for step in range(ring + 1):
+        ops.replay_state_update(**call)
+        assert not torch.equal(call["ring_len"], start) or step == ring
+    assert torch.equal(call["ring_len"], start)
+
+
+def test_replay_bytes_match_the_op_docs() -> None:
+    """Memory per request and the mean traffic per step, as docs/ops.md computes them."""
+    assert replay.checkpoint_bytes() == 2048 * 1024
+    assert replay.entry_bytes() == int(18.5 * 1024)
+    assert replay.memory_per_request(8) == 2048 * 1024 + 8 * int(18.5 * 1024) + 4
+    mean = {ring: replay.cycle_bytes(ring) / (ring + 1) / 1024 for ring in replay.RINGS}
+    assert [round(v) for v in mean.values()] == [2366, 2334, 2424]
+
+
+def test_replay_cli_help_runs_without_a_gpu() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.replay", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--rings" in done.stdout
+
+
+def test_replay_plot_from_json(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [{"batch": b, "ring": r, "replay_aligned_speedup": 1.5,
+             "replay_staggered_speedup": 1.6} for r in (8, 16) for b in (1, 64)]
+    path = tmp_path / "replay_bench.json"
+    path.write_text(json.dumps({"environment": {"device": "test", "date": "today"},
+                                "rows": rows}))
+    png = replay.plot(path)
+    assert png == path.with_suffix(".png") and png.stat().st_size > 0
+    assert replay.table(rows).splitlines()[0].split()[:2] == ["L", "batch"]

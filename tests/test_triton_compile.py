@@ -21,6 +21,7 @@ KERNELS = {
     "causal_conv1d_fn": ["final_window_kernel", "stream_kernel", "tile_kernel"],
     "causal_conv1d_update": ["update_kernel"],
     "copy_state_blocks": ["copy_rows_kernel"],
+    "replay_state_update": ["replay_kernel"],
 }
 
 

@@ -5,6 +5,7 @@ from . import (
     causal_conv1d_update,
     copy_state_blocks,
     mamba_chunk_scan,
+    replay_state_update,
     selective_scan,
     selective_state_update,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "causal_conv1d_update",
     "copy_state_blocks",
     "mamba_chunk_scan",
+    "replay_state_update",
     "selective_scan",
     "selective_state_update",
 ]

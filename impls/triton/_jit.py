@@ -37,6 +37,17 @@ if triton is not None:
         return dt
 
     @triton.jit
+    def per_head(ptr, head, s_head, offs_d, s_dim, mask_d, TIED: tl.constexpr):
+        """A per-head parameter (D, dt_bias) in fp32: a scalar when tied over headdim, else
+        one value per row of the tile."""
+        if TIED:
+            value = tl.load(ptr + head * s_head).to(tl.float32)
+        else:
+            value = tl.load(ptr + head * s_head + offs_d * s_dim, mask=mask_d,
+                            other=0.0).to(tl.float32)
+        return value
+
+    @triton.jit
     def rate_step(a, dt):
         """``A * dt``, 0 where the step ``dt`` is 0: a step of length 0 keeps the state
         whatever the rate, ``A = -inf`` included (IEEE makes ``-inf * 0`` NaN; the native

@@ -26,6 +26,7 @@ from __future__ import annotations
 from ._common import given, tl, triton
 from ._jit import (
     only_if,
+    per_head,
     quantize_rows,
     rate_step,
     real_row,
@@ -36,17 +37,6 @@ from ._jit import (
 )
 
 if triton is not None:
-
-    @triton.jit
-    def _per_head(ptr, head, s_head, offs_d, s_dim, mask_d, TIED: tl.constexpr):
-        """A per-head parameter (D, dt_bias) in fp32: a scalar when tied over headdim, else
-        one value per row of the tile."""
-        if TIED:
-            value = tl.load(ptr + head * s_head).to(tl.float32)
-        else:
-            value = tl.load(ptr + head * s_head + offs_d * s_dim, mask=mask_d,
-                            other=0.0).to(tl.float32)
-        return value
 
     @triton.jit
     def _token(
@@ -229,10 +219,10 @@ if triton is not None:
                         + offs_n[None, :] * s_A_n, mask=tile_mask, other=0.0).to(tl.float32)
         d_skip = 0.0
         if HAS_D:
-            d_skip = _per_head(D_ptr, head, s_D_head, offs_d, s_D_dim, mask_d, D_TIED)
+            d_skip = per_head(D_ptr, head, s_D_head, offs_d, s_D_dim, mask_d, D_TIED)
         bias = 0.0
         if HAS_BIAS:
-            bias = _per_head(bias_ptr, head, s_bias_head, offs_d, s_bias_dim, mask_d, BIAS_TIED)
+            bias = per_head(bias_ptr, head, s_bias_head, offs_d, s_bias_dim, mask_d, BIAS_TIED)
 
         # plain decode (one token) is a loop of one constant step, which compiles to
         # straight-line code

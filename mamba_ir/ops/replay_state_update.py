@@ -44,19 +44,36 @@ def _rows(call: dict) -> Rows:
     return Rows(src, every, dst[:, None], every[:, None])
 
 
-def row_value(members: dict[str, Any]) -> tuple[torch.Tensor, float]:
+def _spacing(t: torch.Tensor) -> torch.Tensor:
+    """The gap between neighbouring values of ``t``'s (16-bit float) dtype at each value,
+    as float32."""
+    info = torch.finfo(t.dtype)
+    magnitude = t.float().abs().clamp(min=info.smallest_normal)
+    return torch.exp2(torch.floor(torch.log2(magnitude))) * info.eps
+
+
+def row_value(members: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | float]:
     """``RowSpec.value``: a row as float32 values, flat per row: the checkpoint, the ring's
     filled entries (zeros past ``ring_len``, which are not part of the row's value) and
-    ``ring_len``. Nothing is rounded in between, so a correct provider differs by no step."""
+    ``ring_len``; and the step a correct provider may differ by: a 16-bit checkpoint's
+    spacing, since a flush rounds the float32 state once, and float32 arithmetic in
+    another order (a fused multiply-add) may fall on the other side of a rounding
+    boundary; nothing elsewhere (the ring keeps its inputs as they came)."""
     lengths = members["ring_len"].long()
-    parts = [members["state"].float().flatten(1)]
+    state = members["state"]
+    parts = [state.float().flatten(1)]
     for name in RING:
         ring = members[name]
         filled = torch.arange(ring.shape[1], device=ring.device) < lengths[:, None]
         filled = filled.view(*filled.shape, *[1] * (ring.dim() - 2))
         parts.append(torch.where(filled, ring.float(), 0.0).flatten(1))
     parts.append(lengths.float()[:, None])
-    return torch.cat(parts, dim=1), 0.0
+    value = torch.cat(parts, dim=1)
+    if state.dtype == torch.float32:
+        return value, 0.0
+    step = torch.zeros_like(value)
+    step[:, :parts[0].shape[1]] = _spacing(state).flatten(1)
+    return value, step
 
 
 def _read(rows: torch.Tensor, index: torch.Tensor, has: torch.Tensor) -> torch.Tensor:

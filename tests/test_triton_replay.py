@@ -1,0 +1,206 @@
+"""Triton replay_state_update against the native op.
+
+On CPU the kernel runs in Triton's interpreter on small shapes: drawn calls through
+``check_impl`` (rings empty, partly filled and full, pads, redirect, views into larger
+caches), and streams of calls in which the rows carry over, so that the ring fills,
+flushes and refills under both providers alike. The ``gpu`` tests repeat single calls at
+Mamba2 decode size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mamba_ir import get_op
+from mamba_ir.testing import assert_matches_native, check_impl, tolerance
+
+pytest.importorskip("triton")
+
+from mamba_ir.impls.triton.replay_state_update import (  # noqa: E402
+    replay_state_update as triton_replay,
+)
+from mamba_ir.impls.triton.replay_state_update import supports  # noqa: E402
+from mamba_ir.impls.triton.selective_state_update import Config  # noqa: E402
+
+OP = get_op("replay_state_update")
+
+
+def test_check_impl_interpreter() -> None:
+    assert check_impl("replay_state_update", "triton", device="cpu", max_examples=20) == 20
+
+
+def rows(nslots: int, ring: int, nheads: int, dim: int, ngroups: int, dstate: int, *,
+         state_dtype: torch.dtype, in_dtype: torch.dtype, device: str = "cpu",
+         fill: torch.Tensor | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Replay rows whose rings hold ``fill`` entries each (random lengths when None);
+    entries past a ring's length are NaN, as they are not part of the row."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    lengths = torch.randint(0, ring + 1, (nslots,), generator=gen) if fill is None else fill
+    past = torch.arange(ring)[None, :] >= lengths[:, None]
+    ring_x, ring_dt, ring_B = (randn(nslots, ring, nheads, dim), randn(nslots, ring, nheads),
+                               randn(nslots, ring, ngroups, dstate))
+    for t in (ring_x, ring_dt, ring_B):
+        t[past] = float("nan")
+    return {
+        "state": (randn(nslots, nheads, dim, dstate) * 0.5).to(state_dtype).to(device),
+        "ring_x": ring_x.to(in_dtype).to(device),
+        "ring_dt": F.softplus(ring_dt).to(device) * 0.2,
+        "ring_B": ring_B.to(in_dtype).to(device),
+        "ring_len": lengths.to(torch.int32).to(device),
+    }
+
+
+def token(batch: int, nheads: int, dim: int, ngroups: int, dstate: int, *,
+          in_dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> dict:
+    """One token per sequence with Mamba2's parameters: A, D, dt_bias tied over headdim."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+
+    def randn(*shape: int, dtype: torch.dtype = in_dtype) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    return {
+        "x": randn(batch, nheads, dim),
+        "dt": randn(batch, nheads, 1).expand(batch, nheads, dim),
+        "A": -torch.rand(nheads, 1, 1, generator=gen).add(0.5).to(device).expand(
+            nheads, dim, dstate),
+        "B": randn(batch, ngroups, dstate), "C": randn(batch, ngroups, dstate),
+        "D": randn(nheads, 1, dtype=torch.float32).expand(nheads, dim),
+        "z": randn(batch, nheads, dim),
+        "dt_bias": randn(nheads, 1, dtype=torch.float32).expand(nheads, dim),
+        "dt_softplus": True,
+    }
+
+
+def _clone(d: dict) -> dict:
+    return {k: v.clone() for k, v in d.items()}
+
+
+@pytest.mark.parametrize(("state_dtype", "in_dtype", "moves", "direct"), [
+    (torch.float32, torch.float32, False, None),
+    (torch.bfloat16, torch.float16, True, None),
+    (torch.float32, torch.bfloat16, True, False),
+])
+def test_streams_match_native_call_by_call(state_dtype, in_dtype, moves, direct) -> None:
+    """Three sequences step from empty rings through two flushes, rows carried over from
+    call to call under each provider; one sequence is padded on one step, and with
+    ``moves`` every sequence moves to a fresh row on each step (the source rows are
+    left as they were). Appends take the output from the checkpoint and the ring directly
+    (the default), or, ``direct=False``, from the state replayed as a flush builds it."""
+    nheads, dim, ngroups, dstate, ring, batch = 4, 8, 2, 8, 2, 3
+    nslots = 2 * batch + 1
+    start = rows(nslots, ring, nheads, dim, ngroups, dstate, state_dtype=state_dtype,
+                 in_dtype=in_dtype, fill=torch.zeros(nslots, dtype=torch.long))
+    want, got = _clone(start), _clone(start)
+    where = list(range(batch))
+    atol, rtol = tolerance(state_dtype, in_dtype)
+    flushes = 0
+    for step in range(2 * (ring + 1) + 1):
+        src = list(where)
+        dst = [(r + batch) % (2 * batch) for r in src] if moves else list(src)
+        if step == 2:
+            src[1] = dst[1] = -1  # a padded entry: its row stays as it is
+        call = {**token(batch, nheads, dim, ngroups, dstate, in_dtype=in_dtype, seed=step),
+                "state_batch_indices": torch.tensor(src, dtype=torch.int32),
+                "dst_state_batch_indices": torch.tensor(dst, dtype=torch.int32)}
+        out_want, out_got = torch.empty_like(call["x"]), torch.empty_like(call["x"])
+        OP.native(**want, **call, out=out_want)
+        triton_replay(**got, **call, out=out_got, direct=direct)
+        torch.testing.assert_close(out_got, out_want, atol=atol, rtol=rtol)
+        assert torch.equal(got["ring_len"], want["ring_len"]), step
+        (value_want, spacing), (value_got, _) = OP.rows.value(want), OP.rows.value(got)
+        gap = (value_got - value_want).abs() - rtol * value_want.abs() - spacing
+        assert float(gap.max()) <= atol, f"step {step}: rows differ by {float(gap.max())}"
+        flushes += sum(d != -1 and int(got["ring_len"][d]) == 0 for d in dst)
+        where = [w if d == -1 else d for w, d in zip(where, dst, strict=True)]
+    assert flushes >= 2 * batch - 1, "every sequence's ring should flush twice"
+
+
+@pytest.mark.parametrize("redirect", [False, True])
+def test_in_place_lengths_wait_for_every_program(redirect: bool) -> None:
+    """Many programs per sequence (four heads x four blocks of headdim): each of them
+    reads the length its row had, whichever program writes the new one."""
+    nheads, dim, ngroups, dstate, ring, batch = 4, 16, 2, 8, 4, 4
+    nslots = 2 * batch
+    start = rows(nslots, ring, nheads, dim, ngroups, dstate, state_dtype=torch.float32,
+                 in_dtype=torch.float32, fill=torch.tensor([0, 2, 3, 4] * 2))
+    src = torch.arange(batch, dtype=torch.int32)
+    call = {**token(batch, nheads, dim, ngroups, dstate, in_dtype=torch.float32),
+            "state_batch_indices": src,
+            "dst_state_batch_indices": src + batch if redirect else None}
+    want, got = _clone(start), _clone(start)
+    out_want, out_got = torch.empty_like(call["x"]), torch.empty_like(call["x"])
+    OP.native(**want, **call, out=out_want)
+    triton_replay(**got, **call, out=out_got, config=Config(block_d=4, num_warps=1))
+    torch.testing.assert_close(out_got, out_want, atol=1e-5, rtol=1e-5)
+    assert got["ring_len"].tolist() == want["ring_len"].tolist()
+    written = slice(batch, None) if redirect else slice(0, batch)
+    assert got["ring_len"][written].tolist() == [1, 3, 4, 0]
+
+
+def test_refusals_name_the_limit() -> None:
+    call = OP.bind(**rows(2, 1, 1, 1, 1, 2048, state_dtype=torch.float32,
+                          in_dtype=torch.float32, fill=torch.zeros(2, dtype=torch.long)),
+                   **token(1, 1, 1, 1, 2048, in_dtype=torch.float32))
+    assert "dstate=2048" in supports(**call)
+    call = OP.bind(**rows(2, 1 << 15, 1, 1, 1, 4, state_dtype=torch.float32,
+                          in_dtype=torch.float32, fill=torch.zeros(2, dtype=torch.long)),
+                   **token(1, 1, 1, 1, 4, in_dtype=torch.float32))
+    assert "15 bits" in supports(**call)
+
+
+# -- Mamba2 decode size on a GPU ----------------------------------------------------------
+
+NHEADS, HEADDIM, DSTATE, NGROUPS = 128, 64, 128, 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ring", [8, 16, 32])
+@pytest.mark.parametrize("form", ["in_place", "redirect", "pads"])
+def test_mamba2_decode_size_gpu(ring: int, form: str) -> None:
+    """One call of 64 sequences, rings of every length from empty to full (flushes)."""
+    batch = 64
+    nslots = 2 * batch + 1
+    fill = torch.arange(nslots) % (ring + 1)
+    row_set = rows(nslots, ring, NHEADS, HEADDIM, NGROUPS, DSTATE, state_dtype=torch.bfloat16,
+                   in_dtype=torch.bfloat16, device="cuda", fill=fill, seed=ring)
+    perm = torch.randperm(nslots, generator=torch.Generator().manual_seed(ring))
+    src = perm[:batch].to(torch.int32)
+    dst = perm[batch:2 * batch].to(torch.int32) if form != "in_place" else None
+    if form == "pads":
+        src[::7] = -1
+        dst[3::11] = -1
+    call = OP.bind(**row_set, **token(batch, NHEADS, HEADDIM, NGROUPS, DSTATE,
+                                      in_dtype=torch.bfloat16, device="cuda", seed=ring),
+                   state_batch_indices=src.cuda(),
+                   dst_state_batch_indices=None if dst is None else dst.cuda(),
+                   out=torch.empty(batch, NHEADS, HEADDIM, dtype=torch.bfloat16, device="cuda"))
+    assert_matches_native(OP, "triton", call)
+
+
+@pytest.mark.gpu
+def test_check_impl_gpu() -> None:
+    check_impl("replay_state_update", "triton", device="cuda", max_examples=100)
+
+
+# registers a thread on sm_90 as the kernel compiles today: more cost programs per SM (a
+# first version of the direct route held the checkpoint tile across both routes: 222)
+REGISTERS = {"direct": 168, "rebuild": 128}
+
+
+def test_no_spills_at_mamba2_size() -> None:
+    """Both append routes compile for sm_90 at Mamba2 decode size without spilling and
+    within their register counts (only ptxas sees either; the GPU run is the final word
+    on speed)."""
+    from compile_sm90 import run
+
+    usage = run("registers_replay_sm90.py")
+    assert set(usage) == set(REGISTERS)
+    for route, (registers, spill_stores, spill_loads) in usage.items():
+        assert spill_stores == spill_loads == 0, (route, registers, spill_stores, spill_loads)
+        assert registers <= REGISTERS[route], (route, registers)
