@@ -97,7 +97,67 @@ def main() -> None:
                 launch(call, **tuning)
         compiled[name] = sorted(set(current))
         current.clear()
+    compiled["selective_state_update (stored states)"] = _stored_state_forms(launch_of, current)
+    compiled["flashinfer index preparation"] = _flashinfer_prepare(current)
     print(json.dumps(compiled))
+
+
+def launch_of(name: str) -> Any:
+    from mamba_ir import get_op
+
+    return get_op(name).impls["triton"].fn.__wrapped__
+
+
+def _stored_state_forms(launch_of: Any, current: list[str]) -> list[str]:
+    """The SSU on quantized states and with stochastic rounding (``rand_seed``): their
+    store is a branch of its own (the Philox bits, the rounding of each grid)."""
+    from mamba_ir import get_op
+    from mamba_ir.ops._quant import QUANTIZED, quantize
+
+    op = get_op("selective_state_update")
+    for dtype in (torch.bfloat16, torch.float16, torch.int16, torch.int8, torch.float8_e4m3fn):
+        for seed in (None, torch.tensor(3)):
+            if seed is None and dtype not in QUANTIZED:
+                continue  # rounding to nearest of a float state: the default form above
+            call = op.bind(**op.example(torch.device("cpu"), torch.float32))
+            h = call["state"].float()
+            call["state"], call["state_scale"] = (
+                quantize(h, dtype) if dtype in QUANTIZED else (h.to(dtype), None))
+            call["rand_seed"] = seed
+            call["out"] = torch.empty_like(call["x"])
+            launch_of("selective_state_update")(call)
+    names = sorted(set(current))
+    current.clear()
+    return names
+
+
+def _flashinfer_prepare(current: list[str]) -> list[str]:
+    """The FlashInfer provider's one Triton launch before FlashInfer's kernel, in each form
+    (in place, destinations, speculative with pad sources, varlen)."""
+    from mamba_ir.impls.flashinfer import selective_state_update as fi
+
+    kernel = fi._prepare_kernel
+
+    class CompileOnlyLaunch:
+        def __getitem__(self, grid: tuple[int, ...]) -> Any:
+            def warm(*args: Any, **kwargs: Any) -> None:
+                kernel.warmup(*args, grid=grid, **kwargs)
+                current.append(kernel.fn.__name__)
+            return warm
+
+    fi._prepare_kernel = CompileOnlyLaunch()
+    state = torch.zeros(8, 2, 64, 16, dtype=torch.bfloat16)
+    i32 = dict(dtype=torch.int32)
+    sbi, dst = torch.tensor([1, 2, 3], **i32), torch.tensor([4, 5, 6], **i32)
+    spec = torch.tensor([[1, 2], [3, 4]], **i32)
+    nacc, cu = torch.tensor([1, 2], **i32), torch.tensor([0, 2, 3], **i32)
+    fi._prepare(state, torch.zeros(3, 2, 64), sbi, None, None, None, -1, False)
+    fi._prepare(state, torch.zeros(3, 1, 2, 64), sbi, dst, None, None, -1, True)
+    fi._prepare(state, torch.zeros(2, 2, 2, 64), spec, None, nacc, None, -1, True)
+    fi._prepare(state, torch.zeros(3, 2, 64), spec, spec, nacc, cu, -1, True)
+    names = sorted(set(current))
+    current.clear()
+    return names
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ KERNELS = {
     "causal_conv1d_update": ["update_kernel"],
     "copy_state_blocks": ["copy_rows_kernel"],
     "replay_state_update": ["replay_kernel"],
+    "selective_state_update (stored states)": ["ssu_kernel"],
+    "flashinfer index preparation": ["_prepare_kernel"],
 }
 
 
