@@ -69,6 +69,17 @@ def _selective_scan(t: Callable[..., torch.Tensor]) -> dict[str, Any]:
     )
 
 
+def _replay(t: Callable[..., torch.Tensor]) -> dict[str, Any]:
+    return dict(
+        state=t(8, 4, 16, 16), ring_x=t(8, 4, 4, 16), ring_dt=t(8, 4, 4, dtype=torch.float32),
+        ring_B=t(8, 4, 1, 16), ring_len=t(8, dtype=torch.int32), x=t(2, 4, 16),
+        dt=t(2, 4, 16), A=t(4, 16, 16), B=t(2, 1, 16), C=t(2, 1, 16), D=t(4, 16),
+        z=t(2, 4, 16), dt_bias=t(4, 16), dt_softplus=True,
+        state_batch_indices=t(2, dtype=torch.int32),
+        dst_state_batch_indices=t(2, dtype=torch.int32), out=t(2, 4, 16),
+    )
+
+
 # one call per op with its optional tensors given; only shapes matter (nothing is read)
 CALLS = {
     "selective_state_update": _ssu,
@@ -77,6 +88,7 @@ CALLS = {
     "copy_state_blocks": _copy,
     "mamba_chunk_scan": _chunk_scan,
     "selective_scan": _selective_scan,
+    "replay_state_update": _replay,
 }
 
 
