@@ -32,25 +32,27 @@ DTYPES = {
 BATCH, NHEADS, HEADDIM, DSTATE = 4, 4, 64, 128
 
 
-def inputs(steps: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def inputs(steps: int, device: str, seed: int = 0, batch: int = BATCH,
+           nheads: int = NHEADS) -> dict[str, torch.Tensor]:
     """Every step's inputs, drawn once so that every dtype sees the same stream."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g)
 
-    log_dt = torch.empty(steps, BATCH, NHEADS).uniform_(math.log(1e-3), math.log(1e-1),
+    log_dt = torch.empty(steps, batch, nheads).uniform_(math.log(1e-3), math.log(1e-1),
                                                        generator=g)
-    a_log = torch.empty(NHEADS).uniform_(0, math.log(16), generator=g)
-    made = dict(x=rand(steps, BATCH, NHEADS, HEADDIM), dt=log_dt.exp(),
-                B=rand(steps, BATCH, 1, DSTATE), C=rand(steps, BATCH, 1, DSTATE),
-                z=rand(steps, BATCH, NHEADS, HEADDIM), A=-a_log.exp(), D=rand(NHEADS))
+    a_log = torch.empty(nheads).uniform_(0, math.log(16), generator=g)
+    made = dict(x=rand(steps, batch, nheads, HEADDIM), dt=log_dt.exp(),
+                B=rand(steps, batch, 1, DSTATE), C=rand(steps, batch, 1, DSTATE),
+                z=rand(steps, batch, nheads, HEADDIM), A=-a_log.exp(), D=rand(nheads))
     return {k: v.to(device) for k, v in made.items()}
 
 
 def reference(data: dict[str, torch.Tensor], marks: list[int]) -> dict[int, tuple]:
     """The float64 recurrence: (state, output) after each step in ``marks``."""
-    h = torch.zeros(BATCH, NHEADS, HEADDIM, DSTATE, dtype=torch.float64, device=data["x"].device)
+    batch, nheads = data["x"].shape[1:3]
+    h = torch.zeros(batch, nheads, HEADDIM, DSTATE, dtype=torch.float64, device=data["x"].device)
     A, D = data["A"].double(), data["D"].double()
     got = {}
     for t in range(max(marks)):
@@ -70,17 +72,18 @@ def run(data: dict[str, torch.Tensor], dtype: torch.dtype, stochastic: bool,
     from mamba_ir import ops
 
     dev = data["x"].device
-    zero = torch.zeros(BATCH, NHEADS, HEADDIM, DSTATE, device=dev)
+    batch, nheads = data["x"].shape[1:3]
+    zero = torch.zeros(batch, nheads, HEADDIM, DSTATE, device=dev)
     state, scale = quantize(zero, dtype) if dtype in QUANTIZED else (zero.to(dtype), None)
-    A = data["A"][:, None, None].expand(NHEADS, HEADDIM, DSTATE)
-    D = data["D"][:, None].expand(NHEADS, HEADDIM)
+    A = data["A"][:, None, None].expand(nheads, HEADDIM, DSTATE)
+    D = data["D"][:, None].expand(nheads, HEADDIM)
     seed = torch.zeros((), dtype=torch.int64, device=dev)
-    out = torch.empty(BATCH, NHEADS, HEADDIM, device=dev)
+    out = torch.empty(batch, nheads, HEADDIM, device=dev)
     got = {}
     for t in range(max(marks)):
         seed.fill_(t)
         ops.selective_state_update(
-            state, data["x"][t], data["dt"][t][..., None].expand(BATCH, NHEADS, HEADDIM), A,
+            state, data["x"][t], data["dt"][t][..., None].expand(batch, nheads, HEADDIM), A,
             data["B"][t], data["C"][t], D=D, z=data["z"][t], out=out, state_scale=scale,
             rand_seed=seed if stochastic else None)
         if t + 1 in marks:
@@ -97,9 +100,10 @@ def errors(ref: dict[int, tuple], got: dict[int, tuple]) -> dict[str, list[float
     return {"state_rel": state, "output_rel": output}
 
 
-def measure(steps: int, device: str) -> dict[str, Any]:
+def measure(steps: int, device: str, batch: int = BATCH, nheads: int = NHEADS
+            ) -> dict[str, Any]:
     marks = [2**k for k in range(int(math.log2(steps)) + 1)]
-    data = inputs(steps, device)
+    data = inputs(steps, device, batch=batch, nheads=nheads)
     ref = reference(data, marks)
     cases = [(name, sr) for name, dt in DTYPES.items() for sr in (False, True)
              if not sr or dt in ROUNDED]
@@ -138,6 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4096, help="decode steps (a power of 2)")
     parser.add_argument("--device", default="cpu", help="cpu (native) or cuda (Triton)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="sequences")
+    parser.add_argument("--heads", type=int, default=NHEADS, help="SSM heads (headdim 64, "
+                        "dstate 128)")
     parser.add_argument("--out", type=Path, default=DOCS, help="directory for the JSON")
     parser.add_argument("--plot", type=Path, help="only draw the PNG from this JSON")
     args = parser.parse_args()
@@ -147,8 +154,8 @@ def main() -> None:
     if args.steps < 1 or args.steps & (args.steps - 1):
         raise SystemExit(f"--steps: expected a power of 2, got {args.steps}")
     with torch.no_grad():
-        payload = measure(args.steps, args.device)
-    payload["shapes"] = dict(batch=BATCH, nheads=NHEADS, headdim=HEADDIM, dstate=DSTATE,
+        payload = measure(args.steps, args.device, args.batch, args.heads)
+    payload["shapes"] = dict(batch=args.batch, nheads=args.heads, headdim=HEADDIM, dstate=DSTATE,
                              ngroups=1, inputs="float32", dt="log-uniform [1e-3, 1e-1]",
                              A_log="U(0, log 16)", D=True, z=True)
     path = write_json("state_precision.json", payload, args.out)
