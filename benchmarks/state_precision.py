@@ -116,6 +116,45 @@ def measure(steps: int, device: str, batch: int = BATCH, nheads: int = NHEADS
     return {"steps": marks, "series": series}
 
 
+def hybrid_agreement(new_tokens: int, device: str, prompts: int = 4) -> dict[str, Any]:
+    """The bundled demo hybrid (random init, float32 weights) decoding ``new_tokens``
+    greedily from ``prompts`` prompts of 32 tokens with each state dtype and rounding,
+    against float32 state: the share of generated tokens equal to float32's, the first
+    step where any prompt's token differs, and the largest logit difference while every
+    token so far agreed."""
+    from mamba_ir.models import Engine, demo_config, random_model
+
+    model = random_model(demo_config(), seed=0, device=device)
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    batch = [torch.randint(0, vocab, (32,), generator=g).tolist() for _ in range(prompts)]
+
+    def generate(dtype: str, rounding: str) -> list:
+        engine = Engine(model, max_requests=prompts, max_len=32 + new_tokens + 1,
+                        state_dtype=dtype, state_rounding=rounding, prefix_cache=False)
+        return engine.generate(batch, new_tokens)
+
+    ref = generate("float32", "nearest")
+    rows = {}
+    cases = [(n, r) for n, dt in DTYPES.items() if n != "float32"
+             for r in ("nearest", "stochastic") if r == "nearest" or dt in ROUNDED]
+    for name, rounding in progress(cases, "hybrid greedy decode"):
+        got = generate(name, rounding)
+        same = [[a == b for a, b in zip(c.tokens, r.tokens, strict=True)]
+                for c, r in zip(got, ref, strict=True)]
+        first = min((row.index(False) for row in same if False in row), default=new_tokens)
+        diff = max(float((c.logits[t] - r.logits[t]).abs().max())
+                   for c, r in zip(got, ref, strict=True) for t in range(first))
+        label = f"{name}{' + stochastic' if rounding == 'stochastic' else ''}"
+        rows[label] = {"token_agreement": sum(map(sum, same)) / (new_tokens * prompts),
+                       "first_divergence": first, "max_logit_diff_while_agreeing": diff}
+        where = f"first differs at step {first}" if first < new_tokens else "none differs"
+        print(f"{label:>26}: {rows[label]['token_agreement']:.1%} tokens as float32, {where}, "
+              f"max |dlogit| {diff:.2e} while all agree", flush=True)
+    return {"new_tokens": new_tokens, "prompts": prompts, "config": model.config.describe(),
+            "rows": rows}
+
+
 def plot(json_path: Path) -> Path:
     import json
 
@@ -147,6 +186,8 @@ def main() -> None:
                         "dstate 128)")
     parser.add_argument("--out", type=Path, default=DOCS, help="directory for the JSON")
     parser.add_argument("--plot", type=Path, help="only draw the PNG from this JSON")
+    parser.add_argument("--hybrid-tokens", type=int, default=1024,
+                        help="greedy tokens of the demo hybrid per state dtype (0: skip)")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
@@ -155,6 +196,8 @@ def main() -> None:
         raise SystemExit(f"--steps: expected a power of 2, got {args.steps}")
     with torch.no_grad():
         payload = measure(args.steps, args.device, args.batch, args.heads)
+        if args.hybrid_tokens:
+            payload["hybrid"] = hybrid_agreement(args.hybrid_tokens, args.device)
     payload["shapes"] = dict(batch=args.batch, nheads=args.heads, headdim=HEADDIM, dstate=DSTATE,
                              ngroups=1, inputs="float32", dt="log-uniform [1e-3, 1e-1]",
                              A_log="U(0, log 16)", D=True, z=True)
