@@ -136,16 +136,14 @@ def _flashinfer_prepare(current: list[str]) -> list[str]:
     (in place, destinations, speculative with pad sources, varlen)."""
     from mamba_ir.impls.flashinfer import selective_state_update as fi
 
-    kernel = fi._prepare_kernel
+    def compile_only(kernel: Any, grid: tuple[int, ...], **args: Any) -> None:
+        from mamba_ir.impls.triton._common import positional
 
-    class CompileOnlyLaunch:
-        def __getitem__(self, grid: tuple[int, ...]) -> Any:
-            def warm(*args: Any, **kwargs: Any) -> None:
-                kernel.warmup(*args, grid=grid, **kwargs)
-                current.append(kernel.fn.__name__)
-            return warm
+        fn, ordered, options = positional(kernel, args)
+        fn.warmup(*ordered, grid=grid, **options)
+        current.append(fn.__name__)
 
-    fi._prepare_kernel = CompileOnlyLaunch()
+    fi.call_kernel = compile_only
     state = torch.zeros(8, 2, 64, 16, dtype=torch.bfloat16)
     i32 = dict(dtype=torch.int32)
     sbi, dst = torch.tensor([1, 2, 3], **i32), torch.tensor([4, 5, 6], **i32)

@@ -100,7 +100,7 @@ ONE = fi.Plan("one-token")
 MULTI1 = fi.Plan("multi-token", 1, False)
 MULTI1_FIX = fi.Plan("multi-token", 1, True)
 
-# (name, call, device, can_fix_pads, expected Plan or a fragment of the refusal)
+# (name, call, device, can_index, expected Plan or a fragment of the refusal)
 TABLE: list[tuple[str, dict[str, Any], fi.Device, bool, fi.Plan | str]] = [
     ("decode", make_call(), H100, True, ONE),
     ("sm80 accepted", make_call(), fi.Device((8, 0), 166912), True, ONE),
@@ -171,7 +171,10 @@ TABLE: list[tuple[str, dict[str, Any], fi.Device, bool, fi.Plan | str]] = [
      H100, True, MULTI1_FIX),
     ("dst indices without triton", make_call(dst_state_batch_indices=torch.zeros(
         4, dtype=torch.int32, device="meta")), H100, False, "triton is not installed"),
-    ("decode without triton", make_call(), H100, False, ONE),
+    ("decode without indices, without triton", make_call(state_batch_indices=None), H100,
+     False, ONE),
+    ("decode with indices, without triton", make_call(), H100, False,
+     "the provider bounds the index tensors with a Triton launch"),
     # several tokens
     ("(batch, T) tokens", make_call(lead=(3, 4), state_batch_indices=None),
      H100, True, fi.Plan("multi-token", 4, False)),

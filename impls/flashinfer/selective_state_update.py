@@ -44,7 +44,9 @@ from mamba_ir.ops.selective_state_update import selective_state_update as _op
 try:
     import triton
     import triton.language as tl
-except ImportError:  # only the pad-source rewrite needs it; such calls are refused
+
+    from mamba_ir.impls.triton._common import call_kernel
+except ImportError:  # only the index preparation needs it; calls with indices are refused
     triton = None
     tl = None
 
@@ -119,7 +121,7 @@ def supports(**call: Any) -> bool | str:
 
 
 def plan(
-    call: dict[str, Any], device: Device, can_fix_pads: bool, *, one_token: bool = True
+    call: dict[str, Any], device: Device, can_index: bool, *, one_token: bool = True
 ) -> Plan | str:
     """Which FlashInfer kernel serves ``call``, or why neither can. ``one_token=False``
     plans one-token calls on the multi-token kernel (T=1), as for those the one-token
@@ -155,6 +157,11 @@ def plan(
     why = _dtypes(call) or _ties(call) or _sizes(dim, dstate) or _layouts(call)
     if why:
         return why
+    indexed = any(call[n] is not None for n in ("state_batch_indices", "dst_state_batch_indices",
+                                                "cu_seqlens", "num_accepted_tokens"))
+    if indexed and not can_index:
+        return ("triton is not installed: FlashInfer checks no index, and the provider bounds "
+                "the index tensors with a Triton launch before it (pip install triton)")
     nseq = call["cu_seqlens"].shape[0] - 1 if varlen else lead[0]
     if nseq > state.shape[0]:
         return (
@@ -196,13 +203,7 @@ def plan(
             f"{ntokens} tokens per sequence need {smem} bytes of shared memory in FlashInfer's "
             f"multi-token kernel; this GPU allows {device.smem_per_block}"
         )
-    fix = dst is not None or spec
-    if fix and not can_fix_pads:
-        return (
-            "triton is not installed: calls with destination indices or speculative decoding "
-            "need it to give pad sources a zero state (pip install triton)"
-        )
-    return Plan("multi-token", ntokens, fix)
+    return Plan("multi-token", ntokens, dst is not None or spec)
 
 
 def _dtypes(call: dict[str, Any]) -> str | None:
@@ -476,18 +477,20 @@ def _prepare(
             return 0, 0
         return t.stride(0), (t.stride(1) if t.dim() == 2 else 0)
 
-    _prepare_kernel[grid](
-        state, row, state.stride(0), state.shape[0], pad,
-        dummy if sbi is None else sbi, *strides(sbi), src_cols,
-        dummy if dst is None else dst, *strides(dst), dst_cols,
-        dummy if nacc is None else nacc, nacc.stride(0) if spec else 0,
-        sbi.shape[1] if s_2d else 2**31 - 1,
-        dummy if cu is None else cu, cu.stride(0) if varlen else 0, x.shape[0],
-        dummy if new_sbi is None else new_sbi,
-        dummy if new_dst is None or new_dst is new_sbi else new_dst,
-        dummy if new_nacc is None else new_nacc,
-        dummy if new_cu is None else new_cu,
-        _written_columns(x, spec, dst_cols) if not varlen else 0,
+    call_kernel(
+        _prepare_kernel, grid,
+        state_ptr=state, row_numel=row, row_stride=state.stride(0), nslots=state.shape[0],
+        pad=pad, sbi_ptr=dummy if sbi is None else sbi, sbi_s0=strides(sbi)[0],
+        sbi_s1=strides(sbi)[1], src_cols=src_cols,
+        dst_ptr=dummy if dst is None else dst, dst_s0=strides(dst)[0], dst_s1=strides(dst)[1],
+        dst_cols=dst_cols, nacc_ptr=dummy if nacc is None else nacc,
+        nacc_s0=nacc.stride(0) if spec else 0, nacc_max=sbi.shape[1] if s_2d else 2**31 - 1,
+        cu_ptr=dummy if cu is None else cu, cu_s0=cu.stride(0) if varlen else 0,
+        ntokens=x.shape[0], new_sbi_ptr=dummy if new_sbi is None else new_sbi,
+        new_dst_ptr=dummy if new_dst is None or new_dst is new_sbi else new_dst,
+        new_nacc_ptr=dummy if new_nacc is None else new_nacc,
+        new_cu_ptr=dummy if new_cu is None else new_cu,
+        fixed_limit=_written_columns(x, spec, dst_cols) if not varlen else 0,
         HAS_SBI=sbi is not None, HAS_DST=dst is not None, S_2D=s_2d,
         WRITE_SBI=new_sbi is not None,
         WRITE_DST=new_dst is not None and new_dst is not new_sbi,
