@@ -165,7 +165,9 @@ def plot(json_path: Path) -> Path:
               ("output_rel", "output: max |y - y64| / rms y64"))
     for ax, (key, title) in zip(axes, panels, strict=True):
         for label, s in data["series"].items():
+            name = label.split(" ")[0]  # one colour per dtype, dashed when stochastic
             ax.plot(data["steps"], s[key], marker=".", label=label,
+                    color=f"C{list(DTYPES).index(name)}",
                     linestyle="--" if "stochastic" in label else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
