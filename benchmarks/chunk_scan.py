@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import DOCS, progress, roof_rate, time_us, write_json
+from benchmarks.common import table as common_table
 
 NHEADS, HEADDIM, DSTATE, NGROUPS, CHUNK = 128, 64, 128, 8, 256
 TOKENS = (2048, 8192, 32768)
@@ -252,15 +253,7 @@ COLUMNS = [
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in COLUMNS)
-    lines = [head]
-    for row in rows:
-        cells = []
-        for key, _, fmt in COLUMNS:
-            width = len(fmt.format(0))
-            cells.append(fmt.format(row[key]) if key in row else f"{'-':>{width}}")
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
+    return common_table(rows, COLUMNS)
 
 
 def plot(json_path: Path) -> Path:

@@ -202,9 +202,24 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_or_hint(plot: Callable[[Path], Path], path: Path) -> None:
-    """Draw the plot of the results in ``path``, or say how to draw it later."""
+def table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """``rows`` as fixed-width text: one column per ``(key, title, format)``, ``-`` where
+    a row has no such key."""
+    head = " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in columns)
+    lines = [head]
+    for row in rows:
+        cells = []
+        for key, _, fmt in columns:
+            width = len(fmt.format(0))
+            cells.append(fmt.format(row[key]) if key in row else f"{'-':>{width}}")
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_or_hint(plot: Callable[[Path], Path], path: Path, later: str = "--plot-only") -> None:
+    """Draw the plot of the results in ``path``, or say how to draw it later (``later``:
+    the option that redraws it from the JSON)."""
     try:
         print(f"wrote {plot(path)}")
     except ImportError:
-        print("matplotlib missing: plot later with --plot-only (pip install 'mamba-ir[plot]')")
+        print(f"matplotlib missing: plot later with {later} (pip install 'mamba-ir[plot]')")

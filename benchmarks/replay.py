@@ -35,7 +35,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DOCS, plot_series, progress, roof_rate, time_us, write_json
+from benchmarks.common import (
+    DOCS,
+    plot_or_hint,
+    plot_series,
+    progress,
+    roof_rate,
+    time_us,
+    write_json,
+)
+from benchmarks.common import (
+    table as common_table,
+)
 from benchmarks.ssu import DSTATE, HEADDIM, NGROUPS, NHEADS, decode_call
 
 BATCHES = (1, 8, 32, 64, 128, 256, 512)
@@ -210,15 +221,7 @@ COLUMNS = [
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in COLUMNS)
-    lines = [head]
-    for row in rows:
-        cells = []
-        for key, _, fmt in COLUMNS:
-            width = len(fmt.format(0))
-            cells.append(fmt.format(row[key]) if key in row else f"{'-':>{width}}")
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
+    return common_table(rows, COLUMNS)
 
 
 def plot(json_path: Path) -> Path:
@@ -283,10 +286,7 @@ def main() -> None:
     }
     path = write_json("replay_bench.json", payload, args.out)
     print(path)
-    try:
-        print(plot(path))
-    except ImportError:
-        print(f"matplotlib missing: plot later with --plot {path}")
+    plot_or_hint(plot, path, f"--plot {path}")
 
 
 if __name__ == "__main__":

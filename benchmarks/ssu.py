@@ -35,11 +35,15 @@ from benchmarks.common import (
     DOCS,
     copy_rate,
     kernel_copy_rate,
+    plot_or_hint,
     plot_series,
     progress,
     roof_rate,
     time_us,
     write_json,
+)
+from benchmarks.common import (
+    table as common_table,
 )
 from mamba_ir.ops._quant import QUANTIZED, ROUNDED, quantize
 
@@ -362,16 +366,7 @@ COLUMNS = [
 
 
 def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]] | None = None) -> str:
-    columns = COLUMNS if columns is None else columns
-    head = " ".join(f"{title:>{len(fmt.format(0))}}" for _, title, fmt in columns)
-    lines = [head]
-    for row in rows:
-        cells = []
-        for key, _, fmt in columns:
-            width = len(fmt.format(0))
-            cells.append(fmt.format(row[key]) if key in row else f"{'-':>{width}}")
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
+    return common_table(rows, COLUMNS if columns is None else columns)
 
 
 def _short(key: str) -> str:
@@ -469,10 +464,7 @@ def main_quant(args: argparse.Namespace) -> None:
     }
     path = write_json("ssu_quant_bench.json", payload, args.out)
     print(path)
-    try:
-        print(plot(path))
-    except ImportError:
-        print(f"matplotlib missing: plot later with --plot {path}")
+    plot_or_hint(plot, path, f"--plot {path}")
 
 
 def main() -> None:

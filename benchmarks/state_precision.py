@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import DOCS, progress, pyplot, save_figure, write_json
+from benchmarks.common import DOCS, plot_or_hint, progress, pyplot, save_figure, write_json
 from mamba_ir.ops._quant import QUANTIZED, ROUNDED, quantize, values
 
 DTYPES = {
@@ -205,10 +205,7 @@ def main() -> None:
                              A_log="U(0, log 16)", D=True, z=True)
     path = write_json("state_precision.json", payload, args.out)
     print(path)
-    try:
-        print(plot(path))
-    except ImportError:
-        print(f"matplotlib missing: plot later with --plot {path}")
+    plot_or_hint(plot, path, f"--plot {path}")
 
 
 if __name__ == "__main__":
