@@ -45,7 +45,7 @@ try:
     import triton
     import triton.language as tl
 
-    from mamba_ir.impls.triton._common import call_kernel
+    from mamba_ir.impls.triton._common import call_kernel, index_strides
 except ImportError:  # only the index preparation needs it; calls with indices are refused
     triton = None
     tl = None
@@ -472,17 +472,13 @@ def _prepare(
     grid = (nseq, min(triton.cdiv(row, block), 8) if fix else 1)
     dummy = next(t for t in (new_sbi, new_dst, new_nacc, new_cu) if t is not None)
 
-    def strides(t: torch.Tensor | None) -> tuple[int, int]:
-        if t is None:
-            return 0, 0
-        return t.stride(0), (t.stride(1) if t.dim() == 2 else 0)
-
+    (sbi_s0, sbi_s1), (dst_s0, dst_s1) = index_strides(sbi), index_strides(dst)
     call_kernel(
         _prepare_kernel, grid,
         state_ptr=state, row_numel=row, row_stride=state.stride(0), nslots=state.shape[0],
-        pad=pad, sbi_ptr=dummy if sbi is None else sbi, sbi_s0=strides(sbi)[0],
-        sbi_s1=strides(sbi)[1], src_cols=src_cols,
-        dst_ptr=dummy if dst is None else dst, dst_s0=strides(dst)[0], dst_s1=strides(dst)[1],
+        pad=pad, sbi_ptr=dummy if sbi is None else sbi, sbi_s0=sbi_s0, sbi_s1=sbi_s1,
+        src_cols=src_cols,
+        dst_ptr=dummy if dst is None else dst, dst_s0=dst_s0, dst_s1=dst_s1,
         dst_cols=dst_cols, nacc_ptr=dummy if nacc is None else nacc,
         nacc_s0=nacc.stride(0) if spec else 0, nacc_max=sbi.shape[1] if s_2d else 2**31 - 1,
         cu_ptr=dummy if cu is None else cu, cu_s0=cu.stride(0) if varlen else 0,

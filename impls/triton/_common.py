@@ -137,6 +137,14 @@ def stride0(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.stride(0)
 
 
+def index_strides(t: torch.Tensor | None) -> tuple[int, int]:
+    """(per sequence, per column) strides of a 1-D or 2-D index tensor: a 1-D one is one
+    column (column stride 0); zeros for an absent tensor, never dereferenced."""
+    if t is None:
+        return 0, 0
+    return t.stride(0), t.stride(1) if t.dim() == 2 else 0
+
+
 def strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
     """The strides of ``t``'s last ``ndim`` dimensions, as kernels take them (one tuple per
     tensor); zeros for an absent tensor, never dereferenced."""

@@ -24,7 +24,7 @@ from mamba_ir.ops._quant import FLOAT_GRIDS, QMAX
 from mamba_ir.ops.selective_state_update import one_head
 from mamba_ir.ops.selective_state_update import selective_state_update as _op
 
-from ._common import call_kernel, register, runnable, stride0, strides, triton
+from ._common import call_kernel, index_strides, register, runnable, stride0, strides, triton
 
 if triton is not None:
     from ._ssu_kernel import ssu_kernel
@@ -101,12 +101,6 @@ def _per_token(t: torch.Tensor | None, lead: int, varlen: bool) -> tuple[int, ..
     return t.stride(0), 0, *t.stride()[1:]
 
 
-def _index_strides(t: torch.Tensor | None) -> tuple[int, int]:
-    if t is None:
-        return 0, 0
-    return t.stride(0), t.stride(1) if t.dim() == 2 else 0
-
-
 def _columns(t: torch.Tensor | None) -> int:
     return 1 if t is None or t.dim() == 1 else t.shape[1]
 
@@ -149,7 +143,7 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         s_dt=_per_token(dt, lead, varlen), s_z=_per_token(z, lead, varlen),
         s_out=_per_token(out, lead, varlen), s_B=_per_token(B, lead, varlen),
         s_C=_per_token(C, lead, varlen), s_A=A.stride(), s_D=strides(D, 2),
-        s_bias=strides(dt_bias, 2), s_src=_index_strides(src), s_dst=_index_strides(dst),
+        s_bias=strides(dt_bias, 2), s_src=index_strides(src), s_dst=index_strides(dst),
         # absent scales pass no stride parameters: a float state's launch is unchanged
         s_scale=(None, None, None) if scale is None else scale.stride(),
         SOFTPLUS=bool(call["dt_softplus"]),

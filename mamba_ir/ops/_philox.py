@@ -10,6 +10,8 @@ halves so that no intermediate leaves int64.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MASK = 0xFFFFFFFF
@@ -50,7 +52,7 @@ def state_bits(seed: torch.Tensor, rows: torch.Tensor, row_shape: tuple[int, ...
     uses counter ``(e, rows[i], column, 0)`` under key ``(seed low word, seed high
     word)``. Shape ``(len(rows), *row_shape)``, uint32 values in int64."""
     seed = seed.reshape(()).to(torch.int64)
-    element = torch.arange(int(torch.tensor(row_shape).prod()), device=rows.device)
+    element = torch.arange(math.prod(row_shape), device=rows.device)
     element = element.view(1, *row_shape)
     row = rows.to(torch.int64).view(-1, *[1] * len(row_shape))
     return philox((seed, seed >> 32), (element, row, torch.tensor(column), torch.tensor(0)))
