@@ -453,7 +453,9 @@ class IrOp:
         # eager call reads them once.
         self.check_metadata(call)
         self._allocate(call)
-        result = self.custom_op(**call)
+        # positionally: torch 2.11 with autograd enabled bumps the version of each mutated
+        # argument by its position and fails (IndexError) on one passed by name
+        result = self.custom_op(*call.values())
         if self.allocate:
             outs = tuple(call[name] for name in self.allocate)
             return outs[0] if len(outs) == 1 else outs
