@@ -196,7 +196,7 @@ def main() -> None:
         return
     if args.steps < 1 or args.steps & (args.steps - 1):
         raise SystemExit(f"--steps: expected a power of 2, got {args.steps}")
-    with torch.no_grad():
+    with torch.inference_mode():  # tensors made here skip torch 2.11's version bump
         payload = measure(args.steps, args.device, args.batch, args.heads)
         if args.hybrid_tokens:
             payload["hybrid"] = hybrid_agreement(args.hybrid_tokens, args.device)
