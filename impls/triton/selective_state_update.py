@@ -157,6 +157,8 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         STREAM=cfg.stream,
         QMAX=QMAX.get(state.dtype, 0.0),
         **_rounding(state.dtype, scale is not None),
+        # one Philox per four columns where no quad of elements straddles two tile rows
+        SR_QUADS=dstate % 4 == 0,
         num_warps=cfg.num_warps,
         num_stages=1,
     )
