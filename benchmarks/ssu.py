@@ -15,7 +15,8 @@ float8 e4m3 states (one float32 scale per dstate block), Triton in place at the 
 shapes. There every byte the call moves counts (state and scales read and written, the
 per-token inputs read, the output written), against a same-run copy of as many bytes, and
 each dtype's time is also given as a speedup over the bf16 state's at the same batch, and
-with stochastic rounding (``rand_seed``) as its cost over rounding to nearest.
+with stochastic rounding (``rand_seed``) as its cost over rounding to nearest. There
+``--sweep`` times each launch config with and without stochastic rounding.
 
     python -m benchmarks.ssu [--sweep] [--out DIR]      # on the GPU machine
     python -m benchmarks.ssu --quant [--sweep] [--out DIR]
@@ -251,7 +252,9 @@ def agreement(fi: Any) -> dict[str, float]:
     return result
 
 
-QUANT_SWEEP = ((8, 1), (16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4))
+# tile heights x warps: one-byte states' candidates hold 128 (32 x 1), 64 (16 x 1, 32 x 2,
+# 64 x 4) or 32 (32 x 4, 64 x 8) float32 values per thread
+QUANT_SWEEP = ((8, 1), (16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8))
 
 
 def quant_sweep_configs() -> list[Any]:
@@ -282,6 +285,11 @@ def measure_dtypes(batch: int, dtypes: list[str], sweep: bool) -> list[dict[str,
                 config_key(c): time_us(lambda c=c, call=call: triton_ssu(**call, config=c))
                 for c in quant_sweep_configs()
             }
+            if "triton_sr_us" in row:  # the random bits hold registers of their own
+                row["sr_sweep"] = {
+                    config_key(c): time_us(lambda c=c, call=seeded: triton_ssu(**call, config=c))
+                    for c in quant_sweep_configs()
+                }
         del call
         rows.append(row)
     return rows
@@ -445,9 +453,11 @@ def main_quant(args: argparse.Namespace) -> None:
     print(quant_table(rows))
     if args.sweep:
         for row in rows:
-            best = sorted(row["sweep"].items(), key=lambda kv: kv[1])[:4]
-            print("sweep", row["state_dtype"], row["batch"],
-                  "  ".join(f"{k}: {v:.1f}us" for k, v in best))
+            for name in ("sweep", "sr_sweep"):
+                best = sorted(row.get(name, {}).items(), key=lambda kv: kv[1])[:4]
+                if best:
+                    print(name, row["state_dtype"], row["batch"],
+                          "  ".join(f"{k}: {v:.1f}us" for k, v in best))
     check = quant_agreement(dtypes)
     print("agreement with native:", check)
     payload = {

@@ -126,6 +126,13 @@ def _stored_state_forms(launch_of: Any, current: list[str]) -> list[str]:
             call["rand_seed"] = seed
             call["out"] = torch.empty_like(call["x"])
             launch_of("selective_state_update")(call)
+    # dstate 6: quads of elements straddle headdim rows, each value draws its own Philox
+    call = op.bind(**op.example(torch.device("cpu"), torch.float32))
+    for name in ("state", "A", "B", "C"):
+        call[name] = call[name][..., :6]
+    call["state"] = call["state"].to(torch.bfloat16)
+    call["rand_seed"], call["out"] = torch.tensor(3), torch.empty_like(call["x"])
+    launch_of("selective_state_update")(call)
     names = sorted(set(current))
     current.clear()
     return names

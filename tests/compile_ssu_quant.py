@@ -8,9 +8,10 @@ division), the add that rounds to an integer is not fused with the product befor
 (an FMA would round the exact product instead of its float32 value), and float8 e4m3 is
 written by the round-to-nearest-even conversion (a bf16 state's kernel, compiled too, is
 the baseline: the z gate's sigmoid divides approximately in every variant). The decode
-form is the benchmark's call (Mamba2, batch 64) at its default launch, whose one-byte
-tiles (32 x 128 fp32 values on one warp) come close to the register limit: ptxas's
-registers and spills are reported.
+form is the benchmark's call (Mamba2, batch 64) at its default launch, also with
+stochastic rounding (``sr``: the Philox bits of every stored value), where the registers
+run short first (a one-byte tile on one warp spilled): ptxas's registers and spills are
+reported.
 Prints one JSON object: {variant: {"div_rn": n, "approx_div": n, "fused_rounding": n,
 "e4m3_rn": n, "registers": n, "spill_bytes": n}}. Run without TRITON_INTERPRET
 (``tests/test_triton_ssu.py`` does).
@@ -58,7 +59,7 @@ def main() -> None:
     report: dict[str, dict[str, Any]] = {}
     # every new code path once per dtype (stores per token or once), the streaming store
     # (the same for every dtype) once: compiling is what CI pays for
-    forms = {dtype: ("decode", "speculative") for dtype in (torch.bfloat16, *QUANTIZED)}
+    forms = {dtype: ("decode", "speculative", "sr") for dtype in (torch.bfloat16, *QUANTIZED)}
     forms[torch.bfloat16] += ("stream",)
     forms[torch.int8] += ("stream",)
     work = Path(tempfile.mkdtemp())
@@ -68,9 +69,11 @@ def main() -> None:
             if dtype in QUANTIZED:
                 call["state"], call["state_scale"] = quantize(call["state"].float(), dtype)
             tuning: dict[str, Any] = {}
-            if form == "decode":
+            if form in ("decode", "sr"):
                 call = op.bind(**decode_call(64, redirect=False, state_dtype=dtype,
                                              device="cpu"))
+                if form == "sr":  # stochastic rounding: the Philox bits of every value
+                    call["rand_seed"] = torch.tensor(64)
             elif form == "speculative":  # two tokens per sequence, a slot for each
                 n = call["x"].shape[0]
                 for name in ("x", "dt", "B", "C"):

@@ -15,13 +15,15 @@ T = torch.tensor
 
 
 @pytest.mark.parametrize(("key", "counter", "want"), [
-    ((0, 0), (0, 0, 0, 0), 0x6627E8D5),
-    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF,) * 4, 0x408F276D),
-    ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0xD16CFE09),
+    ((0, 0), (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF,) * 4,
+     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0xA4093822, 0x299F31D0), (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ])
 def test_philox_known_answers(key, counter, want):
-    """Random123's known-answer vectors for Philox4x32-10 (first output word)."""
-    assert int(philox(tuple(map(T, key)), tuple(map(T, counter)))) == want
+    """Random123's known-answer vectors for Philox4x32-10 (all four output words)."""
+    assert tuple(map(int, philox(tuple(map(T, key)), tuple(map(T, counter))))) == want
 
 
 from mamba_ir.impls.triton._common import tl, triton  # noqa: E402
@@ -36,7 +38,11 @@ if triton is not None:
         c0 = tl.load(c0_ptr + i).to(tl.uint32)
         c1 = tl.load(c1_ptr + i).to(tl.uint32)
         c2 = tl.load(c2_ptr + i).to(tl.uint32)
-        tl.store(out_ptr + i, philox_jit(tl.load(seed_ptr), c0, c1, c2).to(tl.int64))
+        w0, w1, w2, w3 = philox_jit(tl.load(seed_ptr), c0, c1, c2)
+        tl.store(out_ptr + i, w0.to(tl.int64))
+        tl.store(out_ptr + N + i, w1.to(tl.int64))
+        tl.store(out_ptr + 2 * N + i, w2.to(tl.int64))
+        tl.store(out_ptr + 3 * N + i, w3.to(tl.int64))
 
     @triton.jit
     def round_kernel(v_ptr, bits_ptr, out_ptr, N: tl.constexpr, MBITS: tl.constexpr,
@@ -61,8 +67,8 @@ def test_triton_bits_are_natives(seed, device):
     bits_kernel, _ = _triton_kernels()
     g = torch.Generator().manual_seed(1)
     c = [torch.randint(0, 2**32, (256,), generator=g) for _ in range(3)]
-    want = philox((T(seed), T(seed) >> 32), (*c, T(0)))
-    got = torch.empty(256, dtype=torch.int64, device=device)
+    want = torch.stack(philox((T(seed), T(seed) >> 32), (*c, T(0))))
+    got = torch.empty(4, 256, dtype=torch.int64, device=device)
     bits_kernel[(1,)](T([seed], device=device), *(x.to(device) for x in c), got, N=256)
     assert torch.equal(got.cpu() & 0xFFFFFFFF, want)
 
@@ -130,7 +136,8 @@ def test_each_result_is_a_neighbour_and_the_mean_is_the_value(dtype):
     v = (torch.rand(48, generator=g, dtype=torch.float64) * 2 - 1) * top
     v = torch.cat([v, torch.tensor([0.3, -2.7, 1e-3 if dtype != torch.int8 else 0.1])]).float()
     draws = 4096
-    bits = philox((T(7), T(0)), (torch.arange(draws)[:, None], torch.arange(v.numel()), T(0), T(0)))
+    bits = philox((T(7), T(0)), (torch.arange(draws)[:, None], torch.arange(v.numel()), T(0),
+                                 T(0)))[0]
     got = round_stochastic(v.expand(draws, -1), dtype, bits).double()
     hi_i = torch.searchsorted(grid, v.double(), right=False)
     lo = grid[(hi_i - 1).clamp(min=0)]
@@ -187,6 +194,48 @@ def test_state_bits_name_the_row_and_column():
     b = [state_bits(T(s), T([r]), (2, 3), c) for s, r, c in ((1, 0, 0), (1, 1, 0), (1, 0, 1),
                                                              (2, 0, 0))]
     assert len({tuple(x.flatten().tolist()) for x in b}) == 4
+
+
+def _exact_call(dtype: torch.dtype, dstate: int) -> dict:
+    """A speculative call (two tokens, each stored into its own row, so the token column
+    counts) from zero states with dt = 1 and A = 0: every state is sums of ``x * B`` in
+    float32, which native and the interpreter compute alike, so the stored states can
+    differ only by the bits each value draws."""
+    nseq, ntok, nheads, dim = 2, 2, 2, 3
+    g = torch.Generator().manual_seed(5)
+    h = torch.zeros(1 + nseq * ntok, nheads, dim, dstate)
+    state, scale = quantize(h, dtype) if dtype in QUANTIZED else (h.to(dtype), None)
+    x = torch.randn(nseq, ntok, nheads, dim, generator=g) * 40
+    return dict(state=state, x=x, dt=torch.ones_like(x), A=torch.zeros(nheads, dim, dstate),
+                B=torch.randn(nseq, ntok, 1, dstate, generator=g),
+                C=torch.randn(nseq, ntok, 1, dstate, generator=g),
+                state_batch_indices=torch.tensor([[4, 2], [1, 3]]),
+                num_accepted_tokens=torch.ones(nseq, dtype=torch.int64),
+                out=torch.empty_like(x), state_scale=scale, rand_seed=T(-(2**35) + 99))
+
+
+# dstate 16: one Philox per four columns; 6: quads of elements straddle headdim rows
+@pytest.mark.parametrize("dstate", [16, 6])
+@pytest.mark.parametrize("dtype", ROUNDED, ids=str)
+def test_triton_stores_natives_bits(dtype, dstate):
+    """Triton's stochastically rounded states are native's bit for bit, in tiles of two
+    headdim rows (a ragged last one), so that every tile's elements take their own words."""
+    _triton_kernels()
+    from mamba_ir.impls.triton.selective_state_update import Config
+    from mamba_ir.impls.triton.selective_state_update import selective_state_update as ssu
+
+    call = _exact_call(dtype, dstate)
+    want = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+    OP.native(**want)
+    ssu(**call, config=Config(block_d=2, num_warps=1))
+    width = torch.int16 if dtype.itemsize == 2 else torch.int8
+    got, expected = call["state"][1:].view(width), want["state"][1:].view(width)
+    assert torch.equal(got, expected), f"{int((got != expected).sum())} values differ"
+    nearest = _exact_call(dtype, dstate) | {"rand_seed": None}
+    OP.native(**nearest)
+    assert not torch.equal(nearest["state"][1:].view(width), expected)  # the bits did round
+    if dtype in QUANTIZED:
+        assert torch.equal(call["state_scale"], want["state_scale"])
 
 
 def test_check_impl_interpreter_stochastic():

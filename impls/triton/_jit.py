@@ -150,7 +150,7 @@ if triton is not None:
 
     @triton.jit
     def philox(seed, c0, c1, c2):
-        """The first word of Philox4x32-10 for counter ``(c0, c1, c2, 0)`` (uint32) under
+        """The four words of Philox4x32-10 for counter ``(c0, c1, c2, 0)`` (uint32) under
         key ``(seed low word, seed high word)`` (``seed`` int64): ``_philox.philox``."""
         k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
         k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -163,16 +163,36 @@ if triton is not None:
             c3 = tl.mul(a0, tl.full([], 0xD2511F53, tl.uint32), sanitize_overflow=False)
             k0 = tl.add(k0, tl.full([], 0x9E3779B9, tl.uint32), sanitize_overflow=False)
             k1 = tl.add(k1, tl.full([], 0xBB67AE85, tl.uint32), sanitize_overflow=False)
-        return c0
+        return c0, c1, c2, c3
 
     @triton.jit
-    def tile_bits(seed, row, column, element):
-        """The random bits of the state tile's elements (``element``: their flat index
-        within the row) stored into ``row`` for token ``column``: ``_philox.state_bits``."""
-        zero = tl.zeros_like(element).to(tl.int64)
+    def tile_bits(seed, row, column, first, BLOCK_N: tl.constexpr, QUADS: tl.constexpr):
+        """The random bits of a ``(len(first), BLOCK_N)`` state tile stored into ``row``
+        for token ``column``, whose tile rows start at flat element ``first`` (int64)
+        within the row: element ``e`` takes word ``e % 4`` of the Philox counter
+        ``(e // 4, row, column, 0)`` (``_philox.state_bits``).
+
+        ``QUADS`` (every ``first`` a multiple of 4, ``BLOCK_N`` too): one Philox per four
+        columns, its words interleaved into their places, so the tile pays a quarter of
+        the multiplies. Otherwise a quad may straddle two tile rows, and each element
+        runs the Philox of its own quad and keeps its word."""
+        if QUADS:
+            quad = (first // 4)[:, None] + tl.arange(0, BLOCK_N // 4)[None, :]
+        else:
+            element = first[:, None] + tl.arange(0, BLOCK_N)[None, :]
+            quad = element // 4
+        zero = tl.zeros_like(quad).to(tl.int64)
         # int64 to uint32 keeps the low word, as the native counter's mask does
-        return philox(seed, element.to(tl.uint32), (zero + row).to(tl.uint32),
-                      (zero + column).to(tl.uint32))
+        c0, c1, c2, c3 = philox(seed, quad.to(tl.uint32), (zero + row).to(tl.uint32),
+                                (zero + column).to(tl.uint32))
+        if QUADS:
+            # interleave(a, b) alternates a's and b's columns: c0 c1 c2 c3, c0 c1 ...
+            bits = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+        else:
+            word = element % 4
+            bits = tl.where(word < 2, tl.where(word == 0, c0, c1),
+                            tl.where(word == 2, c2, c3))
+        return bits
 
     @triton.jit
     def round_stochastic(v, bits, MBITS: tl.constexpr, EMIN: tl.constexpr,

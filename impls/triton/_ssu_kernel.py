@@ -87,18 +87,19 @@ if triton is not None:
 
     @triton.jit
     def _store_tile(state_ptrs, scale_ptrs, h, tile_mask, scale_mask, seed, row, column,
-                    element, QUANT: tl.constexpr, QMAX: tl.constexpr, STREAM: tl.constexpr,
+                    first, QUANT: tl.constexpr, QMAX: tl.constexpr, STREAM: tl.constexpr,
                     SR: tl.constexpr, SR_MBITS: tl.constexpr, SR_EMIN: tl.constexpr,
-                    SR_FMAX: tl.constexpr):
+                    SR_FMAX: tl.constexpr, SR_QUADS: tl.constexpr):
         """Store the state tile ``h`` into ``row``: rounded to the state's dtype (to
         nearest, or stochastically under ``SR`` by the bits of ``row``, token ``column``
-        and each value's ``element`` index), or quantized (``QUANT``): values where
+        and each value's index, counted from its tile row's ``first`` element), or
+        quantized (``QUANT``): values where
         ``tile_mask``, one scale per row of the tile where ``scale_mask``. A quantized
         tile's columns past dstate hold zeros (loaded as zeros, B's are zeros) unless the
         row is non-finite anyway (dt or x is), as ``quantize_rows`` needs."""
         bits = None
         if SR:
-            bits = tile_bits(seed, row, column, element)
+            bits = tile_bits(seed, row, column, first, h.shape[1], SR_QUADS)
         if QUANT:
             value, scale = quantize_rows(h, QMAX, state_ptrs.dtype.element_ty, bits, SR)
             tl.store(scale_ptrs, scale, mask=scale_mask)
@@ -134,6 +135,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STREAM: tl.constexpr,
         QUANT: tl.constexpr, QMAX: tl.constexpr,
         SR: tl.constexpr, SR_MBITS: tl.constexpr, SR_EMIN: tl.constexpr, SR_FMAX: tl.constexpr,
+        SR_QUADS: tl.constexpr,
     ):
         # one stride tuple per tensor; per-token tensors: (sequence, token, inner dims)
         s_state_row, s_state_head, s_state_dim, s_state_n = s_state
@@ -191,10 +193,10 @@ if triton is not None:
         tile_mask = mask_d[:, None] & mask_n[None, :]
         head_off = head * s_state_head
         seed = 0
-        element = tile  # unused without stochastic rounding
+        first = offs_d  # unused without stochastic rounding
         if SR:  # the seed is read on the device: a CUDA graph replays each step's own
             seed = tl.load(seed_ptr).to(tl.int64)
-            element = (head * dim + offs_d)[:, None] * dstate + offs_n[None, :]
+            first = (head * dim + offs_d) * dstate  # each tile row's first element
         scale_head = 0
 
         # a pad source means a zero initial state: the masked load reads nothing
@@ -253,8 +255,8 @@ if triton is not None:
                 if QUANT:
                     row_scale = scale_ptr + row * s_scale_row + scale_head
                 _store_tile(state_ptr + row * s_state_row + head_off + tile, row_scale, h,
-                            only_if(ok, tile_mask), only_if(ok, mask_d), seed, row, t, element,
-                            QUANT, QMAX, False, SR, SR_MBITS, SR_EMIN, SR_FMAX)
+                            only_if(ok, tile_mask), only_if(ok, mask_d), seed, row, t, first,
+                            QUANT, QMAX, False, SR, SR_MBITS, SR_EMIN, SR_FMAX, SR_QUADS)
 
         if not SPEC:
             # a pad destination, or a sequence without tokens, writes nothing
@@ -265,5 +267,5 @@ if triton is not None:
             if QUANT:
                 dst_scale = scale_ptr + dst * s_scale_row + scale_head
             _store_tile(dst_tile, dst_scale, h, dst_mask,
-                        only_if(dst_ok, mask_d), seed, dst, 0, element,
-                        QUANT, QMAX, STREAM, SR, SR_MBITS, SR_EMIN, SR_FMAX)
+                        only_if(dst_ok, mask_d), seed, dst, 0, first,
+                        QUANT, QMAX, STREAM, SR, SR_MBITS, SR_EMIN, SR_FMAX, SR_QUADS)

@@ -9,7 +9,8 @@ tensor is read through its strides, index tensors and ``cu_seqlens`` included.
 
 A quantized state (int16, int8, float8 e4m3 with ``state_scale``) runs the same kernel with
 dequantization fused into its load and quantization into its store (``QUANT``); its tile
-is sized by the quantized element, so it holds as many state bytes as a bf16 tile.
+is sized by the quantized element, so it holds as many state bytes as a bf16 tile, and
+spread over warps so that a thread holds no more float32 values than in a bf16 tile.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ if triton is not None:
 # The widest state row one program holds (headdim rows are blocked, dstate is not).
 MAX_DSTATE = 1024
 _FEW_PROGRAMS = 1024
+# The most float32 state values one thread holds: the measured 16-bit tile's (16 x 128 on
+# one warp). A one-byte state's 4 KiB tile on one warp held 128 (255 registers, an eighth
+# of an SM's warps resident, 54 % of the copy roof on an H100), so it takes more warps.
+_VALUES_PER_THREAD = 64
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class Config:
 
 
 def default_config(dim: int, block_n: int, state_bytes: int, heads: int = 1 << 20) -> Config:
-    """Hand-tuned on an H100 (docs/bench-ssu.md): a 4 KiB state tile, 128 bytes per thread.
+    """Hand-tuned on an H100 (docs/bench-ssu.md): a 4 KiB state tile, 128 bytes per thread,
+    and at most 64 float32 values per thread (two warps for a one-byte state's tile).
 
     Measured on Mamba2 decode (bf16 state, dstate 128) from batch 1 to 512 in two runs: a
     16 x 128 tile on one warp (eight 16-byte loads in flight per thread) was fastest or
@@ -52,13 +58,19 @@ def default_config(dim: int, block_n: int, state_bytes: int, heads: int = 1 << 2
     in flight, bigger tiles cost programs per SM. When ``heads`` (sequences x heads) give
     fewer than ~1000 programs, as at batch 1, halving the tile spreads the latency-bound
     work over more of them.
+
+    The tile is dequantized into float32 registers, so a one-byte state's 4 KiB holds
+    twice a bf16 tile's values; its warps follow the values (compiled for sm_90, not yet
+    timed: docs/bench-ssu.md).
     """
     rows = max(1, 4096 // (block_n * state_bytes))
     block_d = min(triton.next_power_of_2(dim), triton.next_power_of_2(rows))
     if block_d > 1 and heads * triton.cdiv(dim, block_d) < _FEW_PROGRAMS:
         block_d //= 2
-    warps = block_d * block_n * state_bytes // (128 * 32)
-    return Config(block_d=block_d, num_warps=min(8, triton.next_power_of_2(max(1, warps))))
+    by_bytes = block_d * block_n * state_bytes // (128 * 32)
+    by_values = block_d * block_n // (_VALUES_PER_THREAD * 32)
+    warps = max(1, by_bytes, by_values)
+    return Config(block_d=block_d, num_warps=min(8, triton.next_power_of_2(warps)))
 
 
 def supports(**call: Any) -> bool | str:
@@ -157,6 +169,8 @@ def launch(call: dict[str, Any], *, config: Config | None = None) -> None:
         STREAM=cfg.stream,
         QMAX=QMAX.get(state.dtype, 0.0),
         **_rounding(state.dtype, scale is not None),
+        # one Philox per four columns where no quad of elements straddles two tile rows
+        SR_QUADS=dstate % 4 == 0,
         num_warps=cfg.num_warps,
         num_stages=1,
     )
