@@ -528,3 +528,35 @@ def test_compiled_steps_match_eager():
     torch._dynamo.reset()
     for e, c in zip(eager[:5], compiled[:5], strict=True):
         torch.testing.assert_close(c, e, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_rate_of_minus_inf_and_steps_of_zero_replay_as_the_standard_op():
+    """A = -inf with a step of exactly 0 keeps the state (A * dt is 0 when dt is 0), in the
+    ring's entries and in the new token, as ``selective_state_update`` decays: finite, and
+    equal to the standard op stepping the same tokens."""
+    ring, nslots, batch, ntok = 3, 2, 2, 4  # three appends, then a flush
+    call = _small(ring=ring, nslots=nslots, batch=batch)
+    rates = call["A"][:, 0, 0].clone()
+    rates[0] = -math.inf
+    call["A"] = rates[:, None, None].expand_as(call["A"])
+    call["dt_bias"] = torch.zeros_like(call["dt_bias"])
+    call["dt_softplus"], call["dt_limit"] = False, (0.0, math.inf)
+    call["state_batch_indices"] = call["dst_state_batch_indices"] = torch.arange(batch)
+    standard = call["state"].clone()
+    gen = torch.Generator().manual_seed(1)
+    for t in range(ntok):
+        steps = torch.rand(batch, NHEADS, 1, generator=gen) + 0.05
+        if t % 2 == 0:
+            steps[:, 0] = -1.0  # clamped to a step of 0 on the -inf head
+        call["dt"] = steps.expand(batch, NHEADS, DIM)
+        call["x"], call["B"], call["C"] = (torch.randn(t.shape, generator=gen) for t in
+                                           (call["x"], call["B"], call["C"]))
+        got = ops.replay_state_update(**call)
+        want = ops.selective_state_update(
+            standard, call["x"], call["dt"], call["A"], call["B"], call["C"],
+            dt_bias=call["dt_bias"], dt_softplus=False, dt_limit=call["dt_limit"],
+            state_batch_indices=call["state_batch_indices"])
+        assert bool(got.isfinite().all()), f"token {t}: not finite"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert call["ring_len"].tolist() == [0, 0]  # flushed: the checkpoint is the state
+    torch.testing.assert_close(call["state"], standard, rtol=1e-5, atol=1e-5)
