@@ -110,16 +110,21 @@ class Mamba2Mixer(nn.Module):
         """SSU arguments in the per-head layout, parameters tied across head_dim (stride 0)."""
         n, h, p, s = xbc.shape[0], self.heads, self.head_dim, self.d_state
         x, b, c = xbc.split([self.inner, self.groups * s, self.groups * s], dim=-1)
-        A = -torch.exp(self.A_log.float())
         return {
             "x": x.unflatten(-1, (h, p)),
             "dt": dt[..., None].expand(n, h, p),
-            "A": A[:, None, None].expand(h, p, s),
+            "A": self._decay_rates(),
             "B": b.unflatten(-1, (self.groups, s)),
             "C": c.unflatten(-1, (self.groups, s)),
             "D": self.D[:, None].expand(h, p),
             "dt_bias": self.dt_bias[:, None].expand(h, p),
         }
+
+    def _decay_rates(self) -> torch.Tensor:
+        """``A = -exp(A_log)`` as the decode ops take it: ``(heads, head_dim, d_state)``,
+        tied across head_dim and d_state (stride 0)."""
+        A = -torch.exp(self.A_log.float())
+        return A[:, None, None].expand(self.heads, self.head_dim, self.d_state)
 
     def _scan_args(self, xbc: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
         """``mamba_chunk_scan`` arguments: Mamba2's per-head scalars as ``(heads,)``."""
@@ -240,15 +245,11 @@ class Mamba2Mixer(nn.Module):
         )
         return self._finish(y, z)
 
-
     def materialize(self, ssm_state: torch.Tensor, ring: tuple[torch.Tensor, ...],
                     src: torch.Tensor, dst: torch.Tensor, pad_slot_id: int) -> None:
         """Row ``dst[i]`` of the replay rows becomes the state row ``src[i]`` stands for,
         with an empty ring (``replay_materialize``, at this layer's decay rates)."""
-        h, p, s = self.heads, self.head_dim, self.d_state
-        A = -torch.exp(self.A_log.float())
-        ops.replay_materialize(ssm_state, *ring, A[:, None, None].expand(h, p, s), src, dst,
-                               pad_slot_id)
+        ops.replay_materialize(ssm_state, *ring, self._decay_rates(), src, dst, pad_slot_id)
 
 
 def _empty_rings(ring_len: torch.Tensor, rows: torch.Tensor, pad_slot_id: int) -> None:
