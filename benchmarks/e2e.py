@@ -96,18 +96,19 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(model, max_requests=max_batch, max_len=args.context + 1,
                     num_slots=max_batch + RESERVED_SLOTS, compile=True, priority=args.priority,
                     state_dtype=args.state_dtype,
-                    state_rounding=args.state_rounding)
+                    state_rounding=args.state_rounding, **hybrid.decode_options(args))
     hybrid.random_states(engine.cache)
     config, params, dtype = model.config, model.num_parameters(), hybrid.dtype_name(model)
     state = hybrid.state_dtype_name(engine.cache)
     logger.info("model ready in %.1f s", time.perf_counter() - t0)
     print(f"{config.describe()}: {params / 1e9:.2f}B parameters, {dtype}, {state} SSM state, "
-          f"context {args.context}")
+          f"{hybrid.decode_name(engine.cache)} decode, context {args.context}")
 
     payload: dict[str, Any] = {
         "benchmark": "end-to-end decode step, random-init hybrid",
         "model": {"config": config.describe(), "parameters": params, "dtype": dtype,
-                  "state_dtype": state, "context": args.context},
+                  "state_dtype": state, "decode": hybrid.decode_name(engine.cache),
+                  "context": args.context},
         "roof": "bytes(weights + 2 x states + KV read/write) / best measured copy rate",
         "rows": [],
     }

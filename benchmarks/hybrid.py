@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import common
 from mamba_ir.models import HybridModel, StateCache, bench_config, random_model
-from mamba_ir.models.cache import RESERVED_SLOTS
+from mamba_ir.models.cache import RESERVED_SLOTS, RING
 from mamba_ir.ops._quant import quantize
 
 
@@ -46,6 +46,18 @@ def random_states(cache: StateCache, std: float = 0.1) -> None:
                 q, s = quantize(h, ssm.dtype)
                 ssm.copy_(q)
                 scale.copy_(s)
+
+
+def decode_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine's ``decode`` and ``ring`` from ``--decode`` and ``--ring`` (standard when
+    the namespace has neither)."""
+    return {"decode": getattr(args, "decode", "standard"),
+            "ring": getattr(args, "ring", None) or RING}
+
+
+def decode_name(cache: StateCache) -> str:
+    """``standard``, or ``replay, ring N``."""
+    return cache.decode if cache.decode != "replay" else f"replay, ring {cache.ring_length}"
 
 
 def state_dtype_name(cache: StateCache) -> str:

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         num_slots=RESERVED_SLOTS + max(batches) + max_len // block + 8, compile=True,
         priority=args.priority, record_logits=False, prefill_tokens=args.prefill_tokens,
         state_dtype=args.state_dtype,
-        state_rounding=args.state_rounding,
+        state_rounding=args.state_rounding, **hybrid.decode_options(args),
     )
     state = hybrid.state_dtype_name(engine.cache)
     print(f"{config.describe()}: {model.num_parameters() / 1e9:.2f}B parameters, {dtype}, "
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     payload: dict[str, Any] = {
         "benchmark": "time to first token and decode, compiled random-init hybrid",
         "model": {"config": config.describe(), "parameters": model.num_parameters(),
-                  "dtype": dtype, "state_dtype": state, "block_size": block,
+                  "dtype": dtype, "state_dtype": state,
+                  "decode": hybrid.decode_name(engine.cache), "block_size": block,
                   "prefill_tokens_per_step": args.prefill_tokens},
         "prefill": [], "decode": [],
     }

@@ -18,7 +18,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from .models.cache import STATE_DTYPES
+from .models.cache import DECODES, RING, STATE_DTYPES
+from .ops._quant import QUANTIZED
 from .priority import ENV_VAR, checked_priority
 from .progress import bar
 
@@ -163,6 +164,20 @@ def _agreement(fast: Sequence[Any], ref: Sequence[Any]) -> tuple[float, int, int
     return worst, same, total
 
 
+def decode_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--decode`` / ``--ring`` cannot serve with the other state options, or None."""
+    if args.decode != "replay":
+        return None if args.ring is None else (
+            f"--ring {args.ring}: sets the ring of --decode replay (decode is {args.decode})")
+    if args.state_dtype is not None and STATE_DTYPES[args.state_dtype] in QUANTIZED:
+        return (f"--decode replay: keeps a float32, float16 or bfloat16 checkpoint; "
+                f"--state-dtype {args.state_dtype} is quantized")
+    if args.state_rounding != "nearest":
+        return (f"--decode replay: rounds its checkpoint to nearest once per flush; "
+                f"--state-rounding {args.state_rounding} is not supported with it")
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from mamba_ir import set_priority
     from mamba_ir.models import Engine, demo_config, from_pretrained, random_model
@@ -188,6 +203,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.state_dtype:
         rounded = ", rounded stochastically" if args.state_rounding == "stochastic" else ""
         print(f"SSM state: {args.state_dtype}{rounded}")
+    if args.decode == "replay":
+        print(f"decode: replay, ring {args.ring or RING} (the reference decodes standard)")
 
     system, users = _conversations(args.conversations, args.system_tokens, cfg.vocab_size,
                                    args.seed)
@@ -197,7 +214,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # compile: one graph per step kind serves every batch and chunk size
     try:
-        engine = Engine(model, compile=not args.no_compile, priority=args.priority, **kwargs)
+        engine = Engine(model, compile=not args.no_compile, priority=args.priority,
+                        decode=args.decode, ring=args.ring or RING, **kwargs)
     except ValueError as exc:  # a state option the model's states cannot take
         _error("demo", str(exc))
     if not args.no_compile:
@@ -222,7 +240,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             history = [p + d.tokens for p, d in zip(prompts, done, strict=True)]
     serve_s = time.perf_counter() - t0
 
-    # reference: the same prompts through the uncompiled model, every op native
+    # reference: the same prompts through the uncompiled model, every op native, standard
+    # decode (a replay engine is checked against the standard op)
     reference = Engine(model, compile=False, **kwargs)
     t0 = time.perf_counter()
     with set_priority([]), bar(generated, "eager native", unit="tok") as progress:
@@ -323,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-rounding", choices=["nearest", "stochastic"], default="nearest",
                        help="how decode rounds the stored SSM state: stochastic (float16, "
                             "bfloat16 and quantized states) is unbiased over long decodes")
+        p.add_argument("--decode", choices=list(DECODES), default="standard",
+                       help="decode op: replay keeps a checkpoint and a ring of the last "
+                            "--ring tokens' inputs per sequence (replay_state_update), "
+                            "flushed into a new checkpoint when full (float states only)")
+        p.add_argument("--ring", type=positive, metavar="N",
+                       help=f"ring entries per sequence with --decode replay (default: {RING})")
 
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
@@ -448,6 +473,8 @@ def _main(argv: Sequence[str] | None) -> int:
             (args.state_dtype or args.dtype) == "float32"):
         _error(args.command, "--state-rounding stochastic: rounds float16, bfloat16 and "
                "quantized states (--state-dtype), not a float32 one")
+    if args.command in ("demo", "bench") and (why := decode_problem(args)) is not None:
+        _error(args.command, why)
     if args.command == "demo" and args.model:
         _require("safetensors", "--model", "hf")
     return int(args.func(args) or 0)

@@ -347,6 +347,38 @@ def replay_state_update(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64), out
 
 
+def replay_materialize(call: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    """Returns (new rows, None) in float64, each row laid out as the op's row value."""
+    state0 = call["state"].double()
+    rx, rdt, rb = (call[k].double() for k in ("ring_x", "ring_dt", "ring_B"))
+    len0 = call["ring_len"].tolist()
+    A, pad = call["A"].double(), call["pad_slot_id"]
+    nslots, nheads = state0.shape[:2]
+    ngroups = rb.shape[2]
+    state, lengths = state0.clone(), list(len0)
+    for s, d in zip(call["src"].tolist(), call["dst"].tolist(), strict=True):
+        h = torch.zeros_like(state0[0]) if s == pad else state0[s].clone()
+        for i in range(0 if s == pad else len0[s]):
+            for hd in range(nheads):
+                g = hd // (nheads // ngroups)
+                step = rdt[s, i, hd]
+                decay = 1.0 if step == 0 else torch.exp(A[hd] * step)
+                h[hd] = h[hd] * decay + step * rb[s, i, g][None] * rx[s, i, hd][:, None]
+        if d != pad:
+            state[d], lengths[d] = h, 0
+    rows = []
+    for r in range(nslots):
+        n = lengths[r]
+        parts = [state[r].flatten()]
+        for t in (rx, rdt, rb):
+            kept = torch.zeros_like(t[r])
+            kept[:n] = t[r, :n]
+            parts.append(kept.flatten())
+        parts.append(torch.tensor([float(n)], dtype=torch.float64))
+        rows.append(torch.cat(parts))
+    return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64), None
+
+
 ORACLES = {
     "selective_state_update": selective_state_update,
     "causal_conv1d_fn": causal_conv1d_fn,
@@ -355,4 +387,5 @@ ORACLES = {
     "mamba_chunk_scan": mamba_chunk_scan,
     "selective_scan": selective_scan,
     "replay_state_update": replay_state_update,
+    "replay_materialize": replay_materialize,
 }

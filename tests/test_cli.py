@@ -15,7 +15,7 @@ import mamba_ir
 from mamba_ir.cli import build_parser, main
 
 OPS = ("selective_state_update", "causal_conv1d_update", "causal_conv1d_fn", "copy_state_blocks",
-       "mamba_chunk_scan", "selective_scan", "replay_state_update")
+       "mamba_chunk_scan", "selective_scan", "replay_state_update", "replay_materialize")
 
 
 @pytest.mark.parametrize("command", ["demo", "ops", "bench"])
@@ -54,6 +54,8 @@ def test_ops_forced_priority_gives_reasons(capsys: pytest.CaptureFixture[str]) -
         (["demo", "--state-dtype", "int4"], "argument --state-dtype: invalid choice: 'int4'"),
         (["bench", "--state-dtype", "fp8"], "argument --state-dtype: invalid choice: 'fp8'"),
         (["demo", "--state-rounding", "up"], "argument --state-rounding: invalid choice: 'up'"),
+        (["demo", "--decode", "fast"], "argument --decode: invalid choice: 'fast'"),
+        (["bench", "--ring", "0"], "argument --ring: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_values_are_usage_errors(
@@ -139,6 +141,37 @@ def test_stochastic_rounding_of_a_float32_state_is_a_sentence(
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
     assert "rounds float16, bfloat16 and quantized states" in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--ring", "4"], "--ring 4: sets the ring of --decode replay (decode is standard)"),
+    (["--decode", "replay", "--state-dtype", "int8"],
+     "--decode replay: keeps a float32, float16 or bfloat16 checkpoint; --state-dtype int8 "
+     "is quantized"),
+    (["--decode", "replay", "--state-dtype", "bfloat16", "--state-rounding", "stochastic"],
+     "--decode replay: rounds its checkpoint to nearest once per flush"),
+])
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_unsupported_decode_options_are_a_sentence(
+        command: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith(f"mamba-ir {command}: error: {message}")
+
+
+def test_demo_with_replay_decode(capsys: pytest.CaptureFixture[str]) -> None:
+    """Replay decode with a ring of 2 over 6 new tokens per turn (flushes every third step),
+    against the standard reference: the same tokens."""
+    code = main(["demo", "--no-compile", "--conversations", "2", "--turns", "2",
+                 "--new-tokens", "6", "--system-tokens", "20", "--block-size", "8",
+                 "--decode", "replay", "--ring", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "decode: replay, ring 2 (the reference decodes standard)" in out
+    assert "prefix cache (block 8, align mode): 2/4 requests hit" in out
+    assert "tokens 24/24 identical" in out
 
 
 @pytest.mark.parametrize("command", ["demo", "bench"])

@@ -528,3 +528,121 @@ def test_compiled_steps_match_eager():
     torch._dynamo.reset()
     for e, c in zip(eager[:5], compiled[:5], strict=True):
         torch.testing.assert_close(c, e, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_rate_of_minus_inf_and_steps_of_zero_replay_as_the_standard_op():
+    """A = -inf with a step of exactly 0 keeps the state (A * dt is 0 when dt is 0), in the
+    ring's entries and in the new token, as ``selective_state_update`` decays: finite, and
+    equal to the standard op stepping the same tokens."""
+    ring, nslots, batch, ntok = 3, 2, 2, 4  # three appends, then a flush
+    call = _small(ring=ring, nslots=nslots, batch=batch)
+    rates = call["A"][:, 0, 0].clone()
+    rates[0] = -math.inf
+    call["A"] = rates[:, None, None].expand_as(call["A"])
+    call["dt_bias"] = torch.zeros_like(call["dt_bias"])
+    call["dt_softplus"], call["dt_limit"] = False, (0.0, math.inf)
+    call["state_batch_indices"] = call["dst_state_batch_indices"] = torch.arange(batch)
+    standard = call["state"].clone()
+    gen = torch.Generator().manual_seed(1)
+    for t in range(ntok):
+        steps = torch.rand(batch, NHEADS, 1, generator=gen) + 0.05
+        if t % 2 == 0:
+            steps[:, 0] = -1.0  # clamped to a step of 0 on the -inf head
+        call["dt"] = steps.expand(batch, NHEADS, DIM)
+        call["x"], call["B"], call["C"] = (torch.randn(t.shape, generator=gen) for t in
+                                           (call["x"], call["B"], call["C"]))
+        got = ops.replay_state_update(**call)
+        want = ops.selective_state_update(
+            standard, call["x"], call["dt"], call["A"], call["B"], call["C"],
+            dt_bias=call["dt_bias"], dt_softplus=False, dt_limit=call["dt_limit"],
+            state_batch_indices=call["state_batch_indices"])
+        assert bool(got.isfinite().all()), f"token {t}: not finite"
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert call["ring_len"].tolist() == [0, 0]  # flushed: the checkpoint is the state
+    torch.testing.assert_close(call["state"], standard, rtol=1e-5, atol=1e-5)
+
+
+# -- replay_materialize: the state a row stands for, as a checkpoint with an empty ring ----
+
+
+MATERIALIZE = get_op("replay_materialize")
+
+
+def _materialize_call(call: dict, src: list[int], dst: list[int]) -> dict:
+    rows = {k: call[k] for k in ("state", "ring_x", "ring_dt", "ring_B", "ring_len")}
+    return MATERIALIZE.bind(**rows, A=call["A"], src=torch.tensor(src), dst=torch.tensor(dst))
+
+
+def test_materialize_writes_the_standard_ops_state_with_an_empty_ring():
+    """Rows stepped by replay, each left at another ring fill, materialised into fresh rows:
+    the state the standard op reached on the same tokens (float32); the source rows as they
+    were."""
+    ring, batch = 3, 4
+    call = _small(ring=ring, nslots=2 * batch, batch=batch)
+    call["state_batch_indices"] = torch.arange(batch)
+    standard = call["state"].clone()
+    gen = torch.Generator().manual_seed(2)
+    steps = [6, 5, 4, 3]  # per row, with a flush after every 4: rings of 2, 1, 0 and 3
+    for t in range(max(steps)):
+        live = torch.tensor([b for b in range(batch) if t < steps[b]])
+        step = {**call, "state_batch_indices": live}
+        for k in ("x", "B", "C"):
+            step[k] = torch.randn(len(live), *call[k].shape[1:], generator=gen)
+        step["dt"] = torch.randn(len(live), NHEADS, 1, generator=gen).expand(len(live), NHEADS,
+                                                                              DIM)
+        ops.replay_state_update(**step)
+        ops.selective_state_update(standard, step["x"], step["dt"], call["A"], step["B"],
+                                   step["C"], dt_bias=call["dt_bias"], dt_softplus=True,
+                                   state_batch_indices=live)
+    fills = call["ring_len"][:batch].tolist()
+    assert fills == [2, 1, 0, 3]  # partly filled, empty (just flushed) and full rings
+    before = _clone(call)
+    ops.replay_materialize(**_materialize_call(call, list(range(batch)),
+                                               list(range(batch, 2 * batch))))
+    torch.testing.assert_close(call["state"][batch:], standard[:batch], rtol=1e-6, atol=1e-6)
+    assert call["ring_len"].tolist() == fills + [0] * batch
+    for k in ("state", "ring_x", "ring_dt", "ring_B", "ring_len"):
+        assert torch.equal(call[k][:batch], before[k][:batch]), k
+    # in place: the same state, the ring emptied
+    ops.replay_materialize(**_materialize_call(call, [1], [1]))
+    torch.testing.assert_close(call["state"][1], standard[1], rtol=1e-6, atol=1e-6)
+    assert int(call["ring_len"][1]) == 0
+
+
+def test_materialize_from_a_pad_writes_zeros_and_to_a_pad_writes_nothing():
+    call = _small(ring=2, nslots=5)
+    call["ring_len"][:] = 2
+    before = _clone(call)
+    ops.replay_materialize(**_materialize_call(call, [-1, 2], [4, -1]))
+    assert not call["state"][4].any() and int(call["ring_len"][4]) == 0
+    for k in ("state", "ring_x", "ring_dt", "ring_B", "ring_len"):
+        assert torch.equal(call[k][:4], before[k][:4]), k
+
+
+MATERIALIZE_BAD = {
+    "ring_len: expected values in [0, 2] (the ring's entries) in the source rows":
+        lambda c: c["ring_len"].__setitem__(0, 3),
+    "dst: expected distinct destination rows": lambda c: c.__setitem__("dst", torch.tensor([3, 3])),
+    "src: expected rows in [0, 5) or pad_slot_id=-1": lambda c: c.__setitem__(
+        "src", torch.tensor([0, 7])),
+    "state: expected a float32, float16 or bfloat16 checkpoint: quantized":
+        lambda c: c.__setitem__("state", c["state"].to(torch.int8)),
+    "ring_dt: expected dtype in (float32)": lambda c: c.__setitem__(
+        "ring_dt", c["ring_dt"].bfloat16()),
+}
+
+
+@pytest.mark.parametrize("words", sorted(MATERIALIZE_BAD))
+def test_materialize_refuses_bad_calls_naming_the_argument_before_writing(words):
+    call = _materialize_call(_small(ring=2, nslots=5), [0, 1], [3, 4])
+    call["ring_len"][:] = 1
+    MATERIALIZE_BAD[words](call)
+    before = _clone(call)
+    with pytest.raises(ValueError, match="^" + re.escape(words)):
+        ops.replay_materialize(**call)
+    for k in MATERIALIZE.mutates_args:
+        assert torch.equal(call[k], before[k]), f"{k} changed"
+
+
+def test_check_impl_materialize_native_against_native():
+    assert check_impl("replay_materialize", "native", max_examples=25) == 25

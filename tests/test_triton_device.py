@@ -80,6 +80,14 @@ def _replay(t: Callable[..., torch.Tensor]) -> dict[str, Any]:
     )
 
 
+def _materialize(t: Callable[..., torch.Tensor]) -> dict[str, Any]:
+    return dict(
+        state=t(8, 4, 16, 16), ring_x=t(8, 4, 4, 16), ring_dt=t(8, 4, 4, dtype=torch.float32),
+        ring_B=t(8, 4, 1, 16), ring_len=t(8, dtype=torch.int32), A=t(4, 16, 16),
+        src=t(2, dtype=torch.int32), dst=t(2, dtype=torch.int32),
+    )
+
+
 # one call per op with its optional tensors given; only shapes matter (nothing is read)
 CALLS = {
     "selective_state_update": _ssu,
@@ -89,6 +97,7 @@ CALLS = {
     "mamba_chunk_scan": _chunk_scan,
     "selective_scan": _selective_scan,
     "replay_state_update": _replay,
+    "replay_materialize": _materialize,
 }
 
 

@@ -21,13 +21,19 @@ Pad rows of a padded batch use ``pad_slot_id`` for state and a scratch KV row.
 SSM states may be quantized (``state_dtype`` int16, int8 or float8_e4m3fn): each Mamba
 layer then has ``ssm_scale{i}`` beside ``ssm{i}``, one float32 scale per block of
 ``d_state`` values (``mamba_ir/ops/_quant.py``), moved with its row by every copy.
+
+Replay decode (``decode="replay"``) keeps, beside each Mamba layer's SSM state (then the
+rows' checkpoints), a ring of the last ``ring`` tokens' inputs: ``ring_x{i}``,
+``ring_dt{i}``, ``ring_B{i}`` and ``ring_len{i}`` (``replay_state_update``'s row). Every
+row but a decoding request's running row holds an empty ring: prefill leaves its rows so
+and a block checkpoint is the materialised state (``replay_materialize``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +71,8 @@ def resolve_state_dtype(value: torch.dtype | str | None, default: torch.dtype) -
 
 
 ROUNDINGS = ("nearest", "stochastic")
+DECODES = ("standard", "replay")
+RING = 16  # replay decode's default ring: a checkpoint written every 17th step
 
 
 class StateCache(nn.Module):
@@ -80,7 +88,10 @@ class StateCache(nn.Module):
     ``state_rounding="stochastic"`` rounds each decode step's SSM state stores
     stochastically (``rand_seed``) for 16-bit float and quantized states: ``seeds`` holds
     one int64 per layer, advanced on the device once per decode step (CUDA-graph safe),
-    apart by layer so that layers draw different bits."""
+    apart by layer so that layers draw different bits.
+
+    ``decode="replay"`` adds each Mamba layer's ring of ``ring`` entries (float SSM states
+    only, rounded to nearest: the checkpoint is rounded once per flush)."""
 
     def __init__(
         self,
@@ -95,6 +106,8 @@ class StateCache(nn.Module):
         state_rounding: str = "nearest",
         pad_slot_id: int = -1,
         tp: TensorParallel | None = None,
+        decode: str = "standard",
+        ring: int = RING,
     ) -> None:
         super().__init__()
         c, plan = config, plan_of(config, tp)
@@ -106,6 +119,7 @@ class StateCache(nn.Module):
             raise ValueError(
                 f"state_rounding: 'stochastic' rounds float16, bfloat16 and quantized states; "
                 f"the state is {str(sdt).removeprefix('torch.')}")
+        _check_decode(decode, ring, sdt, state_rounding)
         if num_slots < RESERVED_SLOTS + max_requests:
             raise ValueError(
                 f"num_slots: expected at least {RESERVED_SLOTS + max_requests} (the zero and "
@@ -131,6 +145,17 @@ class StateCache(nn.Module):
                 if sdt in QUANTIZED:  # all-zero scales: every slot, the zero slot too, reads 0
                     self.register_buffer(f"ssm_scale{i}", torch.zeros(
                         ssm[:-1], device=device, dtype=torch.float32))
+                if decode == "replay":  # x and B as the mixer computes them, steps in float32
+                    for name, shape, dt in (
+                        ("ring_x", (plan.mamba_heads, c.mamba_d_head), dtype),
+                        ("ring_dt", (plan.mamba_heads,), torch.float32),
+                        ("ring_B", (plan.mamba_groups, c.mamba_d_state), dtype),
+                    ):
+                        self.register_buffer(f"{name}{i}", torch.zeros(
+                            (num_slots, ring, *shape), device=device, dtype=dt))
+                    self.register_buffer(f"ring_len{i}", torch.zeros(
+                        num_slots, device=device, dtype=torch.int32))
+        self.decode, self.ring_length = decode, ring if decode == "replay" else 0
         self.mamba_layers = c.mamba_layers
         self.attention_layers = c.attention_layers
         self.state_rounding = state_rounding
@@ -157,11 +182,22 @@ class StateCache(nn.Module):
         """The SSM state's block scales (``state_scale``); None for a float state."""
         return getattr(self, f"ssm_scale{layer}", None)
 
+    def ring(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """The layer's replay ring: ``ring_x``, ``ring_dt``, ``ring_B``, ``ring_len`` (the
+        members of ``replay_state_update``'s row after the state); None for standard
+        decode."""
+        if self.decode != "replay":
+            return None
+        return tuple(getattr(self, f"{name}{layer}")
+                     for name in ("ring_x", "ring_dt", "ring_B", "ring_len"))
+
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
 
     def copy_slots(self, src: Sequence[int], dst: Sequence[int]) -> None:
-        """``state[dst] = state[src]`` in every Mamba layer (through the IR copy op)."""
+        """``state[dst] = state[src]`` in every Mamba layer (through the IR copy op). Under
+        replay decode it copies each row whole, ring included (a checkpoint of a running
+        row is :meth:`HybridModel.save_slots`, which materialises the state)."""
         device = self.conv_device
         s = torch.tensor(src, dtype=torch.int32, device=device)
         d = torch.tensor(dst, dtype=torch.int32, device=device)
@@ -169,19 +205,38 @@ class StateCache(nn.Module):
             conv, ssm = self.states(layer)
             ops.copy_state_blocks(conv, s, d, self.pad_slot_id)
             ops.copy_state_blocks(ssm, s, d, self.pad_slot_id, state_scale=self.ssm_scale(layer))
+            for ring in self.ring(layer) or ():  # ring_len as a column: rows of >= 2 dims
+                ops.copy_state_blocks(ring.view(ring.shape[0], -1), s, d, self.pad_slot_id)
 
     @property
     def conv_device(self) -> torch.device:
         return next(self.buffers()).device
 
     def state_bytes_per_slot(self) -> int:
-        """Bytes of one slot over every Mamba layer: conv and SSM state, and scales."""
+        """Bytes of one slot over every Mamba layer: conv and SSM state, scales and the
+        replay ring."""
         total = 0
         for layer in self.mamba_layers:
-            for state in (*self.states(layer), self.ssm_scale(layer)):
+            for state in (*self.states(layer), self.ssm_scale(layer), *(self.ring(layer) or ())):
                 if state is not None:
                     total += state[0].numel() * state.element_size()
         return total
+
+
+def _check_decode(decode: str, ring: int, state_dtype: torch.dtype, rounding: str) -> None:
+    """``decode`` and ``ring``, and the state options replay decode does not take (yet)."""
+    if decode not in DECODES:
+        raise ValueError(f"decode: expected one of {', '.join(DECODES)}, got {decode!r}")
+    if decode != "replay":
+        return
+    if isinstance(ring, bool) or not isinstance(ring, int) or ring < 1:
+        raise ValueError(f"ring: expected an int >= 1 (ring entries per row), got {ring!r}")
+    if state_dtype in QUANTIZED:
+        raise ValueError(f"decode: 'replay' keeps a float32, float16 or bfloat16 checkpoint; "
+                         f"state_dtype {str(state_dtype).removeprefix('torch.')} is quantized")
+    if rounding != "nearest":
+        raise ValueError(f"decode: 'replay' rounds its checkpoint to nearest once per flush; "
+                         f"state_rounding {rounding!r} is not supported with it")
 
 
 def chain_digest(previous: bytes, block: Sequence[int]) -> bytes:
@@ -229,8 +284,17 @@ class PrefixCache:
     it was; one that started may have written part of its slot, so it is dropped.
     """
 
-    def __init__(self, cache: StateCache, block_size: int, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        cache: StateCache,
+        block_size: int,
+        enabled: bool = True,
+        copy: Callable[[Sequence[int], Sequence[int]], None] | None = None,
+    ) -> None:
         self.cache, self.block_size, self.enabled = cache, block_size, enabled
+        # how :meth:`save` checkpoints a running slot: a plain copy, unless the state a row
+        # stands for must be computed (replay decode: HybridModel.save_slots)
+        self.copy = cache.copy_slots if copy is None else copy
         self.free = list(range(cache.num_slots - 1, RESERVED_SLOTS - 1, -1))
         self.free_rows = list(range(cache.max_requests - 1, -1, -1))
         self.entries: OrderedDict[bytes, Checkpoint] = OrderedDict()
@@ -361,7 +425,7 @@ class PrefixCache:
         if new is None:
             return
         try:
-            self.cache.copy_slots([slot], [new])
+            self.copy([slot], [new])
         except BaseException:
             self.cancel([(digest, new)], started=True)
             raise

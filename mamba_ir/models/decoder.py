@@ -8,10 +8,13 @@ logits of each sequence's last token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .attention import Attention
 from .cache import StateCache
 from .config import ATTENTION, HybridConfig
@@ -139,7 +142,7 @@ class HybridModel(nn.Module):
                 out = layer.mixer(
                     x, *cache.states(i), cache.ssm_scale(i), cu_seqlens, slots, src_slots, pad,
                     block_size, num_computed, checkpoint_slots, window_slots, window_index,
-                    prefill=True,
+                    prefill=True, ring=cache.ring(i),
                 )
             hidden = layer._residual(hidden, out)
         return self._logits(hidden[cu_seqlens[1:] - 1])
@@ -164,9 +167,25 @@ class HybridModel(nn.Module):
                 out = layer.attn(x, positions, *cache.kv(i), None, kv_rows, context_lens)
             else:
                 out = layer.mixer(x, *cache.states(i), cache.ssm_scale(i), slots, pad,
-                                  cache.rand_seed(i), prefill=False)
+                                  cache.rand_seed(i), prefill=False, ring=cache.ring(i))
             hidden = layer._residual(hidden, out)
         return self._logits(hidden)
+
+    def save_slots(self, cache: StateCache, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Checkpoint running slots ``src`` into slots ``dst`` in every Mamba layer: a copy
+        (:meth:`StateCache.copy_slots`), except that under replay decode each SSM row
+        becomes the state its checkpoint and ring stand for, with an empty ring, so a
+        prefix hit starts from the state itself."""
+        if cache.decode != "replay":
+            cache.copy_slots(src, dst)
+            return
+        device, pad = cache.conv_device, cache.pad_slot_id
+        s = torch.tensor(src, dtype=torch.int32, device=device)
+        d = torch.tensor(dst, dtype=torch.int32, device=device)
+        for i in cache.mamba_layers:
+            conv, ssm = cache.states(i)
+            ops.copy_state_blocks(conv, s, d, pad)
+            self.layers[i].mixer.materialize(ssm, cache.ring(i), s, d, pad)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

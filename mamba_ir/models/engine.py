@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache import RESERVED_SLOTS, SCRATCH_SLOT, PrefixCache, StateCache, chain_digest
+from .cache import RESERVED_SLOTS, RING, SCRATCH_SLOT, PrefixCache, StateCache, chain_digest
 from .decoder import HybridModel
 
 logger = logging.getLogger("mamba_ir")
@@ -148,6 +148,10 @@ class Engine:
     one applies to the SSM state, with float32 block scales (:class:`StateCache`).
     ``state_rounding`` ("nearest" or "stochastic") is how decode rounds the stored SSM
     state (stochastic: 16-bit float and quantized states; docs/model.md).
+    ``decode="replay"`` decodes with ``replay_state_update``: each SSM row is a checkpoint
+    and a ring of the last ``ring`` tokens' inputs (default 16), flushed into a new
+    checkpoint when full; float states rounded to nearest only. Block checkpoints taken
+    during decode hold the materialised state.
 
     A tensor-parallel shard (``HybridModel(config, tp)``) gets a cache of its rank's rows;
     every rank runs its own engine on the same requests, and since every rank computes
@@ -171,6 +175,8 @@ class Engine:
         state_rounding: str = "nearest",
         prefill_tokens: int = PREFILL_TOKENS,
         prefill_graphs: bool = False,
+        decode: str = "standard",
+        ring: int = RING,
     ) -> None:
         for name, value in (("block_size", block_size), ("max_requests", max_requests),
                             ("max_len", max_len), ("prefill_tokens", prefill_tokens)):
@@ -186,9 +192,9 @@ class Engine:
         self.cache = StateCache(
             model.config, num_slots=slots, max_requests=max_requests, max_len=max_len,
             device=param.device, dtype=param.dtype, state_dtype=state_dtype,
-            state_rounding=state_rounding, tp=model.plan.tp,
+            state_rounding=state_rounding, tp=model.plan.tp, decode=decode, ring=ring,
         )
-        self.prefix = PrefixCache(self.cache, block_size, enabled=prefix_cache)
+        self.prefix = self._prefix_cache(prefix_cache)
         self.steps = Steps(model, self.cache, block_size)
         self._prefill: Callable[..., torch.Tensor] = self.steps.prefill
         self._decode: Callable[..., torch.Tensor] = self.steps.decode
@@ -211,8 +217,14 @@ class Engine:
 
     def reset(self) -> None:
         """Forget every checkpoint and counter (the compiled steps are kept)."""
-        self.prefix = PrefixCache(self.cache, self.block_size, enabled=self.prefix.enabled)
+        self.prefix = self._prefix_cache(self.prefix.enabled)
         self.stats = EngineStats()
+
+    def _prefix_cache(self, enabled: bool) -> PrefixCache:
+        # decode checkpoints a block through the model: under replay decode the state is
+        # computed from checkpoint and ring, at each layer's decay rates
+        return PrefixCache(self.cache, self.block_size, enabled=enabled,
+                           copy=lambda src, dst: self.model.save_slots(self.cache, src, dst))
 
     def lowering_report(self) -> Any:
         """The call sites of the compiled steps (prefill first; a ``LoweringReport``, empty

@@ -20,6 +20,13 @@ the final and checkpoint states quantized back into their slots after the scan (
 scan does not write, and pads, go to the cache's scratch slot). This interim path costs one
 float32 row per sequence and checkpoint for the step; a chunk scan reading and writing the
 quantized rows itself would need none.
+
+Replay decode (``ring``: the layer's ring tensors) runs ``replay_state_update`` instead of
+``selective_state_update``: the SSM state row is a checkpoint and a ring of the inputs since
+it. Prefill writes plain states and empties the ring of every row it writes (the running
+rows and the block checkpoints), so a request never reads the ring of the request that had
+its slot before; a block checkpoint taken during decode is the materialised state
+(:meth:`Mamba2Mixer.materialize`).
 """
 
 from __future__ import annotations
@@ -103,16 +110,21 @@ class Mamba2Mixer(nn.Module):
         """SSU arguments in the per-head layout, parameters tied across head_dim (stride 0)."""
         n, h, p, s = xbc.shape[0], self.heads, self.head_dim, self.d_state
         x, b, c = xbc.split([self.inner, self.groups * s, self.groups * s], dim=-1)
-        A = -torch.exp(self.A_log.float())
         return {
             "x": x.unflatten(-1, (h, p)),
             "dt": dt[..., None].expand(n, h, p),
-            "A": A[:, None, None].expand(h, p, s),
+            "A": self._decay_rates(),
             "B": b.unflatten(-1, (self.groups, s)),
             "C": c.unflatten(-1, (self.groups, s)),
             "D": self.D[:, None].expand(h, p),
             "dt_bias": self.dt_bias[:, None].expand(h, p),
         }
+
+    def _decay_rates(self) -> torch.Tensor:
+        """``A = -exp(A_log)`` as the decode ops take it: ``(heads, head_dim, d_state)``,
+        tied across head_dim and d_state (stride 0)."""
+        A = -torch.exp(self.A_log.float())
+        return A[:, None, None].expand(self.heads, self.head_dim, self.d_state)
 
     def _scan_args(self, xbc: torch.Tensor, dt: torch.Tensor) -> dict[str, torch.Tensor]:
         """``mamba_chunk_scan`` arguments: Mamba2's per-head scalars as ``(heads,)``."""
@@ -134,15 +146,17 @@ class Mamba2Mixer(nn.Module):
     def forward(
         self, hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
         ssm_scale: torch.Tensor | None, *step: torch.Tensor | int, prefill: bool,
+        ring: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """:meth:`prefill` or :meth:`decode` (``step``: their arguments after the states;
-        ``ssm_scale``: a quantized SSM state's scales, None for a float state).
+        ``ssm_scale``: a quantized SSM state's scales, None for a float state; ``ring``:
+        the replay ring, None for standard decode).
 
         The decoder calls the mixer as a module, not its methods: TorchDynamo records the
         path of a module called so (``model.layers.3.mixer``) on the ops it calls, and the
         lowering report names call sites by it."""
         run = self.prefill if prefill else self.decode
-        return run(hidden, conv_state, ssm_state, ssm_scale, *step)
+        return run(hidden, conv_state, ssm_state, ssm_scale, *step, ring=ring)
 
     def prefill(
         self,
@@ -159,6 +173,7 @@ class Mamba2Mixer(nn.Module):
         checkpoint_slots: torch.Tensor,
         window_slots: torch.Tensor,
         window_index: torch.Tensor,
+        ring: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """Varlen prefill of flat tokens; sequence i starts from ``src_slots[i]``'s state,
         ``num_computed[i]`` tokens into its request, and leaves its final state in
@@ -194,6 +209,8 @@ class Mamba2Mixer(nn.Module):
         else:
             y = _scan_through_float_rows(ssm_state, ssm_scale, slots, checkpoint_slots,
                                          pad_slot_id, scan)
+        if ring is not None:  # the rows the scan wrote are states: their rings are empty
+            _empty_rings(ring[-1], torch.cat([slots, checkpoint_slots.flatten()]), pad_slot_id)
         return self._finish(y, z)
 
     def decode(
@@ -205,20 +222,40 @@ class Mamba2Mixer(nn.Module):
         slots: torch.Tensor,
         pad_slot_id: int,
         rand_seed: torch.Tensor | None = None,
+        ring: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """One token per sequence; pad rows (``pad_slot_id``) touch no state. With
-        ``rand_seed`` the SSM state is stored rounded stochastically."""
+        ``rand_seed`` the SSM state is stored rounded stochastically; with ``ring`` the
+        token is appended to the ring (``replay_state_update``)."""
         z, xbc, dt = self.in_proj(hidden).split([self.inner, self.conv_dim, self.heads], dim=-1)
         xbc = ops.causal_conv1d_update(
             xbc, conv_state, self.conv_weight, self.conv_bias, activation="silu",
             conv_state_indices=slots, pad_slot_id=pad_slot_id,
         )
+        if ring is not None:
+            y = ops.replay_state_update(
+                ssm_state, *ring, **self._ssm_args(xbc, dt), dt_softplus=True,
+                dt_limit=self.dt_limit, state_batch_indices=slots, pad_slot_id=pad_slot_id,
+            )
+            return self._finish(y, z)
         y = ops.selective_state_update(
             ssm_state, **self._ssm_args(xbc, dt), dt_softplus=True, dt_limit=self.dt_limit,
             state_batch_indices=slots, pad_slot_id=pad_slot_id, state_scale=ssm_scale,
             rand_seed=rand_seed,
         )
         return self._finish(y, z)
+
+    def materialize(self, ssm_state: torch.Tensor, ring: tuple[torch.Tensor, ...],
+                    src: torch.Tensor, dst: torch.Tensor, pad_slot_id: int) -> None:
+        """Row ``dst[i]`` of the replay rows becomes the state row ``src[i]`` stands for,
+        with an empty ring (``replay_materialize``, at this layer's decay rates)."""
+        ops.replay_materialize(ssm_state, *ring, self._decay_rates(), src, dst, pad_slot_id)
+
+
+def _empty_rings(ring_len: torch.Tensor, rows: torch.Tensor, pad_slot_id: int) -> None:
+    """``ring_len[rows] = 0`` for the real rows (pads go to the scratch slot, never read)."""
+    real = checks.real_rows(rows, ring_len.shape[0], pad_slot_id)
+    ring_len[torch.where(real, rows, SCRATCH_SLOT).long()] = 0
 
 
 def _scan_through_float_rows(

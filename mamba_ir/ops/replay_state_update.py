@@ -18,7 +18,7 @@ from .. import checks
 from ..op import Rows, RowSpec, register_op
 from . import _example
 from ._quant import QUANTIZED
-from ._step import step_size
+from ._step import decay, step_size
 
 ROW = ("state", "ring_x", "ring_dt", "ring_B", "ring_len")
 RING = ("ring_x", "ring_dt", "ring_B")
@@ -129,7 +129,7 @@ def replay_state_update(
     def advance(h, x_t, dt_t, B_t):  # dt_t: one step size per head
         d = dt_t.float()[:, :, None, None]
         Bh = B_t.float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
-        return h * torch.exp(A * d) + d * Bh * x_t.float()[..., None]
+        return h * decay(A, d) + d * Bh * x_t.float()[..., None]
 
     h = checkpoint.float()
     for i in range(ring):  # the ring's tokens in order; entries past its length never count

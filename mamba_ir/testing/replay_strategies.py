@@ -1,5 +1,6 @@
-"""Hypothesis argument sets of ``replay_state_update``: rings empty, partly filled and full
-(a flush), redirected and padded rows, every row member a view of a larger cache.
+"""Hypothesis argument sets of ``replay_state_update`` and ``replay_materialize``: rings
+empty, partly filled and full (a flush), redirected and padded rows, every row member a
+view of a larger cache.
 
 Ring entries past a row's ``ring_len`` hold NaN: they are not part of the row, so a
 provider that reads them into a result fails ``check_impl``.
@@ -140,3 +141,61 @@ def replay_state_update_calls(
         else:
             call["state_batch_indices"] = sbi
     return call
+
+
+@st.composite
+def replay_materialize_calls(
+    draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL
+) -> dict[str, Any]:
+    """Rows of every fill materialised into fresh rows, in place, from a pad or into one."""
+    ngroups = draw(st.sampled_from([g for g in (1, 2, 4) if g <= sizes.max_heads]))
+    nheads = ngroups * draw(st.integers(1, max(1, sizes.max_heads // ngroups)))
+    dim = draw(st.integers(1, sizes.max_dim))
+    dstate = draw(st.sampled_from(sizes.dstates))
+    ring = draw(st.integers(1, sizes.max_tokens))
+    ncopies = draw(st.integers(0, sizes.max_seqs))
+    fills = draw(st.lists(st.sampled_from(["empty", "partial", "full"]),
+                          min_size=ncopies, max_size=ncopies))
+    redirect = draw(st.booleans())
+    pad = draw(st.sampled_from([-1, 0]))
+    state_dtype, in_dtype = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+    idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
+    caches = {name: draw(st.sampled_from(CACHES))
+              for name in ("state", "ring_x", "ring_dt", "ring_B", "ring_len")}
+    layout = draw(st.sampled_from(["plain", "strided"]))  # every entry is a copy
+    A_tied = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    rows = assign_rows(rng, [1] * ncopies, redirect=redirect, pad=pad)
+    src, dst = rows.src, [r[0] for r in rows.dst]
+    lengths = [rng.randint(0, ring) for _ in range(rows.nslots)]  # stale in every row
+    for row, fill in zip(src, fills, strict=True):
+        if row != pad:
+            lengths[row] = _lengths(rng, fill, ring)
+    ring_len = torch.tensor(lengths, dtype=torch.int32, device=device)
+    past = torch.arange(ring, device=device)[None, :] >= ring_len[:, None]  # not in the row
+
+    def ring_entries(*shape: int, dtype: torch.dtype, positive: bool = False) -> torch.Tensor:
+        t = randn(rows.nslots, ring, *shape)
+        t = t.abs() * 0.5 if positive else t
+        t[past] = float("nan")
+        return t.to(dtype)
+
+    a = -randn(nheads, 1, 1).exp() if A_tied else -randn(nheads, dim, dstate).exp()
+    return {
+        "state": _in_cache(randn(rows.nslots, nheads, dim, dstate, dtype=state_dtype),
+                           caches["state"]),
+        "ring_x": _in_cache(ring_entries(nheads, dim, dtype=in_dtype), caches["ring_x"]),
+        "ring_dt": _in_cache(ring_entries(nheads, dtype=torch.float32, positive=True),
+                             caches["ring_dt"]),
+        "ring_B": _in_cache(ring_entries(ngroups, dstate, dtype=in_dtype), caches["ring_B"]),
+        "ring_len": _in_cache(ring_len, caches["ring_len"]),
+        "A": a.expand(nheads, dim, dstate),
+        "src": _laid_out(torch.tensor(src, dtype=idx_dtype, device=device), layout),
+        "dst": _laid_out(torch.tensor(dst, dtype=idx_dtype, device=device), layout),
+        "pad_slot_id": pad,
+    }
