@@ -143,6 +143,33 @@ def test_in_place_lengths_wait_for_every_program(redirect: bool) -> None:
     assert got["ring_len"][written].tolist() == [1, 3, 4, 0]
 
 
+@pytest.mark.parametrize("direct", [None, False])
+def test_a_rate_of_minus_inf_with_steps_of_zero_keeps_the_state(direct) -> None:
+    """A = -inf on one head and steps of exactly 0 on some tokens (A * dt is 0, not NaN,
+    as native takes it): Triton agrees with native through appends and a flush, and
+    stays finite."""
+    nheads, dim, ngroups, dstate, ring, batch = 2, 4, 1, 8, 2, 2
+    start = rows(2 * batch, ring, nheads, dim, ngroups, dstate, state_dtype=torch.float32,
+                 in_dtype=torch.float32, fill=torch.zeros(2 * batch, dtype=torch.long))
+    want, got = _clone(start), _clone(start)
+    for step in range(ring + 2):
+        call = token(batch, nheads, dim, ngroups, dstate, in_dtype=torch.float32, seed=step)
+        call["A"] = torch.tensor([-float("inf"), -1.0])[:, None, None].expand(
+            nheads, dim, dstate)
+        steps = torch.rand(batch, nheads, 1) + 0.05
+        if step % 2 == 0:
+            steps[:, 0] = 0.0  # a step of exactly 0 on the -inf head
+        call.update(dt=steps.expand(batch, nheads, dim), dt_bias=None, dt_softplus=False,
+                    state_batch_indices=torch.arange(batch, dtype=torch.int32))
+        out_want, out_got = torch.empty_like(call["x"]), torch.empty_like(call["x"])
+        OP.native(**want, **call, out=out_want)
+        triton_replay(**got, **call, out=out_got, direct=direct)
+        assert bool(out_got.isfinite().all()), step
+        torch.testing.assert_close(out_got, out_want, atol=1e-5, rtol=1e-5)
+    assert got["ring_len"].tolist() == want["ring_len"].tolist()
+    torch.testing.assert_close(got["state"], want["state"], atol=1e-5, rtol=1e-5)
+
+
 def test_refusals_name_the_limit() -> None:
     call = OP.bind(**rows(2, 1, 1, 1, 1, 2048, state_dtype=torch.float32,
                           in_dtype=torch.float32, fill=torch.zeros(2, dtype=torch.long)),

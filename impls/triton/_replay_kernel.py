@@ -40,7 +40,7 @@ nothing to reset between CUDA graph replays.
 from __future__ import annotations
 
 from ._common import given, tl, triton
-from ._jit import only_if, per_head, real_row, step_size
+from ._jit import only_if, per_head, rate_step, real_row, step_size
 
 TICKET_BITS = 16
 MAX_PROGRAMS_PER_SEQUENCE = 1 << (31 - TICKET_BITS)  # tickets stay below the sign bit
@@ -82,7 +82,7 @@ if triton is not None:
     def _advance(h, a, x, dt, b):
         """One step of the recurrence in native's order: ``h * exp(A dt) + (dt B) x``;
         ``a`` is one value per head (A tied) or A's tile."""
-        return h * tl.exp(a * dt) + (dt * b)[None, :] * x[:, None]
+        return h * tl.exp(rate_step(a, dt)) + (dt * b)[None, :] * x[:, None]
 
     @triton.jit
     def _rebuild(h, a, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry, owns_dt, owns_b,
@@ -133,11 +133,11 @@ if triton is not None:
             _store_entries(rx_dst, rdt_dst, rB_dst, k, offs_d, offs_n, mask_d, mask_n,
                            s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, ex, edt, eb,
                            only_if(carry, k < filled), owns_dt, owns_b)
-            decay = tl.where(k < filled, tl.exp(a * edt), 1.0)
+            decay = tl.where(k < filled, tl.exp(rate_step(a, edt)), 1.0)
             # the step after entry k, within the chunk (the chunk's last: in ``running``)
             later = (k + 1 < filled) & (tl.arange(0, CHUNK) < CHUNK - 1)
-            after = tl.where(later, tl.exp(a * tl.load(rdt + (k + 1) * s_rdt_i, mask=later,
-                                                       other=0.0)), 1.0)
+            after = tl.where(later, tl.exp(rate_step(a, tl.load(
+                rdt + (k + 1) * s_rdt_i, mask=later, other=0.0))), 1.0)
             weight = tl.cumprod(after, axis=0, reverse=True) * running * edt
             cb = tl.sum(eb.to(tl.float32) * c[None, :], axis=1)
             acc += tl.sum((weight * cb)[:, None] * ex.to(tl.float32), axis=0)
@@ -264,7 +264,7 @@ if triton is not None:
                 tl.store(state_dst, _advance(h, a, x, dt, b).to(state_ptr.dtype.element_ty),
                          mask=only_if(has_dst, tile_mask))
             # the tile is dead from here: its registers hold the ring's chunks
-            y = _direct(hc, tl.exp(a * dt), a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst,
+            y = _direct(hc, tl.exp(rate_step(a, dt)), a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst,
                         tl.where(flush, 0, filled), carry, owns_dt, owns_b, offs_d, offs_n,
                         mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, CHUNK)
             y += dt * tl.sum(b * c, axis=0) * x
