@@ -34,6 +34,8 @@ def supports(**call: Any) -> bool | str:
         return ok
     _, nheads, _, dstate = call["state"].shape
     ring = call["ring_x"].shape[1]
+    if call.get("num_accepted_tokens") is not None:
+        return "speculative calls (num_accepted_tokens) are not supported yet"
     if dstate == 0:
         return "dstate=0: the kernel's state tile needs at least one column"
     if dstate > MAX_DSTATE:
