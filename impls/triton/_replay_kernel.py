@@ -283,14 +283,6 @@ if triton is not None:
             a = tl.load(A_ptr + head * s_A_head + offs_d[:, None] * s_A_dim
                         + offs_n[None, :] * s_A_n, mask=tile_mask, other=0.0).to(tl.float32)
 
-        # the head's (x, dt) and the group's B in the source and destination rows
-        rx = rx_ptr + src * s_rx_row + head * s_rx_head
-        rdt = rdt_ptr + src * s_rdt_row + head * s_rdt_head
-        rB = rB_ptr + src * s_rB_row + group * s_rB_group
-        rx_dst = rx_ptr + dst * s_rx_row + head * s_rx_head
-        rdt_dst = rdt_ptr + dst * s_rdt_row + head * s_rdt_head
-        rB_dst = rB_ptr + dst * s_rB_row + group * s_rB_group
-        state_dst = state_ptr + dst * s_state_row + tile
         if T == 0:
             # the new token
             x_in = tl.load(x_ptr + seq * s_x_seq + head * s_x_head + offs_d * s_x_dim, mask=mask_d,
@@ -307,6 +299,14 @@ if triton is not None:
             c = tl.load(C_ptr + seq * s_C_seq + group * s_C_group + offs_n * s_C_n, mask=mask_n,
                         other=0.0).to(tl.float32)
 
+            # the head's (x, dt) and the group's B in the source and destination rows
+            rx = rx_ptr + src * s_rx_row + head * s_rx_head
+            rdt = rdt_ptr + src * s_rdt_row + head * s_rdt_head
+            rB = rB_ptr + src * s_rB_row + group * s_rB_group
+            rx_dst = rx_ptr + dst * s_rx_row + head * s_rx_head
+            rdt_dst = rdt_ptr + dst * s_rdt_row + head * s_rdt_head
+            rB_dst = rB_ptr + dst * s_rB_row + group * s_rB_group
+            state_dst = state_ptr + dst * s_state_row + tile
             if DIRECT:
                 # a flush replays the ring into the state, an append only reads its entries
                 h = _rebuild(h, a, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, tl.where(flush, filled, 0),
@@ -364,6 +364,14 @@ if triton is not None:
             b_row = B_ptr + seq * s_B_seq + group * s_B_group + offs_n * s_B_n
             c_row = C_ptr + seq * s_C_seq + group * s_C_group + offs_n * s_C_n
             y = tl.zeros((TP, BLOCK_D), tl.float32)
+            # the head's (x, dt) and the group's B in the source and destination rows
+            rx = rx_ptr + src * s_rx_row + head * s_rx_head
+            rdt = rdt_ptr + src * s_rdt_row + head * s_rdt_head
+            rB = rB_ptr + src * s_rB_row + group * s_rB_group
+            rx_dst = rx_ptr + dst * s_rx_row + head * s_rx_head
+            rdt_dst = rdt_ptr + dst * s_rdt_row + head * s_rdt_head
+            rB_dst = rB_ptr + dst * s_rB_row + group * s_rB_group
+            state_dst = state_ptr + dst * s_state_row + tile
             if DIRECT:
                 # a flush replays the committed entries into the state; otherwise each
                 # token's C . h comes from the checkpoint and the entries directly
