@@ -286,7 +286,11 @@ def _check(call: dict) -> None:
         checks.fail("state", "headdim >= 1", tuple(state.shape))
     checks.same_device(call, "state")
     spec = call[NACC] is not None
-    x = checks.tensor(call, "x", ndim=4 if spec else 3)
+    x = checks.tensor(call, "x", ndim=(3, 4))
+    if x.dim() != (4 if spec else 3):
+        checks.fail("x", "(batch, T, nheads, dim) with num_accepted_tokens" if spec else
+                    "(batch, nheads, dim) without num_accepted_tokens (T tokens a sequence "
+                    "are speculative decoding)", tuple(x.shape))
     lead = tuple(x.shape[:-2])  # (batch,), or (batch, T) with num_accepted_tokens
     if tuple(x.shape[-2:]) != (nheads, dim):
         form = "(batch, T, " if spec else "(batch, "
