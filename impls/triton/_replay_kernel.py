@@ -35,6 +35,14 @@ count below ``2**15`` so that no ticket reaches the sign bit. (An unchecked in-p
 length outside ``[-2**15, 2**15)`` reads as another one, clamped to ``[0, ring]`` as
 native clamps; nothing outside the tensors is touched.) One launch, no scratch memory,
 nothing to reset between CUDA graph replays.
+
+**Speculative calls** (``T`` tokens a sequence, a constant: ``T = 0`` is the one-token
+kernel, compiled as before) roll back by a count: the committed entries are the source's
+``ring_len - T + num_accepted_tokens``. A flush replays them into the tile and stores it;
+otherwise each token's ``C_t . h`` comes from the checkpoint and the entries directly
+(``_ring_per_token``), and the tokens' own terms from a ``T x T`` triangle of decays.
+The tokens' entries are ``replay_tokens_kernel``'s, a second launch: in place a flush
+puts them at entry 0, which other programs of the first launch may still be reading.
 """
 
 from __future__ import annotations
