@@ -16,11 +16,19 @@ replayed into the state as a flush does, aligned. The baseline is the standard T
 ``selective_state_update`` in place on a bf16 state at the same batch, ``L + 1`` steps in
 one graph as well.
 
+``--spec`` times speculative decoding instead: ``T`` tokens a sequence (4), of which the
+next step accepts ``--accepted`` (3), against the Triton ``selective_state_update``'s
+speculative path at the same batch (2-D slot indices, a state written per token). A
+replay row then runs in cycles too: from ``T`` entries (the tokens after a flush) the
+committed ones grow by the accepted count each step until the tokens no longer fit and
+the step flushes; one graph holds such a cycle (``spec_cycle``).
+
 Bytes per step count the state rows only (checkpoint, ring entries, lengths), as
 ``benchmarks.ssu`` counts the state: the per-token inputs and the output are the same for
 both ops. The roof is a same-run device copy of one step's standard state traffic.
 
     python -m benchmarks.replay [--rings 8,16,32] [--batches 1,64] [--sweep] [--out DIR]
+    python -m benchmarks.replay --spec [--accepted 3] [--rings ...] [--batches ...]
     python -m benchmarks.replay --plot docs/replay_bench.json    # the plot, from the JSON
 """
 
@@ -205,6 +213,100 @@ def agreement(ring: int = 8, batch: int = 64, device: str = "cuda") -> dict[str,
     return {"out": error(0), "rows": error(1)}
 
 
+# -- speculative decoding -------------------------------------------------------------------
+
+TOKENS = 4  # tokens a speculative step verifies (1 + 3 drafts)
+ACCEPTED = 3  # of which the next step accepts
+
+
+def spec_cycle(ring: int, tokens: int = TOKENS, accepted: int = ACCEPTED) -> list[int]:
+    """A row's ``ring_len`` before each step of a speculative cycle at a fixed accepted
+    count: from ``tokens`` (a flush's), the committed entries plus the step's tokens,
+    until they would not fit and the step flushes back to ``tokens``."""
+    if not 1 <= tokens <= ring or not 0 <= accepted <= tokens:
+        raise ValueError(f"tokens: expected 1 <= tokens <= ring ({ring}) and accepted in "
+                         f"[0, tokens], got tokens={tokens}, accepted={accepted}")
+    lengths = [tokens]
+    while True:
+        committed = lengths[-1] - tokens + accepted
+        after = tokens if committed + tokens > ring else committed + tokens
+        if after == tokens:
+            return lengths
+        lengths.append(after)
+
+
+def _spec_tokens(batch: int, tokens: int, seed: int, device: str) -> dict[str, Any]:
+    """Per-token inputs for ``tokens`` tokens a sequence, drawn as ``decode_call``'s."""
+    g = torch.Generator(device=device).manual_seed(seed + 2)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(torch.bfloat16)
+
+    return {
+        "x": rand(batch, tokens, NHEADS, HEADDIM),
+        "dt": rand(batch, tokens, NHEADS, 1, scale=0.5).expand(batch, tokens, NHEADS, HEADDIM),
+        "B": rand(batch, tokens, NGROUPS, DSTATE), "C": rand(batch, tokens, NGROUPS, DSTATE),
+        "z": rand(batch, tokens, NHEADS, HEADDIM),
+        "out": torch.empty(batch, tokens, NHEADS, HEADDIM, dtype=torch.bfloat16, device=device),
+    }
+
+
+def spec_replay_call(batch: int, ring: int, tokens: int = TOKENS, accepted: int = ACCEPTED, *,
+                     seed: int = 0, device: str = "cuda") -> dict[str, Any]:
+    """A speculative replay call in place: every row holds ``tokens`` entries (the cycle's
+    start) and the previous step's ``accepted`` tokens stand."""
+    spec_cycle(ring, tokens, accepted)  # raises on a cycle that cannot run
+    call = replay_call(batch, ring, "aligned", seed=seed, device=device)
+    call["ring_len"][call["state_batch_indices"].long()] = tokens
+    nacc = torch.full((batch,), accepted, dtype=torch.int32, device=device)
+    return {**call, **_spec_tokens(batch, tokens, seed, device), "num_accepted_tokens": nacc}
+
+
+def spec_ssu_call(batch: int, tokens: int = TOKENS, accepted: int = ACCEPTED, *,
+                  seed: int = 0, device: str = "cuda") -> dict[str, Any]:
+    """The standard op's speculative step at the same batch, in place: a bf16 state per
+    token (2-D slot indices, ``tokens`` columns), the state read from column
+    ``accepted - 1`` and written to every column."""
+    call = decode_call(batch * tokens, redirect=False, seed=seed, device=device)
+    del call["state_scale"]
+    rows = call["state_batch_indices"].view(batch, tokens)
+    return {**call, **_spec_tokens(batch, tokens, seed, device), "state_batch_indices": rows,
+            "num_accepted_tokens": torch.full((batch,), accepted, dtype=torch.int32,
+                                              device=device)}
+
+
+def spec_memory_per_request(ring: int, tokens: int = TOKENS) -> dict[str, int]:
+    """State bytes a request holds: the standard op's state per token, replay's row."""
+    return {"ssu": tokens * checkpoint_bytes(), "replay": memory_per_request(ring)}
+
+
+def measure_spec(batch: int, ring: int, accepted: int = ACCEPTED) -> dict[str, Any]:
+    from mamba_ir.impls.triton.replay_state_update import replay_state_update as triton_replay
+    from mamba_ir.impls.triton.selective_state_update import selective_state_update as triton_ssu
+
+    steps = len(spec_cycle(ring, TOKENS, accepted))
+    row: dict[str, Any] = {"batch": batch, "ring": ring, "tokens": TOKENS,
+                           "accepted": accepted, "cycle": steps}
+    row["ssu_spec_us"] = time_us(cycle(triton_ssu, spec_ssu_call(batch, TOKENS, accepted),
+                                       steps)) / steps
+    call = spec_replay_call(batch, ring, TOKENS, accepted)
+    start = call["ring_len"].clone()
+    row["replay_spec_us"] = time_us(cycle(triton_replay, call, steps)) / steps
+    assert torch.equal(call["ring_len"], start), "the cycle did not close"
+    row["replay_spec_speedup"] = row["ssu_spec_us"] / row["replay_spec_us"]
+    return row
+
+
+SPEC_COLUMNS = [
+    ("ring", "L", "{:>3}"),
+    ("batch", "batch", "{:>5}"),
+    ("cycle", "steps", "{:>5}"),
+    ("ssu_spec_us", "ssu spec us", "{:>11.1f}"),
+    ("replay_spec_us", "replay spec us", "{:>14.1f}"),
+    ("replay_spec_speedup", "x ssu", "{:>5.2f}"),
+]
+
+
 COLUMNS = [
     ("ring", "L", "{:>3}"),
     ("batch", "batch", "{:>5}"),
@@ -259,9 +361,26 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="only draw the PNG from this JSON")
     parser.add_argument("--sweep", action="store_true",
                         help="also time launch forms (tile, warps, register cap), aligned")
+    parser.add_argument("--spec", action="store_true",
+                        help=f"time speculative decoding ({TOKENS} tokens a step) instead")
+    parser.add_argument("--accepted", type=int, default=ACCEPTED,
+                        help="with --spec: tokens the next step accepts, of the 4")
     args = parser.parse_args()
     if args.plot:
         print(plot(args.plot))
+        return
+    if args.spec:
+        cases = [(r, b) for r in args.rings for b in args.batches]
+        rows = [measure_spec(b, r, args.accepted)
+                for r, b in progress(cases, "speculative replay decode")]
+        print(common_table(rows, SPEC_COLUMNS))
+        memory = {str(r): spec_memory_per_request(r) for r in args.rings}
+        print("state memory per request (bytes):", memory)
+        payload = {"shapes": dict(nheads=NHEADS, headdim=HEADDIM, dstate=DSTATE,
+                                  ngroups=NGROUPS, state="bfloat16", inputs="bfloat16",
+                                  tokens=TOKENS, accepted=args.accepted, in_place=True),
+                   "memory_per_request": memory, "rows": rows}
+        print(write_json("replay_spec_bench.json", payload, args.out))
         return
     cases = [(r, b) for r in args.rings for b in args.batches]
     rows = [measure(b, r, args.sweep) for r, b in progress(cases, "replay decode")]

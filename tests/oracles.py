@@ -281,61 +281,9 @@ def selective_scan(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return state, out
 
 
-def replay_state_update(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (new rows, output) in float64, each row laid out as the op's row value: the
-    checkpoint, the ring's filled entries (zeros past ring_len), ring_len."""
-    state0 = call["state"].double()
-    rx0, rdt0, rb0 = (call[k].double() for k in ("ring_x", "ring_dt", "ring_B"))
-    len0 = call["ring_len"].tolist()
-    x, dt, B, C = (call[k].double() for k in ("x", "dt", "B", "C"))
-    A = call["A"].double()
-    D, z, bias, limit = call["D"], call["z"], call["dt_bias"], call["dt_limit"]
-    nslots, nheads = state0.shape[:2]
-    ring, ngroups, pad = rx0.shape[1], B.shape[1], call["pad_slot_id"]
-    sbi, dsbi = _ids(call["state_batch_indices"]), _ids(call["dst_state_batch_indices"])
-    state, rx, rdt, rb = state0.clone(), rx0.clone(), rdt0.clone(), rb0.clone()
-    lengths = list(len0)
-    out = torch.zeros_like(x)
-    for b in range(x.shape[0]):
-        src = b if sbi is None else sbi[b]
-        dst = src if dsbi is None else dsbi[b]
-        n = 0 if src == pad else len0[src]
-        h = torch.zeros_like(state0[0]) if src == pad else state0[src].clone()
-        steps = []
-        for hd in range(nheads):
-            d = dt[b, hd, 0] + (0 if bias is None else bias[hd, 0].double())
-            if call["dt_softplus"]:
-                d = torch.where(d <= 20, torch.log1p(torch.exp(d)), d)
-            if limit is not None:
-                d = d.clamp(limit[0], limit[1])
-            steps.append(d)
-        tokens = [(rx0[src, i], rdt0[src, i], rb0[src, i]) for i in range(n)]
-        tokens.append((x[b], torch.stack(steps), B[b]))
-        for xt, dtt, Bt in tokens:  # the ring's tokens, then the new one
-            for hd in range(nheads):
-                g = hd // (nheads // ngroups)
-                h[hd] = h[hd] * torch.exp(A[hd] * dtt[hd]) + dtt[hd] * Bt[g][None] * xt[hd][:, None]
-        for hd in range(nheads):
-            g = hd // (nheads // ngroups)
-            y = (h[hd] * C[b, g][None]).sum(-1)
-            if D is not None:
-                y = y + D[hd].double() * x[b, hd]
-            if z is not None:
-                zz = z[b, hd].double()
-                y = y * zz * torch.sigmoid(zz)
-            out[b, hd] = y
-        if dst == pad:
-            continue
-        if n == ring:  # full: the state is the new checkpoint, the ring empty
-            state[dst] = h
-            lengths[dst] = 0
-        else:
-            state[dst] = torch.zeros_like(h) if src == pad else state0[src]
-            rx[dst, :n], rdt[dst, :n], rb[dst, :n] = rx0[src, :n], rdt0[src, :n], rb0[src, :n]
-            rx[dst, n], rdt[dst, n], rb[dst, n] = tokens[-1]
-            lengths[dst] = n + 1
+def _replay_rows(state, rx, rdt, rb, lengths: list[int]) -> torch.Tensor:
     rows = []
-    for r in range(nslots):
+    for r in range(state.shape[0]):
         n = lengths[r]
         parts = [state[r].flatten()]
         for t in (rx, rdt, rb):
@@ -344,7 +292,88 @@ def replay_state_update(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tenso
             parts.append(kept.flatten())
         parts.append(torch.tensor([float(n)], dtype=torch.float64))
         rows.append(torch.cat(parts))
-    return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64), out
+    return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64)
+
+
+def replay_state_update(call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (new rows, output) in float64, each row laid out as the op's row value: the
+    checkpoint, the ring's filled entries (zeros past ring_len), ring_len. With
+    ``num_accepted_tokens``: T tokens per sequence after the source row's last T entries
+    (the previous call's) are cut to the accepted ones."""
+    state0 = call["state"].double()
+    rx0, rdt0, rb0 = (call[k].double() for k in ("ring_x", "ring_dt", "ring_B"))
+    len0 = call["ring_len"].tolist()
+    spec = call.get("num_accepted_tokens") is not None
+    x, dt, B, C = (call[k].double() for k in ("x", "dt", "B", "C"))
+    z = call["z"]
+    if not spec:  # one token: a call of T = 1 whose ring holds everything committed
+        x, dt, B, C = (t[:, None] for t in (x, dt, B, C))
+        z = None if z is None else z[:, None]
+    A = call["A"].double()
+    D, bias, limit = call["D"], call["dt_bias"], call["dt_limit"]
+    nslots, nheads = state0.shape[:2]
+    ring, ngroups, pad = rx0.shape[1], B.shape[2], call["pad_slot_id"]
+    T = x.shape[1]
+    sbi, dsbi = _ids(call["state_batch_indices"]), _ids(call["dst_state_batch_indices"])
+    nacc = _ids(call["num_accepted_tokens"]) if spec else None
+    state, rx, rdt, rb = state0.clone(), rx0.clone(), rdt0.clone(), rb0.clone()
+    lengths = list(len0)
+    out = torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        src = b if sbi is None else sbi[b]
+        dst = src if dsbi is None else dsbi[b]
+        n = 0 if src == pad else len0[src]
+        if spec:  # the previous call's rejected tokens are not part of the stream
+            n = 0 if src == pad else n - T + nacc[b]
+        h = torch.zeros_like(state0[0]) if src == pad else state0[src].clone()
+        drafts = []
+        for t in range(T):
+            steps = []
+            for hd in range(nheads):
+                d = dt[b, t, hd, 0] + (0 if bias is None else bias[hd, 0].double())
+                if call["dt_softplus"]:
+                    d = torch.where(d <= 20, torch.log1p(torch.exp(d)), d)
+                if limit is not None:
+                    d = d.clamp(limit[0], limit[1])
+                steps.append(d)
+            drafts.append((x[b, t], torch.stack(steps), B[b, t]))
+
+        def advance(h, xt, dtt, Bt):
+            for hd in range(nheads):
+                g = hd // (nheads // ngroups)
+                h[hd] = h[hd] * torch.exp(A[hd] * dtt[hd]) + dtt[hd] * Bt[g][None] * xt[hd][:, None]
+
+        for i in range(n):  # the ring's committed tokens
+            advance(h, rx0[src, i], rdt0[src, i], rb0[src, i])
+        committed = h.clone()
+        for t, token in enumerate(drafts):  # then the call's, each output after its token
+            advance(h, *token)
+            for hd in range(nheads):
+                g = hd // (nheads // ngroups)
+                y = (h[hd] * C[b, t, g][None]).sum(-1)
+                if D is not None:
+                    y = y + D[hd].double() * x[b, t, hd]
+                if z is not None:
+                    zz = z[b, t, hd].double()
+                    y = y * zz * torch.sigmoid(zz)
+                out[b, t, hd] = y
+        if dst == pad:
+            continue
+        if not spec and n == ring:  # full: the state is the new checkpoint, the ring empty
+            state[dst] = h
+            lengths[dst] = 0
+        elif spec and n + T > ring:  # the tokens don't fit: the committed state is the
+            state[dst] = committed  # checkpoint, the tokens an empty ring's first entries
+            for t, token in enumerate(drafts):
+                rx[dst, t], rdt[dst, t], rb[dst, t] = token
+            lengths[dst] = T
+        else:
+            state[dst] = torch.zeros_like(h) if src == pad else state0[src]
+            rx[dst, :n], rdt[dst, :n], rb[dst, :n] = rx0[src, :n], rdt0[src, :n], rb0[src, :n]
+            for t, token in enumerate(drafts):
+                rx[dst, n + t], rdt[dst, n + t], rb[dst, n + t] = token
+            lengths[dst] = n + T
+    return _replay_rows(state, rx, rdt, rb, lengths), out if spec else out[:, 0]
 
 
 def replay_materialize(call: dict[str, Any]) -> tuple[torch.Tensor, None]:
@@ -366,17 +395,7 @@ def replay_materialize(call: dict[str, Any]) -> tuple[torch.Tensor, None]:
                 h[hd] = h[hd] * decay + step * rb[s, i, g][None] * rx[s, i, hd][:, None]
         if d != pad:
             state[d], lengths[d] = h, 0
-    rows = []
-    for r in range(nslots):
-        n = lengths[r]
-        parts = [state[r].flatten()]
-        for t in (rx, rdt, rb):
-            kept = torch.zeros_like(t[r])
-            kept[:n] = t[r, :n]
-            parts.append(kept.flatten())
-        parts.append(torch.tensor([float(n)], dtype=torch.float64))
-        rows.append(torch.cat(parts))
-    return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64), None
+    return _replay_rows(state, rx, rdt, rb, lengths), None
 
 
 ORACLES = {

@@ -332,3 +332,33 @@ def test_replay_plot_from_json(tmp_path: Path) -> None:
     png = replay.plot(path)
     assert png == path.with_suffix(".png") and png.stat().st_size > 0
     assert replay.table(rows).splitlines()[0].split()[:2] == ["L", "batch"]
+
+
+def test_spec_cycle_closes_and_refuses_tokens_the_ring_cannot_hold() -> None:
+    assert replay.spec_cycle(8, 4, 3) == [4, 7]  # 7 - 4 + 3 committed + 4 tokens > 8
+    assert replay.spec_cycle(16, 4, 4) == [4, 8, 12, 16]
+    assert replay.spec_cycle(8, 4, 0) == [4]  # nothing accepted: the ring stays at its tokens
+    with pytest.raises(ValueError, match="tokens"):
+        replay.spec_cycle(3, 4, 1)
+
+
+@pytest.mark.parametrize("accepted", [1, 3])
+def test_spec_calls_are_valid_and_the_replay_cycle_closes(accepted: int) -> None:
+    """Both speculative calls pass the ops' checks and run; the replay rows' lengths follow
+    ``spec_cycle`` step by step (a flush at its end) and come back to where they started."""
+    from mamba_ir import get_op, ops
+
+    ring, batch = 8, 3
+    call = replay.spec_replay_call(batch, ring, accepted=accepted, device="cpu")
+    op = get_op("replay_state_update")
+    op.check(op.bind(**call))
+    std = replay.spec_ssu_call(batch, accepted=accepted, device="cpu")
+    ssu = get_op("selective_state_update")
+    ssu.check(ssu.bind(**std))
+    rows = call["state_batch_indices"].long()
+    lengths = replay.spec_cycle(ring, replay.TOKENS, accepted)
+    for step, want in enumerate(lengths):
+        assert call["ring_len"][rows].tolist() == [want] * batch, step
+        ops.replay_state_update(**call)
+    assert call["ring_len"][rows].tolist() == [replay.TOKENS] * batch
+    assert ops.selective_state_update(**std).shape == call["out"].shape

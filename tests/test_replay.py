@@ -646,3 +646,220 @@ def test_materialize_refuses_bad_calls_naming_the_argument_before_writing(words)
 
 def test_check_impl_materialize_native_against_native():
     assert check_impl("replay_materialize", "native", max_examples=25) == 25
+
+
+# -- speculative decoding: T tokens a call, the previous call's rejected ones rolled back ---
+
+SPEC_T = 3
+
+
+def _spec_tokens(gen: torch.Generator, batch: int, dtype: torch.dtype,
+                 tokens: int = SPEC_T) -> dict:
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    return {"x": randn(batch, tokens, NHEADS, DIM),
+            "dt": (torch.randn(batch, tokens, NHEADS, 1, generator=gen) * 0.1).to(dtype).expand(
+                batch, tokens, NHEADS, DIM),
+            "B": randn(batch, tokens, NGROUPS, DSTATE), "C": randn(batch, tokens, NGROUPS, DSTATE),
+            "z": randn(batch, tokens, NHEADS, DIM)}
+
+
+def _truth_tokens(model: Model, h: torch.Tensor, tok: dict, b: int) -> tuple[list, torch.Tensor]:
+    """Sequence ``b``'s tokens of ``tok`` from the float64 state ``h``: the state after each
+    and the outputs."""
+    states, ys = [], []
+    per_group = NHEADS // NGROUPS
+    for t in range(tok["x"].shape[1]):
+        d = F.softplus(tok["dt"][b, t, :, 0].double() + model.dt_bias[:, 0].double())[:, None,
+                                                                                       None]
+        Bh = tok["B"][b, t].double().repeat_interleave(per_group, 0)[:, None, :]
+        Ch = tok["C"][b, t].double().repeat_interleave(per_group, 0)[:, None, :]
+        x = tok["x"][b, t].double()
+        h = h * torch.exp(model.A.double() * d) + d * Bh * x[..., None]
+        zz = tok["z"][b, t].double()
+        ys.append(((h * Ch).sum(-1) + model.D.double() * x) * zz * torch.sigmoid(zz))
+        states.append(h)
+    return states, torch.stack(ys)
+
+
+@pytest.mark.parametrize(("ring", "state_dtype", "in_dtype"), [
+    (3, torch.float32, torch.float32),
+    (5, torch.float32, torch.bfloat16),
+    (7, torch.bfloat16, torch.float16),
+])
+def test_speculative_streams_match_the_float64_oracle_call_by_call(ring, state_dtype, in_dtype):
+    """Three requests verify ``SPEC_T`` tokens a call and accept a random number of the
+    previous call's (0 to all), moving to a fresh row now and then, one padded on some
+    calls (its row untouched, its rollback waiting for its next call): every call against
+    the oracle on the rows as they are, and, with float32 state, every output against each
+    request's float64 history of accepted tokens only."""
+    gen = torch.Generator().manual_seed(ring)
+    rng = random.Random(ring)
+    model = Model.draw(gen)
+    batch, nslots = 3, 7
+    rows = _empty_rings(torch.randn(nslots, NHEADS, DIM, DSTATE, generator=gen).to(state_dtype),
+                        ring, in_dtype)
+    where = [0, 1, 2]
+    accepted = [SPEC_T] * batch  # fresh rows: nothing to roll back
+    truth = [rows["state"][r].double() for r in where]  # the committed state, float64
+    pending: list[list] = [[] for _ in range(batch)]  # the last call's states after each token
+    atol, rtol = tolerance(state_dtype, in_dtype)
+    flushes = rollbacks = 0
+    for step in range(16):
+        src = list(where)
+        free = [r for r in range(nslots) if r not in where]
+        dst = [free.pop(rng.randrange(len(free))) if rng.random() < 0.3 else s for s in src]
+        padded = step % 5 == 3
+        if padded:
+            src[1] = dst[1] = -1
+        call = REPLAY.bind(**rows, **_spec_tokens(gen, batch, in_dtype), A=model.A, D=model.D,
+                           dt_bias=model.dt_bias, dt_softplus=True,
+                           state_batch_indices=torch.tensor(src),
+                           dst_state_batch_indices=torch.tensor(dst),
+                           num_accepted_tokens=torch.tensor(accepted))
+        want_rows, want_out = ORACLES["replay_state_update"](call)
+        before = {k: rows[k].clone() for k in rows}
+        lengths = [int(rows["ring_len"][s]) if s != -1 else 0 for s in src]
+        flushes += sum(s != -1 and n - SPEC_T + a + SPEC_T > ring
+                       for s, n, a in zip(src, lengths, accepted, strict=True))
+        rollbacks += sum(s != -1 and a < SPEC_T for s, a in zip(src, accepted, strict=True))
+        out = ops.replay_state_update(**call)
+        torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=rtol)
+        got_rows, _ = row_value(rows)
+        for r in range(nslots):
+            if r in dst and r != -1:
+                want = want_rows[r].to(state_dtype).double()
+                torch.testing.assert_close(got_rows[r].double(), want, atol=atol, rtol=rtol)
+            else:
+                for k in rows:
+                    torch.testing.assert_close(rows[k][r], before[k][r], rtol=0, atol=0,
+                                               equal_nan=True, msg=f"{k}: row {r} changed")
+        for b in range(batch):
+            if src[b] == -1:
+                continue
+            if pending[b]:  # the accepted tokens of the previous call commit
+                truth[b] = pending[b][accepted[b] - 1] if accepted[b] else truth[b]
+            pending[b], ys = _truth_tokens(model, truth[b], call, b)
+            if state_dtype == torch.float32:
+                torch.testing.assert_close(out[b].double(), ys, atol=atol, rtol=rtol)
+            accepted[b] = rng.randint(0, SPEC_T)
+            where[b] = dst[b]
+    assert flushes >= 3 and rollbacks >= 5, (flushes, rollbacks)
+
+
+def test_speculative_replay_equals_the_standard_ops_speculative_path():
+    """The same tokens through both ops, the same counts accepted (vLLM's: 1 to T, the
+    first token always): the standard op keeps a state per token in its own slot, replay
+    one checkpoint and a ring, yet with a float32 state every output agrees."""
+    gen = torch.Generator().manual_seed(11)
+    rng = random.Random(11)
+    model = Model.draw(gen)
+    batch, ring = 2, 5
+    initial = torch.randn(batch, NHEADS, DIM, DSTATE, generator=gen) * 0.1
+    rows = _empty_rings(initial.clone(), ring, torch.float32)
+    slots = torch.arange(batch * SPEC_T).view(batch, SPEC_T)
+    standard = torch.zeros(batch * SPEC_T, NHEADS, DIM, DSTATE)
+    standard[slots[:, 0]] = initial  # column 0: the state vLLM's first step reads (count 1)
+    accepted = [1] * batch
+    for step in range(12):
+        tok = _spec_tokens(gen, batch, torch.float32)
+        common = dict(**tok, A=model.A, D=model.D, dt_bias=model.dt_bias, dt_softplus=True,
+                      num_accepted_tokens=torch.tensor(accepted))
+        want = ops.selective_state_update(standard, state_batch_indices=slots, **common)
+        common["num_accepted_tokens"] = torch.tensor([SPEC_T] * batch if step == 0 else accepted)
+        got = ops.replay_state_update(**rows, **common)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        accepted = [rng.randint(1, SPEC_T) for _ in range(batch)]
+
+
+def test_a_rollback_moves_ring_len_and_a_flush_folds_only_committed_entries():
+    """In place: accepting 1 of the previous call's 3 tokens leaves its first entry and
+    appends after it (the checkpoint as it was); where the tokens would not fit, the
+    committed entries go into the checkpoint and the tokens start the ring."""
+    gen = torch.Generator().manual_seed(3)
+    call = _small(ring=5, nslots=2, batch=1)
+    rows = {k: call[k] for k in ("state", "ring_x", "ring_dt", "ring_B", "ring_len")}
+    model = dict(A=call["A"], dt_bias=call["dt_bias"], dt_softplus=True,
+                 state_batch_indices=torch.tensor([0]))
+    first = _spec_tokens(gen, 1, torch.float32)
+    ops.replay_state_update(**rows, **first, **model, num_accepted_tokens=torch.tensor([3]))
+    assert rows["ring_len"].tolist() == [3, 0]
+    checkpoint = rows["state"][0].clone()
+    second = _spec_tokens(gen, 1, torch.float32)
+    ops.replay_state_update(**rows, **second, **model, num_accepted_tokens=torch.tensor([1]))
+    assert rows["ring_len"].tolist() == [4, 0]  # 1 committed + 3 tokens
+    assert torch.equal(rows["state"][0], checkpoint)
+    assert torch.equal(rows["ring_x"][0, 0], first["x"][0, 0])
+    assert torch.equal(rows["ring_x"][0, 1:4], second["x"][0])
+    # 4 - 3 + 3 = 4 committed, + 3 tokens > 5: a flush of the 4 committed entries
+    h = _materialized({k: v.clone() for k, v in rows.items()}, 0, Model(call["A"], call["A"][
+        :, :, 0], call["dt_bias"]))
+    third = _spec_tokens(gen, 1, torch.float32)
+    ops.replay_state_update(**rows, **third, **model, num_accepted_tokens=torch.tensor([3]))
+    assert rows["ring_len"].tolist() == [3, 0]
+    torch.testing.assert_close(rows["state"][0].double(), h, atol=1e-5, rtol=1e-5)
+    assert torch.equal(rows["ring_x"][0, :3], third["x"][0])
+
+
+def _spec_small() -> dict:
+    call = _small(ring=4)
+    gen = torch.Generator().manual_seed(1)
+    call.update(_spec_tokens(gen, 2, torch.float32))
+    call["ring_len"][:2] = torch.tensor([3, 1], dtype=torch.int32)
+    call["state_batch_indices"] = torch.tensor([0, 1])
+    call["num_accepted_tokens"] = torch.tensor([2, 3])
+    return call
+
+
+def _too_many_rolled_back(call: dict) -> None:
+    call["num_accepted_tokens"] = torch.tensor([2, 1])  # row 1 holds 1 entry, 2 dropped
+
+
+def _accepted_over_the_tokens(call: dict) -> None:
+    call["num_accepted_tokens"] = torch.tensor([4, 3])
+
+
+def _tokens_over_the_ring(call: dict) -> None:
+    gen = torch.Generator().manual_seed(2)
+    call.update(_spec_tokens(gen, 2, torch.float32, tokens=5))
+
+
+def _tokens_without_a_count(call: dict) -> None:
+    call["num_accepted_tokens"] = None
+
+
+def _count_with_one_token(call: dict) -> None:
+    for k in ("x", "dt", "B", "C", "z"):
+        call[k] = call[k][:, 0]
+
+
+SPEC_BAD = {
+    "num_accepted_tokens: expected values in [0, 3] (the previous call's tokens that stand) "
+    "with ring_len - 3 + num_accepted_tokens >= 0": _too_many_rolled_back,
+    "num_accepted_tokens: expected values in [0, 3]": _accepted_over_the_tokens,
+    "x: expected 1 to 4 tokens per sequence": _tokens_over_the_ring,
+    "x: expected (batch, nheads, dim) without num_accepted_tokens": _tokens_without_a_count,
+    "x: expected (batch, T, nheads, dim) with num_accepted_tokens": _count_with_one_token,
+}
+
+
+@pytest.mark.parametrize("words", sorted(SPEC_BAD))
+def test_bad_speculative_calls_are_refused_naming_the_argument_before_writing(words):
+    call = _spec_small()
+    ops.replay_state_update(**_clone(call))  # the call as built is good
+    SPEC_BAD[words](call)
+    before = _clone(call)
+    with pytest.raises(ValueError, match="^" + re.escape(words)):
+        ops.replay_state_update(**call)
+    for k in REPLAY.mutates_args:
+        if isinstance(call[k], torch.Tensor):
+            assert torch.equal(call[k], before[k]), f"{k} changed"
+
+
+def test_the_device_check_asserts_the_rollback():
+    call = _spec_small()
+    REPLAY.device_check(REPLAY.bind(**call))
+    _too_many_rolled_back(call)
+    with pytest.raises(RuntimeError, match=re.escape("num_accepted_tokens: expected values")):
+        REPLAY.device_check(REPLAY.bind(**call))

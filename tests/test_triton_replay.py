@@ -231,3 +231,102 @@ def test_no_spills_at_mamba2_size() -> None:
     for route, (registers, spill_stores, spill_loads) in usage.items():
         assert spill_stores == spill_loads == 0, (route, registers, spill_stores, spill_loads)
         assert registers <= REGISTERS[route], (route, registers)
+
+
+# -- speculative decoding -------------------------------------------------------------------
+
+
+def spec_tokens(batch: int, tokens: int, nheads: int, dim: int, ngroups: int, dstate: int, *,
+                in_dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> dict:
+    """``tokens`` tokens per sequence with :func:`token`'s parameters."""
+    call = token(batch, nheads, dim, ngroups, dstate, in_dtype=in_dtype, device=device,
+                 seed=seed)
+    gen = torch.Generator().manual_seed(2000 + seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(in_dtype).to(device)
+
+    return {**call, "x": randn(batch, tokens, nheads, dim),
+            "dt": randn(batch, tokens, nheads, 1).expand(batch, tokens, nheads, dim),
+            "B": randn(batch, tokens, ngroups, dstate), "C": randn(batch, tokens, ngroups, dstate),
+            "z": randn(batch, tokens, nheads, dim)}
+
+
+@pytest.mark.parametrize(("state_dtype", "in_dtype", "moves", "direct"), [
+    (torch.float32, torch.float32, False, None),
+    (torch.bfloat16, torch.float16, True, None),
+    (torch.float32, torch.bfloat16, True, False),
+])
+def test_speculative_streams_match_native_call_by_call(state_dtype, in_dtype, moves,
+                                                       direct) -> None:
+    """Three sequences verify 3 tokens a call and accept a random number of the previous
+    call's (0 to 3), rows carried over under each provider: rollbacks, flushes in place
+    (the tokens overwrite entries the committed state was built from) and, with
+    ``moves``, every sequence to a fresh row each call; one sequence padded on one call.
+    Many programs per sequence (blocks of 4 headdim rows), so that in place every one of
+    them reads the ring before the tokens land."""
+    nheads, dim, ngroups, dstate, ring, batch, T = 4, 8, 2, 8, 5, 3, 3
+    nslots = 2 * batch + 1
+    start = rows(nslots, ring, nheads, dim, ngroups, dstate, state_dtype=state_dtype,
+                 in_dtype=in_dtype, fill=torch.zeros(nslots, dtype=torch.long))
+    want, got = _clone(start), _clone(start)
+    where = list(range(batch))
+    accepted = [T] * batch
+    atol, rtol = tolerance(state_dtype, in_dtype)
+    gen = torch.Generator().manual_seed(5)
+    flushes = 0
+    for step in range(8):
+        src = list(where)
+        dst = [(r + batch) % (2 * batch) for r in src] if moves else list(src)
+        if step == 2:
+            src[1] = dst[1] = -1
+        call = {**spec_tokens(batch, T, nheads, dim, ngroups, dstate, in_dtype=in_dtype,
+                              seed=step),
+                "state_batch_indices": torch.tensor(src, dtype=torch.int32),
+                "dst_state_batch_indices": torch.tensor(dst, dtype=torch.int32),
+                "num_accepted_tokens": torch.tensor(accepted, dtype=torch.int32)}
+        flushes += sum(s != -1 and int(want["ring_len"][s]) + accepted[b] > ring
+                       for b, s in enumerate(src))
+        out_want, out_got = torch.empty_like(call["x"]), torch.empty_like(call["x"])
+        OP.native(**want, **call, out=out_want)
+        triton_replay(**got, **call, out=out_got, direct=direct,
+                      config=Config(block_d=4, num_warps=1))
+        torch.testing.assert_close(out_got, out_want, atol=atol, rtol=rtol)
+        assert torch.equal(got["ring_len"], want["ring_len"]), step
+        (value_want, spacing), (value_got, _) = OP.rows.value(want), OP.rows.value(got)
+        gap = (value_got - value_want).abs() - rtol * value_want.abs() - spacing
+        assert float(gap.max()) <= atol, f"step {step}: rows differ by {float(gap.max())}"
+        where = [w if d == -1 else d for w, d in zip(where, dst, strict=True)]
+        accepted = [int(a) if d == -1 else int(torch.randint(0, T + 1, (), generator=gen))
+                    for a, d in zip(accepted, dst, strict=True)]
+    assert flushes >= batch, "the stream should flush rings"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ring", [8, 16])
+@pytest.mark.parametrize("form", ["in_place", "redirect", "pads"])
+def test_speculative_mamba2_decode_size_gpu(ring: int, form: str) -> None:
+    """One speculative call of 64 sequences, 4 tokens each, at Mamba2 decode size: rings
+    of every length that can hold the previous call's tokens, random accepted counts
+    (rollbacks, appends and flushes)."""
+    batch, T = 64, 4
+    nslots = 2 * batch + 1
+    fill = T + torch.arange(nslots) % (ring - T + 1)
+    row_set = rows(nslots, ring, NHEADS, HEADDIM, NGROUPS, DSTATE, state_dtype=torch.bfloat16,
+                   in_dtype=torch.bfloat16, device="cuda", fill=fill, seed=ring)
+    gen = torch.Generator().manual_seed(ring)
+    perm = torch.randperm(nslots, generator=gen)
+    src = perm[:batch].to(torch.int32)
+    dst = perm[batch:2 * batch].to(torch.int32) if form != "in_place" else None
+    if form == "pads":
+        src[::7] = -1
+        dst[3::11] = -1
+    call = OP.bind(**row_set, **spec_tokens(batch, T, NHEADS, HEADDIM, NGROUPS, DSTATE,
+                                            in_dtype=torch.bfloat16, device="cuda", seed=ring),
+                   state_batch_indices=src.cuda(),
+                   dst_state_batch_indices=None if dst is None else dst.cuda(),
+                   num_accepted_tokens=torch.randint(0, T + 1, (batch,), generator=gen).to(
+                       torch.int32).cuda(),
+                   out=torch.empty(batch, T, NHEADS, HEADDIM, dtype=torch.bfloat16,
+                                   device="cuda"))
+    assert_matches_native(OP, "triton", call)

@@ -21,7 +21,7 @@ from ._replay_kernel import MAX_PROGRAMS_PER_SEQUENCE, MAX_RING
 from .selective_state_update import MAX_DSTATE, Config, default_config
 
 if triton is not None:
-    from ._replay_kernel import replay_kernel
+    from ._replay_kernel import replay_kernel, replay_tokens_kernel
 
 # Ring entries an append's output takes in at once (the direct route): a chunk of B is
 # CHUNK x dstate values in registers beside the checkpoint tile.
@@ -70,41 +70,57 @@ def launch(call: dict[str, Any], *, config: Config | None = None,
     without; capped at 128, ``direct`` spills 56 bytes)."""
     state, x, dt, A, B, C, D, z, dt_bias, out = (call[k] for k in (
         "state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "out"))
-    src, dst, dt_limit = (call[k] for k in (
-        "state_batch_indices", "dst_state_batch_indices", "dt_limit"))
+    src, dst, dt_limit, nacc = (call[k] for k in (
+        "state_batch_indices", "dst_state_batch_indices", "dt_limit", "num_accepted_tokens"))
     batch = x.shape[0]
     _, nheads, dim, dstate = state.shape
     if batch == 0:  # no sequence: nothing is read or written
         return
+    # speculative: T tokens a sequence (T = 0 compiles the one-token kernel); a per-token
+    # tensor's strides as (sequence, head or group, last), the token's apart
+    tokens = 0 if nacc is None else x.shape[1]
+    per_token = (x, dt, B, C, z, out)
+    s_x, s_B, s_C, s_z, s_out = (
+        (0, 0, 0) if t is None else (t.stride(0), *t.stride()[-2:]) for t in (x, B, C, z, out))
+    s_dt = (dt.stride(0), dt.stride(-2))
+    s_tok = tuple(0 if t is None or not tokens else t.stride(1) for t in per_token)
     block_n = triton.next_power_of_2(dstate)
     cfg = config or default_config(dim, block_n, state.element_size(), batch * nheads)
     block_d = _block_d(cfg, dim, nheads)
     a_tied = _tied(A, (-1, -2))
-    call_kernel(replay_kernel, (batch * nheads * triton.cdiv(dim, block_d),),
-        state_ptr=state, rx_ptr=call["ring_x"], rdt_ptr=call["ring_dt"], rB_ptr=call["ring_B"],
-        len_ptr=call["ring_len"], x_ptr=x, dt_ptr=dt, bias_ptr=dt_bias, A_ptr=A, B_ptr=B,
-        C_ptr=C, D_ptr=D, z_ptr=z, out_ptr=out, src_ptr=src, dst_ptr=dst,
+    grid = (batch * nheads * triton.cdiv(dim, block_d),)
+    common = dict(
         pad_slot_id=call["pad_slot_id"], nheads=nheads, dim=dim, dstate=dstate,
-        heads_per_group=nheads // B.shape[1], nslots=state.shape[0],
-        ring=call["ring_x"].shape[1],
+        heads_per_group=nheads // B.shape[-2], nslots=state.shape[0],
         dt_lo=None if dt_limit is None else float(dt_limit[0]),
         dt_hi=None if dt_limit is None else float(dt_limit[1]),
-        s_state=state.stride(), s_rx=call["ring_x"].stride(), s_rdt=call["ring_dt"].stride(),
-        s_rB=call["ring_B"].stride(), s_len=stride0(call["ring_len"]),
-        s_x=x.stride(), s_dt=dt.stride()[:2], s_bias=stride0(dt_bias), s_A=A.stride(),
-        s_B=B.stride(), s_C=C.stride(), s_D=strides(D, 2), s_z=strides(z, 3),
-        s_out=out.stride(), s_src=stride0(src), s_dst=stride0(dst),
-        SOFTPLUS=bool(call["dt_softplus"]),
+        s_rx=call["ring_x"].stride(), s_rdt=call["ring_dt"].stride(),
+        s_rB=call["ring_B"].stride(), s_len=stride0(call["ring_len"]), s_x=s_x, s_dt=s_dt,
+        s_bias=stride0(dt_bias), s_B=s_B, s_src=stride0(src), s_dst=stride0(dst),
+        SOFTPLUS=bool(call["dt_softplus"]), BLOCK_D=block_d, BLOCK_N=block_n,
+        T=tokens, TP=triton.next_power_of_2(max(tokens, 1)),
+    )
+    call_kernel(replay_kernel, grid,
+        state_ptr=state, rx_ptr=call["ring_x"], rdt_ptr=call["ring_dt"], rB_ptr=call["ring_B"],
+        len_ptr=call["ring_len"], x_ptr=x, dt_ptr=dt, bias_ptr=dt_bias, A_ptr=A, B_ptr=B,
+        C_ptr=C, D_ptr=D, z_ptr=z, out_ptr=out, src_ptr=src, dst_ptr=dst, nacc_ptr=nacc,
+        ring=call["ring_x"].shape[1], s_state=state.stride(), s_A=A.stride(), s_C=s_C,
+        s_D=strides(D, 2), s_z=s_z, s_out=s_out, s_nacc=stride0(nacc), s_tok=s_tok,
         A_TIED=a_tied,
         D_TIED=D is not None and _tied(D, (-1,)),
         DIRECT=a_tied and direct is not False,
-        BLOCK_D=block_d,
-        BLOCK_N=block_n,
         CHUNK=CHUNK,
         num_warps=cfg.num_warps,
         num_stages=1,
         maxnreg=maxnreg,
+        **common,
     )
+    if tokens:  # the tokens' entries, once every program of the first launch has read
+        call_kernel(replay_tokens_kernel, grid,
+            rx_ptr=call["ring_x"], rdt_ptr=call["ring_dt"], rB_ptr=call["ring_B"],
+            len_ptr=call["ring_len"], x_ptr=x, dt_ptr=dt, bias_ptr=dt_bias, B_ptr=B,
+            src_ptr=src, dst_ptr=dst, s_tok=s_tok[:3], num_warps=cfg.num_warps, num_stages=1,
+            **common)
 
 
 replay_state_update = register(_op, launch, supports)

@@ -6,6 +6,11 @@ from the checkpoint and the ring in float32, runs the new token and appends its 
 the ring; when the ring is full the step writes the state as the new checkpoint instead
 and empties the ring. The state is rounded to its dtype once per flush, not once per step,
 and most steps write one ring entry instead of the whole state (docs/ops.md).
+
+Speculative decoding (``num_accepted_tokens``, ``x`` of ``(batch, T, nheads, dim)``) takes
+``T`` tokens per sequence. Each call appends its ``T`` tokens to the ring tentatively
+(``ring_len`` counts them); the next call keeps ``num_accepted_tokens`` of them and drops
+the rest by moving ``ring_len`` back, so a rollback rewrites no state.
 """
 
 from collections.abc import Sequence
@@ -23,6 +28,7 @@ from ._step import decay, step_size
 ROW = ("state", "ring_x", "ring_dt", "ring_B", "ring_len")
 RING = ("ring_x", "ring_dt", "ring_B")
 INDICES = ("state_batch_indices", "dst_state_batch_indices")
+NACC = "num_accepted_tokens"
 EXAMPLE_RING = 4  # ring entries per row in the example call
 
 
@@ -107,11 +113,19 @@ def replay_state_update(
     state_batch_indices: torch.Tensor | None = None,
     dst_state_batch_indices: torch.Tensor | None = None,
     pad_slot_id: int = -1,
+    num_accepted_tokens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> None:
     """One decode token per sequence from its source row's checkpoint and ring: append the
     token to the ring, or, when the ring is full, write the state as a new checkpoint and
-    empty the ring (docs/ops.md)."""
+    empty the ring. With ``num_accepted_tokens``, ``T`` tokens per sequence verified at
+    once after rolling back the previous call's rejected ones (:func:`_speculative`;
+    docs/ops.md)."""
+    if num_accepted_tokens is not None:
+        _speculative(state, ring_x, ring_dt, ring_B, ring_len, x, dt, A, B, C, D, z, dt_bias,
+                     dt_softplus, dt_limit, state_batch_indices, dst_state_batch_indices,
+                     pad_slot_id, num_accepted_tokens, out)
+        return
     nslots, ring = state.shape[0], ring_x.shape[1]
     heads_per_group = state.shape[1] // B.shape[-2]
     src, dst = _sequence_rows(x, state_batch_indices, dst_state_batch_indices)
@@ -166,6 +180,79 @@ def replay_state_update(
     ring_len[dst[append]] = (filled[append] + 1).to(ring_len.dtype)
 
 
+def _speculative(state, ring_x, ring_dt, ring_B, ring_len, x, dt, A, B, C, D, z, dt_bias,
+                 dt_softplus, dt_limit, state_batch_indices, dst_state_batch_indices,
+                 pad_slot_id, num_accepted_tokens, out) -> None:
+    """``T`` draft tokens per sequence (``x``: ``(batch, T, nheads, dim)``).
+
+    A source row's last ``T`` ring entries are the previous call's tokens, appended
+    tentatively; ``num_accepted_tokens[b]`` of them stand and the others are dropped, so
+    the row's *committed* entries are its first ``ring_len - T + num_accepted_tokens``
+    (a row no speculative call wrote passes ``T``: nothing to drop). Each token's output
+    comes from the checkpoint, the committed entries and the tokens before it and itself.
+    The destination row gets the committed entries and the ``T`` tokens after them
+    (``ring_len = committed + T``); where they would not fit, the committed entries are
+    first folded into the checkpoint (a flush, rounded once) and the ``T`` tokens start
+    an empty ring. Tokens are never folded into a checkpoint: any of them may be dropped
+    by the next call."""
+    nslots, ring = state.shape[0], ring_x.shape[1]
+    heads_per_group = state.shape[1] // B.shape[-2]
+    batch, T = x.shape[:2]
+    src, dst = _sequence_rows(x, state_batch_indices, dst_state_batch_indices)
+    # everything the call reads, before it writes; a pad source is a zero checkpoint and an
+    # empty ring (nothing committed, whatever its count)
+    has_src = checks.real_rows(src, nslots, pad_slot_id)
+    checkpoint = _read(state, src, has_src)
+    rx, rdt, rB = (_read(t, src, has_src) for t in (ring_x, ring_dt, ring_B))
+    filled = _read(ring_len, src, has_src).long().clamp(0, ring)  # clamped: unchecked calls
+    accepted = num_accepted_tokens[:batch].long().clamp(0, T)
+    committed = (filled - T + accepted).clamp(min=0)  # the rollback: a count, nothing moved
+    has_dst = checks.real_rows(dst, nslots, pad_slot_id)
+    own = [_read(t, dst, has_dst) for t in (ring_x, ring_dt, ring_B)]
+
+    A = A.float()
+
+    def advance(h, x_t, dt_t, B_t):  # dt_t: one step size per head
+        d = dt_t.float()[:, :, None, None]
+        Bh = B_t.float().repeat_interleave(heads_per_group, dim=1)[:, :, None]
+        return h * decay(A, d) + d * Bh * x_t.float()[..., None]
+
+    h = checkpoint.float()
+    for i in range(ring):  # the committed entries in order
+        h = torch.where((i < committed)[:, None, None, None], advance(h, rx[:, i], rdt[:, i],
+                                                                     rB[:, i]), h)
+    bias = None if dt_bias is None else dt_bias[..., 0]
+    steps = step_size(dt[..., 0], bias, dt_softplus, dt_limit)  # (batch, T, nheads)
+    g = h
+    for t in range(T):  # each token from the ones before it
+        g = advance(g, x[:, t], steps[:, t], B[:, t])
+        y = (g * C[:, t].float().repeat_interleave(heads_per_group, dim=1)[:, :, None]).sum(-1)
+        if D is not None:
+            y = y + D.float() * x[:, t].float()
+        if z is not None:
+            y = y * F.silu(z[:, t].float())
+        out[:, t] = y.to(out.dtype)
+
+    # the tokens do not fit after the committed entries: those become the checkpoint
+    flush = committed + T > ring
+    state[dst[has_dst & flush]] = h[has_dst & flush].to(state.dtype)
+    state[dst[has_dst & ~flush]] = checkpoint[has_dst & ~flush]
+    start = torch.where(flush, 0, committed)  # where the tokens go
+    position = torch.arange(ring, device=x.device)
+    token = (position[None, :] - start[:, None]).clamp(0, T - 1)  # (batch, ring)
+    seqs = torch.arange(batch, device=x.device)[:, None]
+    for rows, old, mine, new in zip((ring_x, ring_dt, ring_B), (rx, rdt, rB), own, (x, steps, B),
+                                    strict=True):
+        shape = (batch, ring, *[1] * (rows.dim() - 2))
+        kept = (position[None, :] < start[:, None]).view(shape)
+        added = ((position[None, :] >= start[:, None])
+                 & (position[None, :] < start[:, None] + T)).view(shape)
+        entries = torch.where(kept, old, torch.where(added, new[seqs, token].to(rows.dtype),
+                                                     mine))
+        rows[dst[has_dst]] = entries[has_dst]
+    ring_len[dst[has_dst]] = (start[has_dst] + T).to(ring_len.dtype)
+
+
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
@@ -198,15 +285,25 @@ def _check(call: dict) -> None:
     if dim < 1:
         checks.fail("state", "headdim >= 1", tuple(state.shape))
     checks.same_device(call, "state")
-    x = checks.tensor(call, "x", ndim=3)
-    if tuple(x.shape[1:]) != (nheads, dim):
-        checks.fail("x", f"shape (batch, {nheads}, {dim}): one token per sequence",
+    spec = call[NACC] is not None
+    x = checks.tensor(call, "x", ndim=(3, 4))
+    if x.dim() != (4 if spec else 3):
+        checks.fail("x", "(batch, T, nheads, dim) with num_accepted_tokens" if spec else
+                    "(batch, nheads, dim) without num_accepted_tokens (T tokens a sequence "
+                    "are speculative decoding)", tuple(x.shape))
+    lead = tuple(x.shape[:-2])  # (batch,), or (batch, T) with num_accepted_tokens
+    if tuple(x.shape[-2:]) != (nheads, dim):
+        form = "(batch, T, " if spec else "(batch, "
+        checks.fail("x", f"shape {form}{nheads}, {dim})"
+                    + (": T tokens per sequence with num_accepted_tokens" if spec
+                       else ": one token per sequence (T tokens need num_accepted_tokens)"),
                     tuple(x.shape))
     batch = x.shape[0]
-    b = checks.tensor(call, "B", ndim=3)
-    ngroups = b.shape[1]
-    if b.shape[0] != batch or b.shape[2] != dstate or ngroups == 0 or nheads % ngroups:
-        checks.fail("B", f"shape ({batch}, ngroups dividing {nheads}, {dstate})", tuple(b.shape))
+    b = checks.tensor(call, "B", ndim=len(lead) + 2)
+    ngroups = b.shape[-2]
+    if tuple(b.shape[:-2]) != lead or b.shape[-1] != dstate or ngroups == 0 or nheads % ngroups:
+        checks.fail("B", f"shape ({', '.join(map(str, lead))}, ngroups dividing {nheads}, "
+                    f"{dstate})", tuple(b.shape))
     checks.tensor(call, "C", shape=b.shape)
 
     rx = checks.tensor(call, "ring_x", ndim=4)
@@ -222,6 +319,10 @@ def _check(call: dict) -> None:
         if tuple(t.shape) != shape:
             checks.fail(name, f"shape {shape}: {ring} entries per row of state, as ring_x",
                         tuple(t.shape))
+    if spec and not 1 <= lead[1] <= ring:
+        checks.fail("x", f"1 to {ring} tokens per sequence (the ring holds a call's tokens "
+                    "after its committed entries)", tuple(x.shape))
+    checks.index(call, NACC, rows=batch, padded=True)
     lengths = checks.tensor(call, "ring_len", ndim=1, dtypes=(torch.int32,))
     if lengths.shape[0] != slots:
         checks.fail("ring_len", f"shape ({slots},): one length per row of state",
@@ -263,6 +364,17 @@ def _lengths_expected(call: dict) -> str:
     return f"values in [0, {call['ring_x'].shape[1]}] (the ring's entries) in the source rows"
 
 
+def _rollback(call: dict, lengths: torch.Tensor, real: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """What a speculative call's ``num_accepted_tokens`` must be, and where it is not: in
+    ``[0, T]``, and where the source is a row, no more tokens dropped than its ring holds."""
+    tokens = call["x"].shape[1]
+    nacc = call[NACC][:call["x"].shape[0]].long()
+    bad = (nacc < 0) | (nacc > tokens) | (real & (lengths - tokens + nacc < 0))
+    return (f"values in [0, {tokens}] (the previous call's tokens that stand) with "
+            f"ring_len - {tokens} + num_accepted_tokens >= 0 in every source row (its "
+            "committed entries; a row no speculative call wrote takes T)"), bad
+
+
 @replay_state_update.register_value_check
 def _check_values(call: dict) -> None:
     checks.indices_in_range(call, INDICES, call["x"].shape[0], call["state"].shape[0])
@@ -271,6 +383,12 @@ def _check_values(call: dict) -> None:
     if bool(bad.any()):
         row = int(_sequence_rows(call["x"], call["state_batch_indices"], None)[0][bad][0])
         checks.fail("ring_len", _lengths_expected(call), f"{int(lengths[bad][0])} in row {row}")
+    if call[NACC] is not None:
+        expected, bad = _rollback(call, lengths, real)
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            checks.fail(NACC, expected, f"{int(call[NACC][b])} for sequence {b} (ring_len "
+                        f"{int(lengths[b])})")
     for name in ("dt", "dt_bias"):
         differs = _per_channel(call, name)
         if differs is not None and bool(differs.any()):
@@ -282,9 +400,12 @@ def _check_values(call: dict) -> None:
 def _device_check(call: dict) -> None:
     checks.indices_in_range(call, INDICES, call["x"].shape[0], call["state"].shape[0],
                             on_device=True)
-    lengths, _ = _source_lengths(call)
+    lengths, real = _source_lengths(call)
     checks.assert_within("ring_len", lengths, 0, call["ring_x"].shape[1],
                          _lengths_expected(call))
+    if call[NACC] is not None:
+        expected, bad = _rollback(call, lengths, real)
+        torch._assert_async(~bad.any(), f"{NACC}: expected {expected}")
     for name in ("dt", "dt_bias"):
         differs = _per_channel(call, name)
         if differs is not None:

@@ -1,6 +1,8 @@
 """Hypothesis argument sets of ``replay_state_update`` and ``replay_materialize``: rings
 empty, partly filled and full (a flush), redirected and padded rows, every row member a
-view of a larger cache.
+view of a larger cache; speculative calls of ``replay_state_update`` (``T`` tokens per
+sequence, each source row's count of accepted tokens drawn among those its ring can roll
+back: a flush where the tokens do not fit after the committed entries).
 
 Ring entries past a row's ``ring_len`` hold NaN: they are not part of the row, so a
 provider that reads them into a result fails ``check_impl``.
@@ -69,6 +71,7 @@ def replay_state_update_calls(
     nseq = draw(st.integers(0, sizes.max_seqs))
     fills = draw(st.lists(st.sampled_from(["empty", "partial", "full"]),
                           min_size=nseq, max_size=nseq))
+    tokens = draw(st.integers(1, ring)) if draw(st.booleans()) else 0  # 0: one token, plain
     redirect = draw(st.booleans())
     use_indices = redirect or draw(st.booleans())
     pad = draw(st.sampled_from([-1, 0]))
@@ -117,14 +120,21 @@ def replay_state_update_calls(
         "ring_len": _in_cache(ring_len, caches["ring_len"]),
         "pad_slot_id": pad, "dt_softplus": softplus, "dt_limit": dt_limit, "out": None,
     }
-    x = randn(nseq, nheads, 2 * dim if x_strided else dim, dtype=in_dtype)
+    lead = (nseq, tokens) if tokens else (nseq,)
+    x = randn(*lead, nheads, 2 * dim if x_strided else dim, dtype=in_dtype)
     call["x"] = x[..., ::2] if x_strided else x
-    call["B"] = randn(nseq, ngroups, dstate, dtype=in_dtype)
-    call["C"] = randn(nseq, ngroups, dstate, dtype=in_dtype)
-    call["z"] = randn(nseq, nheads, dim, dtype=in_dtype) if has_z else None
+    call["B"] = randn(*lead, ngroups, dstate, dtype=in_dtype)
+    call["C"] = randn(*lead, ngroups, dstate, dtype=in_dtype)
+    call["z"] = randn(*lead, nheads, dim, dtype=in_dtype) if has_z else None
     # one step size per head (tied over headdim), positive as softplus would make it
-    dt = randn(nseq, nheads, 1, dtype=in_dtype) * 0.5
-    call["dt"] = (dt if softplus else dt.abs()).expand(nseq, nheads, dim)
+    dt = randn(*lead, nheads, 1, dtype=in_dtype) * 0.5
+    call["dt"] = (dt if softplus else dt.abs()).expand(*lead, nheads, dim)
+    call["num_accepted_tokens"] = None
+    if tokens:  # at most the source ring's entries dropped (a pad source: any count)
+        nacc = [rng.randint(0 if row == pad else max(0, tokens - lengths[row]), tokens)
+                for row in src]
+        call["num_accepted_tokens"] = _laid_out(
+            torch.tensor(nacc, dtype=idx_dtype, device=device), layout)
     bias = randn(nheads, 1)
     call["dt_bias"] = (bias if softplus else bias.abs()).expand(nheads, dim) if has_bias else None
     a = -randn(nheads, 1, 1).exp() if A_tied else -randn(nheads, dim, dstate).exp()
