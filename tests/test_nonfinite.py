@@ -292,3 +292,18 @@ def test_a_poisoned_token_full_size_gpu(op):
         if which < len(names):
             _check_poison(seqs, "triton", clean, names[which], b, offset, value, rtol=1e-2)
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", sorted(RING_BUILDERS))
+def test_a_poisoned_ring_entry_full_size_gpu(op):
+    """The ring property at Mamba2 size (bf16 rows, rings of 16): the explicit examples."""
+    seqs = RING_BUILDERS[op]([700, 200, 1100], "cuda", full=True)
+    clean_call = seqs.clone()
+    clean = seqs.run("triton", clean_call), clean_call
+    nslots = clean_call[seqs.state].shape[0]
+    unread = min(set(range(nslots)) - set(seqs.sources) - set(seqs.dst))
+    for name, b, entry, value in RING_EXAMPLES:
+        row = unread if b is None else seqs.sources[b]
+        _check_ring_poison(seqs, "triton", clean, name, row, entry, value)
+    torch.cuda.synchronize()
