@@ -90,13 +90,14 @@ def cases(op: str, ntok: int, lengths: list[int], full: bool = False) -> list[Ca
 
 
 def replay_cases(op: str, lengths: list[int], full: bool = False) -> list[Case]:
-    """Row indices past the rows, negative (not the pad) and int32's maximum, as sources
-    and as destinations: such a row is a pad (a zero checkpoint and an empty ring; no
-    write), as native reads it. Source ring lengths below 0 and past the ring: clamped to
-    ``[0, ring]``; one outside ``[-2**15, 2**15)`` too where the destination is another row
-    (in place Triton reads a length's low 16 bits, module docstring of ``_replay_kernel``:
-    another length, still inside the ring). Rows that overlap (a source another sequence writes, one
-    destination twice) give undefined values: only the buffers are checked."""
+    """Row indices past the rows, negative (not the pad), int32's maximum and an int64 past
+    int32 (whose low half is a row), as sources and as destinations: such a row is a pad
+    (a zero checkpoint and an empty ring; no write), as native reads it. Source ring
+    lengths below 0 and past the ring: clamped to ``[0, ring]``; one outside
+    ``[-2**15, 2**15)`` too where the destination is another row (in place Triton reads a
+    length's low 16 bits, module docstring of ``_replay_kernel``: another length, still
+    inside the ring). Rows that overlap (a source another sequence writes, one destination
+    twice) give undefined values: only the buffers are checked."""
     seqs = RING_BUILDERS[op](lengths, full=full)  # the rows, as the cases are built on them
     spec, src, dst = get_op(op).rows, seqs.sources, seqs.dst
     nslots, ring = seqs.call[seqs.state].shape[0], seqs.call[seqs.ring[0]].shape[1]
@@ -121,6 +122,10 @@ def replay_cases(op: str, lengths: list[int], full: bool = False) -> list[Case]:
                           ("int32-max", INT32_MAX)):
             out.append(Case(f"{name}-{what}", None, bounds, rows(name, in_place, row),
                             rows(name, in_place, PAD)))
+        # int64 past int32: a kernel that narrows the index would name a real row
+        wraps = {name: torch.tensor(rows(name, in_place, 2**32 + nslots - 2)[name])}
+        out.append(Case(f"{name}-int64-past-int32", None, bounds, wraps,
+                        rows(name, in_place, PAD)))
     r, i = redirected, in_place
     free = nslots - 2  # a row no sequence reads or writes
     assert free not in {*src, *dst}
