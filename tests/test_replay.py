@@ -863,3 +863,62 @@ def test_the_device_check_asserts_the_rollback():
     _too_many_rolled_back(call)
     with pytest.raises(RuntimeError, match=re.escape("num_accepted_tokens: expected values")):
         REPLAY.device_check(REPLAY.bind(**call))
+
+
+# -- what the strategies draw ----------------------------------------------------------------
+
+
+def _forms(name: str, call: dict) -> set[str]:
+    """The forms one drawn call of a replay op has, as check_impl needs them covered: pads,
+    redirected, in-place and shared rows, index tensors strided, padded and stride 0, row
+    members that are views of larger caches, rings empty, partly filled and full."""
+    spec = get_op(name).rows
+    count = call["x"].shape[0] if "x" in call else call[spec.read].shape[0]
+    read = call[spec.read]
+    src = list(range(count)) if read is None else read[:count].tolist()
+    write = call[spec.write]
+    dst = src if write is None else write[:count].tolist()
+    pad, nslots, ring = call["pad_slot_id"], call["state"].shape[0], call["ring_x"].shape[1]
+    forms = set()
+    for s, d in zip(src, dst, strict=True):
+        forms |= {"pad source"} if s == pad else {"in place" if s == d else "redirect"}
+        forms |= {"pad destination"} if d == pad else set()
+        if s != pad:
+            n = int(call["ring_len"][s])
+            forms.add("empty" if n == 0 else "flush" if n == ring else "partly filled")
+    if len({s for s in src if s != pad}) < len([s for s in src if s != pad]):
+        forms.add("shared source")
+    for t in (read, write):
+        if t is not None and t.shape[0] > 1:
+            forms |= {"stride-0 index"} if t.stride(0) == 0 else set()
+            forms |= {"strided index"} if t.stride(0) > 1 else set()
+            forms |= {"padded index"} if t.shape[0] > count else set()
+    for member in spec.states:
+        if call[member].storage_offset() or not call[member].is_contiguous():
+            forms.add(f"{member} in a larger cache")
+    if nslots and count == 0:
+        forms.add("no sequence")
+    return forms
+
+
+@pytest.mark.parametrize("name", ["replay_state_update", "replay_materialize"])
+def test_the_strategies_draw_every_form(name: str) -> None:
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    from mamba_ir.testing import calls
+
+    seen: set[str] = set()
+
+    @settings(max_examples=150, derandomize=True, deadline=None, database=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(calls(name))
+    def draw(call: dict) -> None:
+        seen.update(_forms(name, call))
+
+    draw()
+    want = {"pad source", "pad destination", "in place", "redirect", "shared source",
+            "stride-0 index", "strided index", "empty", "partly filled", "flush",
+            "no sequence", *(f"{m} in a larger cache" for m in get_op(name).rows.states)}
+    if name == "replay_state_update":  # replay_materialize: every entry is a copy
+        want.add("padded index")
+    assert want <= seen, sorted(want - seen)

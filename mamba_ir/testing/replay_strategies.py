@@ -1,8 +1,9 @@
 """Hypothesis argument sets of ``replay_state_update`` and ``replay_materialize``: rings
-empty, partly filled and full (a flush), redirected and padded rows, every row member a
-view of a larger cache; speculative calls of ``replay_state_update`` (``T`` tokens per
-sequence, each source row's count of accepted tokens drawn among those its ring can roll
-back: a flush where the tokens do not fit after the committed entries).
+empty, partly filled and full (a flush), redirected, shared and padded rows, every row
+member a view of a larger cache, index tensors plain, strided, padded or (one source row
+for every sequence) stride 0; speculative calls of ``replay_state_update`` (``T`` tokens
+per sequence, each source row's count of accepted tokens drawn among those its ring can
+roll back: a flush where the tokens do not fit after the committed entries).
 
 Ring entries past a row's ``ring_len`` hold NaN: they are not part of the row, so a
 provider that reads them into a result fails ``check_impl``.
@@ -40,8 +41,11 @@ def _in_cache(t: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def _laid_out(t: torch.Tensor, how: str) -> torch.Tensor:
-    """An index tensor as built, every other entry of a wider buffer, or followed by
-    entries past the batch (which the op ignores)."""
+    """An index tensor as built, every other entry of a wider buffer, followed by entries
+    past the batch (which the op ignores), or, ``shared``, its first entry for every
+    sequence with stride 0 (source indices whose entries :func:`_shared` made equal)."""
+    if how == "shared":
+        return t[:1].expand(t.shape[0]) if t.shape[0] else t
     if how == "strided":
         wide = torch.full((2 * t.shape[0],), JUNK, dtype=t.dtype, device=t.device)
         wide[::2] = t
@@ -49,6 +53,14 @@ def _laid_out(t: torch.Tensor, how: str) -> torch.Tensor:
     if how == "padded":
         return torch.cat([t, torch.full((2,), JUNK, dtype=t.dtype, device=t.device)])
     return t
+
+
+def _shared(rng: random.Random, src: list[int], dst: list[int], nslots: int,
+            pad: int) -> list[int]:
+    """Sources for the ``shared`` layout (redirect only): every sequence reads one row that
+    no sequence writes (the row rules), or the pad, so one stride-0 index names them all."""
+    unwritten = [r for r in range(nslots) if r not in dst and r != pad]
+    return [rng.choice([*unwritten, pad])] * len(src)
 
 
 def _lengths(rng: random.Random, fill: str, ring: int) -> int:
@@ -79,7 +91,7 @@ def replay_state_update_calls(
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
     caches = {name: draw(st.sampled_from(CACHES))
               for name in ("state", "ring_x", "ring_dt", "ring_B", "ring_len")}
-    layout = draw(st.sampled_from(INDEX_LAYOUTS))
+    layout = draw(st.sampled_from(INDEX_LAYOUTS + (("shared",) if redirect else ())))
     A_tied, D_tied, x_strided = (draw(st.booleans()) for _ in range(3))
     has_D, has_z, has_bias, softplus = (draw(st.booleans()) for _ in range(4))
     dt_limit = draw(st.sampled_from([None, None, (0.0, float("inf")), (0.05, 0.5)]))
@@ -93,6 +105,8 @@ def replay_state_update_calls(
         rows = assign_rows(rng, [1] * nseq, redirect=redirect, pad=pad)
         src, dst = rows.src, [r[0] for r in rows.dst]
         nslots = rows.nslots
+        if layout == "shared":
+            src = _shared(rng, src, dst, nslots, pad)
     else:  # sequence b reads and writes row b
         nslots, src = nseq + rng.randint(0, 2), list(range(nseq))
         dst = src
@@ -146,8 +160,9 @@ def replay_state_update_calls(
         sbi = _laid_out(torch.tensor(src, dtype=idx_dtype, device=device), layout)
         if redirect:
             call["state_batch_indices"] = sbi
-            call["dst_state_batch_indices"] = _laid_out(
-                torch.tensor(dst, dtype=idx_dtype, device=device), layout)
+            call["dst_state_batch_indices"] = _laid_out(  # destinations differ: never shared
+                torch.tensor(dst, dtype=idx_dtype, device=device),
+                "plain" if layout == "shared" else layout)
         else:
             call["state_batch_indices"] = sbi
     return call
@@ -172,7 +187,8 @@ def replay_materialize_calls(
     idx_dtype = draw(st.sampled_from(INDEX_DTYPES))
     caches = {name: draw(st.sampled_from(CACHES))
               for name in ("state", "ring_x", "ring_dt", "ring_B", "ring_len")}
-    layout = draw(st.sampled_from(["plain", "strided"]))  # every entry is a copy
+    # every entry is a copy (no padding past them); a stride-0 source: one row forked
+    layout = draw(st.sampled_from(["plain", "strided", *(["shared"] if redirect else [])]))
     A_tied = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -182,6 +198,8 @@ def replay_materialize_calls(
 
     rows = assign_rows(rng, [1] * ncopies, redirect=redirect, pad=pad)
     src, dst = rows.src, [r[0] for r in rows.dst]
+    if layout == "shared":
+        src = _shared(rng, src, dst, rows.nslots, pad)
     lengths = [rng.randint(0, ring) for _ in range(rows.nslots)]  # stale in every row
     for row, fill in zip(src, fills, strict=True):
         if row != pad:
@@ -206,6 +224,7 @@ def replay_materialize_calls(
         "ring_len": _in_cache(ring_len, caches["ring_len"]),
         "A": a.expand(nheads, dim, dstate),
         "src": _laid_out(torch.tensor(src, dtype=idx_dtype, device=device), layout),
-        "dst": _laid_out(torch.tensor(dst, dtype=idx_dtype, device=device), layout),
+        "dst": _laid_out(torch.tensor(dst, dtype=idx_dtype, device=device),
+                         "plain" if layout == "shared" else layout),
         "pad_slot_id": pad,
     }
