@@ -50,33 +50,17 @@ def test_groups_cover_every_op() -> None:
     assert sorted(",".join(GROUPS).split(",")) == OPS
 
 
-# Known defects of a provider (its case in the report -> what is wrong), each held by a
-# strict xfail below, so the case stops being skipped when the defect is fixed
-DEFECTS = {
-    "replay_state_update ring-len-negative": (
-        "Triton replay_state_update, in place, a source ring_len in [-2**15, 0): the length "
-        "is read and clamped to 0 as native does, but the new length is never written: the "
-        "ticket count `ticket >> TICKETS_AT` (impls/triton/_replay_kernel.py, `last = ...`) "
-        "takes the sign-extended length's high bits as -1 tickets, so no program draws the "
-        "last ticket; the row keeps the length plus 2**16 per program (-1 -> 131071 in this "
-        "call; native writes 1). Counting `(ticket - low16(ticket)) >> 16` fixes it"),
-}
-
-
-def _known(report: dict[str, str | None]) -> dict[str, str | None]:
-    return {k: v for k, v in report.items() if k not in DEFECTS}
-
-
 @pytest.mark.parametrize("ops", GROUPS)
 def test_triton(ops: str) -> None:
     pytest.importorskip("triton")
-    report = _known(_subprocess(ops, "triton"))
+    report = _subprocess(ops, "triton")
     assert report == dict.fromkeys(report), report
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECTS["replay_state_update ring-len-negative"])
 def test_triton_in_place_negative_ring_len() -> None:
-    """In this process: the case writes nothing outside the tensors (``test_triton``)."""
+    """In place, a negative source length is clamped to 0 and the new length written over
+    the tickets: the sign bits of the length are not tickets (they once kept every
+    program from drawing the last one, and the length was never written)."""
     pytest.importorskip("triton")
     op = "replay_state_update"
     case = next(c for c in cases(op, 3, LENGTHS) if c.name == "ring-len-negative")
@@ -87,5 +71,5 @@ def test_triton_in_place_negative_ring_len() -> None:
 @pytest.mark.parametrize("ops", GROUPS)
 def test_triton_full_size_gpu(ops: str) -> None:
     """Mamba2 sizes (bf16), compiled kernels: sequences of several 256-token chunks."""
-    report = _known(_subprocess(ops, "triton", "cuda"))
+    report = _subprocess(ops, "triton", "cuda")
     assert report == dict.fromkeys(report), report

@@ -257,9 +257,11 @@ if triton is not None:
         length_ptr = len_ptr + src * s_len
         ticket = tl.atomic_add(length_ptr, TICKET, mask=in_place, sem="relaxed")
         plain = tl.load(length_ptr, mask=has_src & (dst != src), other=0)
-        filled = tl.where(in_place, (ticket << SIGN_SHIFT) >> SIGN_SHIFT, plain)
+        held = (ticket << SIGN_SHIFT) >> SIGN_SHIFT  # the low half, sign-extended
+        filled = tl.where(in_place, held, plain)
         filled = tl.minimum(tl.maximum(filled, 0), ring)  # clamped: unchecked calls
-        last = in_place & ((ticket >> TICKETS_AT) == nheads * nblk - 1)
+        # the tickets above the length: a negative length's sign bits are not tickets
+        last = in_place & (((ticket - held) >> TICKETS_AT) == nheads * nblk - 1)
         if T == 0:
             flush = filled == ring
             # an append into another row carries the checkpoint and the entries along
