@@ -58,6 +58,7 @@ if triton is not None:
     TICKET: tl.constexpr = tl.constexpr(1 << TICKET_BITS)
     TICKETS_AT: tl.constexpr = tl.constexpr(TICKET_BITS)  # a length's ticket count: >> this
     SIGN_SHIFT: tl.constexpr = tl.constexpr(32 - TICKET_BITS)  # << then >>: the low half
+    HALF: tl.constexpr = tl.constexpr(1 << (TICKET_BITS - 1))
 
     @triton.jit
     def _entries(rx, rdt, rB, k, filled, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim,
@@ -257,11 +258,11 @@ if triton is not None:
         length_ptr = len_ptr + src * s_len
         ticket = tl.atomic_add(length_ptr, TICKET, mask=in_place, sem="relaxed")
         plain = tl.load(length_ptr, mask=has_src & (dst != src), other=0)
-        held = (ticket << SIGN_SHIFT) >> SIGN_SHIFT  # the low half, sign-extended
-        filled = tl.where(in_place, held, plain)
+        filled = tl.where(in_place, (ticket << SIGN_SHIFT) >> SIGN_SHIFT, plain)
         filled = tl.minimum(tl.maximum(filled, 0), ring)  # clamped: unchecked calls
-        # the tickets above the length: a negative length's sign bits are not tickets
-        last = in_place & (((ticket - held) >> TICKETS_AT) == nheads * nblk - 1)
+        # the tickets above the length, which lies in [-2**15, 2**15): offset by 2**15 it
+        # lies in [0, 2**16), so a negative length's sign bits are not taken for tickets
+        last = in_place & (((ticket + HALF) >> TICKETS_AT) == nheads * nblk - 1)
         if T == 0:
             flush = filled == ring
             # an append into another row carries the checkpoint and the entries along
