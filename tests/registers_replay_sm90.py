@@ -3,8 +3,8 @@
 Compiles the Triton ``replay_state_update`` launch of the benchmark's call
 (``benchmarks.replay.replay_call`` on the CPU: nheads 128, headdim 64, dstate 128,
 ngroups 8, bf16, a ring of 32) for sm_90 through ``compile_sm90``'s driver, once per
-append route, and prints one JSON object, {route: [registers, spill store bytes, spill
-load bytes]} (``registers_sm90.ptxas_usage``). Run without TRITON_INTERPRET
+append route, one token and speculative (4 tokens), and prints one JSON object, {route:
+[registers, spill store bytes, spill load bytes]} (``registers_sm90.ptxas_usage``). Run without TRITON_INTERPRET
 (``tests/test_triton_replay.py`` does, through ``compile_sm90.run``).
 """
 
@@ -23,7 +23,7 @@ from triton.runtime import driver
 
 # the benchmark's call: its folder is not installed with the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.replay import replay_call  # noqa: E402
+from benchmarks.replay import replay_call, spec_replay_call  # noqa: E402
 
 
 def main() -> None:
@@ -39,13 +39,16 @@ def main() -> None:
 
         def compile_only(kernel: Any, grid: tuple[int, ...], **args: Any) -> None:
             fn, ordered, options = positional(kernel, args)
-            ptx["replay_kernel"] = fn.warmup(*ordered, grid=grid, **options).asm["ptx"]
+            ptx[fn.fn.__name__] = fn.warmup(*ordered, grid=grid, **options).asm["ptx"]
 
         provider.call_kernel = compile_only
-        for route, direct in (("direct", None), ("rebuild", False)):
-            provider.launch(op.bind(**replay_call(64, 32, "aligned", device="cpu")),
-                            direct=direct)
-            usage[route] = ptxas_usage(ptx["replay_kernel"], Path(tmp), route)
+        calls = {"": lambda: replay_call(64, 32, "aligned", device="cpu"),
+                 "spec ": lambda: spec_replay_call(64, 32, device="cpu")}
+        for form, call in calls.items():
+            for route, direct in (("direct", None), ("rebuild", False)):
+                provider.launch(op.bind(**call()), direct=direct)
+                usage[form + route] = ptxas_usage(ptx["replay_kernel"], Path(tmp),
+                                                  (form + route).replace(" ", "_"))
     print(json.dumps(usage))
 
 
