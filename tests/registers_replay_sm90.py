@@ -4,8 +4,9 @@ Compiles the Triton ``replay_state_update`` launch of the benchmark's call
 (``benchmarks.replay.replay_call`` on the CPU: nheads 128, headdim 64, dstate 128,
 ngroups 8, bf16, a ring of 32) for sm_90 through ``compile_sm90``'s driver, once per
 append route, one token and speculative (4 tokens), and prints one JSON object, {route:
-[registers, spill store bytes, spill load bytes]} (``registers_sm90.ptxas_usage``). Run without TRITON_INTERPRET
-(``tests/test_triton_replay.py`` does, through ``compile_sm90.run``).
+[registers, spill store bytes, spill load bytes]} (``registers_sm90.ptxas_usage``). Run
+without TRITON_INTERPRET (``tests/test_triton_replay.py`` does, through
+``compile_sm90.run``).
 """
 
 from __future__ import annotations

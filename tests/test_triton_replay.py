@@ -222,9 +222,8 @@ REGISTERS = {"direct": 168, "rebuild": 128, "spec direct": 220, "spec rebuild": 
 
 def test_no_spills_at_mamba2_size() -> None:
     """Both append routes, one token and speculative (4 tokens), compile for sm_90 at
-    Mamba2 decode size without spilling and
-    within their register counts (only ptxas sees either; the GPU run is the final word
-    on speed)."""
+    Mamba2 decode size without spilling and within their register counts (only ptxas
+    sees either; the GPU run is the final word on speed)."""
     from compile_sm90 import run
 
     usage = run("registers_replay_sm90.py")
