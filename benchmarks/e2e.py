@@ -3,8 +3,9 @@
 One decode step of the whole model per batch size, timed (median) two ways: eager with
 every op native, and compiled (lowering + fusion passes, fastest providers) replayed from
 a CUDA graph. The roof is the bytes a step must move at least -- every weight once, each
-sequence's conv and SSM state read and written, the attention KV read up to the context
--- divided by the device-to-device copy rate measured in the same run.
+sequence's conv and SSM state read and written (under replay decode the checkpoint read,
+the ring's entries and the flush, averaged over a ring cycle), the attention KV read up to
+the context -- divided by the device-to-device copy rate measured in the same run.
 
 ``mamba-ir bench`` (mamba_ir/cli.py) runs it from a clone of the repository.
 """

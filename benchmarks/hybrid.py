@@ -82,11 +82,37 @@ def decode_batch(model: HybridModel, batch: int, context: int) -> tuple[torch.Te
     )
 
 
+def _row_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t[0].numel() * t.element_size()
+
+
+def state_traffic(cache: StateCache) -> float:
+    """State bytes one sequence's decode step moves, averaged over a replay ring's cycle.
+
+    Standard decode reads and writes every row member. Replay decode reads and writes the
+    conv state and the ring's length, reads the checkpoint every step and writes it at the
+    flush, once in ``L + 1`` steps; it reads the ring's filled entries (0 to ``L``, ``L / 2``
+    on average) and writes one entry on each of the ``L`` appends."""
+    if cache.ring_length == 0:
+        return 2 * cache.state_bytes_per_slot()
+    steps = cache.ring_length + 1
+    total = 0.0
+    for layer in cache.mamba_layers:
+        conv, ssm = cache.states(layer)
+        ring_x, ring_dt, ring_B, ring_len = cache.ring(layer)
+        entry = sum(_row_bytes(t) for t in (ring_x, ring_dt, ring_B)) / cache.ring_length
+        total += 2 * (_row_bytes(conv) + _row_bytes(ring_len))
+        total += _row_bytes(ssm) * (1 + 1 / steps)
+        total += entry * (cache.ring_length / 2 + cache.ring_length / steps)
+    return total
+
+
 def step_bytes(model: torch.nn.Module, cache: StateCache, batch: int, context: int) -> int:
-    """Bytes one decode step must move at least (reads + writes)."""
+    """Bytes one decode step must move at least (reads + writes; a replay step's averaged
+    over its ring's cycle, :func:`state_traffic`)."""
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}
                   .values())
-    states = 2 * batch * cache.state_bytes_per_slot()
+    states = round(batch * state_traffic(cache))
     kv = 0
     for layer in cache.attention_layers:
         k, v = cache.kv(layer)

@@ -135,6 +135,22 @@ def test_step_bytes_are_weights_plus_per_sequence_traffic(engine: Engine) -> Non
     assert two == 2 * one > 2 * cache.state_bytes_per_slot()  # states and KV, per sequence
 
 
+def test_replay_step_bytes_count_the_cycle_not_the_whole_row() -> None:
+    """A replay step reads its checkpoint, writes it once a cycle and moves a ring entry
+    or a few: fewer bytes than the standard step, though the row (ring included) is
+    larger."""
+    model = random_model(CONFIG, seed=1)
+    caches = {d: Engine(model, max_requests=2, max_len=8, num_slots=2 + RESERVED_SLOTS,
+                        decode=d, ring=4).cache for d in ("standard", "replay")}
+    standard, replay = (hybrid.state_traffic(caches[d]) for d in ("standard", "replay"))
+    assert standard == 2 * caches["standard"].state_bytes_per_slot()
+    assert caches["replay"].state_bytes_per_slot() > caches["standard"].state_bytes_per_slot()
+    conv, ssm = (t[0].numel() * t.element_size() for t in caches["replay"].states(
+        caches["replay"].mamba_layers[0]))
+    assert ssm < replay / len(caches["replay"].mamba_layers) - 2 * conv < 2 * ssm
+    assert replay < standard
+
+
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
 def test_random_states_fill_every_state_a_quantized_one_through_its_scales(state_dtype) -> None:
     cache = Engine(random_model(CONFIG, seed=1), max_requests=2, max_len=8, num_slots=4,
