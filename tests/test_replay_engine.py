@@ -1,6 +1,7 @@
 """Replay decode in the bundled hybrid (``Engine(decode="replay")``): the standard op's
 greedy tokens, cold, after prefix hits on blocks checkpointed during decode, across
-flushes, and on a slot another request left with a filled ring (CPU, float32, eager)."""
+flushes, and on a slot another request left with a filled ring (CPU, float32, eager); and
+the compiled decode step against eager on rings that append and flush."""
 
 from __future__ import annotations
 
@@ -103,3 +104,34 @@ def test_the_cache_holds_a_ring_per_mamba_layer():
 def test_unsupported_combinations_are_refused_naming_the_argument(model, kwargs, words):
     with pytest.raises(ValueError, match="^" + words.replace("(", r"\(").replace(")", r"\)")):
         Engine(model, max_requests=1, max_len=8, **kwargs)
+
+
+def test_compiled_decode_runs_replay_on_rings_that_append_and_flush(model):
+    """The compiled decode step (lowering and fusion passes, Inductor) gives eager's logits
+    and rows from the same rings: one sequence appends, one flushes, two are pads."""
+    from mamba_ir.models.cache import RESERVED_SLOTS
+
+    engine = _engine(model, "replay", compile=True)
+    cache, g = engine.cache, torch.Generator().manual_seed(3)
+    slots = torch.tensor([RESERVED_SLOTS, RESERVED_SLOTS + 1, -1, -1], dtype=torch.int32)
+    with torch.no_grad():
+        for layer in cache.mamba_layers:
+            for t in (*cache.states(layer), *cache.ring(layer)[:3]):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+            cache.ring(layer)[1].abs_()  # step sizes as softplus leaves them
+            cache.ring(layer)[-1][slots[:2].long()] = torch.tensor([1, RING], dtype=torch.int32)
+    inputs = (torch.tensor([3, 7, 0, 0]), torch.tensor([4, 9, 0, 0]),
+              torch.tensor([0, 1, 3, 3]), slots)
+    before = {name: t.clone() for name, t in cache.named_buffers()}
+    with torch.inference_mode():
+        got = engine.decode_step(*inputs)
+        compiled = {name: t.clone() for name, t in cache.named_buffers()}
+        for name, t in cache.named_buffers():
+            t.copy_(before[name])
+        want = engine.steps.decode(*inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, t in cache.named_buffers():
+        torch.testing.assert_close(compiled[name], t, rtol=1e-5, atol=1e-5, msg=name)
+    lengths = _ring_lengths(engine)[:, slots[:2].long()]
+    assert lengths.tolist() == [[2, 0]] * len(cache.mamba_layers)
+    assert any("replay_state_update" in str(site) for site in engine.lowering_report())
