@@ -12,9 +12,10 @@ empty ring (``aligned``: they flush on the same step, as sequences that started 
 do) and sequence ``b`` starting with ``b mod (L + 1)`` entries (``staggered``: every step
 flushes some). Appends take their output from the checkpoint and the ring without
 building the state (the provider's default); ``rebuild`` times the other route, the ring
-replayed into the state as a flush does, aligned. The baseline is the standard Triton
-``selective_state_update`` in place on a bf16 state at the same batch, ``L + 1`` steps in
-one graph as well.
+replayed into the state as a flush does, aligned, and ``prefetch`` the default route with
+the entries taken in order and the first chunk loaded beside the ring's length. The
+baseline is the standard Triton ``selective_state_update`` in place on a bf16 state at the
+same batch, ``L + 1`` steps in one graph as well.
 
 ``--spec`` times speculative decoding instead: ``T`` tokens a sequence (4), of which the
 next step accepts ``--accepted`` (3), against the Triton ``selective_state_update``'s
@@ -60,10 +61,12 @@ from benchmarks.ssu import DSTATE, HEADDIM, NGROUPS, NHEADS, decode_call
 BATCHES = (1, 8, 32, 64, 128, 256, 512)
 RINGS = (8, 16, 32)
 PHASES = ("aligned", "staggered")
-# (column, phase, the launcher's ``direct``): appends take their output from the checkpoint
-# and the ring (the default), or replay the ring into the state as a flush does
-VARIANTS = (("replay_aligned", "aligned", None), ("replay_staggered", "staggered", None),
-            ("replay_rebuild_aligned", "aligned", False))
+# (column, phase, the launcher's tuning): appends take their output from the checkpoint and
+# the ring (the default), replay the ring into the state as a flush does, or take the
+# entries in order with the first chunk loaded beside the ring's length
+VARIANTS = (("replay_aligned", "aligned", {}), ("replay_staggered", "staggered", {}),
+            ("replay_rebuild_aligned", "aligned", {"direct": False}),
+            ("replay_prefetch_aligned", "aligned", {"prefetch": True}))
 BF16, F32, I32 = 2, 4, 4  # bytes
 
 
@@ -158,10 +161,10 @@ def measure(batch: int, ring: int, sweep: bool = False) -> dict[str, Any]:
     row["bytes_per_step"] = {"ssu": standard_step, "replay": batch * cycle_bytes(ring) / steps}
 
     row["ssu_us"] = time_us(cycle(triton_ssu, decode_call(batch, redirect=False), steps)) / steps
-    for name, phase, direct in VARIANTS:
+    for name, phase, knobs in VARIANTS:
         call = replay_call(batch, ring, phase)
         start = call["ring_len"].clone()
-        run = cycle(functools.partial(triton_replay, direct=direct), call, steps)
+        run = cycle(functools.partial(triton_replay, **knobs), call, steps)
         row[f"{name}_us"] = time_us(run) / steps
         # a whole number of cycles ran: every length is back where it started
         assert torch.equal(call["ring_len"], start), "the cycle did not close"
@@ -317,6 +320,8 @@ COLUMNS = [
     ("replay_staggered_speedup", "x ssu", "{:>5.2f}"),
     ("replay_rebuild_aligned_us", "rebuild us", "{:>10.1f}"),
     ("replay_rebuild_aligned_speedup", "x ssu", "{:>5.2f}"),
+    ("replay_prefetch_aligned_us", "prefetch us", "{:>11.1f}"),
+    ("replay_prefetch_aligned_speedup", "x ssu", "{:>5.2f}"),
     ("replay_aligned_tbs", "TB/s", "{:>5.2f}"),
     ("roof_tbs", "roof TB/s", "{:>9.2f}"),
 ]

@@ -3,7 +3,8 @@
 Compiles the Triton ``replay_state_update`` launch of the benchmark's call
 (``benchmarks.replay.replay_call`` on the CPU: nheads 128, headdim 64, dstate 128,
 ngroups 8, bf16, a ring of 32) for sm_90 through ``compile_sm90``'s driver, once per
-append route, one token and speculative (4 tokens), and prints one JSON object, {route:
+append route (the in-order one with its first chunk prefetched too), one token and
+speculative (4 tokens), and prints one JSON object, {route:
 [registers, spill store bytes, spill load bytes]} (``registers_sm90.ptxas_usage``). Run
 without TRITON_INTERPRET (``tests/test_triton_replay.py`` does, through
 ``compile_sm90.run``).
@@ -46,8 +47,11 @@ def main() -> None:
         calls = {"": lambda: replay_call(64, 32, "aligned", device="cpu"),
                  "spec ": lambda: spec_replay_call(64, 32, device="cpu")}
         for form, call in calls.items():
-            for route, direct in (("direct", None), ("rebuild", False)):
-                provider.launch(op.bind(**call()), direct=direct)
+            for route, knobs in (("direct", {}), ("rebuild", {"direct": False}),
+                                 ("prefetch", {"prefetch": True})):
+                if form and route == "prefetch":  # one token only
+                    continue
+                provider.launch(op.bind(**call()), **knobs)
                 usage[form + route] = ptxas_usage(ptx["replay_kernel"], Path(tmp),
                                                   (form + route).replace(" ", "_"))
     print(json.dumps(usage))

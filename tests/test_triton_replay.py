@@ -67,7 +67,8 @@ def token(batch: int, nheads: int, dim: int, ngroups: int, dstate: int, *,
     return {
         "x": randn(batch, nheads, dim),
         "dt": randn(batch, nheads, 1).expand(batch, nheads, dim),
-        "A": -torch.rand(nheads, 1, 1, generator=gen).add(0.5).to(device).expand(
+        # tied over headdim and dstate (stride 0), as Mamba2 passes A: the direct route
+        "A": (-torch.rand(nheads, 1, 1, generator=gen).add(0.5)).to(device).expand(
             nheads, dim, dstate),
         "B": randn(batch, ngroups, dstate), "C": randn(batch, ngroups, dstate),
         "D": randn(nheads, 1, dtype=torch.float32).expand(nheads, dim),
@@ -81,17 +82,21 @@ def _clone(d: dict) -> dict:
     return {k: v.clone() for k, v in d.items()}
 
 
-@pytest.mark.parametrize(("state_dtype", "in_dtype", "moves", "direct"), [
-    (torch.float32, torch.float32, False, None),
-    (torch.bfloat16, torch.float16, True, None),
-    (torch.float32, torch.bfloat16, True, False),
+@pytest.mark.parametrize(("state_dtype", "in_dtype", "moves", "route"), [
+    (torch.float32, torch.float32, False, {}),
+    (torch.bfloat16, torch.float16, True, {}),
+    (torch.float32, torch.bfloat16, True, {"direct": False}),
+    (torch.float32, torch.float32, True, {"prefetch": True}),
+    (torch.bfloat16, torch.bfloat16, False, {"prefetch": True}),
 ])
-def test_streams_match_native_call_by_call(state_dtype, in_dtype, moves, direct) -> None:
+def test_streams_match_native_call_by_call(state_dtype, in_dtype, moves, route) -> None:
     """Three sequences step from empty rings through two flushes, rows carried over from
     call to call under each provider; one sequence is padded on one step, and with
     ``moves`` every sequence moves to a fresh row on each step (the source rows are
     left as they were). Appends take the output from the checkpoint and the ring directly
-    (the default), or, ``direct=False``, from the state replayed as a flush builds it."""
+    (the default), or, ``direct=False``, from the state replayed as a flush builds it, or,
+    ``prefetch=True``, from entries taken in order, the first chunk loaded before the
+    ring's length (entries past the length are NaN here: they must be selected away)."""
     nheads, dim, ngroups, dstate, ring, batch = 4, 8, 2, 8, 2, 3
     nslots = 2 * batch + 1
     start = rows(nslots, ring, nheads, dim, ngroups, dstate, state_dtype=state_dtype,
@@ -110,7 +115,7 @@ def test_streams_match_native_call_by_call(state_dtype, in_dtype, moves, direct)
                 "dst_state_batch_indices": torch.tensor(dst, dtype=torch.int32)}
         out_want, out_got = torch.empty_like(call["x"]), torch.empty_like(call["x"])
         OP.native(**want, **call, out=out_want)
-        triton_replay(**got, **call, out=out_got, direct=direct)
+        triton_replay(**got, **call, out=out_got, **route)
         torch.testing.assert_close(out_got, out_want, atol=atol, rtol=rtol)
         assert torch.equal(got["ring_len"], want["ring_len"]), step
         (value_want, spacing), (value_got, _) = OP.rows.value(want), OP.rows.value(got)
@@ -119,6 +124,29 @@ def test_streams_match_native_call_by_call(state_dtype, in_dtype, moves, direct)
         flushes += sum(d != -1 and int(got["ring_len"][d]) == 0 for d in dst)
         where = [w if d == -1 else d for w, d in zip(where, dst, strict=True)]
     assert flushes >= 2 * batch - 1, "every sequence's ring should flush twice"
+
+
+@pytest.mark.parametrize("redirect", [False, True])
+def test_prefetch_takes_rings_longer_than_a_chunk(redirect: bool) -> None:
+    """A ring of 11 (two chunks of 8), filled 0, 1, 7, 8, 9 and 11 entries (a flush): the
+    in-order route with its first chunk prefetched gives native's outputs and rows, in
+    place and moved (the entries carried along)."""
+    nheads, dim, ngroups, dstate, ring, batch = 2, 4, 1, 8, 11, 6
+    nslots = 2 * batch
+    start = rows(nslots, ring, nheads, dim, ngroups, dstate, state_dtype=torch.float32,
+                 in_dtype=torch.float32, fill=torch.tensor([0, 1, 7, 8, 9, 11] * 2))
+    src = torch.arange(batch, dtype=torch.int32)
+    call = {**token(batch, nheads, dim, ngroups, dstate, in_dtype=torch.float32),
+            "state_batch_indices": src,
+            "dst_state_batch_indices": src + batch if redirect else None}
+    want, got = _clone(start), _clone(start)
+    out_want, out_got = torch.empty_like(call["x"]), torch.empty_like(call["x"])
+    OP.native(**want, **call, out=out_want)
+    triton_replay(**got, **call, out=out_got, prefetch=True)
+    torch.testing.assert_close(out_got, out_want, atol=1e-5, rtol=1e-5)
+    assert got["ring_len"].tolist() == want["ring_len"].tolist()
+    (value_want, _), (value_got, _) = OP.rows.value(want), OP.rows.value(got)
+    torch.testing.assert_close(value_got, value_want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("redirect", [False, True])
@@ -217,7 +245,8 @@ def test_check_impl_gpu() -> None:
 
 # registers a thread on sm_90 as the kernel compiles today: more cost programs per SM (a
 # first version of the direct route held the checkpoint tile across both routes: 222)
-REGISTERS = {"direct": 168, "rebuild": 128, "spec direct": 220, "spec rebuild": 157}
+REGISTERS = {"direct": 168, "rebuild": 128, "prefetch": 167, "spec direct": 220,
+             "spec rebuild": 157}
 
 
 def test_no_spills_at_mamba2_size() -> None:

@@ -118,9 +118,48 @@ if triton is not None:
         return p * q
 
     @triton.jit
+    def _chunk(y, a, c, ex, edt, eb, k, filled, rdt, s_rdt_i, CHUNK: tl.constexpr):
+        """``C . h`` advanced over the entries ``k`` (a chunk; none from ``filled`` on): per
+        entry ``y = exp(A dt_k) y + dt_k (C . B_k) x_k``, the chunk in one step. Entries past
+        ``filled`` may hold anything (a chunk loaded before the length was known): they are
+        selected away, not multiplied by 0."""
+        ok = k < filled
+        edt = tl.where(ok, edt, 0.0)
+        later = (k + 1 < filled) & (tl.arange(0, CHUNK) < CHUNK - 1)
+        after = tl.where(later, tl.exp(rate_step(a, tl.load(
+            rdt + (k + 1) * s_rdt_i, mask=later, other=0.0))), 1.0)
+        weight = tl.cumprod(after, axis=0, reverse=True) * edt
+        cb = tl.sum(tl.where(ok[:, None], eb.to(tl.float32), 0.0) * c[None, :], axis=1)
+        ex = tl.where(ok[:, None], ex.to(tl.float32), 0.0)
+        decay = tl.reduce(tl.exp(rate_step(a, edt)), 0, _product)
+        return decay * y + tl.sum((weight * cb)[:, None] * ex, axis=0)
+
+    @triton.jit
+    def _forward(hc, a_new, a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry,
+                 owns_dt, owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i,
+                 s_rB_i, s_rB_n, px, pdt, pb, CHUNK: tl.constexpr):
+        """:func:`_direct`'s ``C . h`` with the entries in order, chunk by chunk, from the
+        first chunk already loaded (``px``, ``pdt``, ``pb``: entries ``0 .. CHUNK - 1``
+        whether filled or not), so that an append waits on one round trip fewer."""
+        k = tl.arange(0, CHUNK)
+        _store_entries(rx_dst, rdt_dst, rB_dst, k, offs_d, offs_n, mask_d, mask_n, s_rx_i,
+                       s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, px, pdt, pb,
+                       only_if(carry, k < filled), owns_dt, owns_b)
+        y = _chunk(hc, a, c, px, pdt, pb, k, filled, rdt, s_rdt_i, CHUNK)
+        for j in range(1, tl.cdiv(filled, CHUNK)):
+            k = j * CHUNK + tl.arange(0, CHUNK)
+            ex, edt, eb = _entries(rx, rdt, rB, k, filled, offs_d, offs_n, mask_d, mask_n,
+                                   s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n)
+            _store_entries(rx_dst, rdt_dst, rB_dst, k, offs_d, offs_n, mask_d, mask_n,
+                           s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, ex, edt, eb,
+                           only_if(carry, k < filled), owns_dt, owns_b)
+            y = _chunk(y, a, c, ex, edt, eb, k, filled, rdt, s_rdt_i, CHUNK)
+        return a_new * y
+
+    @triton.jit
     def _direct(hc, a_new, a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry, owns_dt,
                 owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i, s_rB_i,
-                s_rB_n, CHUNK: tl.constexpr):
+                s_rB_n, px, pdt, pb, CHUNK: tl.constexpr, PREFETCH: tl.constexpr):
         """``C . h`` of the state that the checkpoint tile (``hc``: its ``C . h0``) and the
         ring's ``filled`` entries stand for, decayed by a token's ``a_new``, without
         building that state (A tied, ``a`` one value per head):
@@ -131,7 +170,25 @@ if triton is not None:
         the new token. A tile's ``(C . B_k) x_k`` costs ``dstate + headdim`` operations
         against the ``2 headdim dstate`` of a replayed entry. Entries go in chunks, last
         chunk first, carrying the decay from after the chunk to the end; each chunk is
-        copied to the destination row where ``carry``."""
+        copied to the destination row where ``carry``. With ``PREFETCH`` the entries go in
+        order instead (``_forward``), the first chunk (``px``, ``pdt``, ``pb``) loaded before
+        the ring's length was known."""
+        if PREFETCH:
+            y = _forward(hc, a_new, a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry,
+                         owns_dt, owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim,
+                         s_rdt_i, s_rB_i, s_rB_n, px, pdt, pb, CHUNK)
+        else:
+            y = _backward(hc, a_new, a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry,
+                          owns_dt, owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim,
+                          s_rdt_i, s_rB_i, s_rB_n, CHUNK)
+        return y
+
+    @triton.jit
+    def _backward(hc, a_new, a, c, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry,
+                  owns_dt, owns_b, offs_d, offs_n, mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i,
+                  s_rB_i, s_rB_n, CHUNK: tl.constexpr):
+        """:func:`_direct`'s ``C . h`` with the chunks last first, each loaded once the
+        ring's length is known."""
         running = a_new  # the decay from after the current chunk to the end
         acc = tl.zeros_like(hc)
         chunks = tl.cdiv(filled, CHUNK)
@@ -211,6 +268,7 @@ if triton is not None:
         SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
         HAS_SRC: tl.constexpr, HAS_DST: tl.constexpr,
         A_TIED: tl.constexpr, D_TIED: tl.constexpr, DIRECT: tl.constexpr,
+        PREFETCH: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
         T: tl.constexpr, TP: tl.constexpr,
     ):
@@ -256,6 +314,16 @@ if triton is not None:
         # tile another program of the sequence writes), and the last holder's store follows
         # every ticket in the length's own order; so the checkpoint load need not wait
         length_ptr = len_ptr + src * s_len
+        px, pdt, pb = 0.0, 0.0, 0.0
+        if PREFETCH:  # the ring's first chunk, issued beside the length (module docstring)
+            early_d = blk * BLOCK_D + tl.arange(0, BLOCK_D)
+            early_n = tl.arange(0, BLOCK_N)
+            px, pdt, pb = _entries(
+                rx_ptr + src * s_rx_row + head * s_rx_head,
+                rdt_ptr + src * s_rdt_row + head * s_rdt_head,
+                rB_ptr + src * s_rB_row + group * s_rB_group, tl.arange(0, CHUNK),
+                tl.where(has_src, ring, 0), early_d, early_n, early_d < dim,
+                early_n < dstate, s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n)
         ticket = tl.atomic_add(length_ptr, TICKET, mask=in_place, sem="relaxed")
         plain = tl.load(length_ptr, mask=has_src & (dst != src), other=0)
         filled = tl.where(in_place, (ticket << SIGN_SHIFT) >> SIGN_SHIFT, plain)
@@ -331,7 +399,7 @@ if triton is not None:
                 y = _direct(hc, tl.exp(rate_step(a, dt)), a, c, rx, rdt, rB, rx_dst, rdt_dst,
                             rB_dst, tl.where(flush, 0, filled), carry, owns_dt, owns_b, offs_d,
                             offs_n, mask_d, mask_n, s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n,
-                            CHUNK)
+                            px, pdt, pb, CHUNK, PREFETCH)
                 y += dt * tl.sum(b * c, axis=0) * x
             else:
                 h = _rebuild(h, a, rx, rdt, rB, rx_dst, rdt_dst, rB_dst, filled, carry, owns_dt,

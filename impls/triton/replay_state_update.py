@@ -60,14 +60,19 @@ def _block_d(cfg: Config, dim: int, nheads: int) -> int:
 
 
 def launch(call: dict[str, Any], *, config: Config | None = None,
-           direct: bool | None = None, maxnreg: int | None = None) -> None:
+           direct: bool | None = None, maxnreg: int | None = None,
+           prefetch: bool = False) -> None:
     """Run the kernel on a bound call; ``config`` overrides the tuned tile height and warps
     (``stream`` is not used). ``direct`` picks how an append computes its output: from the
     checkpoint and the ring without building the state (the default where A is tied), or,
     ``False``, by replaying the ring into the state as a flush does (always, for an A
     that is not tied: its decay differs within a tile). ``maxnreg`` caps the registers
     per thread (ptxas, sm_90, the Mamba2 benchmark call: 168 with ``direct``, 128
-    without; capped at 128, ``direct`` spills 56 bytes)."""
+    without; capped at 128, ``direct`` spills 56 bytes). ``prefetch`` (one token, the
+    direct route) loads the ring's first chunk of entries beside the ring's length
+    instead of after it, and takes the entries in order: one round trip fewer per
+    append, for up to ``CHUNK - 1`` entries read that the ring does not hold (a
+    candidate for the default, not yet timed on a GPU: docs/bench-replay.md)."""
     state, x, dt, A, B, C, D, z, dt_bias, out = (call[k] for k in (
         "state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "out"))
     src, dst, dt_limit, nacc = (call[k] for k in (
@@ -109,6 +114,7 @@ def launch(call: dict[str, Any], *, config: Config | None = None,
         A_TIED=a_tied,
         D_TIED=D is not None and _tied(D, (-1,)),
         DIRECT=a_tied and direct is not False,
+        PREFETCH=bool(prefetch) and a_tied and direct is not False and not tokens,
         CHUNK=CHUNK,
         num_warps=cfg.num_warps,
         num_stages=1,
