@@ -118,6 +118,16 @@ if triton is not None:
         return p * q
 
     @triton.jit
+    def _after(a, edt, k, filled, rdt, s_rdt_i, CHUNK: tl.constexpr):
+        """Decays of a chunk of entries ``k`` (step sizes ``edt``, 0 from ``filled`` on):
+        each entry's from after it to the chunk's end, and the whole chunk's."""
+        later = (k + 1 < filled) & (tl.arange(0, CHUNK) < CHUNK - 1)
+        after = tl.where(later, tl.exp(rate_step(a, tl.load(
+            rdt + (k + 1) * s_rdt_i, mask=later, other=0.0))), 1.0)
+        decay = tl.where(k < filled, tl.exp(rate_step(a, edt)), 1.0)
+        return tl.cumprod(after, axis=0, reverse=True), tl.reduce(decay, 0, _product)
+
+    @triton.jit
     def _chunk(y, a, c, ex, edt, eb, k, filled, rdt, s_rdt_i, CHUNK: tl.constexpr):
         """``C . h`` advanced over the entries ``k`` (a chunk; none from ``filled`` on): per
         entry ``y = exp(A dt_k) y + dt_k (C . B_k) x_k``, the chunk in one step. Entries past
@@ -125,13 +135,10 @@ if triton is not None:
         selected away, not multiplied by 0."""
         ok = k < filled
         edt = tl.where(ok, edt, 0.0)
-        later = (k + 1 < filled) & (tl.arange(0, CHUNK) < CHUNK - 1)
-        after = tl.where(later, tl.exp(rate_step(a, tl.load(
-            rdt + (k + 1) * s_rdt_i, mask=later, other=0.0))), 1.0)
-        weight = tl.cumprod(after, axis=0, reverse=True) * edt
+        after, decay = _after(a, edt, k, filled, rdt, s_rdt_i, CHUNK)
+        weight = after * edt
         cb = tl.sum(tl.where(ok[:, None], eb.to(tl.float32), 0.0) * c[None, :], axis=1)
         ex = tl.where(ok[:, None], ex.to(tl.float32), 0.0)
-        decay = tl.reduce(tl.exp(rate_step(a, edt)), 0, _product)
         return decay * y + tl.sum((weight * cb)[:, None] * ex, axis=0)
 
     @triton.jit
@@ -199,15 +206,12 @@ if triton is not None:
             _store_entries(rx_dst, rdt_dst, rB_dst, k, offs_d, offs_n, mask_d, mask_n,
                            s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, ex, edt, eb,
                            only_if(carry, k < filled), owns_dt, owns_b)
-            decay = tl.where(k < filled, tl.exp(rate_step(a, edt)), 1.0)
-            # the step after entry k, within the chunk (the chunk's last: in ``running``)
-            later = (k + 1 < filled) & (tl.arange(0, CHUNK) < CHUNK - 1)
-            after = tl.where(later, tl.exp(rate_step(a, tl.load(
-                rdt + (k + 1) * s_rdt_i, mask=later, other=0.0))), 1.0)
-            weight = tl.cumprod(after, axis=0, reverse=True) * running * edt
+            # the decay after entry k, within the chunk (after the chunk: in ``running``)
+            after, decay = _after(a, edt, k, filled, rdt, s_rdt_i, CHUNK)
+            weight = after * running * edt
             cb = tl.sum(eb.to(tl.float32) * c[None, :], axis=1)
             acc += tl.sum((weight * cb)[:, None] * ex.to(tl.float32), axis=0)
-            running = running * tl.reduce(decay, 0, _product)
+            running = running * decay
         return running * hc + acc
 
     @triton.jit
@@ -238,18 +242,15 @@ if triton is not None:
             _store_entries(rx_dst, rdt_dst, rB_dst, k, offs_d, offs_n, mask_d, mask_n,
                            s_rx_i, s_rx_dim, s_rdt_i, s_rB_i, s_rB_n, ex, edt, eb,
                            only_if(carry, k < filled), owns_dt, owns_b)
-            decay = tl.where(k < filled, tl.exp(rate_step(a, edt)), 1.0)
-            later = (k + 1 < filled) & (tl.arange(0, CHUNK) < CHUNK - 1)
-            after = tl.where(later, tl.exp(rate_step(a, tl.load(
-                rdt + (k + 1) * s_rdt_i, mask=later, other=0.0))), 1.0)
-            weight = tl.cumprod(after, axis=0, reverse=True) * running * edt
+            after, decay = _after(a, edt, k, filled, rdt, s_rdt_i, CHUNK)
+            weight = after * running * edt
             exf, ebf = ex.to(tl.float32), eb.to(tl.float32)
             for t in tl.static_range(T):
                 c = tl.load(c_row + t * s_C_t, mask=mask_n, other=0.0).to(tl.float32)
                 cb = tl.sum(ebf * c[None, :], axis=1)
                 part = tl.sum((weight * cb)[:, None] * exf, axis=0)
                 acc += tl.where(tt[:, None] == t, part[None, :], 0.0)
-            running = running * tl.reduce(decay, 0, _product)
+            running = running * decay
         return acc, running
 
     @triton.heuristics({
