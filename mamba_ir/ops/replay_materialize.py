@@ -17,7 +17,13 @@ from ..op import Rows, RowSpec, register_op
 from . import _example
 from ._quant import QUANTIZED
 from ._step import decay
-from .replay_state_update import EXAMPLE_RING, ROW, row_value
+from .replay_state_update import (
+    EXAMPLE_RING,
+    ROW,
+    check_lengths,
+    row_value,
+    source_lengths,
+)
 
 INDICES = ("src", "dst")
 
@@ -109,36 +115,19 @@ def _check(call: dict) -> None:
     checks.index(call, "dst", rows=src.shape[0], optional=False)
 
 
-def _source_lengths(call: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ring_len`` of each entry's source row (0 where it is a pad), and which are rows."""
-    src, nslots = call["src"].long(), call["state"].shape[0]
-    real = checks.real_rows(src, nslots, call["pad_slot_id"])
-    if nslots == 0:
-        return torch.zeros_like(src), real
-    return torch.where(real, call["ring_len"][torch.where(real, src, 0)], 0), real
-
-
-def _lengths_expected(call: dict) -> str:
-    return f"values in [0, {call['ring_x'].shape[1]}] (the ring's entries) in the source rows"
-
-
 @replay_materialize.register_value_check
 def _check_values(call: dict) -> None:
     checks.indices_in_range(call, INDICES, call["src"].shape[0], call["state"].shape[0])
-    lengths, real = _source_lengths(call)
-    bad = real & ((lengths < 0) | (lengths > call["ring_x"].shape[1]))
-    if bool(bad.any()):
-        row = int(call["src"][bad][0])
-        checks.fail("ring_len", _lengths_expected(call), f"{int(lengths[bad][0])} in row {row}")
+    src = call["src"].long()
+    check_lengths(call, src, *source_lengths(call, src))
 
 
 @replay_materialize.register_device_check
 def _device_check(call: dict) -> None:
     checks.indices_in_range(call, INDICES, call["src"].shape[0], call["state"].shape[0],
                             on_device=True)
-    lengths, _ = _source_lengths(call)
-    checks.assert_within("ring_len", lengths, 0, call["ring_x"].shape[1],
-                         _lengths_expected(call))
+    src = call["src"].long()
+    check_lengths(call, src, *source_lengths(call, src), on_device=True)
 
 
 @replay_materialize.register_example

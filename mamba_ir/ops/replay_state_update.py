@@ -350,9 +350,9 @@ def _check(call: dict) -> None:
     checks.enough_rows(call, "state", "state_batch_indices", batch)
 
 
-def _source_lengths(call: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ring_len`` of each sequence's source row (0 where it is a pad), and which are rows."""
-    src, _ = _sequence_rows(call["x"], call["state_batch_indices"], None)
+def source_lengths(call: dict, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ring_len`` of the source rows ``src`` (0 where one is a pad), and which are rows
+    (the replay ops' value checks)."""
     nslots = call["state"].shape[0]
     real = checks.real_rows(src, nslots, call["pad_slot_id"])
     if nslots == 0:
@@ -360,8 +360,22 @@ def _source_lengths(call: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(real, call["ring_len"][torch.where(real, src, 0)], 0), real
 
 
-def _lengths_expected(call: dict) -> str:
-    return f"values in [0, {call['ring_x'].shape[1]}] (the ring's entries) in the source rows"
+def check_lengths(call: dict, src: torch.Tensor, lengths: torch.Tensor,
+                  real: torch.Tensor, *, on_device: bool = False) -> None:
+    """The source rows' lengths (:func:`source_lengths`) lie in ``[0, L]``: a ValueError
+    naming the first row that does not, or, ``on_device``, an assertion on the device."""
+    expected = (f"values in [0, {call['ring_x'].shape[1]}] (the ring's entries) in the "
+                "source rows")
+    if on_device:
+        checks.assert_within("ring_len", lengths, 0, call["ring_x"].shape[1], expected)
+        return
+    bad = real & ((lengths < 0) | (lengths > call["ring_x"].shape[1]))
+    if bool(bad.any()):
+        checks.fail("ring_len", expected, f"{int(lengths[bad][0])} in row {int(src[bad][0])}")
+
+
+def _sources(call: dict) -> torch.Tensor:
+    return _sequence_rows(call["x"], call["state_batch_indices"], None)[0]
 
 
 def _rollback(call: dict, lengths: torch.Tensor, real: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -378,11 +392,9 @@ def _rollback(call: dict, lengths: torch.Tensor, real: torch.Tensor) -> tuple[st
 @replay_state_update.register_value_check
 def _check_values(call: dict) -> None:
     checks.indices_in_range(call, INDICES, call["x"].shape[0], call["state"].shape[0])
-    lengths, real = _source_lengths(call)
-    bad = real & ((lengths < 0) | (lengths > call["ring_x"].shape[1]))
-    if bool(bad.any()):
-        row = int(_sequence_rows(call["x"], call["state_batch_indices"], None)[0][bad][0])
-        checks.fail("ring_len", _lengths_expected(call), f"{int(lengths[bad][0])} in row {row}")
+    src = _sources(call)
+    lengths, real = source_lengths(call, src)
+    check_lengths(call, src, lengths, real)
     if call[NACC] is not None:
         expected, bad = _rollback(call, lengths, real)
         if bool(bad.any()):
@@ -400,9 +412,9 @@ def _check_values(call: dict) -> None:
 def _device_check(call: dict) -> None:
     checks.indices_in_range(call, INDICES, call["x"].shape[0], call["state"].shape[0],
                             on_device=True)
-    lengths, real = _source_lengths(call)
-    checks.assert_within("ring_len", lengths, 0, call["ring_x"].shape[1],
-                         _lengths_expected(call))
+    src = _sources(call)
+    lengths, real = source_lengths(call, src)
+    check_lengths(call, src, lengths, real, on_device=True)
     if call[NACC] is not None:
         expected, bad = _rollback(call, lengths, real)
         torch._assert_async(~bad.any(), f"{NACC}: expected {expected}")
