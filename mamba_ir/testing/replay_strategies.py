@@ -71,6 +71,38 @@ def _lengths(rng: random.Random, fill: str, ring: int) -> int:
     return 0
 
 
+def _row_members(rng: random.Random, randn: Any, *, nslots: int, src: list[int],
+                 fills: list[str], pad: int, ring: int, nheads: int, dim: int, ngroups: int,
+                 dstate: int, state_dtype: torch.dtype, in_dtype: torch.dtype,
+                 caches: dict[str, Any], device: str) -> tuple[dict[str, Any], list[int]]:
+    """A replay row's members for ``nslots`` rows, each in its drawn cache, and the rows'
+    lengths: stale in every row, each source's as its fill; entries past a row's length
+    are NaN (not the row's)."""
+    lengths = [rng.randint(0, ring) for _ in range(nslots)]
+    for row, fill in zip(src, fills, strict=True):
+        if row != pad:
+            lengths[row] = _lengths(rng, fill, ring)
+    ring_len = torch.tensor(lengths, dtype=torch.int32, device=device)
+    past = torch.arange(ring, device=device)[None, :] >= ring_len[:, None]  # not in the row
+
+    def ring_entries(*shape: int, dtype: torch.dtype, positive: bool = False) -> torch.Tensor:
+        t = randn(nslots, ring, *shape)
+        t = t.abs() * 0.5 if positive else t
+        t[past] = float("nan")
+        return t.to(dtype)
+
+    members = {
+        "state": _in_cache(randn(nslots, nheads, dim, dstate, dtype=state_dtype),
+                           caches["state"]),
+        "ring_x": _in_cache(ring_entries(nheads, dim, dtype=in_dtype), caches["ring_x"]),
+        "ring_dt": _in_cache(ring_entries(nheads, dtype=torch.float32, positive=True),
+                             caches["ring_dt"]),
+        "ring_B": _in_cache(ring_entries(ngroups, dstate, dtype=in_dtype), caches["ring_B"]),
+        "ring_len": _in_cache(ring_len, caches["ring_len"]),
+    }
+    return members, lengths
+
+
 @st.composite
 def replay_state_update_calls(
     draw: st.DrawFn, device: str = "cpu", sizes: Sizes = SMALL
@@ -110,30 +142,12 @@ def replay_state_update_calls(
     else:  # sequence b reads and writes row b
         nslots, src = nseq + rng.randint(0, 2), list(range(nseq))
         dst = src
-    # stale lengths in every row, then each sequence's source as drawn
-    lengths = [rng.randint(0, ring) for _ in range(nslots)]
-    for row, fill in zip(src, fills, strict=True):
-        if row != pad:
-            lengths[row] = _lengths(rng, fill, ring)
-    ring_len = torch.tensor(lengths, dtype=torch.int32, device=device)
-    past = torch.arange(ring, device=device)[None, :] >= ring_len[:, None]  # not in the row
-
-    def ring_entries(*shape: int, dtype: torch.dtype, positive: bool = False) -> torch.Tensor:
-        t = randn(nslots, ring, *shape)
-        t = t.abs() * 0.5 if positive else t
-        t[past] = float("nan")
-        return t.to(dtype)
-
-    call: dict[str, Any] = {
-        "state": _in_cache(randn(nslots, nheads, dim, dstate, dtype=state_dtype),
-                           caches["state"]),
-        "ring_x": _in_cache(ring_entries(nheads, dim, dtype=in_dtype), caches["ring_x"]),
-        "ring_dt": _in_cache(ring_entries(nheads, dtype=torch.float32, positive=True),
-                             caches["ring_dt"]),
-        "ring_B": _in_cache(ring_entries(ngroups, dstate, dtype=in_dtype), caches["ring_B"]),
-        "ring_len": _in_cache(ring_len, caches["ring_len"]),
-        "pad_slot_id": pad, "dt_softplus": softplus, "dt_limit": dt_limit, "out": None,
-    }
+    members, lengths = _row_members(
+        rng, randn, nslots=nslots, src=src, fills=fills, pad=pad, ring=ring, nheads=nheads,
+        dim=dim, ngroups=ngroups, dstate=dstate, state_dtype=state_dtype, in_dtype=in_dtype,
+        caches=caches, device=device)
+    call: dict[str, Any] = {**members, "pad_slot_id": pad, "dt_softplus": softplus,
+                            "dt_limit": dt_limit, "out": None}
     lead = (nseq, tokens) if tokens else (nseq,)
     x = randn(*lead, nheads, 2 * dim if x_strided else dim, dtype=in_dtype)
     call["x"] = x[..., ::2] if x_strided else x
@@ -200,28 +214,13 @@ def replay_materialize_calls(
     src, dst = rows.src, [r[0] for r in rows.dst]
     if layout == "shared":
         src = _shared(rng, src, dst, rows.nslots, pad)
-    lengths = [rng.randint(0, ring) for _ in range(rows.nslots)]  # stale in every row
-    for row, fill in zip(src, fills, strict=True):
-        if row != pad:
-            lengths[row] = _lengths(rng, fill, ring)
-    ring_len = torch.tensor(lengths, dtype=torch.int32, device=device)
-    past = torch.arange(ring, device=device)[None, :] >= ring_len[:, None]  # not in the row
-
-    def ring_entries(*shape: int, dtype: torch.dtype, positive: bool = False) -> torch.Tensor:
-        t = randn(rows.nslots, ring, *shape)
-        t = t.abs() * 0.5 if positive else t
-        t[past] = float("nan")
-        return t.to(dtype)
-
     a = -randn(nheads, 1, 1).exp() if A_tied else -randn(nheads, dim, dstate).exp()
+    members, _ = _row_members(
+        rng, randn, nslots=rows.nslots, src=src, fills=fills, pad=pad, ring=ring,
+        nheads=nheads, dim=dim, ngroups=ngroups, dstate=dstate, state_dtype=state_dtype,
+        in_dtype=in_dtype, caches=caches, device=device)
     return {
-        "state": _in_cache(randn(rows.nslots, nheads, dim, dstate, dtype=state_dtype),
-                           caches["state"]),
-        "ring_x": _in_cache(ring_entries(nheads, dim, dtype=in_dtype), caches["ring_x"]),
-        "ring_dt": _in_cache(ring_entries(nheads, dtype=torch.float32, positive=True),
-                             caches["ring_dt"]),
-        "ring_B": _in_cache(ring_entries(ngroups, dstate, dtype=in_dtype), caches["ring_B"]),
-        "ring_len": _in_cache(ring_len, caches["ring_len"]),
+        **members,
         "A": a.expand(nheads, dim, dstate),
         "src": _laid_out(torch.tensor(src, dtype=idx_dtype, device=device), layout),
         "dst": _laid_out(torch.tensor(dst, dtype=idx_dtype, device=device),
