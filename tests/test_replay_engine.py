@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import CONFIG  # the small hybrid of the engine tests
 
-from mamba_ir.models import Engine, HybridConfig, StateCache, random_model
+from mamba_ir.models import Engine, StateCache, random_model
 
 BLOCK, RING, NEW = 8, 3, 14  # 13 decode steps: three flushes and a filled ring left over
-CONFIG = HybridConfig(vocab_size=61, hidden_size=32, num_layers=3, attn_layer_indices=(1,),
-                      mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
-                      num_attention_heads=2, num_key_value_heads=1, attention_head_dim=16,
-                      intermediate_size=48)
 
 
 @pytest.fixture(scope="module")
