@@ -126,15 +126,13 @@ def test_streams_match_native_call_by_call(state_dtype, in_dtype, moves, route) 
     assert flushes >= 2 * batch - 1, "every sequence's ring should flush twice"
 
 
-@pytest.mark.parametrize("redirect", [False, True])
-def test_prefetch_takes_rings_longer_than_a_chunk(redirect: bool) -> None:
-    """A ring of 11 (two chunks of 8), filled 0, 1, 7, 8, 9 and 11 entries (a flush): the
-    in-order route with its first chunk prefetched gives native's outputs and rows, in
-    place and moved (the entries carried along)."""
-    nheads, dim, ngroups, dstate, ring, batch = 2, 4, 1, 8, 11, 6
-    nslots = 2 * batch
-    start = rows(nslots, ring, nheads, dim, ngroups, dstate, state_dtype=torch.float32,
-                 in_dtype=torch.float32, fill=torch.tensor([0, 1, 7, 8, 9, 11] * 2))
+def _one_call(sizes: tuple[int, ...], fill: list[int], redirect: bool, **knobs) -> tuple:
+    """One call of ``batch`` sequences from rows 0.. (filled ``fill``, one per row of
+    ``2 x batch``), in place or into rows ``batch``..: native's rows and output, then
+    Triton's (with the launcher's ``knobs``)."""
+    nheads, dim, ngroups, dstate, ring, batch = sizes
+    start = rows(2 * batch, ring, nheads, dim, ngroups, dstate, state_dtype=torch.float32,
+                 in_dtype=torch.float32, fill=torch.tensor(fill))
     src = torch.arange(batch, dtype=torch.int32)
     call = {**token(batch, nheads, dim, ngroups, dstate, in_dtype=torch.float32),
             "state_batch_indices": src,
@@ -142,7 +140,17 @@ def test_prefetch_takes_rings_longer_than_a_chunk(redirect: bool) -> None:
     want, got = _clone(start), _clone(start)
     out_want, out_got = torch.empty_like(call["x"]), torch.empty_like(call["x"])
     OP.native(**want, **call, out=out_want)
-    triton_replay(**got, **call, out=out_got, prefetch=True)
+    triton_replay(**got, **call, out=out_got, **knobs)
+    return want, out_want, got, out_got
+
+
+@pytest.mark.parametrize("redirect", [False, True])
+def test_prefetch_takes_rings_longer_than_a_chunk(redirect: bool) -> None:
+    """A ring of 11 (two chunks of 8), filled 0, 1, 7, 8, 9 and 11 entries (a flush): the
+    in-order route with its first chunk prefetched gives native's outputs and rows, in
+    place and moved (the entries carried along)."""
+    want, out_want, got, out_got = _one_call((2, 4, 1, 8, 11, 6), [0, 1, 7, 8, 9, 11] * 2,
+                                             redirect, prefetch=True)
     torch.testing.assert_close(out_got, out_want, atol=1e-5, rtol=1e-5)
     assert got["ring_len"].tolist() == want["ring_len"].tolist()
     (value_want, _), (value_got, _) = OP.rows.value(want), OP.rows.value(got)
@@ -153,18 +161,9 @@ def test_prefetch_takes_rings_longer_than_a_chunk(redirect: bool) -> None:
 def test_in_place_lengths_wait_for_every_program(redirect: bool) -> None:
     """Many programs per sequence (four heads x four blocks of headdim): each of them
     reads the length its row had, whichever program writes the new one."""
-    nheads, dim, ngroups, dstate, ring, batch = 4, 16, 2, 8, 4, 4
-    nslots = 2 * batch
-    start = rows(nslots, ring, nheads, dim, ngroups, dstate, state_dtype=torch.float32,
-                 in_dtype=torch.float32, fill=torch.tensor([0, 2, 3, 4] * 2))
-    src = torch.arange(batch, dtype=torch.int32)
-    call = {**token(batch, nheads, dim, ngroups, dstate, in_dtype=torch.float32),
-            "state_batch_indices": src,
-            "dst_state_batch_indices": src + batch if redirect else None}
-    want, got = _clone(start), _clone(start)
-    out_want, out_got = torch.empty_like(call["x"]), torch.empty_like(call["x"])
-    OP.native(**want, **call, out=out_want)
-    triton_replay(**got, **call, out=out_got, config=Config(block_d=4, num_warps=1))
+    batch = 4
+    want, out_want, got, out_got = _one_call((4, 16, 2, 8, 4, batch), [0, 2, 3, 4] * 2,
+                                             redirect, config=Config(block_d=4, num_warps=1))
     torch.testing.assert_close(out_got, out_want, atol=1e-5, rtol=1e-5)
     assert got["ring_len"].tolist() == want["ring_len"].tolist()
     written = slice(batch, None) if redirect else slice(0, batch)
