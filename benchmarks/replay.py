@@ -56,9 +56,8 @@ from benchmarks.common import (
 from benchmarks.common import (
     table as common_table,
 )
-from benchmarks.ssu import DSTATE, HEADDIM, NGROUPS, NHEADS, decode_call
+from benchmarks.ssu import BATCHES, DSTATE, HEADDIM, NGROUPS, NHEADS, decode_call
 
-BATCHES = (1, 8, 32, 64, 128, 256, 512)
 RINGS = (8, 16, 32)
 PHASES = ("aligned", "staggered")
 # (column, phase, the launcher's tuning): appends take their output from the checkpoint and
